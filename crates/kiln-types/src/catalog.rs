@@ -1,0 +1,320 @@
+//! The install catalog: OS images, post-install tasks and storage layouts
+//! with the disk rule each layout needs.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{OsImageId, TaskId, string_enum};
+
+string_enum!(
+    /// CPU architecture.
+    Arch { X86_64 = "x86_64", Aarch64 = "aarch64" }
+);
+
+string_enum!(
+    /// A disk image written by the agent, or an installer that runs itself.
+    OsKind { DiskImage = "disk-image", Installer = "installer" }
+);
+
+string_enum!(
+    /// What platform an image or task is for: bare metal, VM, GPU, vGPU.
+    PlatformTag { Bm = "bm", Vm = "vm", Gpu = "gpu", Vgpu = "vgpu" }
+);
+
+string_enum!(
+    /// Post-install task kind.
+    TaskKind { Ansible = "ansible", Script = "script" }
+);
+
+string_enum!(
+    /// How the agent lays out a machine's disks.
+    StorageLayout {
+        Flat = "flat",
+        Lvm = "lvm",
+        LvmRaid0 = "lvm_raid0",
+        LvmRaid1 = "lvm_raid1",
+        LvmRaid10 = "lvm_raid10",
+        LvmRaid10s = "lvm_raid10s",
+        LvmHba = "lvm_hba",
+    }
+);
+
+/// The disks a layout needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LayoutRule {
+    pub min_disks: u32,
+    /// Data disks must come in pairs (mirrors).
+    pub pairs: bool,
+    /// One disk more than the pairs is kept as a hot spare.
+    pub spare: bool,
+    /// The disks sit behind a hardware RAID controller / HBA.
+    pub needs_hba: bool,
+}
+
+impl StorageLayout {
+    pub fn rule(self) -> LayoutRule {
+        let r = |min_disks, pairs, spare, needs_hba| LayoutRule {
+            min_disks,
+            pairs,
+            spare,
+            needs_hba,
+        };
+        match self {
+            StorageLayout::Flat | StorageLayout::Lvm => r(1, false, false, false),
+            StorageLayout::LvmRaid0 => r(2, false, false, false),
+            StorageLayout::LvmRaid1 => r(2, true, false, false),
+            StorageLayout::LvmRaid10 => r(4, true, false, false),
+            StorageLayout::LvmRaid10s => r(5, true, true, false),
+            StorageLayout::LvmHba => r(1, false, false, true),
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            StorageLayout::Flat => "plain partitions on the first disk",
+            StorageLayout::Lvm => "one LVM volume group over all disks",
+            StorageLayout::LvmRaid0 => "LVM on a RAID 0 stripe over all disks (no redundancy)",
+            StorageLayout::LvmRaid1 => "LVM on RAID 1 mirrors of disk pairs",
+            StorageLayout::LvmRaid10 => "LVM on RAID 10 over an even number of disks (at least 4)",
+            StorageLayout::LvmRaid10s => {
+                "LVM on RAID 10 over an even number of disks (at least 4) plus one hot spare"
+            }
+            StorageLayout::LvmHba => "LVM on the volume a hardware RAID controller (HBA) presents",
+        }
+    }
+
+    /// Whether `disks` disks (with or without an HBA) satisfy the rule; the
+    /// error says what is missing.
+    pub fn check(self, disks: usize, has_hba: bool) -> Result<(), String> {
+        let rule = self.rule();
+        let name = self.as_str();
+        if disks < rule.min_disks as usize {
+            return Err(format!(
+                "{name} needs at least {} disks, the machine has {disks}",
+                rule.min_disks
+            ));
+        }
+        let data = if rule.spare { disks - 1 } else { disks };
+        if rule.pairs && data % 2 != 0 {
+            return Err(if rule.spare {
+                format!("{name} needs an even number of data disks plus one spare, the machine has {disks} disks")
+            } else {
+                format!("{name} needs disks in pairs, the machine has {disks}")
+            });
+        }
+        if rule.needs_hba && !has_hba {
+            return Err(format!(
+                "{name} needs a hardware RAID controller, the inventory shows none"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A layout and its rule, as the API lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LayoutInfo {
+    pub name: StorageLayout,
+    pub description: String,
+    pub rule: LayoutRule,
+}
+
+impl From<StorageLayout> for LayoutInfo {
+    fn from(l: StorageLayout) -> Self {
+        LayoutInfo {
+            name: l,
+            description: l.description().to_string(),
+            rule: l.rule(),
+        }
+    }
+}
+
+/// An installable OS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OsImage {
+    pub id: OsImageId,
+    pub name: String,
+    pub version: String,
+    pub arch: Arch,
+    pub kind: OsKind,
+    pub tags: Vec<PlatformTag>,
+    pub min_ram_bytes: u64,
+    pub min_disk_bytes: u64,
+    /// URL or path of the image (or of the installer's kernel directory).
+    pub source: String,
+    /// Lowercase hex SHA-256 of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A new OS image for the catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OsImageCreate {
+    pub name: String,
+    pub version: String,
+    #[serde(default = "default_arch")]
+    pub arch: Arch,
+    pub kind: OsKind,
+    #[serde(default)]
+    pub tags: Vec<PlatformTag>,
+    #[serde(default)]
+    pub min_ram_bytes: u64,
+    #[serde(default)]
+    pub min_disk_bytes: u64,
+    pub source: String,
+    /// Required for disk images: the agent refuses to write an image it
+    /// cannot verify.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+fn default_arch() -> Arch {
+    Arch::X86_64
+}
+
+/// Checks a catalog name or version: 1–64 of `A-Z a-z 0-9 . _ + -`.
+pub fn check_catalog_name(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 64 {
+        return Err(format!("{field} must have 1 to 64 characters"));
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+    {
+        return Err(format!(
+            "{field} `{value}` has a character outside A-Z a-z 0-9 . _ + -"
+        ));
+    }
+    Ok(())
+}
+
+impl OsImageCreate {
+    /// Every problem with this record, one per entry.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = vec![];
+        for (field, value) in [("name", &self.name), ("version", &self.version)] {
+            if let Err(e) = check_catalog_name(field, value) {
+                problems.push(e);
+            }
+        }
+        if self.source.trim().is_empty() {
+            problems.push("source is empty: give the image's URL or path".into());
+        }
+        match &self.sha256 {
+            Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                problems.push(format!("sha256 `{h}` is not 64 hex digits"));
+            }
+            None if self.kind == OsKind::DiskImage => problems.push(
+                "sha256 is required for a disk image: the agent verifies what it writes".into(),
+            ),
+            _ => {}
+        }
+        if self.tags.contains(&PlatformTag::Vgpu) && self.tags.contains(&PlatformTag::Bm) {
+            problems.push("tags `vgpu` and `bm` exclude each other: vGPUs live in VMs".into());
+        }
+        problems
+    }
+}
+
+/// A post-install task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub id: TaskId,
+    pub name: String,
+    pub kind: TaskKind,
+    pub tags: Vec<PlatformTag>,
+    /// Playbook YAML or script text.
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A new post-install task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCreate {
+    pub name: String,
+    pub kind: TaskKind,
+    #[serde(default)]
+    pub tags: Vec<PlatformTag>,
+    pub content: String,
+}
+
+impl TaskCreate {
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = vec![];
+        if let Err(e) = check_catalog_name("name", &self.name) {
+            problems.push(e);
+        }
+        if self.content.trim().is_empty() {
+            problems.push("content is empty".into());
+        }
+        if self.content.len() > 1 << 20 {
+            problems.push("content is larger than 1 MiB".into());
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_rules_table() {
+        use StorageLayout::*;
+        // (layout, disks, hba, fits)
+        let table = [
+            (Flat, 0, false, false),
+            (Flat, 1, false, true),
+            (Lvm, 3, false, true),
+            (LvmRaid0, 1, false, false),
+            (LvmRaid0, 3, false, true),
+            (LvmRaid1, 1, false, false),
+            (LvmRaid1, 2, false, true),
+            (LvmRaid1, 3, false, false),
+            (LvmRaid1, 4, false, true),
+            (LvmRaid10, 2, false, false),
+            (LvmRaid10, 4, false, true),
+            (LvmRaid10, 5, false, false),
+            (LvmRaid10s, 4, false, false),
+            (LvmRaid10s, 5, false, true),
+            (LvmRaid10s, 6, false, false),
+            (LvmHba, 1, false, false),
+            (LvmHba, 1, true, true),
+        ];
+        for (layout, disks, hba, fits) in table {
+            assert_eq!(
+                layout.check(disks, hba).is_ok(),
+                fits,
+                "{layout} with {disks} disks, hba={hba}: {:?}",
+                layout.check(disks, hba)
+            );
+        }
+    }
+
+    #[test]
+    fn disk_images_need_a_checksum() {
+        let mut img = OsImageCreate {
+            name: "debian".into(),
+            version: "12".into(),
+            arch: Arch::X86_64,
+            kind: OsKind::DiskImage,
+            tags: vec![],
+            min_ram_bytes: 0,
+            min_disk_bytes: 0,
+            source: "http://x/img.raw".into(),
+            sha256: None,
+        };
+        assert!(img.validate()[0].contains("sha256 is required"));
+        img.sha256 = Some("ab".into());
+        assert!(img.validate()[0].contains("not 64 hex"));
+        img.sha256 = Some("a".repeat(64));
+        assert!(img.validate().is_empty());
+        img.kind = OsKind::Installer;
+        img.sha256 = None;
+        assert!(img.validate().is_empty());
+    }
+}

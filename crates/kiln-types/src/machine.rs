@@ -1,0 +1,610 @@
+//! Machines: their kind, lifecycle state, BMC, NICs, addresses and the
+//! hardware inventory the agent reports; the create / patch / filter shapes.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::catalog::Arch;
+use crate::{Fqdn, Hostname, MacAddr, MachineId, RackId, Secret, validate::Tag};
+
+/// Declares a string-valued enum with serde, `Display`, `FromStr` (whose
+/// error lists the accepted values) and `ALL`.
+#[macro_export]
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+                 serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "unknown {} `{}`: expected one of {}",
+                        stringify!($name), other,
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Physical server or virtual machine.
+    MachineKind { Physical = "physical", Virtual = "virtual" }
+);
+
+string_enum!(
+    /// Where a machine is in its life. Maintenance is a separate flag, not a
+    /// state: a deployed machine in maintenance is still deployed.
+    MachineState {
+        New = "new",
+        Discovering = "discovering",
+        Ready = "ready",
+        Deploying = "deploying",
+        Deployed = "deployed",
+        Reimaging = "reimaging",
+        Failed = "failed",
+        Decommissioned = "decommissioned",
+    }
+);
+
+string_enum!(
+    /// How kiln talks to a machine's BMC.
+    BmcDriver { Ipmi = "ipmi", Redfish = "redfish", Command = "command" }
+);
+
+/// BMC settings as given by an operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BmcInput {
+    pub driver: BmcDriver,
+    /// `host` or `host:port` (IPMI, port 623 by default), an `http(s)://` URL
+    /// (Redfish), or a name handed to the command templates.
+    pub address: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Stored encrypted; on update, leave it out to keep the current one.
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+impl BmcInput {
+    /// Checks the address against what the driver expects.
+    pub fn validate(&self) -> Result<(), String> {
+        let a = self.address.trim();
+        if a.is_empty() {
+            return Err("bmc.address is empty".into());
+        }
+        if a.len() > 255 {
+            return Err("bmc.address is longer than 255 characters".into());
+        }
+        match self.driver {
+            BmcDriver::Redfish => {
+                if !(a.starts_with("https://") || a.starts_with("http://")) {
+                    return Err(format!(
+                        "bmc.address `{a}` is not a URL: the redfish driver wants \
+                         https://HOST[:PORT][/redfish/v1/Systems/ID]"
+                    ));
+                }
+            }
+            BmcDriver::Ipmi => {
+                if a.contains("://") || a.contains('/') || a.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "bmc.address `{a}` is not a host: the ipmi driver wants HOST or HOST:PORT"
+                    ));
+                }
+                if let Some((host, port)) = a.rsplit_once(':')
+                    && !host.contains(':')
+                    && port.parse::<u16>().map_or(true, |p| p == 0)
+                {
+                    return Err(format!("bmc.address `{a}`: `{port}` is not a port (1-65535)"));
+                }
+            }
+            BmcDriver::Command => {}
+        }
+        Ok(())
+    }
+}
+
+/// BMC settings as shown: never the password, only whether one is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Bmc {
+    pub driver: BmcDriver,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    pub password_set: bool,
+}
+
+/// A network interface and where it is plugged in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub mac: MacAddr,
+    /// Interface name as the OS sees it (`eno1`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The switch this NIC is cabled to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    /// The switch port (`xe-0/0/12`); unique per switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// DHCP relay option 82 circuit-id that identifies this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_id: Option<String>,
+    /// DHCP relay option 82 remote-id (usually the switch) for this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
+}
+
+impl Nic {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.port.is_some() && self.switch.is_none() {
+            return Err(format!(
+                "nic {}: a port needs its switch (give both `switch` and `port`)",
+                self.mac
+            ));
+        }
+        if let Some(v) = self.vlan
+            && !(1..=4094).contains(&v)
+        {
+            return Err(format!("nic {}: vlan {v} is outside 1-4094", self.mac));
+        }
+        for (name, v) in [
+            ("name", &self.name),
+            ("switch", &self.switch),
+            ("port", &self.port),
+            ("circuit_id", &self.circuit_id),
+            ("remote_id", &self.remote_id),
+        ] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 255)
+            {
+                return Err(format!(
+                    "nic {}: {name} must have 1 to 255 characters",
+                    self.mac
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One disk as the agent found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Disk {
+    /// Kernel name (`sda`, `nvme0n1`).
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub rotational: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Stable `/dev/disk/by-id/…` path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_id: Option<String>,
+}
+
+/// A NIC as the agent found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HardwareNic {
+    pub mac: MacAddr,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed_mbps: Option<u32>,
+    #[serde(default)]
+    pub link: bool,
+}
+
+/// A GPU; `vgpu` marks a mediated (virtual) GPU or a vGPU-capable card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Gpu {
+    pub model: String,
+    #[serde(default)]
+    pub vgpu: bool,
+}
+
+/// SMBIOS/DMI identity.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct Dmi {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+/// Hardware inventory, as reported by the net-booted agent (or imported).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct Hardware {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    #[serde(default)]
+    pub cpu_cores: u32,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub nics: Vec<HardwareNic>,
+    #[serde(default)]
+    pub gpus: Vec<Gpu>,
+    /// A hardware RAID controller / HBA that presents the disks, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raid_controller: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmi: Option<Dmi>,
+}
+
+/// A machine as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub id: MachineId,
+    pub hostname: Hostname,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<Fqdn>,
+    pub kind: MachineKind,
+    pub state: MachineState,
+    pub tags: Vec<Tag>,
+    /// Owning tenant's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack_id: Option<RackId>,
+    /// Never reprovisioned or deleted until the flag is cleared.
+    pub protected: bool,
+    pub maintenance: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<Bmc>,
+    pub nics: Vec<Nic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv6)]
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<Hardware>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A new machine. Only `hostname` is required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineCreate {
+    pub hostname: Hostname,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<Fqdn>,
+    #[serde(default = "default_kind")]
+    pub kind: MachineKind,
+    /// Defaults to `new`; give `ready` or `deployed` when enrolling machines
+    /// that already run.
+    #[serde(default = "default_state")]
+    pub state: MachineState,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<Tag>,
+    /// Owning tenant, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Site of the rack, by name; needed only when the rack name is not
+    /// unique across sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Rack, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    #[serde(default)]
+    pub protected: bool,
+    #[serde(default)]
+    pub maintenance: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<BmcInput>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv6)]
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<Hardware>,
+}
+
+fn default_kind() -> MachineKind {
+    MachineKind::Physical
+}
+
+fn default_state() -> MachineState {
+    MachineState::New
+}
+
+impl MachineCreate {
+    /// A machine with just a hostname; the rest at defaults.
+    pub fn new(hostname: Hostname) -> Self {
+        Self {
+            hostname,
+            fqdn: None,
+            kind: default_kind(),
+            state: default_state(),
+            tags: vec![],
+            owner: None,
+            site: None,
+            rack: None,
+            protected: false,
+            maintenance: false,
+            maintenance_reason: None,
+            bmc: None,
+            nics: vec![],
+            ipv4: None,
+            ipv6: None,
+            hardware: None,
+        }
+    }
+
+    /// Checks what serde cannot: NICs, BMC address, duplicates inside the
+    /// record. Returns every problem, one per entry.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = vec![];
+        if let Some(bmc) = &self.bmc
+            && let Err(e) = bmc.validate()
+        {
+            problems.push(e);
+        }
+        let mut macs = std::collections::HashSet::new();
+        for nic in &self.nics {
+            if let Err(e) = nic.validate() {
+                problems.push(e);
+            }
+            if !macs.insert(nic.mac) {
+                problems.push(format!("nic {} is listed twice", nic.mac));
+            }
+        }
+        if self.rack.is_none() && self.site.is_some() {
+            problems.push("`site` is given without `rack`: machines belong to a rack".into());
+        }
+        problems
+    }
+}
+
+/// Deserializes a field that may be absent (keep), `null` (clear) or a value
+/// (set) into `Option<Option<T>>`.
+fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A partial update: absent fields are kept, `null` clears a nullable field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachinePatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<Hostname>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub fqdn: Option<Option<Fqdn>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<MachineKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<MachineState>,
+    /// Replaces the whole tag list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<Tag>>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<Option<String>>,
+    /// Site of `rack`, when the rack name is not unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub rack: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<bool>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub maintenance_reason: Option<Option<String>>,
+    /// Replaces the BMC; a missing password keeps the stored one.
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<BmcInput>)]
+    pub bmc: Option<Option<BmcInput>>,
+    /// Replaces the whole NIC list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<Nic>>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub ipv4: Option<Option<Ipv4Addr>>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub ipv6: Option<Option<Ipv6Addr>>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<Hardware>)]
+    pub hardware: Option<Option<Hardware>>,
+}
+
+/// Filters for listing machines; all given filters must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MachineFilter {
+    /// Comma-separated tags; a machine must carry all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Rack name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// Site name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>)]
+    pub state: Option<MachineState>,
+    /// Owning tenant name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Substring of the hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// Bulk create: all machines or none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineBulkCreate {
+    pub machines: Vec<MachineCreate>,
+}
+
+/// What a machine can be (re)installed with: the reinstall form's choices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MachineOffer {
+    pub os_images: Vec<crate::catalog::OsImage>,
+    pub tasks: Vec<crate::catalog::Task>,
+    pub layouts: Vec<crate::catalog::LayoutInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_distinguishes_absent_null_and_value() {
+        let p: MachinePatch = serde_json::from_str(r#"{"fqdn": null}"#).unwrap();
+        assert_eq!(p.fqdn, Some(None));
+        let p: MachinePatch = serde_json::from_str(r#"{}"#).unwrap();
+        assert_eq!(p.fqdn, None);
+        let p: MachinePatch = serde_json::from_str(r#"{"fqdn": "a.example.net"}"#).unwrap();
+        assert_eq!(p.fqdn.unwrap().unwrap().as_str(), "a.example.net");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = serde_json::from_str::<MachineCreate>(r#"{"hostname":"a","colour":"red"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn bmc_addresses() {
+        let bmc = |driver, address: &str| BmcInput {
+            driver,
+            address: address.into(),
+            username: None,
+            password: None,
+        };
+        assert!(bmc(BmcDriver::Ipmi, "10.0.0.1").validate().is_ok());
+        assert!(bmc(BmcDriver::Ipmi, "bmc1.example:623").validate().is_ok());
+        assert!(bmc(BmcDriver::Ipmi, "10.0.0.1:0").validate().is_err());
+        assert!(bmc(BmcDriver::Ipmi, "https://x").validate().is_err());
+        assert!(
+            bmc(BmcDriver::Redfish, "https://10.0.0.1/redfish/v1/Systems/1")
+                .validate()
+                .is_ok()
+        );
+        assert!(bmc(BmcDriver::Redfish, "10.0.0.1").validate().is_err());
+    }
+
+    #[test]
+    fn nic_rules() {
+        let mut nic = Nic {
+            mac: "52:54:00:00:00:01".parse().unwrap(),
+            name: None,
+            switch: None,
+            port: Some("ge-0/0/1".into()),
+            vlan: None,
+            circuit_id: None,
+            remote_id: None,
+        };
+        assert!(nic.validate().unwrap_err().contains("needs its switch"));
+        nic.switch = Some("asw-a1".into());
+        assert!(nic.validate().is_ok());
+        nic.vlan = Some(5000);
+        assert!(nic.validate().unwrap_err().contains("outside 1-4094"));
+    }
+}
