@@ -1,1 +1,301 @@
-//! placeholder
+//! Typed HTTP client for kiln's REST API, over the types of `kiln-types`.
+//! The CLI, the agent and the tests use it; it never touches the database.
+
+use std::time::Duration;
+
+use kiln_types::auth::{Tenant, TenantCreate, TokenCreate, TokenCreated, TokenInfo, WhoAmI};
+use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, Task, TaskCreate};
+use kiln_types::error::ApiError;
+use kiln_types::event::{Event, EventFilter};
+use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
+use kiln_types::page::Page;
+use kiln_types::site::{Rack, RackCreate, Site, SiteCreate};
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{} ({status})", .error.message)]
+    Api { status: u16, error: ApiError },
+    #[error("cannot reach the kiln server at {url}: {source}")]
+    Connect { url: String, #[source] source: reqwest::Error },
+    #[error("the server's answer could not be read: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status, for an error the server sent.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A connection to one kiln server with one token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+/// Percent-encodes one path segment (hostnames and names are plain, but an
+/// id or key from a user may not be).
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    /// `base` is the server URL (`http://127.0.0.1:7070`).
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("building the HTTP client");
+        Client { http, base: base.trim_end_matches('/').to_string(), token }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<B: Serialize, Q: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: Option<&Q>,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let text = self.call_text(method, path, query, body).await?;
+        let text = if text.is_empty() { "null".to_string() } else { text };
+        serde_json::from_str(&text).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn call_text<B: Serialize, Q: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        query: Option<&Q>,
+        body: Option<&B>,
+    ) -> Result<String> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(q) = query {
+            req = req.query(q);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| ClientError::Decode(e.to_string()))?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        let error = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError {
+            code: "http".into(),
+            message: if text.trim().is_empty() { status.to_string() } else { text.trim().to_string() },
+            details: vec![],
+        });
+        Err(ClientError::Api { status: status.as_u16(), error })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call::<(), (), T>(Method::GET, path, None, None).await
+    }
+
+    async fn get_q<Q: Serialize, T: DeserializeOwned>(&self, path: &str, q: &Q) -> Result<T> {
+        self.call::<(), Q, T>(Method::GET, path, Some(q), None).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.call::<B, (), T>(Method::POST, path, None, Some(body)).await
+    }
+
+    async fn delete_q<Q: Serialize>(&self, path: &str, q: Option<&Q>) -> Result<()> {
+        self.call_text::<(), Q>(Method::DELETE, path, q, None).await.map(|_| ())
+    }
+
+    /// `GET /healthz`: `Ok` when the server and its database answer.
+    pub async fn healthz(&self) -> Result<()> {
+        self.call_text::<(), ()>(Method::GET, "/healthz", None, None).await.map(|_| ())
+    }
+
+    pub async fn openapi(&self) -> Result<serde_json::Value> {
+        self.get("/api/v1/openapi.json").await
+    }
+
+    pub async fn whoami(&self) -> Result<WhoAmI> {
+        self.get("/api/v1/whoami").await
+    }
+
+    // ---- machines ----
+
+    pub async fn create_machine(&self, m: &MachineCreate) -> Result<Machine> {
+        self.post("/api/v1/machines", m).await
+    }
+
+    pub async fn bulk_create_machines(&self, machines: Vec<MachineCreate>) -> Result<Vec<Machine>> {
+        self.post("/api/v1/machines/bulk", &MachineBulkCreate { machines }).await
+    }
+
+    /// Bulk create from an already-built JSON body (for raw rows).
+    pub async fn bulk_create_raw(&self, body: &serde_json::Value) -> Result<Vec<Machine>> {
+        self.post("/api/v1/machines/bulk", body).await
+    }
+
+    pub async fn list_machines(&self, filter: &MachineFilter) -> Result<Page<Machine>> {
+        self.get_q("/api/v1/machines", filter).await
+    }
+
+    /// Every machine matching `filter`, following the cursor.
+    pub async fn list_all_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
+        let mut filter = filter.clone();
+        let mut out = vec![];
+        loop {
+            let page = self.list_machines(&filter).await?;
+            out.extend(page.items);
+            match page.next_cursor {
+                Some(c) => filter.cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    pub async fn get_machine(&self, key: &str) -> Result<Machine> {
+        self.get(&format!("/api/v1/machines/{}", seg(key))).await
+    }
+
+    pub async fn update_machine(&self, key: &str, patch: &MachinePatch) -> Result<Machine> {
+        self.call::<_, (), _>(Method::PATCH, &format!("/api/v1/machines/{}", seg(key)), None, Some(patch)).await
+    }
+
+    pub async fn delete_machine(&self, key: &str) -> Result<()> {
+        self.delete_q::<()>(&format!("/api/v1/machines/{}", seg(key)), None).await
+    }
+
+    pub async fn machine_offer(&self, key: &str) -> Result<MachineOffer> {
+        self.get(&format!("/api/v1/machines/{}/offer", seg(key))).await
+    }
+
+    // ---- sites and racks ----
+
+    pub async fn create_site(&self, s: &SiteCreate) -> Result<Site> {
+        self.post("/api/v1/sites", s).await
+    }
+
+    pub async fn list_sites(&self) -> Result<Vec<Site>> {
+        self.get("/api/v1/sites").await
+    }
+
+    pub async fn delete_site(&self, name: &str) -> Result<()> {
+        self.delete_q::<()>(&format!("/api/v1/sites/{}", seg(name)), None).await
+    }
+
+    pub async fn create_rack(&self, r: &RackCreate) -> Result<Rack> {
+        self.post("/api/v1/racks", r).await
+    }
+
+    pub async fn list_racks(&self, site: Option<&str>) -> Result<Vec<Rack>> {
+        #[derive(Serialize)]
+        struct Q<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            site: Option<&'a str>,
+        }
+        self.get_q("/api/v1/racks", &Q { site }).await
+    }
+
+    pub async fn delete_rack(&self, name: &str, site: Option<&str>) -> Result<()> {
+        #[derive(Serialize)]
+        struct Q<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            site: Option<&'a str>,
+        }
+        self.delete_q(&format!("/api/v1/racks/{}", seg(name)), Some(&Q { site })).await
+    }
+
+    // ---- tenants and tokens ----
+
+    pub async fn create_tenant(&self, t: &TenantCreate) -> Result<Tenant> {
+        self.post("/api/v1/tenants", t).await
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        self.get("/api/v1/tenants").await
+    }
+
+    pub async fn delete_tenant(&self, name: &str) -> Result<()> {
+        self.delete_q::<()>(&format!("/api/v1/tenants/{}", seg(name)), None).await
+    }
+
+    pub async fn create_token(&self, t: &TokenCreate) -> Result<TokenCreated> {
+        self.post("/api/v1/tokens", t).await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        self.get("/api/v1/tokens").await
+    }
+
+    pub async fn revoke_token(&self, key: &str) -> Result<TokenInfo> {
+        self.call::<(), (), _>(Method::DELETE, &format!("/api/v1/tokens/{}", seg(key)), None, None).await
+    }
+
+    // ---- catalog ----
+
+    pub async fn create_os_image(&self, i: &OsImageCreate) -> Result<OsImage> {
+        self.post("/api/v1/os-images", i).await
+    }
+
+    pub async fn list_os_images(&self) -> Result<Vec<OsImage>> {
+        self.get("/api/v1/os-images").await
+    }
+
+    pub async fn get_os_image(&self, key: &str) -> Result<OsImage> {
+        self.get(&format!("/api/v1/os-images/{}", seg(key))).await
+    }
+
+    pub async fn delete_os_image(&self, key: &str) -> Result<()> {
+        self.delete_q::<()>(&format!("/api/v1/os-images/{}", seg(key)), None).await
+    }
+
+    pub async fn create_task(&self, t: &TaskCreate) -> Result<Task> {
+        self.post("/api/v1/tasks", t).await
+    }
+
+    pub async fn list_tasks(&self) -> Result<Vec<Task>> {
+        self.get("/api/v1/tasks").await
+    }
+
+    pub async fn get_task(&self, key: &str) -> Result<Task> {
+        self.get(&format!("/api/v1/tasks/{}", seg(key))).await
+    }
+
+    pub async fn delete_task(&self, key: &str) -> Result<()> {
+        self.delete_q::<()>(&format!("/api/v1/tasks/{}", seg(key)), None).await
+    }
+
+    pub async fn list_layouts(&self) -> Result<Vec<LayoutInfo>> {
+        self.get("/api/v1/layouts").await
+    }
+
+    // ---- audit log ----
+
+    pub async fn list_events(&self, filter: &EventFilter) -> Result<Page<Event>> {
+        self.get_q("/api/v1/events", filter).await
+    }
+}

@@ -1,1 +1,116 @@
-//! placeholder
+//! kiln server: wiring of the store, secrets, auth and the REST API.
+//! `run(state, listener, shutdown)` serves on an already-bound listener so
+//! tests use port 0; `serve(config, shutdown)` is what `kiln server` calls.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod secrets;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use kiln_store::{Actor, Store};
+use kiln_types::auth::{Role, TokenCreated};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::{Config, Settings};
+use error::ApiError;
+use secrets::SecretBox;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub secrets: SecretBox,
+}
+
+/// Largest request body: a bulk import of `MAX_BULK` machines fits.
+const BODY_LIMIT: usize = 64 << 20;
+
+impl AppState {
+    /// Opens the store (SQLite under the data directory unless a PostgreSQL
+    /// URL is configured) and the secret key (created on first start).
+    pub async fn open(config: &Config) -> anyhow::Result<AppState> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+        let store = open_store(config).await?;
+        let secrets = SecretBox::load_or_create(&config.secret_key_file)?;
+        Ok(AppState { store, secrets })
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(match &config.database_url {
+        Some(url) => Store::connect(url).await.context("cannot open the PostgreSQL database")?,
+        None => Store::open_data_dir(&config.data_dir)
+            .await
+            .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?,
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    api::router()
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("the API server failed")
+}
+
+/// Opens everything `config` names, binds its listen address and serves.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = AppState::open(&config).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let backend = match config.database_url {
+        Some(_) => "postgresql",
+        None => "sqlite",
+    };
+    tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), backend, "kiln server started");
+    run(state, listener, shutdown).await
+}
+
+/// Creates a token straight in the database, without a running server: how
+/// a fresh install gets its first admin token.
+pub async fn bootstrap_token(
+    config: &Config,
+    role: Role,
+    tenant: Option<&str>,
+    name: Option<&str>,
+) -> anyhow::Result<TokenCreated> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    let store = open_store(config).await?;
+    let (token, hash) = auth::new_token();
+    let info = store
+        .create_token(&Actor::new("bootstrap (offline)"), name, role, tenant, &hash)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    store.close().await;
+    Ok(TokenCreated { info, token })
+}

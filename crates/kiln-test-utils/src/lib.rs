@@ -17,7 +17,7 @@ use futures::FutureExt;
 use kiln_store::Store;
 use sqlx::Connection;
 
-pub use server::TestServer;
+pub use server::{TestServer, run_server_on};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

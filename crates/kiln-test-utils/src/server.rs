@@ -1,3 +1,108 @@
-//! placeholder until the server exists
+//! A kiln server on 127.0.0.1:0 over a fresh test database, with an admin
+//! token ready, and `api_test!` to run one body against both backends.
+
+use std::future::Future;
+
+use futures::FutureExt;
+use kiln_client::Client;
+use kiln_server::{AppState, Config, Settings};
+use kiln_store::Actor;
+use kiln_types::auth::Role;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Backend, TestDb};
+
+/// A running server; stop it with `stop` (the `api_test!` macro does).
 #[derive(Debug)]
-pub struct TestServer;
+pub struct TestServer {
+    pub url: String,
+    pub admin_token: String,
+    pub state: AppState,
+    pub config: Config,
+    db: TestDb,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> TestServer {
+        let db = TestDb::new(backend).await;
+        let settings = Settings {
+            data_dir: Some(db.dir.path().to_path_buf()),
+            listen: Some("127.0.0.1:0".into()),
+            database_url: (backend == Backend::Postgres).then(|| db.url.clone()),
+            ..Default::default()
+        };
+        let config = Config::from_settings(settings).expect("test config");
+        let state = AppState::open(&config).await.expect("opening the server state");
+        let (admin_token, hash) = kiln_server::auth::new_token();
+        state
+            .store
+            .create_token(&Actor::new("test-setup"), Some("test-admin"), Role::Admin, None, &hash)
+            .await
+            .expect("creating the admin token");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding port 0");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(kiln_server::run(state.clone(), listener, shutdown.clone()));
+        TestServer { url, admin_token, state, config, db, shutdown, task }
+    }
+
+    /// A client with the admin token.
+    pub fn admin(&self) -> Client {
+        Client::new(&self.url, Some(self.admin_token.clone()))
+    }
+
+    /// A client with `token` (or none).
+    pub fn client(&self, token: Option<&str>) -> Client {
+        Client::new(&self.url, token.map(str::to_string))
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+        self.state.store.close().await;
+        self.db.cleanup().await;
+    }
+}
+
+/// Runs `body` against a fresh server on `backend`, then stops it and drops
+/// its database whether the body passed or panicked.
+pub async fn run_server_on<F, Fut>(backend: Backend, body: F)
+where
+    F: FnOnce(std::sync::Arc<TestServer>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = std::sync::Arc::new(TestServer::start(backend).await);
+    let outcome = std::panic::AssertUnwindSafe(body(server.clone())).catch_unwind().await;
+    match std::sync::Arc::try_unwrap(server) {
+        Ok(s) => s.stop().await,
+        Err(_) => panic!("the test kept a reference to its TestServer"),
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// `api_test!(name, |srv| { ... })`: one body against a server on SQLite
+/// (`name::sqlite`) and one on PostgreSQL (`name::postgres`).
+#[macro_export]
+macro_rules! api_test {
+    ($name:ident, |$srv:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $crate::run_server_on($crate::Backend::Sqlite, |$srv| async move { $body }).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                $crate::run_server_on($crate::Backend::Postgres, |$srv| async move { $body }).await
+            }
+        }
+    };
+}

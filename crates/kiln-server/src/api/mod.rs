@@ -1,0 +1,93 @@
+//! The REST API under `/api/v1`: routes, and the OpenAPI document generated
+//! from the handlers' annotations (committed as `openapi/kiln.json`; a test
+//! fails when the two differ).
+
+mod catalog;
+mod events;
+pub mod extract;
+mod machines;
+mod org;
+
+use axum::Router;
+use axum::routing::{delete, get, post};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::AppState;
+
+pub use machines::MAX_BULK;
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "kiln", description = "kiln control plane: inventory, boot, BMC, reimage workflows."),
+    paths(
+        machines::create, machines::bulk_create, machines::list, machines::get, machines::update,
+        machines::delete, machines::offer,
+        org::whoami, org::create_site, org::list_sites, org::delete_site,
+        org::create_rack, org::list_racks, org::delete_rack,
+        org::create_tenant, org::list_tenants, org::delete_tenant,
+        org::create_token, org::list_tokens, org::revoke_token,
+        catalog::create_os_image, catalog::list_os_images, catalog::get_os_image, catalog::delete_os_image,
+        catalog::create_task, catalog::list_tasks, catalog::get_task, catalog::delete_task,
+        catalog::list_layouts,
+        events::list,
+    ),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document as committed: pretty JSON, version pinned to the
+/// crate's, with a trailing newline.
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let mut text = doc.to_pretty_json().expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+async fn openapi_doc() -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi_doc))
+        .route("/api/v1/whoami", get(org::whoami))
+        .route("/api/v1/machines", post(machines::create).get(machines::list))
+        .route("/api/v1/machines/bulk", post(machines::bulk_create))
+        .route(
+            "/api/v1/machines/{key}",
+            get(machines::get).patch(machines::update).delete(machines::delete),
+        )
+        .route("/api/v1/machines/{key}/offer", get(machines::offer))
+        .route("/api/v1/sites", post(org::create_site).get(org::list_sites))
+        .route("/api/v1/sites/{name}", delete(org::delete_site))
+        .route("/api/v1/racks", post(org::create_rack).get(org::list_racks))
+        .route("/api/v1/racks/{name}", delete(org::delete_rack))
+        .route("/api/v1/tenants", post(org::create_tenant).get(org::list_tenants))
+        .route("/api/v1/tenants/{name}", delete(org::delete_tenant))
+        .route("/api/v1/tokens", post(org::create_token).get(org::list_tokens))
+        .route("/api/v1/tokens/{key}", delete(org::revoke_token))
+        .route("/api/v1/os-images", post(catalog::create_os_image).get(catalog::list_os_images))
+        .route(
+            "/api/v1/os-images/{key}",
+            get(catalog::get_os_image).delete(catalog::delete_os_image),
+        )
+        .route("/api/v1/tasks", post(catalog::create_task).get(catalog::list_tasks))
+        .route("/api/v1/tasks/{key}", get(catalog::get_task).delete(catalog::delete_task))
+        .route("/api/v1/layouts", get(catalog::list_layouts))
+        .route("/api/v1/events", get(events::list))
+}

@@ -1,0 +1,143 @@
+//! Server configuration: a TOML file, `KILN_*` environment variables and
+//! command-line flags, in rising precedence. Unknown keys in the file are
+//! rejected with the key named. Every key is documented in docs/config.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The keys of the config file; each is also a flag and a `KILN_*` variable.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Directory for the embedded database, the secret key and artifacts.
+    #[arg(long, env = "KILN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the API listens on (HOST:PORT).
+    #[arg(long, env = "KILN_LISTEN")]
+    pub listen: Option<String>,
+    /// PostgreSQL URL; the embedded SQLite database is used when absent.
+    #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Key that seals BMC passwords (default: DATA_DIR/secret.key).
+    #[arg(long, env = "KILN_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Log filter (`info`, `kiln_server=debug`, …).
+    #[arg(long, env = "KILN_LOG")]
+    pub log: Option<String>,
+}
+
+impl Settings {
+    /// `self` with the values of `over` wherever `over` has one.
+    fn overlay(self, over: Settings) -> Settings {
+        Settings {
+            data_dir: over.data_dir.or(self.data_dir),
+            listen: over.listen.or(self.listen),
+            database_url: over.database_url.or(self.database_url),
+            secret_key_file: over.secret_key_file.or(self.secret_key_file),
+            log: over.log.or(self.log),
+        }
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub database_url: Option<String>,
+    pub secret_key_file: PathBuf,
+    pub log: String,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/kiln";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read { path: PathBuf, #[source] err: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("listen address `{0}` is not HOST:PORT (for example 127.0.0.1:7070)")]
+    Listen(String),
+    #[error("database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)")]
+    DatabaseUrl,
+}
+
+impl Config {
+    /// Reads `file` (if any) and lays `flags` (flags and environment) over it.
+    pub fn load(file: Option<&Path>, flags: Settings) -> Result<Config, ConfigError> {
+        let from_file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.into(), err })?;
+                toml::from_str::<Settings>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.into(),
+                    message: e.to_string().trim().replace('\n', " "),
+                })?
+            }
+            None => Settings::default(),
+        };
+        Config::from_settings(from_file.overlay(flags))
+    }
+
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Listen(listen_text.clone()))?;
+        if let Some(url) = &s.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::DatabaseUrl);
+        }
+        Ok(Config {
+            secret_key_file: s.secret_key_file.unwrap_or_else(|| data_dir.join("secret.key")),
+            data_dir,
+            listen,
+            database_url: s.database_url,
+            log: s.log.unwrap_or_else(|| "info".to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_d, path) = file("data_dir = \"/srv/kiln\"\nlisten = \"0.0.0.0:80\"\n");
+        let flags = Settings { listen: Some("127.0.0.1:9000".into()), ..Default::default() };
+        let c = Config::load(Some(&path), flags).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/kiln"));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.secret_key_file, PathBuf::from("/srv/kiln/secret.key"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let (_d, path) = file("data_dir = \"/x\"\nlisten_addr = \"1.2.3.4:5\"\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_say_what_to_write() {
+        let e = Config::from_settings(Settings { listen: Some("localhost".into()), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HOST:PORT"), "{e}");
+        let e = Config::from_settings(Settings { database_url: Some("mysql://x".into()), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("postgres://"), "{e}");
+    }
+}

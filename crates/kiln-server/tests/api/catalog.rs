@@ -1,0 +1,68 @@
+//! The catalog and what fits a machine.
+
+use kiln_test_utils::api_test;
+use kiln_types::auth::{Role, TenantCreate, TokenCreate};
+use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, StorageLayout, TaskCreate, TaskKind};
+use serde_json::json;
+
+fn image(name: &str, tags: &[PlatformTag], min_ram_gib: u64) -> OsImageCreate {
+    OsImageCreate {
+        name: name.into(),
+        version: "1".into(),
+        arch: Arch::X86_64,
+        kind: OsKind::DiskImage,
+        tags: tags.to_vec(),
+        min_ram_bytes: min_ram_gib << 30,
+        min_disk_bytes: 10 << 30,
+        source: format!("http://images/{name}.raw"),
+        sha256: Some("0".repeat(64)),
+    }
+}
+
+api_test!(offer_lists_what_fits, |srv| {
+    let admin = srv.admin();
+    admin.create_tenant(&TenantCreate { name: "acme".into(), description: None }).await.unwrap();
+    let m: kiln_types::machine::MachineCreate = serde_json::from_value(json!({
+        "hostname": "gpu1", "owner": "acme",
+        "hardware": {"arch": "x86_64", "memory_bytes": 68719476736u64,
+                     "disks": [{"name": "sda", "size_bytes": 500107862016u64}, {"name": "sdb", "size_bytes": 500107862016u64}],
+                     "gpus": [{"model": "A100"}]}
+    })).unwrap();
+    admin.create_machine(&m).await.unwrap();
+    use PlatformTag::*;
+    for img in [image("plain", &[Bm], 8), image("cuda", &[Bm, Gpu], 8), image("vmonly", &[Vm], 1), image("huge", &[Bm], 512), image("vgpu", &[Vm, Vgpu], 1)] {
+        admin.create_os_image(&img).await.unwrap();
+    }
+    for (name, tags) in [("nvidia-driver", vec![Gpu]), ("vm-agent", vec![Vm]), ("motd", vec![])] {
+        admin.create_task(&TaskCreate { name: name.into(), kind: TaskKind::Script, tags, content: "true".into() }).await.unwrap();
+    }
+    let tenant = admin.create_token(&TokenCreate { role: Role::Tenant, tenant: Some("acme".into()), name: None }).await.unwrap();
+    let offer = srv.client(Some(&tenant.token)).machine_offer("gpu1").await.unwrap();
+    let names = |v: Vec<String>| v;
+    assert_eq!(names(offer.os_images.iter().map(|i| i.name.clone()).collect()), ["cuda", "plain"]);
+    assert_eq!(names(offer.tasks.iter().map(|t| t.name.clone()).collect()), ["motd", "nvidia-driver"]);
+    assert_eq!(
+        offer.layouts.iter().map(|l| l.name).collect::<Vec<_>>(),
+        [StorageLayout::Flat, StorageLayout::Lvm, StorageLayout::LvmRaid0, StorageLayout::LvmRaid1]
+    );
+    // Tenants may read the catalog but not change it.
+    let t = srv.client(Some(&tenant.token));
+    assert_eq!(t.list_os_images().await.unwrap().len(), 5);
+    assert_eq!(t.delete_os_image("plain-1").await.unwrap_err().status(), Some(403));
+    assert_eq!(t.list_layouts().await.unwrap().len(), 7);
+});
+
+api_test!(catalog_validation, |srv| {
+    let admin = srv.admin();
+    let mut bad = image("deb", &[PlatformTag::Bm], 1);
+    bad.sha256 = None;
+    let e = admin.create_os_image(&bad).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("sha256 is required"), "{e}");
+    admin.create_os_image(&image("deb", &[], 1)).await.unwrap();
+    let e = admin.create_os_image(&image("deb", &[], 1)).await.unwrap_err();
+    assert_eq!(e.status(), Some(409));
+    assert!(e.to_string().contains("already exists"));
+    let e = admin.get_os_image("nope").await.unwrap_err();
+    assert_eq!(e.status(), Some(404));
+});
