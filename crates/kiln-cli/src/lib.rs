@@ -1,1 +1,221 @@
-//! placeholder
+//! The `kiln` command line: `kiln server` and the verbs that talk to a
+//! server over the REST API (URL in `KILN_URL`, token in `KILN_TOKEN`, or a
+//! CLI config file). A library, so tests drive every verb in-process.
+
+mod cmd;
+pub mod import;
+pub mod output;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
+use kiln_client::{Client, ClientError};
+use output::{Format, Out};
+use serde::Deserialize;
+
+pub use cmd::demo::seed_demo_fleet;
+
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: the control plane for the whole life of datacenter servers"
+)]
+pub struct Cli {
+    /// Server URL (or KILN_URL, or `url` in the CLI config file).
+    #[arg(long, global = true, env = "KILN_URL")]
+    pub url: Option<String>,
+    /// API token (or KILN_TOKEN, or `token` in the CLI config file).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        env = "KILN_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the kiln server.
+    Server(cmd::server::ServerArgs),
+    /// Run a demo: a server on the embedded database with a simulated rack
+    /// enrolled, and an admin token printed.
+    Demo(cmd::demo::DemoArgs),
+    /// Machines: enroll, list, show, edit, remove, import.
+    #[command(subcommand)]
+    Machine(cmd::machine::MachineCmd),
+    /// OS images in the catalog.
+    #[command(subcommand)]
+    Os(cmd::catalog::OsCmd),
+    /// Post-install tasks.
+    #[command(subcommand)]
+    Task(cmd::catalog::TaskCmd),
+    /// Storage layouts and the disks each needs.
+    Layouts,
+    /// Sites.
+    #[command(subcommand)]
+    Site(cmd::org::SiteCmd),
+    /// Racks.
+    #[command(subcommand)]
+    Rack(cmd::org::RackCmd),
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(cmd::org::TenantCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(cmd::org::TokenCmd),
+    /// The audit log: who changed what, newest first.
+    Events(cmd::org::EventsArgs),
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `~/.config/kiln/cli.toml` (or `KILN_CLI_CONFIG`): where the CLI finds its
+/// server and token when the environment does not say.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliConfig {
+    url: Option<String>,
+    token: Option<String>,
+}
+
+fn cli_config() -> anyhow::Result<CliConfig> {
+    let path = match std::env::var_os("KILN_CLI_CONFIG") {
+        Some(p) => PathBuf::from(p),
+        None => match std::env::var_os("XDG_CONFIG_HOME").or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                let mut p = PathBuf::from(h);
+                p.push(".config");
+                p.into_os_string()
+            })
+        }) {
+            Some(base) => PathBuf::from(base).join("kiln/cli.toml"),
+            None => return Ok(CliConfig::default()),
+        },
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("CLI config {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Connection settings for verbs that talk to a server.
+#[derive(Debug)]
+pub struct Ctx {
+    url: Option<String>,
+    token: Option<String>,
+}
+
+impl Ctx {
+    pub fn new(url: Option<String>, token: Option<String>) -> Ctx {
+        Ctx { url, token }
+    }
+
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let file = if self.url.is_none() || self.token.is_none() {
+            cli_config()?
+        } else {
+            CliConfig::default()
+        };
+        let url = self.url.clone().or(file.url).unwrap_or_else(|| DEFAULT_URL.to_string());
+        let token = self.token.clone().or(file.token);
+        if token.is_none() {
+            anyhow::bail!(
+                "no API token: set KILN_TOKEN (a fresh install makes its first one with \
+                 `kiln token create --data-dir DIR --role admin`)"
+            );
+        }
+        Ok(Client::new(&url, token))
+    }
+}
+
+/// Runs the CLI with `args` (including the program name), writing results
+/// to `w`. Returns the process exit code.
+pub async fn run(args: Vec<String>, w: Box<dyn std::io::Write + Send>) -> i32 {
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let mut out = Out { format: cli.output, w };
+    let ctx = Ctx {
+        url: cli.url.clone(),
+        token: cli.token.clone(),
+    };
+    match dispatch(cli.command, &ctx, &mut out).await {
+        Ok(()) => 0,
+        // `kiln machine list -o json | head` closed the pipe: not an error.
+        Err(e) if is_broken_pipe(&e) => 0,
+        Err(e) => {
+            report(&e);
+            1
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind())
+                == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Prints an error for a human: the message, each row detail, the causes.
+pub fn report(e: &anyhow::Error) {
+    if let Some(ClientError::Api { error, .. }) = e.downcast_ref::<ClientError>() {
+        eprintln!("error: {}", error.message);
+        for d in &error.details {
+            let at = match (&d.index, &d.field) {
+                (Some(i), Some(f)) => format!("row {i}, {f}: "),
+                (Some(i), None) => format!("row {i}: "),
+                (None, Some(f)) => format!("{f}: "),
+                (None, None) => String::new(),
+            };
+            eprintln!("  {at}{}", d.message);
+        }
+        return;
+    }
+    eprintln!("error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    match command {
+        Command::Server(args) => cmd::server::run(args).await,
+        Command::Demo(args) => cmd::demo::run(args, out).await,
+        Command::Machine(c) => cmd::machine::run(c, ctx, out).await,
+        Command::Os(c) => cmd::catalog::run_os(c, ctx, out).await,
+        Command::Task(c) => cmd::catalog::run_task(c, ctx, out).await,
+        Command::Layouts => cmd::catalog::layouts(ctx, out).await,
+        Command::Site(c) => cmd::org::run_site(c, ctx, out).await,
+        Command::Rack(c) => cmd::org::run_rack(c, ctx, out).await,
+        Command::Tenant(c) => cmd::org::run_tenant(c, ctx, out).await,
+        Command::Token(c) => cmd::org::run_token(c, ctx, out).await,
+        Command::Events(a) => cmd::org::events(a, ctx, out).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
+            Ok(())
+        }
+    }
+}

@@ -20,7 +20,11 @@ pub enum ClientError {
     #[error("{} ({status})", .error.message)]
     Api { status: u16, error: ApiError },
     #[error("cannot reach the kiln server at {url}: {source}")]
-    Connect { url: String, #[source] source: reqwest::Error },
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("the server's answer could not be read: {0}")]
     Decode(String),
 }
@@ -64,7 +68,11 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .expect("building the HTTP client");
-        Client { http, base: base.trim_end_matches('/').to_string(), token }
+        Client {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -101,7 +109,10 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| ClientError::Decode(e.to_string()))?;
         if status.is_success() {
@@ -109,10 +120,17 @@ impl Client {
         }
         let error = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError {
             code: "http".into(),
-            message: if text.trim().is_empty() { status.to_string() } else { text.trim().to_string() },
+            message: if text.trim().is_empty() {
+                status.to_string()
+            } else {
+                text.trim().to_string()
+            },
             details: vec![],
         });
-        Err(ClientError::Api { status: status.as_u16(), error })
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            error,
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -133,7 +151,9 @@ impl Client {
 
     /// `GET /healthz`: `Ok` when the server and its database answer.
     pub async fn healthz(&self) -> Result<()> {
-        self.call_text::<(), ()>(Method::GET, "/healthz", None, None).await.map(|_| ())
+        self.call_text::<(), ()>(Method::GET, "/healthz", None, None)
+            .await
+            .map(|_| ())
     }
 
     pub async fn openapi(&self) -> Result<serde_json::Value> {
@@ -151,7 +171,8 @@ impl Client {
     }
 
     pub async fn bulk_create_machines(&self, machines: Vec<MachineCreate>) -> Result<Vec<Machine>> {
-        self.post("/api/v1/machines/bulk", &MachineBulkCreate { machines }).await
+        self.post("/api/v1/machines/bulk", &MachineBulkCreate { machines })
+            .await
     }
 
     /// Bulk create from an already-built JSON body (for raw rows).
@@ -182,11 +203,18 @@ impl Client {
     }
 
     pub async fn update_machine(&self, key: &str, patch: &MachinePatch) -> Result<Machine> {
-        self.call::<_, (), _>(Method::PATCH, &format!("/api/v1/machines/{}", seg(key)), None, Some(patch)).await
+        self.call::<_, (), _>(
+            Method::PATCH,
+            &format!("/api/v1/machines/{}", seg(key)),
+            None,
+            Some(patch),
+        )
+        .await
     }
 
     pub async fn delete_machine(&self, key: &str) -> Result<()> {
-        self.delete_q::<()>(&format!("/api/v1/machines/{}", seg(key)), None).await
+        self.delete_q::<()>(&format!("/api/v1/machines/{}", seg(key)), None)
+            .await
     }
 
     pub async fn machine_offer(&self, key: &str) -> Result<MachineOffer> {
@@ -226,7 +254,8 @@ impl Client {
             #[serde(skip_serializing_if = "Option::is_none")]
             site: Option<&'a str>,
         }
-        self.delete_q(&format!("/api/v1/racks/{}", seg(name)), Some(&Q { site })).await
+        self.delete_q(&format!("/api/v1/racks/{}", seg(name)), Some(&Q { site }))
+            .await
     }
 
     // ---- tenants and tokens ----
@@ -240,7 +269,8 @@ impl Client {
     }
 
     pub async fn delete_tenant(&self, name: &str) -> Result<()> {
-        self.delete_q::<()>(&format!("/api/v1/tenants/{}", seg(name)), None).await
+        self.delete_q::<()>(&format!("/api/v1/tenants/{}", seg(name)), None)
+            .await
     }
 
     pub async fn create_token(&self, t: &TokenCreate) -> Result<TokenCreated> {
@@ -252,7 +282,8 @@ impl Client {
     }
 
     pub async fn revoke_token(&self, key: &str) -> Result<TokenInfo> {
-        self.call::<(), (), _>(Method::DELETE, &format!("/api/v1/tokens/{}", seg(key)), None, None).await
+        self.call::<(), (), _>(Method::DELETE, &format!("/api/v1/tokens/{}", seg(key)), None, None)
+            .await
     }
 
     // ---- catalog ----
@@ -270,7 +301,8 @@ impl Client {
     }
 
     pub async fn delete_os_image(&self, key: &str) -> Result<()> {
-        self.delete_q::<()>(&format!("/api/v1/os-images/{}", seg(key)), None).await
+        self.delete_q::<()>(&format!("/api/v1/os-images/{}", seg(key)), None)
+            .await
     }
 
     pub async fn create_task(&self, t: &TaskCreate) -> Result<Task> {

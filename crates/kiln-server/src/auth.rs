@@ -90,7 +90,10 @@ pub async fn authenticate(store: &Store, parts: &Parts) -> ApiResult<Caller> {
         .token_by_hash(&hash_token(token))
         .await?
         .ok_or_else(|| ApiError::unauthorized("the bearer token is not valid: unknown or revoked"))?;
-    Ok(Caller { token: record.info, tenant_id: record.tenant_id })
+    Ok(Caller {
+        token: record.info,
+        tenant_id: record.tenant_id,
+    })
 }
 
 impl FromRequestParts<AppState> for Caller {

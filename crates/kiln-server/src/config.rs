@@ -57,12 +57,18 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/kiln";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the config file {path}")]
-    Read { path: PathBuf, #[source] err: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("listen address `{0}` is not HOST:PORT (for example 127.0.0.1:7070)")]
     Listen(String),
-    #[error("database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)")]
+    #[error(
+        "database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)"
+    )]
     DatabaseUrl,
 }
 
@@ -85,7 +91,9 @@ impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen = listen_text.parse().map_err(|_| ConfigError::Listen(listen_text.clone()))?;
+        let listen = listen_text
+            .parse()
+            .map_err(|_| ConfigError::Listen(listen_text.clone()))?;
         if let Some(url) = &s.database_url
             && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
@@ -115,7 +123,10 @@ mod tests {
     #[test]
     fn flags_override_the_file() {
         let (_d, path) = file("data_dir = \"/srv/kiln\"\nlisten = \"0.0.0.0:80\"\n");
-        let flags = Settings { listen: Some("127.0.0.1:9000".into()), ..Default::default() };
+        let flags = Settings {
+            listen: Some("127.0.0.1:9000".into()),
+            ..Default::default()
+        };
         let c = Config::load(Some(&path), flags).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/srv/kiln"));
         assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
@@ -131,13 +142,19 @@ mod tests {
 
     #[test]
     fn bad_values_say_what_to_write() {
-        let e = Config::from_settings(Settings { listen: Some("localhost".into()), ..Default::default() })
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_settings(Settings {
+            listen: Some("localhost".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("HOST:PORT"), "{e}");
-        let e = Config::from_settings(Settings { database_url: Some("mysql://x".into()), ..Default::default() })
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_settings(Settings {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("postgres://"), "{e}");
     }
 }

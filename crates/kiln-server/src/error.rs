@@ -20,7 +20,11 @@ impl ApiError {
     fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            body: Body { code: code.into(), message: message.into(), details: vec![] },
+            body: Body {
+                code: code.into(),
+                message: message.into(),
+                details: vec![],
+            },
         }
     }
 
@@ -58,7 +62,11 @@ impl ApiError {
             source = s.source();
         }
         tracing::error!(error = %chain, "internal error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error: see the server log")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error: see the server log",
+        )
     }
 
     pub fn with_details(mut self, details: Vec<ErrorDetail>) -> ApiError {
@@ -88,7 +96,11 @@ pub fn rows_error(conflict: bool, details: Vec<ErrorDetail>) -> ApiError {
             )
         }
     };
-    let e = if conflict { ApiError::conflict(message) } else { ApiError::bad_request(message) };
+    let e = if conflict {
+        ApiError::conflict(message)
+    } else {
+        ApiError::bad_request(message)
+    };
     e.with_details(details)
 }
 
@@ -111,8 +123,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(self.body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"kiln\""));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"kiln\""),
+            );
         }
         resp
     }

@@ -50,7 +50,9 @@ impl AppState {
 
 async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(match &config.database_url {
-        Some(url) => Store::connect(url).await.context("cannot open the PostgreSQL database")?,
+        Some(url) => Store::connect(url)
+            .await
+            .context("cannot open the PostgreSQL database")?,
         None => Store::open_data_dir(&config.data_dir)
             .await
             .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?,
@@ -60,7 +62,9 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 pub fn router(state: AppState) -> Router {
     api::router()
         .route("/healthz", get(healthz))
-        .fallback(|| async { ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)") })
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)")
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

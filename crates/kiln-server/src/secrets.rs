@@ -19,10 +19,20 @@ const PREFIX: &str = "v1:";
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("cannot read the secret key file {path}")]
-    Read { path: PathBuf, #[source] err: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("cannot create the secret key file {path}")]
-    Create { path: PathBuf, #[source] err: std::io::Error },
-    #[error("the secret key file {path} does not hold 32 bytes in base64: restore it from backup (sealed BMC passwords need the same key)")]
+    Create {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error(
+        "the secret key file {path} does not hold 32 bytes in base64: restore it from backup (sealed BMC passwords need the same key)"
+    )]
     BadKey { path: PathBuf },
     #[error("the secret key file {path} is readable by others (mode {mode:o}): chmod 600 it")]
     Exposed { path: PathBuf, mode: u32 },
@@ -55,7 +65,10 @@ impl SecretBox {
                     .permissions()
                     .mode();
                 if mode & 0o077 != 0 {
-                    return Err(SecretError::Exposed { path: path.into(), mode: mode & 0o777 });
+                    return Err(SecretError::Exposed {
+                        path: path.into(),
+                        mode: mode & 0o777,
+                    });
                 }
                 let key = B64
                     .decode(text.trim())
@@ -77,7 +90,8 @@ impl SecretBox {
                     .open(path)
                     .map_err(|err| SecretError::Create { path: path.into(), err })?;
                 writeln!(f, "{}", B64.encode(key)).map_err(|err| SecretError::Create { path: path.into(), err })?;
-                f.sync_all().map_err(|err| SecretError::Create { path: path.into(), err })?;
+                f.sync_all()
+                    .map_err(|err| SecretError::Create { path: path.into(), err })?;
                 Ok(SecretBox::from_key(&key))
             }
             Err(err) => Err(SecretError::Read { path: path.into(), err }),
@@ -85,7 +99,9 @@ impl SecretBox {
     }
 
     fn from_key(key: &[u8]) -> SecretBox {
-        SecretBox { cipher: ChaCha20Poly1305::new(Key::from_slice(key)) }
+        SecretBox {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
+        }
     }
 
     pub fn seal(&self, secret: &Secret) -> Result<SealedPassword, SecretError> {
@@ -108,7 +124,10 @@ impl SecretBox {
             .filter(|b| b.len() > 12)
             .ok_or(SecretError::Open)?;
         let (nonce, ct) = blob.split_at(12);
-        let pt = self.cipher.decrypt(Nonce::from_slice(nonce), ct).map_err(|_| SecretError::Open)?;
+        let pt = self
+            .cipher
+            .decrypt(Nonce::from_slice(nonce), ct)
+            .map_err(|_| SecretError::Open)?;
         String::from_utf8(pt).map(Secret::new).map_err(|_| SecretError::Open)
     }
 }

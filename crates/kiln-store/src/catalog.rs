@@ -25,7 +25,11 @@ fn invalid(problems: Vec<String>) -> StoreError {
         conflict: false,
         details: problems
             .into_iter()
-            .map(|message| ErrorDetail { index: None, field: None, message })
+            .map(|message| ErrorDetail {
+                index: None,
+                field: None,
+                message,
+            })
             .collect(),
     }
 }
@@ -110,14 +114,18 @@ impl Store {
         .bind(ts(image.created_at))
         .execute(&mut *tx)
         .await?;
-        record(&mut tx, actor, Change {
-            action: "os_image.create",
-            target_kind: "os_image",
-            target_id: image.id.to_string(),
-            target_name: format!("{}-{}", image.name, image.version),
-            before: None,
-            after: snapshot(&image),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "os_image.create",
+                target_kind: "os_image",
+                target_id: image.id.to_string(),
+                target_name: format!("{}-{}", image.name, image.version),
+                before: None,
+                after: snapshot(&image),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(image)
@@ -143,7 +151,10 @@ impl Store {
             exact
         };
         match found.as_slice() {
-            [] => Err(StoreError::NotFound { kind: "OS image", key: key.to_string() }),
+            [] => Err(StoreError::NotFound {
+                kind: "OS image",
+                key: key.to_string(),
+            }),
             [one] => Ok((*one).clone()),
             many => Err(StoreError::Invalid(format!(
                 "`{key}` names {} OS images ({}): give NAME-VERSION or the id",
@@ -163,14 +174,18 @@ impl Store {
             .bind(image.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "os_image.delete",
-            target_kind: "os_image",
-            target_id: image.id.to_string(),
-            target_name: format!("{}-{}", image.name, image.version),
-            before: snapshot(&image),
-            after: None,
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "os_image.delete",
+                target_kind: "os_image",
+                target_id: image.id.to_string(),
+                target_name: format!("{}-{}", image.name, image.version),
+                before: snapshot(&image),
+                after: None,
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(())
@@ -201,30 +216,38 @@ impl Store {
         {
             return Err(StoreError::Conflict(format!("task `{}` already exists", task.name)));
         }
-        sqlx::query::<Any>("INSERT INTO tasks (id, name, kind, tags, content, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(task.id.to_string())
-            .bind(&task.name)
-            .bind(task.kind.as_str())
-            .bind(tags_json(&task.tags))
-            .bind(&task.content)
-            .bind(ts(task.created_at))
-            .execute(&mut *tx)
-            .await?;
-        record(&mut tx, actor, Change {
-            action: "task.create",
-            target_kind: "task",
-            target_id: task.id.to_string(),
-            target_name: task.name.clone(),
-            before: None,
-            after: snapshot(&task),
-        })
+        sqlx::query::<Any>(
+            "INSERT INTO tasks (id, name, kind, tags, content, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(task.id.to_string())
+        .bind(&task.name)
+        .bind(task.kind.as_str())
+        .bind(tags_json(&task.tags))
+        .bind(&task.content)
+        .bind(ts(task.created_at))
+        .execute(&mut *tx)
+        .await?;
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "task.create",
+                target_kind: "task",
+                target_id: task.id.to_string(),
+                target_name: task.name.clone(),
+                before: None,
+                after: snapshot(&task),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(task)
     }
 
     pub async fn list_tasks(&self) -> Result<Vec<Task>> {
-        let rows = sqlx::query::<Any>("SELECT * FROM tasks ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query::<Any>("SELECT * FROM tasks ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(task_from_row).collect()
     }
 
@@ -233,7 +256,10 @@ impl Store {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?
-            .ok_or_else(|| StoreError::NotFound { kind: "task", key: key.to_string() })?;
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "task",
+                key: key.to_string(),
+            })?;
         task_from_row(&row)
     }
 
@@ -244,14 +270,18 @@ impl Store {
             .bind(task.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "task.delete",
-            target_kind: "task",
-            target_id: task.id.to_string(),
-            target_name: task.name.clone(),
-            before: snapshot(&task),
-            after: None,
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "task.delete",
+                target_kind: "task",
+                target_id: task.id.to_string(),
+                target_name: task.name.clone(),
+                before: snapshot(&task),
+                after: None,
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(())

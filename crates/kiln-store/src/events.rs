@@ -6,7 +6,9 @@ use kiln_types::page::Page;
 use serde::Serialize;
 use sqlx::{Any, AnyConnection, Row};
 
-use crate::{Actor, Params, Result, Store, StoreError, built, decode_cursor, encode_cursor, now, page_limit, parse_ts, ts};
+use crate::{
+    Actor, Params, Result, Store, StoreError, built, decode_cursor, encode_cursor, now, page_limit, parse_ts, ts,
+};
 
 /// One audit record about to be written.
 pub(crate) struct Change<'a> {

@@ -220,8 +220,7 @@ pub(crate) fn parse_col<T: std::str::FromStr>(what: &str, s: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
 {
-    s.parse()
-        .map_err(|e| StoreError::Corrupt(format!("{what} `{s}`: {e}")))
+    s.parse().map_err(|e| StoreError::Corrupt(format!("{what} `{s}`: {e}")))
 }
 
 /// `$1, $2, …, $n` starting after `first - 1` parameters.
@@ -238,7 +237,11 @@ pub(crate) fn encode_cursor(key: &str) -> String {
 }
 
 pub(crate) fn decode_cursor(cursor: &str) -> Result<String> {
-    let bad = || StoreError::Invalid(format!("cursor `{cursor}` is not one kiln gave out: pass `next_cursor` from the previous page unchanged"));
+    let bad = || {
+        StoreError::Invalid(format!(
+            "cursor `{cursor}` is not one kiln gave out: pass `next_cursor` from the previous page unchanged"
+        ))
+    };
     if cursor.len() % 2 != 0 {
         return Err(bad());
     }
@@ -254,9 +257,7 @@ pub(crate) fn page_limit(limit: Option<u32>) -> Result<usize> {
     match limit {
         None => Ok(DEFAULT_PAGE_LIMIT as usize),
         Some(n) if (1..=MAX_PAGE_LIMIT).contains(&n) => Ok(n as usize),
-        Some(n) => Err(StoreError::Invalid(format!(
-            "limit {n} is outside 1-{MAX_PAGE_LIMIT}"
-        ))),
+        Some(n) => Err(StoreError::Invalid(format!("limit {n} is outside 1-{MAX_PAGE_LIMIT}"))),
     }
 }
 

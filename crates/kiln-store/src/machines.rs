@@ -14,8 +14,8 @@ use sqlx::{Any, AnyConnection, Row};
 use crate::events::{Change, escape_like, record, snapshot};
 use crate::org::resolve_rack;
 use crate::{
-    Actor, Params, Result, Store, StoreError, built, decode_cursor, encode_cursor, now, page_limit, parse_col, parse_ts,
-    placeholders, ts,
+    Actor, Params, Result, Store, StoreError, built, decode_cursor, encode_cursor, now, page_limit, parse_col,
+    parse_ts, placeholders, ts,
 };
 
 /// A BMC password as the server sealed (encrypted) it. The store never sees
@@ -77,14 +77,12 @@ impl Names {
             .filter(|r| r.name == name && site.is_none_or(|s| r.site == s))
             .cloned()
             .collect();
-        resolve_rack(matching, site, name)
-            .map(|r| r.id)
-            .map_err(|e| match e {
-                StoreError::NotFound { key, .. } => {
-                    format!("rack `{key}` does not exist: create it first (kiln rack add)")
-                }
-                e => e.to_string(),
-            })
+        resolve_rack(matching, site, name).map(|r| r.id).map_err(|e| match e {
+            StoreError::NotFound { key, .. } => {
+                format!("rack `{key}` does not exist: create it first (kiln rack add)")
+            }
+            e => e.to_string(),
+        })
     }
 
     fn tenant(&self, name: &str) -> Result<TenantId, String> {
@@ -148,14 +146,24 @@ fn describe(kind: &str, value: &str) -> String {
 /// SQL giving (value, holder hostname, holder id) for each kind of claim.
 fn claim_sql(kind: &str) -> &'static str {
     match kind {
-        "hostname" => "SELECT m.hostname AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.hostname IN",
+        "hostname" => {
+            "SELECT m.hostname AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.hostname IN"
+        }
         "fqdn" => "SELECT m.fqdn AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.fqdn IN",
-        "bmc_address" => "SELECT m.bmc_address AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.bmc_address IN",
+        "bmc_address" => {
+            "SELECT m.bmc_address AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.bmc_address IN"
+        }
         "ipv4" => "SELECT m.ipv4 AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.ipv4 IN",
         "ipv6" => "SELECT m.ipv6 AS v, m.hostname AS holder, m.id AS holder_id FROM machines m WHERE m.ipv6 IN",
-        "mac" => "SELECT n.mac AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.mac IN",
-        "switch_port" => "SELECT n.switch || '\t' || n.port AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.switch || '\t' || n.port IN",
-        "option82" => "SELECT n.remote_id || '\t' || n.circuit_id AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.remote_id || '\t' || n.circuit_id IN",
+        "mac" => {
+            "SELECT n.mac AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.mac IN"
+        }
+        "switch_port" => {
+            "SELECT n.switch || '\t' || n.port AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.switch || '\t' || n.port IN"
+        }
+        "option82" => {
+            "SELECT n.remote_id || '\t' || n.circuit_id AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.remote_id || '\t' || n.circuit_id IN"
+        }
         _ => unreachable!("unknown claim kind {kind}"),
     }
 }
@@ -177,10 +185,18 @@ async fn find_conflicts(
                     problems.push(detail(
                         index,
                         &field,
-                        format!("{} is also used by row {} of this request", describe(kind, &value), first),
+                        format!(
+                            "{} is also used by row {} of this request",
+                            describe(kind, &value),
+                            first
+                        ),
                     ));
                 } else {
-                    problems.push(detail(index, &field, format!("{} appears twice in this machine", describe(kind, &value))));
+                    problems.push(detail(
+                        index,
+                        &field,
+                        format!("{} appears twice in this machine", describe(kind, &value)),
+                    ));
                 }
                 continue;
             }
@@ -268,7 +284,10 @@ async fn insert_tags_and_nics(conn: &mut AnyConnection, id: MachineId, tags: &[T
     };
     if !tags.is_empty() {
         let values: Vec<String> = (0..tags.len()).map(|i| format!("($1, ${})", i + 2)).collect();
-        let sql = format!("INSERT INTO machine_tags (machine_id, tag) VALUES {}", values.join(", "));
+        let sql = format!(
+            "INSERT INTO machine_tags (machine_id, tag) VALUES {}",
+            values.join(", ")
+        );
         let mut q = sqlx::query::<Any>(built(sql)).bind(&id);
         for t in tags {
             q = q.bind(t.as_str());
@@ -340,7 +359,11 @@ async fn hydrate(conn: &mut AnyConnection, rows: &[AnyRow]) -> Result<Vec<Machin
     rows.iter()
         .map(|row| {
             let id: String = row.try_get("id")?;
-            machine_from_row(row, tags.remove(&id).unwrap_or_default(), nics.remove(&id).unwrap_or_default())
+            machine_from_row(
+                row,
+                tags.remove(&id).unwrap_or_default(),
+                nics.remove(&id).unwrap_or_default(),
+            )
         })
         .collect()
 }
@@ -393,7 +416,11 @@ fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 
 /// The machine with id or hostname `key`, visible in `scope` (a tenant's
 /// machines only, when given).
-async fn load(conn: &mut AnyConnection, key: &str, scope: Option<TenantId>) -> Result<(Machine, Option<SealedPassword>, Option<TenantId>)> {
+async fn load(
+    conn: &mut AnyConnection,
+    key: &str,
+    scope: Option<TenantId>,
+) -> Result<(Machine, Option<SealedPassword>, Option<TenantId>)> {
     let mut sql = format!("{MACHINE_SELECT} WHERE (m.id = $1 OR m.hostname = $1)");
     if scope.is_some() {
         sql.push_str(" AND m.owner_id = $2");
@@ -403,7 +430,10 @@ async fn load(conn: &mut AnyConnection, key: &str, scope: Option<TenantId>) -> R
         q = q.bind(t.to_string());
     }
     let Some(row) = q.fetch_optional(&mut *conn).await? else {
-        return Err(StoreError::NotFound { kind: "machine", key: key.to_string() });
+        return Err(StoreError::NotFound {
+            kind: "machine",
+            key: key.to_string(),
+        });
     };
     let sealed: Option<String> = row.try_get("bmc_password")?;
     let owner: Option<String> = row.try_get("owner_id")?;
@@ -443,7 +473,12 @@ fn to_spec(m: &Machine) -> MachineCreate {
 }
 
 /// The API view of a stored row, built without reading it back.
-fn view(row: &Row_, names: &Names, created_at: chrono::DateTime<chrono::Utc>, updated_at: chrono::DateTime<chrono::Utc>) -> Machine {
+fn view(
+    row: &Row_,
+    names: &Names,
+    created_at: chrono::DateTime<chrono::Utc>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+) -> Machine {
     let s = &row.spec;
     let rack = row.rack_id.and_then(|id| names.racks.iter().find(|r| r.id == id));
     let owner = row
@@ -528,7 +563,10 @@ impl Store {
             let conflict = problems.is_empty();
             problems.extend(conflicts);
             problems.sort_by_key(|p| p.index);
-            return Err(StoreError::Rows { conflict, details: problems });
+            return Err(StoreError::Rows {
+                conflict,
+                details: problems,
+            });
         }
         let at = now();
         let at_text = ts(at);
@@ -536,14 +574,18 @@ impl Store {
         for row in &rows {
             insert_machine(&mut tx, row, &at_text).await?;
             let machine = view(row, &names, at, at);
-            record(&mut tx, actor, Change {
-                action: "machine.create",
-                target_kind: "machine",
-                target_id: machine.id.to_string(),
-                target_name: machine.hostname.to_string(),
-                before: None,
-                after: snapshot(&machine),
-            })
+            record(
+                &mut tx,
+                actor,
+                Change {
+                    action: "machine.create",
+                    target_kind: "machine",
+                    target_id: machine.id.to_string(),
+                    target_name: machine.hostname.to_string(),
+                    before: None,
+                    after: snapshot(&machine),
+                },
+            )
             .await?;
             out.push(machine);
         }
@@ -571,7 +613,9 @@ impl Store {
         let mut params = Params::default();
         if let Some(tags) = &filter.tag {
             for t in tags.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                let tag: Tag = t.parse().map_err(|e: kiln_types::ValidationError| StoreError::Invalid(e.to_string()))?;
+                let tag: Tag = t
+                    .parse()
+                    .map_err(|e: kiln_types::ValidationError| StoreError::Invalid(e.to_string()))?;
                 let p = params.add(tag.to_string());
                 sql.push_str(&format!(
                     " AND EXISTS (SELECT 1 FROM machine_tags mt WHERE mt.machine_id = m.id AND mt.tag = {p})"
@@ -639,7 +683,11 @@ impl Store {
         let mut owner_id = old_owner;
         let bad = |field: &str, message: String| StoreError::Rows {
             conflict: false,
-            details: vec![ErrorDetail { index: None, field: Some(field.into()), message }],
+            details: vec![ErrorDetail {
+                index: None,
+                field: Some(field.into()),
+                message,
+            }],
         };
         if let Some(h) = patch.hostname {
             spec.hostname = h;
@@ -657,7 +705,11 @@ impl Store {
             spec.tags = t;
         }
         if let Some(owner) = patch.owner {
-            owner_id = owner.as_deref().map(|o| names.tenant(o)).transpose().map_err(|e| bad("owner", e))?;
+            owner_id = owner
+                .as_deref()
+                .map(|o| names.tenant(o))
+                .transpose()
+                .map_err(|e| bad("owner", e))?;
             spec.owner = owner;
         }
         match (patch.rack, patch.site) {
@@ -669,7 +721,10 @@ impl Store {
                     .map_err(|e| bad("rack", e))?;
             }
             (None, Some(_)) => {
-                return Err(bad("site", "`site` only selects among racks of the same name: give `rack` too".into()));
+                return Err(bad(
+                    "site",
+                    "`site` only selects among racks of the same name: give `rack` too".into(),
+                ));
             }
             (None, None) => {}
         }
@@ -716,7 +771,11 @@ impl Store {
                 conflict: false,
                 details: problems
                     .into_iter()
-                    .map(|message| ErrorDetail { index: None, field: None, message })
+                    .map(|message| ErrorDetail {
+                        index: None,
+                        field: None,
+                        message,
+                    })
                     .collect(),
             });
         }
@@ -725,7 +784,10 @@ impl Store {
             for c in &mut conflicts {
                 c.index = None;
             }
-            return Err(StoreError::Rows { conflict: true, details: conflicts });
+            return Err(StoreError::Rows {
+                conflict: true,
+                details: conflicts,
+            });
         }
         let updated_at = now();
         let row = Row_ {
@@ -777,14 +839,18 @@ impl Store {
         let nics: &[Nic] = if nics_changed { &s.nics } else { &[] };
         insert_tags_and_nics(&mut tx, row.id, &s.tags, nics).await?;
         let after = view(&row, &names, before.created_at, updated_at);
-        record(&mut tx, actor, Change {
-            action: "machine.update",
-            target_kind: "machine",
-            target_id: after.id.to_string(),
-            target_name: after.hostname.to_string(),
-            before: snapshot(&before),
-            after: snapshot(&after),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "machine.update",
+                target_kind: "machine",
+                target_id: after.id.to_string(),
+                target_name: after.hostname.to_string(),
+                before: snapshot(&before),
+                after: snapshot(&after),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(after)
@@ -804,14 +870,18 @@ impl Store {
             .bind(machine.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "machine.delete",
-            target_kind: "machine",
-            target_id: machine.id.to_string(),
-            target_name: machine.hostname.to_string(),
-            before: snapshot(&machine),
-            after: None,
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "machine.delete",
+                target_kind: "machine",
+                target_id: machine.id.to_string(),
+                target_name: machine.hostname.to_string(),
+                before: snapshot(&machine),
+                after: None,
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(machine)

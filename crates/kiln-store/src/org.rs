@@ -97,21 +97,27 @@ impl Store {
             .bind(ts(site.created_at))
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "site.create",
-            target_kind: "site",
-            target_id: site.id.to_string(),
-            target_name: site.name.clone(),
-            before: None,
-            after: snapshot(&site),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "site.create",
+                target_kind: "site",
+                target_id: site.id.to_string(),
+                target_name: site.name.clone(),
+                before: None,
+                after: snapshot(&site),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(site)
     }
 
     pub async fn list_sites(&self) -> Result<Vec<Site>> {
-        let rows = sqlx::query::<Any>("SELECT * FROM sites ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query::<Any>("SELECT * FROM sites ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(site_from_row).collect()
     }
 
@@ -120,7 +126,10 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
-            .ok_or_else(|| StoreError::NotFound { kind: "site", key: name.to_string() })?;
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "site",
+                key: name.to_string(),
+            })?;
         site_from_row(&row)
     }
 
@@ -142,14 +151,18 @@ impl Store {
             .bind(site.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "site.delete",
-            target_kind: "site",
-            target_id: site.id.to_string(),
-            target_name: site.name.clone(),
-            before: snapshot(&site),
-            after: None,
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "site.delete",
+                target_kind: "site",
+                target_id: site.id.to_string(),
+                target_name: site.name.clone(),
+                before: snapshot(&site),
+                after: None,
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(())
@@ -198,14 +211,18 @@ impl Store {
         .bind(ts(rack.created_at))
         .execute(&mut *tx)
         .await?;
-        record(&mut tx, actor, Change {
-            action: "rack.create",
-            target_kind: "rack",
-            target_id: rack.id.to_string(),
-            target_name: rack.name.clone(),
-            before: None,
-            after: snapshot(&rack),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "rack.create",
+                target_kind: "rack",
+                target_id: rack.id.to_string(),
+                target_name: rack.name.clone(),
+                before: None,
+                after: snapshot(&rack),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(rack)
@@ -214,13 +231,19 @@ impl Store {
     /// Racks, optionally of one site, by site then name.
     pub async fn list_racks(&self, site: Option<&str>) -> Result<Vec<Rack>> {
         let rows = match site {
-            Some(site) => sqlx::query::<Any>(built(format!("{RACK_SELECT} WHERE s.name = $1 ORDER BY s.name, r.name")))
+            Some(site) => {
+                sqlx::query::<Any>(built(format!(
+                    "{RACK_SELECT} WHERE s.name = $1 ORDER BY s.name, r.name"
+                )))
                 .bind(site)
                 .fetch_all(&self.pool)
-                .await?,
-            None => sqlx::query::<Any>(built(format!("{RACK_SELECT} ORDER BY s.name, r.name")))
-                .fetch_all(&self.pool)
-                .await?,
+                .await?
+            }
+            None => {
+                sqlx::query::<Any>(built(format!("{RACK_SELECT} ORDER BY s.name, r.name")))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
         };
         rows.iter().map(rack_from_row).collect()
     }
@@ -254,14 +277,18 @@ impl Store {
             .bind(rack.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "rack.delete",
-            target_kind: "rack",
-            target_id: rack.id.to_string(),
-            target_name: rack.name.clone(),
-            before: snapshot(&rack),
-            after: None,
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "rack.delete",
+                target_kind: "rack",
+                target_id: rack.id.to_string(),
+                target_name: rack.name.clone(),
+                before: snapshot(&rack),
+                after: None,
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(())
@@ -293,21 +320,27 @@ impl Store {
             .bind(ts(tenant.created_at))
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "tenant.create",
-            target_kind: "tenant",
-            target_id: tenant.id.to_string(),
-            target_name: tenant.name.clone(),
-            before: None,
-            after: snapshot(&tenant),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "tenant.create",
+                target_kind: "tenant",
+                target_id: tenant.id.to_string(),
+                target_name: tenant.name.clone(),
+                before: None,
+                after: snapshot(&tenant),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(tenant)
     }
 
     pub async fn list_tenants(&self) -> Result<Vec<Tenant>> {
-        let rows = sqlx::query::<Any>("SELECT * FROM tenants ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query::<Any>("SELECT * FROM tenants ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(tenant_from_row).collect()
     }
 
@@ -316,7 +349,10 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
-            .ok_or_else(|| StoreError::NotFound { kind: "tenant", key: name.to_string() })?;
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "tenant",
+                key: name.to_string(),
+            })?;
         tenant_from_row(&row)
     }
 
@@ -328,11 +364,12 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("n")?;
-        let tokens: i64 = sqlx::query::<Any>("SELECT COUNT(*) AS n FROM tokens WHERE tenant_id = $1 AND revoked_at IS NULL")
-            .bind(tenant.id.to_string())
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?;
+        let tokens: i64 =
+            sqlx::query::<Any>("SELECT COUNT(*) AS n FROM tokens WHERE tenant_id = $1 AND revoked_at IS NULL")
+                .bind(tenant.id.to_string())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
         if machines > 0 || tokens > 0 {
             return Err(StoreError::Refused(format!(
                 "tenant `{}` still owns {machines} machines and {tokens} live tokens: \
@@ -349,14 +386,18 @@ impl Store {
             .bind(tenant.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "tenant.delete",
-            target_kind: "tenant",
-            target_id: tenant.id.to_string(),
-            target_name: tenant.name.clone(),
-            before: snapshot(&tenant),
-            after: None,
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "tenant.delete",
+                target_kind: "tenant",
+                target_id: tenant.id.to_string(),
+                target_name: tenant.name.clone(),
+                before: snapshot(&tenant),
+                after: None,
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(())
@@ -418,14 +459,18 @@ impl Store {
         .bind(ts(info.created_at))
         .execute(&mut *tx)
         .await?;
-        record(&mut tx, actor, Change {
-            action: "token.create",
-            target_kind: "token",
-            target_id: info.id.to_string(),
-            target_name: info.name.clone(),
-            before: None,
-            after: snapshot(&info),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "token.create",
+                target_kind: "token",
+                target_id: info.id.to_string(),
+                target_name: info.name.clone(),
+                before: None,
+                after: snapshot(&info),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(info)
@@ -433,10 +478,12 @@ impl Store {
 
     /// The live (not revoked) token whose secret hashes to `hash`.
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        let row = sqlx::query::<Any>(built(format!("{TOKEN_SELECT} WHERE k.hash = $1 AND k.revoked_at IS NULL")))
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query::<Any>(built(format!(
+            "{TOKEN_SELECT} WHERE k.hash = $1 AND k.revoked_at IS NULL"
+        )))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(token_from_row).transpose()
     }
 
@@ -455,7 +502,12 @@ impl Store {
             .await?;
         let tokens: Vec<TokenRecord> = rows.iter().map(token_from_row).collect::<Result<_>>()?;
         let before = match tokens.as_slice() {
-            [] => return Err(StoreError::NotFound { kind: "token", key: key.to_string() }),
+            [] => {
+                return Err(StoreError::NotFound {
+                    kind: "token",
+                    key: key.to_string(),
+                });
+            }
             [one] => one.info.clone(),
             _ => {
                 return Err(StoreError::Invalid(format!(
@@ -475,14 +527,18 @@ impl Store {
             .bind(after.id.to_string())
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, actor, Change {
-            action: "token.revoke",
-            target_kind: "token",
-            target_id: after.id.to_string(),
-            target_name: after.name.clone(),
-            before: snapshot(&before),
-            after: snapshot(&after),
-        })
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "token.revoke",
+                target_kind: "token",
+                target_id: after.id.to_string(),
+                target_name: after.name.clone(),
+                before: snapshot(&before),
+                after: snapshot(&after),
+            },
+        )
         .await?;
         tx.commit().await?;
         Ok(after)

@@ -27,18 +27,35 @@ fn nic(mac: &str) -> Nic {
 fn machine(host: &str, mac: &str) -> NewMachine {
     let mut spec = MachineCreate::new(host.parse().unwrap());
     spec.nics.push(nic(mac));
-    NewMachine { spec, sealed_password: None }
+    NewMachine {
+        spec,
+        sealed_password: None,
+    }
 }
 
 async fn rack(store: &Store, site: &str, rack: &str) {
     if store.get_site(site).await.is_err() {
         store
-            .create_site(&actor(), &SiteCreate { name: site.into(), description: None })
+            .create_site(
+                &actor(),
+                &SiteCreate {
+                    name: site.into(),
+                    description: None,
+                },
+            )
             .await
             .unwrap();
     }
     store
-        .create_rack(&actor(), &RackCreate { name: rack.into(), site: site.into(), row: Some("a".into()), node_group: None })
+        .create_rack(
+            &actor(),
+            &RackCreate {
+                name: rack.into(),
+                site: site.into(),
+                row: Some("a".into()),
+                node_group: None,
+            },
+        )
         .await
         .unwrap();
 }
@@ -54,14 +71,28 @@ fn rows_of(e: StoreError) -> (bool, Vec<(Option<usize>, String)>) {
 
 store_test!(machine_round_trip, |store| {
     rack(&store, "eqiad", "a1").await;
-    store.create_tenant(&actor(), &TenantCreate { name: "acme".into(), description: None }).await.unwrap();
+    store
+        .create_tenant(
+            &actor(),
+            &TenantCreate {
+                name: "acme".into(),
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
     let mut m = machine("db1001", "52:54:00:00:00:01");
     m.spec.tags = vec!["db".parse().unwrap(), "bm".parse().unwrap()];
     m.spec.rack = Some("a1".into());
     m.spec.owner = Some("acme".into());
     m.spec.ipv4 = Some("10.0.0.1".parse().unwrap());
     m.spec.protected = true;
-    m.spec.bmc = Some(BmcInput { driver: BmcDriver::Ipmi, address: "10.1.0.1".into(), username: Some("root".into()), password: None });
+    m.spec.bmc = Some(BmcInput {
+        driver: BmcDriver::Ipmi,
+        address: "10.1.0.1".into(),
+        username: Some("root".into()),
+        password: None,
+    });
     m.sealed_password = Some(SealedPassword("sealed-bytes".into()));
     m.spec.nics[0].switch = Some("asw-a1".into());
     m.spec.nics[0].port = Some("xe-0/0/1".into());
@@ -76,7 +107,10 @@ store_test!(machine_round_trip, |store| {
     assert!(got.bmc.as_ref().unwrap().password_set);
     assert_eq!(got.tags.iter().map(|t| t.as_str()).collect::<Vec<_>>(), ["bm", "db"]);
     assert_eq!(got.nics[0].vlan, Some(1001));
-    assert_eq!(store.get_machine(&got.id.to_string(), None).await.unwrap().hostname, got.hostname);
+    assert_eq!(
+        store.get_machine(&got.id.to_string(), None).await.unwrap().hostname,
+        got.hostname
+    );
     assert_eq!(
         store.machine_bmc_password(got.id).await.unwrap(),
         Some(SealedPassword("sealed-bytes".into()))
@@ -87,37 +121,73 @@ store_test!(uniqueness_is_reported_per_row, |store| {
     let mut a = machine("a1", "52:54:00:00:00:01");
     a.spec.nics[0].switch = Some("sw1".into());
     a.spec.nics[0].port = Some("p1".into());
-    a.spec.bmc = Some(BmcInput { driver: BmcDriver::Ipmi, address: "10.9.9.9".into(), username: None, password: None });
+    a.spec.bmc = Some(BmcInput {
+        driver: BmcDriver::Ipmi,
+        address: "10.9.9.9".into(),
+        username: None,
+        password: None,
+    });
     store.create_machines(&actor(), vec![a]).await.unwrap();
 
     let mut dup_port = machine("b1", "52:54:00:00:00:02");
     dup_port.spec.nics[0].switch = Some("sw1".into());
     dup_port.spec.nics[0].port = Some("p1".into());
     let mut dup_bmc = machine("b2", "52:54:00:00:00:03");
-    dup_bmc.spec.bmc = Some(BmcInput { driver: BmcDriver::Ipmi, address: "10.9.9.9".into(), username: None, password: None });
+    dup_bmc.spec.bmc = Some(BmcInput {
+        driver: BmcDriver::Ipmi,
+        address: "10.9.9.9".into(),
+        username: None,
+        password: None,
+    });
     let batch = vec![
-        machine("a1", "52:54:00:00:00:09"),   // hostname taken
-        machine("b0", "52:54:00:00:00:01"),   // MAC taken
-        dup_port,                             // switch port taken
-        dup_bmc,                              // BMC address taken
-        machine("c1", "52:54:00:00:00:0a"),   // fine
-        machine("c1", "52:54:00:00:00:0b"),   // hostname twice in the batch
+        machine("a1", "52:54:00:00:00:09"), // hostname taken
+        machine("b0", "52:54:00:00:00:01"), // MAC taken
+        dup_port,                           // switch port taken
+        dup_bmc,                            // BMC address taken
+        machine("c1", "52:54:00:00:00:0a"), // fine
+        machine("c1", "52:54:00:00:00:0b"), // hostname twice in the batch
     ];
     let (conflict, rows) = rows_of(store.create_machines(&actor(), batch).await.unwrap_err());
     assert!(conflict);
     let text = format!("{rows:?}");
-    assert!(rows.iter().any(|(i, m)| *i == Some(0) && m.contains("hostname `a1` is already used by machine a1")), "{text}");
-    assert!(rows.iter().any(|(i, m)| *i == Some(1) && m.contains("MAC 52:54:00:00:00:01 is already used by machine a1")), "{text}");
-    assert!(rows.iter().any(|(i, m)| *i == Some(2) && m.contains("switch port sw1 p1 is already used by machine a1")), "{text}");
-    assert!(rows.iter().any(|(i, m)| *i == Some(3) && m.contains("BMC address `10.9.9.9`")), "{text}");
-    assert!(rows.iter().any(|(i, m)| *i == Some(5) && m.contains("also used by row 4")), "{text}");
+    assert!(
+        rows.iter()
+            .any(|(i, m)| *i == Some(0) && m.contains("hostname `a1` is already used by machine a1")),
+        "{text}"
+    );
+    assert!(
+        rows.iter()
+            .any(|(i, m)| *i == Some(1) && m.contains("MAC 52:54:00:00:00:01 is already used by machine a1")),
+        "{text}"
+    );
+    assert!(
+        rows.iter()
+            .any(|(i, m)| *i == Some(2) && m.contains("switch port sw1 p1 is already used by machine a1")),
+        "{text}"
+    );
+    assert!(
+        rows.iter()
+            .any(|(i, m)| *i == Some(3) && m.contains("BMC address `10.9.9.9`")),
+        "{text}"
+    );
+    assert!(
+        rows.iter()
+            .any(|(i, m)| *i == Some(5) && m.contains("also used by row 4")),
+        "{text}"
+    );
     assert!(!rows.iter().any(|(i, _)| *i == Some(4)), "{text}");
     // All or nothing: the good row was not written either.
-    assert!(matches!(store.get_machine("c1", None).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.get_machine("c1", None).await,
+        Err(StoreError::NotFound { .. })
+    ));
 });
 
 store_test!(database_enforces_uniqueness, |store| {
-    store.create_machines(&actor(), vec![machine("x1", "52:54:00:00:00:01")]).await.unwrap();
+    store
+        .create_machines(&actor(), vec![machine("x1", "52:54:00:00:00:01")])
+        .await
+        .unwrap();
     let id = uuid::Uuid::now_v7().to_string();
     // Straight into the table, past every check in code.
     let raw = sqlx::query::<sqlx::Any>(
@@ -129,10 +199,17 @@ store_test!(database_enforces_uniqueness, |store| {
     .await;
     let err = raw.expect_err("the database must refuse a second x1");
     assert!(err.as_database_error().unwrap().is_unique_violation(), "{err}");
-    let raw = sqlx::query::<sqlx::Any>("INSERT INTO nics (mac, machine_id, position) SELECT '52:54:00:00:00:01', id, 1 FROM machines")
-        .execute(store.pool())
-        .await;
-    assert!(raw.expect_err("duplicate MAC").as_database_error().unwrap().is_unique_violation());
+    let raw = sqlx::query::<sqlx::Any>(
+        "INSERT INTO nics (mac, machine_id, position) SELECT '52:54:00:00:00:01', id, 1 FROM machines",
+    )
+    .execute(store.pool())
+    .await;
+    assert!(
+        raw.expect_err("duplicate MAC")
+            .as_database_error()
+            .unwrap()
+            .is_unique_violation()
+    );
 });
 
 store_test!(concurrent_creates_of_one_hostname, |store| {
@@ -140,7 +217,9 @@ store_test!(concurrent_creates_of_one_hostname, |store| {
         .map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
-                store.create_machines(&actor(), vec![machine("race", &format!("52:54:00:00:01:{i:02x}"))]).await
+                store
+                    .create_machines(&actor(), vec![machine("race", &format!("52:54:00:00:01:{i:02x}"))])
+                    .await
             })
         })
         .collect();
@@ -168,12 +247,24 @@ store_test!(unknown_rack_and_tenant_are_named, |store| {
 store_test!(filters_and_pagination, |store| {
     rack(&store, "eqiad", "a1").await;
     rack(&store, "codfw", "b1").await;
-    store.create_tenant(&actor(), &TenantCreate { name: "acme".into(), description: None }).await.unwrap();
+    store
+        .create_tenant(
+            &actor(),
+            &TenantCreate {
+                name: "acme".into(),
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
     let mut batch = vec![];
     for i in 0..25 {
         let mut m = machine(&format!("node{i:03}"), &format!("52:54:00:00:10:{i:02x}"));
         m.spec.rack = Some(if i % 2 == 0 { "a1" } else { "b1" }.into());
-        m.spec.tags = vec![if i % 5 == 0 { "gpu" } else { "cpu" }.parse().unwrap(), "fleet".parse().unwrap()];
+        m.spec.tags = vec![
+            if i % 5 == 0 { "gpu" } else { "cpu" }.parse().unwrap(),
+            "fleet".parse().unwrap(),
+        ];
         if i < 3 {
             m.spec.owner = Some("acme".into());
             m.spec.state = MachineState::Deployed;
@@ -185,22 +276,84 @@ store_test!(filters_and_pagination, |store| {
         let store = store.clone();
         async move { store.list_machines(&f, None).await.unwrap() }
     };
-    let gpu = list(MachineFilter { tag: Some("gpu".into()), ..Default::default() }).await;
+    let gpu = list(MachineFilter {
+        tag: Some("gpu".into()),
+        ..Default::default()
+    })
+    .await;
     assert_eq!(gpu.items.len(), 5);
-    let both = list(MachineFilter { tag: Some("gpu,fleet".into()), site: Some("eqiad".into()), ..Default::default() }).await;
-    assert_eq!(both.items.iter().map(|m| m.hostname.to_string()).collect::<Vec<_>>(), ["node000", "node010", "node020"]);
-    assert_eq!(list(MachineFilter { rack: Some("b1".into()), ..Default::default() }).await.items.len(), 12);
-    assert_eq!(list(MachineFilter { state: Some(MachineState::Deployed), ..Default::default() }).await.items.len(), 3);
-    assert_eq!(list(MachineFilter { owner: Some("acme".into()), ..Default::default() }).await.items.len(), 3);
-    assert_eq!(list(MachineFilter { q: Some("E01".into()), ..Default::default() }).await.items.len(), 10);
+    let both = list(MachineFilter {
+        tag: Some("gpu,fleet".into()),
+        site: Some("eqiad".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        both.items.iter().map(|m| m.hostname.to_string()).collect::<Vec<_>>(),
+        ["node000", "node010", "node020"]
+    );
+    assert_eq!(
+        list(MachineFilter {
+            rack: Some("b1".into()),
+            ..Default::default()
+        })
+        .await
+        .items
+        .len(),
+        12
+    );
+    assert_eq!(
+        list(MachineFilter {
+            state: Some(MachineState::Deployed),
+            ..Default::default()
+        })
+        .await
+        .items
+        .len(),
+        3
+    );
+    assert_eq!(
+        list(MachineFilter {
+            owner: Some("acme".into()),
+            ..Default::default()
+        })
+        .await
+        .items
+        .len(),
+        3
+    );
+    assert_eq!(
+        list(MachineFilter {
+            q: Some("E01".into()),
+            ..Default::default()
+        })
+        .await
+        .items
+        .len(),
+        10
+    );
     // A LIKE wildcard in the query is a literal character.
-    assert_eq!(list(MachineFilter { q: Some("node_".into()), ..Default::default() }).await.items.len(), 0);
+    assert_eq!(
+        list(MachineFilter {
+            q: Some("node_".into()),
+            ..Default::default()
+        })
+        .await
+        .items
+        .len(),
+        0
+    );
 
     // Pages of 10 walk all 25 machines once, in hostname order.
     let mut seen = vec![];
     let mut cursor = None;
     loop {
-        let page = list(MachineFilter { limit: Some(10), cursor: cursor.clone(), ..Default::default() }).await;
+        let page = list(MachineFilter {
+            limit: Some(10),
+            cursor: cursor.clone(),
+            ..Default::default()
+        })
+        .await;
         seen.extend(page.items.iter().map(|m| m.hostname.to_string()));
         match page.next_cursor {
             Some(c) => cursor = Some(c),
@@ -213,69 +366,183 @@ store_test!(filters_and_pagination, |store| {
 
     // A tenant's scope sees its machines only.
     let acme = store.get_tenant("acme").await.unwrap();
-    assert_eq!(store.list_machines(&MachineFilter::default(), Some(acme.id)).await.unwrap().items.len(), 3);
-    assert!(matches!(store.get_machine("node003", Some(acme.id)).await, Err(StoreError::NotFound { .. })));
+    assert_eq!(
+        store
+            .list_machines(&MachineFilter::default(), Some(acme.id))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        3
+    );
+    assert!(matches!(
+        store.get_machine("node003", Some(acme.id)).await,
+        Err(StoreError::NotFound { .. })
+    ));
     assert!(store.get_machine("node002", Some(acme.id)).await.is_ok());
 
-    assert!(matches!(store.list_machines(&MachineFilter { cursor: Some("zz".into()), ..Default::default() }, None).await, Err(StoreError::Invalid(_))));
-    assert!(matches!(store.list_machines(&MachineFilter { limit: Some(0), ..Default::default() }, None).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        store
+            .list_machines(
+                &MachineFilter {
+                    cursor: Some("zz".into()),
+                    ..Default::default()
+                },
+                None
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .list_machines(
+                &MachineFilter {
+                    limit: Some(0),
+                    ..Default::default()
+                },
+                None
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
 });
 
 store_test!(update_delete_and_audit, |store| {
-    store.create_machines(&actor(), vec![machine("w1", "52:54:00:00:00:01"), machine("w2", "52:54:00:00:00:02")]).await.unwrap();
+    store
+        .create_machines(
+            &actor(),
+            vec![machine("w1", "52:54:00:00:00:01"), machine("w2", "52:54:00:00:00:02")],
+        )
+        .await
+        .unwrap();
     // A partial update keeps what it does not name.
-    let patch: MachinePatch = serde_json::from_str(r#"{"tags": ["web"], "protected": true, "fqdn": "w1.example.net"}"#).unwrap();
+    let patch: MachinePatch =
+        serde_json::from_str(r#"{"tags": ["web"], "protected": true, "fqdn": "w1.example.net"}"#).unwrap();
     let after = store.update_machine(&actor(), "w1", patch, None, None).await.unwrap();
     assert_eq!(after.nics.len(), 1);
     assert_eq!(after, store.get_machine("w1", None).await.unwrap());
     // Taking another machine's MAC is refused, naming it.
     let patch: MachinePatch = serde_json::from_str(r#"{"nics": [{"mac": "52:54:00:00:00:02"}]}"#).unwrap();
-    let (conflict, rows) = rows_of(store.update_machine(&actor(), "w1", patch, None, None).await.unwrap_err());
+    let (conflict, rows) = rows_of(
+        store
+            .update_machine(&actor(), "w1", patch, None, None)
+            .await
+            .unwrap_err(),
+    );
     assert!(conflict && rows[0].1.contains("already used by machine w2"), "{rows:?}");
     // Its own MAC again is fine; so is renaming.
-    let patch: MachinePatch = serde_json::from_str(r#"{"hostname": "web1", "nics": [{"mac": "52:54:00:00:00:01", "name": "eno1"}]}"#).unwrap();
+    let patch: MachinePatch =
+        serde_json::from_str(r#"{"hostname": "web1", "nics": [{"mac": "52:54:00:00:00:01", "name": "eno1"}]}"#)
+            .unwrap();
     let renamed = store.update_machine(&actor(), "w1", patch, None, None).await.unwrap();
     assert_eq!(renamed.hostname.as_str(), "web1");
     assert_eq!(renamed.nics[0].name.as_deref(), Some("eno1"));
     // Protected machines are not deleted.
     let err = store.delete_machine(&actor(), "web1", None).await.unwrap_err();
-    assert!(matches!(&err, StoreError::Refused(m) if m.contains("protected")), "{err:?}");
-    store.update_machine(&actor(), "web1", serde_json::from_str(r#"{"protected": false}"#).unwrap(), None, None).await.unwrap();
+    assert!(
+        matches!(&err, StoreError::Refused(m) if m.contains("protected")),
+        "{err:?}"
+    );
+    store
+        .update_machine(
+            &actor(),
+            "web1",
+            serde_json::from_str(r#"{"protected": false}"#).unwrap(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
     store.delete_machine(&actor(), "web1", None).await.unwrap();
-    assert!(matches!(store.get_machine("web1", None).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.get_machine("web1", None).await,
+        Err(StoreError::NotFound { .. })
+    ));
 
-    let events = store.list_events(&EventFilter { target_kind: Some("machine".into()), ..Default::default() }).await.unwrap().items;
+    let events = store
+        .list_events(&EventFilter {
+            target_kind: Some("machine".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
     let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
-    assert_eq!(actions, ["machine.delete", "machine.update", "machine.update", "machine.update", "machine.create", "machine.create"]);
+    assert_eq!(
+        actions,
+        [
+            "machine.delete",
+            "machine.update",
+            "machine.update",
+            "machine.update",
+            "machine.create",
+            "machine.create"
+        ]
+    );
     let rename = &events[2];
     assert_eq!(rename.before.as_ref().unwrap()["hostname"], "w1");
     assert_eq!(rename.after.as_ref().unwrap()["hostname"], "web1");
     assert_eq!(rename.actor, "test (admin)");
-    let by_name = store.list_events(&EventFilter { target: Some("w2".into()), ..Default::default() }).await.unwrap().items;
+    let by_name = store
+        .list_events(&EventFilter {
+            target: Some("w2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
     assert_eq!(by_name.len(), 1);
 
     // The log is append-only, in the database itself.
-    let upd = sqlx::query::<sqlx::Any>("UPDATE events SET actor = 'mallory'").execute(store.pool()).await;
+    let upd = sqlx::query::<sqlx::Any>("UPDATE events SET actor = 'mallory'")
+        .execute(store.pool())
+        .await;
     assert!(upd.unwrap_err().to_string().contains("append-only"));
-    let del = sqlx::query::<sqlx::Any>("DELETE FROM events").execute(store.pool()).await;
+    let del = sqlx::query::<sqlx::Any>("DELETE FROM events")
+        .execute(store.pool())
+        .await;
     assert!(del.unwrap_err().to_string().contains("append-only"));
 });
 
 store_test!(tokens_tenants_and_catalog, |store| {
-    store.create_tenant(&actor(), &TenantCreate { name: "acme".into(), description: None }).await.unwrap();
-    let err = store.create_token(&actor(), None, Role::Tenant, None, "h0").await.unwrap_err();
+    store
+        .create_tenant(
+            &actor(),
+            &TenantCreate {
+                name: "acme".into(),
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
+    let err = store
+        .create_token(&actor(), None, Role::Tenant, None, "h0")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("needs --tenant"));
-    let err = store.create_token(&actor(), None, Role::Admin, Some("acme"), "h0").await.unwrap_err();
+    let err = store
+        .create_token(&actor(), None, Role::Admin, Some("acme"), "h0")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("only tenant tokens"));
-    let t = store.create_token(&actor(), Some("acme-ci"), Role::Tenant, Some("acme"), "h1").await.unwrap();
+    let t = store
+        .create_token(&actor(), Some("acme-ci"), Role::Tenant, Some("acme"), "h1")
+        .await
+        .unwrap();
     let found = store.token_by_hash("h1").await.unwrap().unwrap();
     assert_eq!(found.info, t);
     assert!(found.tenant_id.is_some());
     assert!(store.token_by_hash("h2").await.unwrap().is_none());
     let err = store.delete_tenant(&actor(), "acme").await.unwrap_err();
-    assert!(matches!(&err, StoreError::Refused(m) if m.contains("1 live tokens")), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::Refused(m) if m.contains("1 live tokens")),
+        "{err:?}"
+    );
     store.revoke_token(&actor(), "acme-ci").await.unwrap();
-    assert!(store.token_by_hash("h1").await.unwrap().is_none(), "a revoked token no longer authenticates");
+    assert!(
+        store.token_by_hash("h1").await.unwrap().is_none(),
+        "a revoked token no longer authenticates"
+    );
     store.delete_tenant(&actor(), "acme").await.unwrap();
 
     let img = OsImageCreate {
@@ -293,9 +560,20 @@ store_test!(tokens_tenants_and_catalog, |store| {
     assert_eq!(created.tags, [PlatformTag::Bm, PlatformTag::Vm]);
     assert_eq!(store.get_os_image("debian-12").await.unwrap(), created);
     assert_eq!(store.get_os_image("debian").await.unwrap(), created);
-    assert!(matches!(store.create_os_image(&actor(), &img).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.create_os_image(&actor(), &img).await,
+        Err(StoreError::Conflict(_))
+    ));
     let task = store
-        .create_task(&actor(), &TaskCreate { name: "motd".into(), kind: TaskKind::Script, tags: vec![], content: "echo hi".into() })
+        .create_task(
+            &actor(),
+            &TaskCreate {
+                name: "motd".into(),
+                kind: TaskKind::Script,
+                tags: vec![],
+                content: "echo hi".into(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(store.list_tasks().await.unwrap(), vec![task]);
@@ -317,7 +595,10 @@ store_test!(sites_and_racks, |store| {
     m.spec.site = Some("eqiad".into());
     store.create_machines(&actor(), vec![m]).await.unwrap();
     let err = store.delete_rack(&actor(), Some("eqiad"), "a1").await.unwrap_err();
-    assert!(matches!(&err, StoreError::Refused(m) if m.contains("still holds 1 machines")), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::Refused(m) if m.contains("still holds 1 machines")),
+        "{err:?}"
+    );
     let err = store.delete_site(&actor(), "codfw").await.unwrap_err();
     assert!(matches!(&err, StoreError::Refused(_)));
     store.delete_rack(&actor(), Some("codfw"), "a1").await.unwrap();

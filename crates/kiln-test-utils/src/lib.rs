@@ -89,10 +89,12 @@ impl TestDb {
             let mut conn = sqlx::PgConnection::connect(&postgres_admin_url())
                 .await
                 .expect("reconnecting to drop the test database");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                .execute(&mut conn)
-                .await
-                .expect("dropping the test database");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .expect("dropping the test database");
             conn.close().await.ok();
         }
     }

@@ -46,7 +46,15 @@ impl TestServer {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(kiln_server::run(state.clone(), listener, shutdown.clone()));
-        TestServer { url, admin_token, state, config, db, shutdown, task }
+        TestServer {
+            url,
+            admin_token,
+            state,
+            config,
+            db,
+            shutdown,
+            task,
+        }
     }
 
     /// A client with the admin token.

@@ -77,9 +77,7 @@ impl StorageLayout {
             StorageLayout::LvmRaid0 => "LVM on a RAID 0 stripe over all disks (no redundancy)",
             StorageLayout::LvmRaid1 => "LVM on RAID 1 mirrors of disk pairs",
             StorageLayout::LvmRaid10 => "LVM on RAID 10 over an even number of disks (at least 4)",
-            StorageLayout::LvmRaid10s => {
-                "LVM on RAID 10 over an even number of disks (at least 4) plus one hot spare"
-            }
+            StorageLayout::LvmRaid10s => "LVM on RAID 10 over an even number of disks (at least 4) plus one hot spare",
             StorageLayout::LvmHba => "LVM on the volume a hardware RAID controller (HBA) presents",
         }
     }
@@ -180,13 +178,8 @@ pub fn check_catalog_name(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > 64 {
         return Err(format!("{field} must have 1 to 64 characters"));
     }
-    if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
-    {
-        return Err(format!(
-            "{field} `{value}` has a character outside A-Z a-z 0-9 . _ + -"
-        ));
+    if !value.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)) {
+        return Err(format!("{field} `{value}` has a character outside A-Z a-z 0-9 . _ + -"));
     }
     Ok(())
 }
@@ -207,9 +200,9 @@ impl OsImageCreate {
             Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
                 problems.push(format!("sha256 `{h}` is not 64 hex digits"));
             }
-            None if self.kind == OsKind::DiskImage => problems.push(
-                "sha256 is required for a disk image: the agent verifies what it writes".into(),
-            ),
+            None if self.kind == OsKind::DiskImage => {
+                problems.push("sha256 is required for a disk image: the agent verifies what it writes".into())
+            }
             _ => {}
         }
         if self.tags.contains(&PlatformTag::Vgpu) && self.tags.contains(&PlatformTag::Bm) {

@@ -168,8 +168,18 @@ mod tests {
     #[test]
     fn os_fit_table() {
         use PlatformTag::*;
-        let gpu = || vec![Gpu { model: "A100".into(), vgpu: false }];
-        let vgpu = || vec![Gpu { model: "A16".into(), vgpu: true }];
+        let gpu = || {
+            vec![Gpu {
+                model: "A100".into(),
+                vgpu: false,
+            }]
+        };
+        let vgpu = || {
+            vec![Gpu {
+                model: "A16".into(),
+                vgpu: true,
+            }]
+        };
         let phys = |h| machine(MachineKind::Physical, h);
         let virt = |h| machine(MachineKind::Virtual, h);
         // (machine, image, fits)
@@ -189,7 +199,12 @@ mod tests {
             (phys(None), image(&[Bm], 0, 0), true),
         ];
         for (i, (m, img, fits)) in table.into_iter().enumerate() {
-            assert_eq!(os_image_fits(&m, &img).is_ok(), fits, "row {i}: {:?}", os_image_fits(&m, &img));
+            assert_eq!(
+                os_image_fits(&m, &img).is_ok(),
+                fits,
+                "row {i}: {:?}",
+                os_image_fits(&m, &img)
+            );
         }
     }
 
@@ -197,7 +212,13 @@ mod tests {
     fn misfit_reasons_are_specific() {
         let m = machine(MachineKind::Physical, Some(hw(4, &[10], vec![])));
         let why = os_image_fits(&m, &image(&[PlatformTag::Bm], 8, 20)).unwrap_err();
-        assert_eq!(why, vec!["needs 8 GiB of RAM, the machine has 4 GiB", "needs a 20 GiB disk, the largest is 10 GiB"]);
+        assert_eq!(
+            why,
+            vec![
+                "needs 8 GiB of RAM, the machine has 4 GiB",
+                "needs a 20 GiB disk, the largest is 10 GiB"
+            ]
+        );
     }
 
     #[test]

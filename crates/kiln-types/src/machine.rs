@@ -187,10 +187,7 @@ impl Nic {
             if let Some(v) = v
                 && (v.is_empty() || v.len() > 255)
             {
-                return Err(format!(
-                    "nic {}: {name} must have 1 to 255 characters",
-                    self.mac
-                ));
+                return Err(format!("nic {}: {name} must have 1 to 255 characters", self.mac));
             }
         }
         Ok(())
@@ -414,9 +411,7 @@ impl MachineCreate {
 
 /// Deserializes a field that may be absent (keep), `null` (clear) or a value
 /// (set) into `Option<Option<T>>`.
-fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -426,11 +421,7 @@ fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 pub struct MachinePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<Hostname>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub fqdn: Option<Option<Fqdn>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -440,64 +431,36 @@ pub struct MachinePatch {
     /// Replaces the whole tag list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<Tag>>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub owner: Option<Option<String>>,
     /// Site of `rack`, when the rack name is not unique.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub rack: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protected: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<bool>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub maintenance_reason: Option<Option<String>>,
     /// Replaces the BMC; a missing password keeps the stored one.
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<BmcInput>)]
     pub bmc: Option<Option<BmcInput>>,
     /// Replaces the whole NIC list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<Nic>>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub ipv4: Option<Option<Ipv4Addr>>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub ipv6: Option<Option<Ipv6Addr>>,
-    #[serde(
-        default,
-        deserialize_with = "double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Hardware>)]
     pub hardware: Option<Option<Hardware>>,
 }

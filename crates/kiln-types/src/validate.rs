@@ -89,9 +89,7 @@ fn check_label(label: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
-        return Err(format!(
-            "the character {c:?} is not allowed: use a-z, 0-9 and '-'"
-        ));
+        return Err(format!("the character {c:?} is not allowed: use a-z, 0-9 and '-'"));
     }
     if label.starts_with('-') || label.ends_with('-') {
         return Err("a label may not start or end with '-'".into());
@@ -121,7 +119,7 @@ impl FromStr for Hostname {
         };
         if value.contains('.') {
             return Err(err(
-                "a hostname is one label without dots: put the full name in `fqdn`".into(),
+                "a hostname is one label without dots: put the full name in `fqdn`".into()
             ));
         }
         check_label(&value).map_err(err)?;
@@ -153,9 +151,7 @@ impl FromStr for Fqdn {
             return Err(err("longer than 253 characters".into()));
         }
         if !value.contains('.') {
-            return Err(err(
-                "an FQDN has at least two labels, such as host.example.net".into(),
-            ));
+            return Err(err("an FQDN has at least two labels, such as host.example.net".into()));
         }
         for label in value.split('.') {
             check_label(label).map_err(err)?;
@@ -188,10 +184,7 @@ impl FromStr for Tag {
         if value.is_empty() || value.len() > 64 {
             return Err(err("a tag has 1 to 64 characters"));
         }
-        if !value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:/=".contains(c))
-        {
+        if !value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/=".contains(c)) {
             return Err(err("use letters, digits and - _ . : / ="));
         }
         Ok(Tag(value.to_string()))
@@ -279,10 +272,7 @@ mod tests {
 
     #[test]
     fn fqdns_and_tags() {
-        assert_eq!(
-            "Db1.Example.NET.".parse::<Fqdn>().unwrap().as_str(),
-            "db1.example.net"
-        );
+        assert_eq!("Db1.Example.NET.".parse::<Fqdn>().unwrap().as_str(), "db1.example.net");
         assert!("db1".parse::<Fqdn>().is_err());
         assert!("a..b".parse::<Fqdn>().is_err());
         assert!("gpu".parse::<Tag>().is_ok());

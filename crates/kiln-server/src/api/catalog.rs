@@ -14,9 +14,16 @@ use crate::error::ApiResult;
 
 #[utoipa::path(post, path = "/api/v1/os-images", tag = "catalog", request_body = OsImageCreate,
     responses((status = 201, body = OsImage), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn create_os_image(State(s): State<AppState>, caller: Caller, ApiJson(new): ApiJson<OsImageCreate>) -> ApiResult<(StatusCode, Json<OsImage>)> {
+pub async fn create_os_image(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(new): ApiJson<OsImageCreate>,
+) -> ApiResult<(StatusCode, Json<OsImage>)> {
     caller.require_operator()?;
-    Ok((StatusCode::CREATED, Json(s.store.create_os_image(&caller.actor(), &new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_os_image(&caller.actor(), &new).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/os-images", tag = "catalog",
@@ -27,13 +34,21 @@ pub async fn list_os_images(State(s): State<AppState>, _caller: Caller) -> ApiRe
 
 #[utoipa::path(get, path = "/api/v1/os-images/{key}", tag = "catalog", params(("key" = String, Path, description = "id, NAME-VERSION or NAME")),
     responses((status = 200, body = OsImage), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn get_os_image(State(s): State<AppState>, _caller: Caller, Path(key): Path<String>) -> ApiResult<Json<OsImage>> {
+pub async fn get_os_image(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<OsImage>> {
     Ok(Json(s.store.get_os_image(&key).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/os-images/{key}", tag = "catalog", params(("key" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn delete_os_image(State(s): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_os_image(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
     caller.require_operator()?;
     s.store.delete_os_image(&caller.actor(), &key).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -41,9 +56,16 @@ pub async fn delete_os_image(State(s): State<AppState>, caller: Caller, Path(key
 
 #[utoipa::path(post, path = "/api/v1/tasks", tag = "catalog", request_body = TaskCreate,
     responses((status = 201, body = Task), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn create_task(State(s): State<AppState>, caller: Caller, ApiJson(new): ApiJson<TaskCreate>) -> ApiResult<(StatusCode, Json<Task>)> {
+pub async fn create_task(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(new): ApiJson<TaskCreate>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
     caller.require_operator()?;
-    Ok((StatusCode::CREATED, Json(s.store.create_task(&caller.actor(), &new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_task(&caller.actor(), &new).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/tasks", tag = "catalog",

@@ -13,7 +13,11 @@ use crate::error::ApiResult;
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventFilter),
     responses((status = 200, body = Page<Event>), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn list(State(s): State<AppState>, caller: Caller, ApiQuery(filter): ApiQuery<EventFilter>) -> ApiResult<Json<Page<Event>>> {
+pub async fn list(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<EventFilter>,
+) -> ApiResult<Json<Page<Event>>> {
     caller.require_operator()?;
     Ok(Json(s.store.list_events(&filter).await?))
 }

@@ -49,16 +49,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or_default();
         let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
-        serde_path_to_error::deserialize(de)
-            .map(ApiQuery)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                if path == "." {
-                    ApiError::bad_request(format!("invalid query: {inner}"))
-                } else {
-                    ApiError::bad_request(format!("invalid query parameter `{path}`: {inner}"))
-                }
-            })
+        serde_path_to_error::deserialize(de).map(ApiQuery).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                ApiError::bad_request(format!("invalid query: {inner}"))
+            } else {
+                ApiError::bad_request(format!("invalid query parameter `{path}`: {inner}"))
+            }
+        })
     }
 }

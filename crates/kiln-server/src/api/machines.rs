@@ -26,16 +26,27 @@ fn prepare(state: &AppState, index: Option<usize>, mut spec: MachineCreate) -> R
     if !problems.is_empty() {
         return Err(problems
             .into_iter()
-            .map(|message| ErrorDetail { index, field: None, message })
+            .map(|message| ErrorDetail {
+                index,
+                field: None,
+                message,
+            })
             .collect());
     }
     let sealed = match spec.bmc.as_mut().and_then(|b| b.password.take()) {
         Some(pw) => Some(state.secrets.seal(&pw).map_err(|e| {
-            vec![ErrorDetail { index, field: Some("bmc.password".into()), message: e.to_string() }]
+            vec![ErrorDetail {
+                index,
+                field: Some("bmc.password".into()),
+                message: e.to_string(),
+            }]
         })?),
         None => None,
     };
-    Ok(NewMachine { spec, sealed_password: sealed })
+    Ok(NewMachine {
+        spec,
+        sealed_password: sealed,
+    })
 }
 
 #[utoipa::path(post, path = "/api/v1/machines", tag = "machines",
@@ -146,11 +157,21 @@ pub async fn update(
     {
         return Err(ApiError::bad_request(e));
     }
-    let sealed = match patch.bmc.as_mut().and_then(|b| b.as_mut()).and_then(|b| b.password.take()) {
+    let sealed = match patch
+        .bmc
+        .as_mut()
+        .and_then(|b| b.as_mut())
+        .and_then(|b| b.password.take())
+    {
         Some(pw) => Some(state.secrets.seal(&pw).map_err(|e| ApiError::internal(&e))?),
         None => None,
     };
-    Ok(Json(state.store.update_machine(&caller.actor(), &key, patch, sealed, None).await?))
+    Ok(Json(
+        state
+            .store
+            .update_machine(&caller.actor(), &key, patch, sealed, None)
+            .await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/api/v1/machines/{key}", tag = "machines",
@@ -170,7 +191,11 @@ pub async fn delete(State(state): State<AppState>, caller: Caller, Path(key): Pa
     params(("key" = String, Path, description = "machine id or hostname")),
     responses((status = 200, body = MachineOffer), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn offer(State(state): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<Json<MachineOffer>> {
+pub async fn offer(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<MachineOffer>> {
     let machine = state.store.get_machine(&key, caller.scope()).await?;
     let os_images = state
         .store
@@ -191,5 +216,9 @@ pub async fn offer(State(state): State<AppState>, caller: Caller, Path(key): Pat
         .filter(|l| fit::layout_fits(&machine, **l).is_ok())
         .map(|l| (*l).into())
         .collect();
-    Ok(Json(MachineOffer { os_images, tasks, layouts }))
+    Ok(Json(MachineOffer {
+        os_images,
+        tasks,
+        layouts,
+    }))
 }

@@ -81,13 +81,19 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/tenants/{name}", delete(org::delete_tenant))
         .route("/api/v1/tokens", post(org::create_token).get(org::list_tokens))
         .route("/api/v1/tokens/{key}", delete(org::revoke_token))
-        .route("/api/v1/os-images", post(catalog::create_os_image).get(catalog::list_os_images))
+        .route(
+            "/api/v1/os-images",
+            post(catalog::create_os_image).get(catalog::list_os_images),
+        )
         .route(
             "/api/v1/os-images/{key}",
             get(catalog::get_os_image).delete(catalog::delete_os_image),
         )
         .route("/api/v1/tasks", post(catalog::create_task).get(catalog::list_tasks))
-        .route("/api/v1/tasks/{key}", get(catalog::get_task).delete(catalog::delete_task))
+        .route(
+            "/api/v1/tasks/{key}",
+            get(catalog::get_task).delete(catalog::delete_task),
+        )
         .route("/api/v1/layouts", get(catalog::list_layouts))
         .route("/api/v1/events", get(events::list))
 }

@@ -23,9 +23,16 @@ pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
 
 #[utoipa::path(post, path = "/api/v1/sites", tag = "sites", request_body = SiteCreate,
     responses((status = 201, body = Site), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn create_site(State(s): State<AppState>, caller: Caller, ApiJson(new): ApiJson<SiteCreate>) -> ApiResult<(StatusCode, Json<Site>)> {
+pub async fn create_site(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(new): ApiJson<SiteCreate>,
+) -> ApiResult<(StatusCode, Json<Site>)> {
     caller.require_operator()?;
-    Ok((StatusCode::CREATED, Json(s.store.create_site(&caller.actor(), &new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_site(&caller.actor(), &new).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/sites", tag = "sites",
@@ -55,14 +62,25 @@ pub struct SiteParam {
 
 #[utoipa::path(post, path = "/api/v1/racks", tag = "racks", request_body = RackCreate,
     responses((status = 201, body = Rack), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn create_rack(State(s): State<AppState>, caller: Caller, ApiJson(new): ApiJson<RackCreate>) -> ApiResult<(StatusCode, Json<Rack>)> {
+pub async fn create_rack(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(new): ApiJson<RackCreate>,
+) -> ApiResult<(StatusCode, Json<Rack>)> {
     caller.require_operator()?;
-    Ok((StatusCode::CREATED, Json(s.store.create_rack(&caller.actor(), &new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_rack(&caller.actor(), &new).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/racks", tag = "racks", params(SiteParam),
     responses((status = 200, body = Vec<Rack>)), security(("bearer" = [])))]
-pub async fn list_racks(State(s): State<AppState>, caller: Caller, ApiQuery(q): ApiQuery<SiteParam>) -> ApiResult<Json<Vec<Rack>>> {
+pub async fn list_racks(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<SiteParam>,
+) -> ApiResult<Json<Vec<Rack>>> {
     caller.require_operator()?;
     Ok(Json(s.store.list_racks(q.site.as_deref()).await?))
 }
@@ -82,9 +100,16 @@ pub async fn delete_rack(
 
 #[utoipa::path(post, path = "/api/v1/tenants", tag = "tenants", request_body = TenantCreate,
     responses((status = 201, body = Tenant), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn create_tenant(State(s): State<AppState>, caller: Caller, ApiJson(new): ApiJson<TenantCreate>) -> ApiResult<(StatusCode, Json<Tenant>)> {
+pub async fn create_tenant(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(new): ApiJson<TenantCreate>,
+) -> ApiResult<(StatusCode, Json<Tenant>)> {
     caller.require_admin()?;
-    Ok((StatusCode::CREATED, Json(s.store.create_tenant(&caller.actor(), &new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_tenant(&caller.actor(), &new).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/tenants", tag = "tenants",
@@ -96,7 +121,11 @@ pub async fn list_tenants(State(s): State<AppState>, caller: Caller) -> ApiResul
 
 #[utoipa::path(delete, path = "/api/v1/tenants/{name}", tag = "tenants", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn delete_tenant(State(s): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_tenant(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     s.store.delete_tenant(&caller.actor(), &name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -105,12 +134,22 @@ pub async fn delete_tenant(State(s): State<AppState>, caller: Caller, Path(name)
 /// Creates a token; the answer is the only time it is shown.
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", request_body = TokenCreate,
     responses((status = 201, body = TokenCreated), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn create_token(State(s): State<AppState>, caller: Caller, ApiJson(req): ApiJson<TokenCreate>) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
+pub async fn create_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<TokenCreate>,
+) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
     caller.require_admin()?;
     let (token, hash) = new_token();
     let info = s
         .store
-        .create_token(&caller.actor(), req.name.as_deref(), req.role, req.tenant.as_deref(), &hash)
+        .create_token(
+            &caller.actor(),
+            req.name.as_deref(),
+            req.role,
+            req.tenant.as_deref(),
+            &hash,
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(TokenCreated { info, token })))
 }
@@ -124,7 +163,11 @@ pub async fn list_tokens(State(s): State<AppState>, caller: Caller) -> ApiResult
 
 #[utoipa::path(delete, path = "/api/v1/tokens/{key}", tag = "auth", params(("key" = String, Path, description = "token id or name")),
     responses((status = 200, body = TokenInfo), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn revoke_token(State(s): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<Json<TokenInfo>> {
+pub async fn revoke_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<TokenInfo>> {
     caller.require_admin()?;
     Ok(Json(s.store.revoke_token(&caller.actor(), &key).await?))
 }

@@ -21,7 +21,13 @@ fn image(name: &str, tags: &[PlatformTag], min_ram_gib: u64) -> OsImageCreate {
 
 api_test!(offer_lists_what_fits, |srv| {
     let admin = srv.admin();
-    admin.create_tenant(&TenantCreate { name: "acme".into(), description: None }).await.unwrap();
+    admin
+        .create_tenant(&TenantCreate {
+            name: "acme".into(),
+            description: None,
+        })
+        .await
+        .unwrap();
     let m: kiln_types::machine::MachineCreate = serde_json::from_value(json!({
         "hostname": "gpu1", "owner": "acme",
         "hardware": {"arch": "x86_64", "memory_bytes": 68719476736u64,
@@ -30,20 +36,52 @@ api_test!(offer_lists_what_fits, |srv| {
     })).unwrap();
     admin.create_machine(&m).await.unwrap();
     use PlatformTag::*;
-    for img in [image("plain", &[Bm], 8), image("cuda", &[Bm, Gpu], 8), image("vmonly", &[Vm], 1), image("huge", &[Bm], 512), image("vgpu", &[Vm, Vgpu], 1)] {
+    for img in [
+        image("plain", &[Bm], 8),
+        image("cuda", &[Bm, Gpu], 8),
+        image("vmonly", &[Vm], 1),
+        image("huge", &[Bm], 512),
+        image("vgpu", &[Vm, Vgpu], 1),
+    ] {
         admin.create_os_image(&img).await.unwrap();
     }
     for (name, tags) in [("nvidia-driver", vec![Gpu]), ("vm-agent", vec![Vm]), ("motd", vec![])] {
-        admin.create_task(&TaskCreate { name: name.into(), kind: TaskKind::Script, tags, content: "true".into() }).await.unwrap();
+        admin
+            .create_task(&TaskCreate {
+                name: name.into(),
+                kind: TaskKind::Script,
+                tags,
+                content: "true".into(),
+            })
+            .await
+            .unwrap();
     }
-    let tenant = admin.create_token(&TokenCreate { role: Role::Tenant, tenant: Some("acme".into()), name: None }).await.unwrap();
+    let tenant = admin
+        .create_token(&TokenCreate {
+            role: Role::Tenant,
+            tenant: Some("acme".into()),
+            name: None,
+        })
+        .await
+        .unwrap();
     let offer = srv.client(Some(&tenant.token)).machine_offer("gpu1").await.unwrap();
     let names = |v: Vec<String>| v;
-    assert_eq!(names(offer.os_images.iter().map(|i| i.name.clone()).collect()), ["cuda", "plain"]);
-    assert_eq!(names(offer.tasks.iter().map(|t| t.name.clone()).collect()), ["motd", "nvidia-driver"]);
+    assert_eq!(
+        names(offer.os_images.iter().map(|i| i.name.clone()).collect()),
+        ["cuda", "plain"]
+    );
+    assert_eq!(
+        names(offer.tasks.iter().map(|t| t.name.clone()).collect()),
+        ["motd", "nvidia-driver"]
+    );
     assert_eq!(
         offer.layouts.iter().map(|l| l.name).collect::<Vec<_>>(),
-        [StorageLayout::Flat, StorageLayout::Lvm, StorageLayout::LvmRaid0, StorageLayout::LvmRaid1]
+        [
+            StorageLayout::Flat,
+            StorageLayout::Lvm,
+            StorageLayout::LvmRaid0,
+            StorageLayout::LvmRaid1
+        ]
     );
     // Tenants may read the catalog but not change it.
     let t = srv.client(Some(&tenant.token));

@@ -22,13 +22,28 @@ async fn post_raw(srv: &kiln_test_utils::TestServer, path: &str, body: serde_jso
 
 api_test!(bad_values_are_named, |srv| {
     for (body, want) in [
-        (json!({"hostname": "h1", "nics": [{"mac": "52:54:00:zz:00:01"}]}), "nics[0].mac: invalid MAC address `52:54:00:zz:00:01`"),
-        (json!({"hostname": "h1", "ipv4": "10.0.0.300"}), "ipv4: invalid IPv4 address"),
+        (
+            json!({"hostname": "h1", "nics": [{"mac": "52:54:00:zz:00:01"}]}),
+            "nics[0].mac: invalid MAC address `52:54:00:zz:00:01`",
+        ),
+        (
+            json!({"hostname": "h1", "ipv4": "10.0.0.300"}),
+            "ipv4: invalid IPv4 address",
+        ),
         (json!({"hostname": "H_1"}), "hostname: invalid hostname `H_1`"),
         (json!({"hostname": "h1", "colour": "red"}), "unknown field `colour`"),
-        (json!({"hostname": "h1", "state": "sleeping"}), "state: unknown variant `sleeping`"),
-        (json!({"hostname": "h1", "bmc": {"driver": "redfish", "address": "10.0.0.1"}}), "not a URL"),
-        (json!({"hostname": "h1", "nics": [{"mac": "52:54:00:00:00:01", "port": "p1"}]}), "needs its switch"),
+        (
+            json!({"hostname": "h1", "state": "sleeping"}),
+            "state: unknown variant `sleeping`",
+        ),
+        (
+            json!({"hostname": "h1", "bmc": {"driver": "redfish", "address": "10.0.0.1"}}),
+            "not a URL",
+        ),
+        (
+            json!({"hostname": "h1", "nics": [{"mac": "52:54:00:00:00:01", "port": "p1"}]}),
+            "needs its switch",
+        ),
         (json!({"nics": []}), "missing field `hostname`"),
     ] {
         let (status, err) = post_raw(&srv, "/api/v1/machines", body.clone()).await;
@@ -56,22 +71,56 @@ api_test!(duplicates_name_the_holder, |srv| {
                       "bmc": {"driver": "ipmi", "address": "10.1.0.1"}});
     assert_eq!(post_raw(&srv, "/api/v1/machines", body).await.0, 201);
     for (body, want) in [
-        (json!({"hostname": "db2", "nics": [{"mac": "52-54-00-00-00-01"}]}), "MAC 52:54:00:00:00:01 is already used by machine db1"),
-        (json!({"hostname": "db2", "nics": [{"mac": "52:54:00:00:00:02", "switch": "asw1", "port": "xe-0/0/1"}]}), "switch port asw1 xe-0/0/1 is already used by machine db1"),
-        (json!({"hostname": "db2", "bmc": {"driver": "ipmi", "address": "10.1.0.1"}}), "BMC address `10.1.0.1` is already used by machine db1"),
-        (json!({"hostname": "DB1"}), "hostname `db1` is already used by machine db1"),
+        (
+            json!({"hostname": "db2", "nics": [{"mac": "52-54-00-00-00-01"}]}),
+            "MAC 52:54:00:00:00:01 is already used by machine db1",
+        ),
+        (
+            json!({"hostname": "db2", "nics": [{"mac": "52:54:00:00:00:02", "switch": "asw1", "port": "xe-0/0/1"}]}),
+            "switch port asw1 xe-0/0/1 is already used by machine db1",
+        ),
+        (
+            json!({"hostname": "db2", "bmc": {"driver": "ipmi", "address": "10.1.0.1"}}),
+            "BMC address `10.1.0.1` is already used by machine db1",
+        ),
+        (
+            json!({"hostname": "DB1"}),
+            "hostname `db1` is already used by machine db1",
+        ),
     ] {
         let (status, err) = post_raw(&srv, "/api/v1/machines", body.clone()).await;
         assert_eq!(status, 409, "{body}: {err}");
         assert!(err["message"].as_str().unwrap().contains(want), "{err}");
     }
-    assert_eq!(admin.list_machines(&MachineFilter::default()).await.unwrap().items.len(), 1);
+    assert_eq!(
+        admin
+            .list_machines(&MachineFilter::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
 });
 
 api_test!(bulk_is_all_or_nothing_and_reports_every_row, |srv| {
     let admin = srv.admin();
-    admin.create_site(&SiteCreate { name: "eqiad".into(), description: None }).await.unwrap();
-    admin.create_rack(&RackCreate { name: "a1".into(), site: "eqiad".into(), row: None, node_group: None }).await.unwrap();
+    admin
+        .create_site(&SiteCreate {
+            name: "eqiad".into(),
+            description: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .create_rack(&RackCreate {
+            name: "a1".into(),
+            site: "eqiad".into(),
+            row: None,
+            node_group: None,
+        })
+        .await
+        .unwrap();
     let rows = json!({"machines": [
         {"hostname": "n1", "rack": "a1", "nics": [{"mac": "52:54:00:00:01:01"}]},
         {"hostname": "n2", "nics": [{"mac": "bogus"}]},
@@ -87,9 +136,19 @@ api_test!(bulk_is_all_or_nothing_and_reports_every_row, |srv| {
     // Rows 1 and 4 fail parsing; row 2 names a missing rack; row 3 repeats row 0's MAC.
     // Parse errors are reported first, before any database check.
     assert_eq!(rows_hit, [1, 4], "{err}");
-    assert!(details[0]["message"].as_str().unwrap().contains("invalid MAC address `bogus`"));
+    assert!(
+        details[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid MAC address `bogus`")
+    );
     assert_eq!(details[0]["field"], "nics[0].mac");
-    assert!(details[1]["message"].as_str().unwrap().contains("unknown field `speed`"));
+    assert!(
+        details[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `speed`")
+    );
     // Fix the parse errors: the database checks then report theirs, all of them.
     let rows = json!({"machines": [
         {"hostname": "n1", "rack": "a1", "nics": [{"mac": "52:54:00:00:01:01"}]},
@@ -100,25 +159,59 @@ api_test!(bulk_is_all_or_nothing_and_reports_every_row, |srv| {
     ]});
     let (status, err) = post_raw(&srv, "/api/v1/machines/bulk", rows).await;
     assert_eq!(status, 400, "{err}");
-    let msgs: Vec<(u64, String)> = err["details"].as_array().unwrap().iter()
+    let msgs: Vec<(u64, String)> = err["details"]
+        .as_array()
+        .unwrap()
+        .iter()
         .map(|d| (d["index"].as_u64().unwrap(), d["message"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(msgs.len(), 2, "{msgs:?}");
-    assert!(msgs[0].0 == 2 && msgs[0].1.contains("rack `b9` does not exist"), "{msgs:?}");
+    assert!(
+        msgs[0].0 == 2 && msgs[0].1.contains("rack `b9` does not exist"),
+        "{msgs:?}"
+    );
     assert!(msgs[1].0 == 3 && msgs[1].1.contains("also used by row 0"), "{msgs:?}");
-    assert!(admin.list_machines(&MachineFilter::default()).await.unwrap().items.is_empty(), "nothing imported");
+    assert!(
+        admin
+            .list_machines(&MachineFilter::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "nothing imported"
+    );
     // A clean batch goes in whole.
-    let batch: Vec<MachineCreate> = (0..50).map(|i| {
-        let mut m = MachineCreate::new(format!("ok{i:02}").parse().unwrap());
-        m.rack = Some("a1".into());
-        m.tags = vec!["batch".parse().unwrap()];
-        m
-    }).collect();
+    let batch: Vec<MachineCreate> = (0..50)
+        .map(|i| {
+            let mut m = MachineCreate::new(format!("ok{i:02}").parse().unwrap());
+            m.rack = Some("a1".into());
+            m.tags = vec!["batch".parse().unwrap()];
+            m
+        })
+        .collect();
     assert_eq!(admin.bulk_create_machines(batch).await.unwrap().len(), 50);
-    let page = admin.list_machines(&MachineFilter { tag: Some("batch".into()), rack: Some("a1".into()), limit: Some(20), ..Default::default() }).await.unwrap();
+    let page = admin
+        .list_machines(&MachineFilter {
+            tag: Some("batch".into()),
+            rack: Some("a1".into()),
+            limit: Some(20),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(page.items.len(), 20);
     assert!(page.next_cursor.is_some());
-    assert_eq!(admin.list_all_machines(&MachineFilter { site: Some("eqiad".into()), ..Default::default() }).await.unwrap().len(), 50);
+    assert_eq!(
+        admin
+            .list_all_machines(&MachineFilter {
+                site: Some("eqiad".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        50
+    );
 });
 
 api_test!(bmc_password_is_sealed_and_never_shown, |srv| {
@@ -138,12 +231,27 @@ api_test!(bmc_password_is_sealed_and_never_shown, |srv| {
         assert!(!text.contains(CANARY), "password leaked: {text}");
     }
     // Not in the database either: sealed, and it opens with the server's key.
-    let sealed = srv.state.store.machine_bmc_password(created["id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
+    let sealed = srv
+        .state
+        .store
+        .machine_bmc_password(created["id"].as_str().unwrap().parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!sealed.0.contains(CANARY));
     assert_eq!(srv.state.secrets.open(&sealed).unwrap().expose(), CANARY);
     // Changing the address keeps the password; null removes the BMC.
-    let patch: MachinePatch = serde_json::from_value(json!({"bmc": {"driver": "ipmi", "address": "10.2.0.2"}})).unwrap();
-    assert!(admin.update_machine("bmc1", &patch).await.unwrap().bmc.unwrap().password_set);
+    let patch: MachinePatch =
+        serde_json::from_value(json!({"bmc": {"driver": "ipmi", "address": "10.2.0.2"}})).unwrap();
+    assert!(
+        admin
+            .update_machine("bmc1", &patch)
+            .await
+            .unwrap()
+            .bmc
+            .unwrap()
+            .password_set
+    );
     let patch: MachinePatch = serde_json::from_value(json!({"bmc": null})).unwrap();
     assert!(admin.update_machine("bmc1", &patch).await.unwrap().bmc.is_none());
 });
@@ -155,7 +263,10 @@ api_test!(protected_machines_are_not_deleted, |srv| {
     admin.create_machine(&m).await.unwrap();
     let e = admin.delete_machine("keep1").await.unwrap_err();
     assert_eq!(e.status(), Some(409));
-    assert!(e.to_string().contains("keep1 is protected: clear the flag first"), "{e}");
+    assert!(
+        e.to_string().contains("keep1 is protected: clear the flag first"),
+        "{e}"
+    );
     let patch: MachinePatch = serde_json::from_value(json!({"protected": false})).unwrap();
     admin.update_machine("keep1", &patch).await.unwrap();
     admin.delete_machine("keep1").await.unwrap();

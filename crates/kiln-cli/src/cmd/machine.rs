@@ -1,0 +1,470 @@
+//! `kiln machine add|list|show|edit|rm|import|offer`.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use kiln_types::machine::{
+    BmcDriver, BmcInput, Machine, MachineCreate, MachineFilter, MachineKind, MachinePatch, MachineState, Nic,
+};
+use kiln_types::{Fqdn, Hostname, MacAddr, Secret, Tag};
+
+use crate::Ctx;
+use crate::import::{self, ImportFormat};
+use crate::output::{Out, opt};
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCmd {
+    /// Enroll one machine.
+    Add(AddArgs),
+    /// List machines, filtered.
+    List(ListArgs),
+    /// Show one machine in full.
+    Show { host: String },
+    /// Change fields of a machine; what is not given is kept.
+    Edit(EditArgs),
+    /// Remove machines (protected ones are refused).
+    Rm {
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Enroll many machines from a CSV or YAML file, all or none.
+    Import {
+        file: PathBuf,
+        /// File format (default: from the extension).
+        #[arg(long, value_enum)]
+        format: Option<ImportFormat>,
+        /// Check the file and stop before sending it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The OS images, tasks and storage layouts that fit a machine.
+    Offer { host: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BmcArgs {
+    /// BMC driver.
+    #[arg(long, value_enum)]
+    bmc_driver: Option<BmcDriverArg>,
+    /// BMC address: HOST[:PORT] for ipmi, an https:// URL for redfish.
+    #[arg(long, requires = "bmc_driver")]
+    bmc_address: Option<String>,
+    #[arg(long, requires = "bmc_driver")]
+    bmc_user: Option<String>,
+    /// BMC password (or KILN_BMC_PASSWORD, which keeps it out of `ps`).
+    #[arg(long, env = "KILN_BMC_PASSWORD", hide_env_values = true, requires = "bmc_driver")]
+    bmc_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BmcDriverArg {
+    Ipmi,
+    Redfish,
+    Command,
+}
+
+impl From<BmcDriverArg> for BmcDriver {
+    fn from(d: BmcDriverArg) -> BmcDriver {
+        match d {
+            BmcDriverArg::Ipmi => BmcDriver::Ipmi,
+            BmcDriverArg::Redfish => BmcDriver::Redfish,
+            BmcDriverArg::Command => BmcDriver::Command,
+        }
+    }
+}
+
+impl BmcArgs {
+    fn to_input(&self) -> anyhow::Result<Option<BmcInput>> {
+        let Some(driver) = self.bmc_driver else { return Ok(None) };
+        let Some(address) = self.bmc_address.clone() else {
+            anyhow::bail!("--bmc-driver needs --bmc-address");
+        };
+        Ok(Some(BmcInput {
+            driver: driver.into(),
+            address,
+            username: self.bmc_user.clone(),
+            password: self.bmc_password.clone().map(Secret::new),
+        }))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AddArgs {
+    #[arg(long)]
+    hostname: Hostname,
+    /// MAC of a NIC (repeat for more; the first is the boot NIC).
+    #[arg(long)]
+    mac: Vec<MacAddr>,
+    /// Tag (repeat for more).
+    #[arg(long)]
+    tag: Vec<Tag>,
+    /// Owning tenant.
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    fqdn: Option<Fqdn>,
+    #[arg(long, default_value = "physical")]
+    kind: MachineKind,
+    #[arg(long, default_value = "new")]
+    state: MachineState,
+    #[arg(long)]
+    rack: Option<String>,
+    /// Site of the rack, when rack names repeat across sites.
+    #[arg(long)]
+    site: Option<String>,
+    /// Switch the first NIC is cabled to.
+    #[arg(long, requires = "mac")]
+    switch: Option<String>,
+    /// Switch port of the first NIC.
+    #[arg(long, requires = "switch")]
+    port: Option<String>,
+    #[arg(long, requires = "mac")]
+    vlan: Option<u16>,
+    /// Option 82 circuit-id of the first NIC's port.
+    #[arg(long, requires = "mac")]
+    circuit_id: Option<String>,
+    /// Option 82 remote-id of the first NIC's port.
+    #[arg(long, requires = "mac")]
+    remote_id: Option<String>,
+    #[arg(long)]
+    ipv4: Option<Ipv4Addr>,
+    #[arg(long)]
+    ipv6: Option<Ipv6Addr>,
+    /// Never reprovision or delete this machine until the flag is cleared.
+    #[arg(long)]
+    protected: bool,
+    #[command(flatten)]
+    bmc: BmcArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only machines with this tag (repeat: all of them).
+    #[arg(long)]
+    tag: Vec<Tag>,
+    #[arg(long)]
+    rack: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    state: Option<MachineState>,
+    #[arg(long)]
+    owner: Option<String>,
+    /// Hostname contains this.
+    #[arg(long, short = 'q')]
+    search: Option<String>,
+    /// Page size (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Follow the pages to the end.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EditArgs {
+    host: String,
+    #[arg(long)]
+    hostname: Option<Hostname>,
+    #[arg(long)]
+    fqdn: Option<Fqdn>,
+    #[arg(long)]
+    state: Option<MachineState>,
+    #[arg(long)]
+    kind: Option<MachineKind>,
+    #[arg(long)]
+    add_tag: Vec<Tag>,
+    #[arg(long)]
+    remove_tag: Vec<Tag>,
+    /// New owner (`-` for none).
+    #[arg(long)]
+    owner: Option<String>,
+    /// New rack (`-` for none).
+    #[arg(long)]
+    rack: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    protected: Option<bool>,
+    #[arg(long)]
+    maintenance: Option<bool>,
+    /// Why the machine is in maintenance.
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(long)]
+    ipv4: Option<Ipv4Addr>,
+    #[arg(long)]
+    ipv6: Option<Ipv6Addr>,
+    #[command(flatten)]
+    bmc: BmcArgs,
+}
+
+fn dash_none(v: Option<String>) -> Option<Option<String>> {
+    v.map(|s| if s == "-" { None } else { Some(s) })
+}
+
+pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    match c {
+        MachineCmd::Add(a) => {
+            let mut nics: Vec<Nic> = a
+                .mac
+                .iter()
+                .map(|mac| Nic {
+                    mac: *mac,
+                    name: None,
+                    switch: None,
+                    port: None,
+                    vlan: None,
+                    circuit_id: None,
+                    remote_id: None,
+                })
+                .collect();
+            if let Some(first) = nics.first_mut() {
+                first.switch = a.switch.clone();
+                first.port = a.port.clone();
+                first.vlan = a.vlan;
+                first.circuit_id = a.circuit_id.clone();
+                first.remote_id = a.remote_id.clone();
+            }
+            let spec = MachineCreate {
+                fqdn: a.fqdn,
+                kind: a.kind,
+                state: a.state,
+                tags: a.tag,
+                owner: a.owner,
+                site: a.site,
+                rack: a.rack,
+                protected: a.protected,
+                bmc: a.bmc.to_input()?,
+                nics,
+                ipv4: a.ipv4,
+                ipv6: a.ipv6,
+                ..MachineCreate::new(a.hostname)
+            };
+            let problems = spec.validate();
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("; "));
+            }
+            let m = ctx.client()?.create_machine(&spec).await?;
+            show(&m, out)
+        }
+        MachineCmd::List(a) => {
+            let filter = MachineFilter {
+                tag: (!a.tag.is_empty()).then(|| a.tag.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
+                rack: a.rack,
+                site: a.site,
+                state: a.state,
+                owner: a.owner,
+                q: a.search,
+                limit: Some(a.limit),
+                cursor: None,
+            };
+            let client = ctx.client()?;
+            let (machines, more) = if a.all {
+                (client.list_all_machines(&filter).await?, false)
+            } else {
+                let page = client.list_machines(&filter).await?;
+                (page.items, page.next_cursor.is_some())
+            };
+            let rows = machines.iter().map(row).collect();
+            out.table(
+                &machines,
+                &[
+                    "HOSTNAME",
+                    "STATE",
+                    "KIND",
+                    "SITE/RACK",
+                    "OWNER",
+                    "IPV4",
+                    "MAC",
+                    "FLAGS",
+                    "TAGS",
+                ],
+                rows,
+            )?;
+            if more && out.format == crate::output::Format::Table {
+                eprintln!("(more machines match: use --all, or --limit up to 1000)");
+            }
+            Ok(())
+        }
+        MachineCmd::Show { host } => {
+            let m = ctx.client()?.get_machine(&host).await?;
+            show(&m, out)
+        }
+        MachineCmd::Edit(a) => {
+            let client = ctx.client()?;
+            let tags = if a.add_tag.is_empty() && a.remove_tag.is_empty() {
+                None
+            } else {
+                let current = client.get_machine(&a.host).await?;
+                let mut tags: Vec<Tag> = current.tags.into_iter().filter(|t| !a.remove_tag.contains(t)).collect();
+                for t in a.add_tag {
+                    if !tags.contains(&t) {
+                        tags.push(t);
+                    }
+                }
+                Some(tags)
+            };
+            let patch = MachinePatch {
+                hostname: a.hostname,
+                fqdn: a.fqdn.map(Some),
+                kind: a.kind,
+                state: a.state,
+                tags,
+                owner: dash_none(a.owner),
+                site: a.site,
+                rack: dash_none(a.rack),
+                protected: a.protected,
+                maintenance: a.maintenance,
+                maintenance_reason: a.reason.map(Some),
+                bmc: a.bmc.to_input()?.map(Some),
+                nics: None,
+                ipv4: a.ipv4.map(Some),
+                ipv6: a.ipv6.map(Some),
+                hardware: None,
+            };
+            let m = client.update_machine(&a.host, &patch).await?;
+            show(&m, out)
+        }
+        MachineCmd::Rm { hosts } => {
+            let client = ctx.client()?;
+            for h in hosts {
+                client.delete_machine(&h).await?;
+                out.line(format!("removed {h}"))?;
+            }
+            Ok(())
+        }
+        MachineCmd::Import { file, format, dry_run } => import::run(&file, format, dry_run, ctx, out).await,
+        MachineCmd::Offer { host } => {
+            let offer = ctx.client()?.machine_offer(&host).await?;
+            if out.format == crate::output::Format::Json {
+                return out.json(&offer);
+            }
+            let images: Vec<String> = offer
+                .os_images
+                .iter()
+                .map(|i| format!("{}-{} ({})", i.name, i.version, i.kind))
+                .collect();
+            let tasks: Vec<String> = offer.tasks.iter().map(|t| t.name.clone()).collect();
+            let layouts: Vec<String> = offer.layouts.iter().map(|l| l.name.to_string()).collect();
+            out.record(
+                &offer,
+                vec![
+                    (
+                        "os images",
+                        if images.is_empty() {
+                            "-".into()
+                        } else {
+                            images.join(", ")
+                        },
+                    ),
+                    ("tasks", if tasks.is_empty() { "-".into() } else { tasks.join(", ") }),
+                    (
+                        "layouts",
+                        if layouts.is_empty() {
+                            "-".into()
+                        } else {
+                            layouts.join(", ")
+                        },
+                    ),
+                ],
+            )
+        }
+    }
+}
+
+fn flags(m: &Machine) -> String {
+    let mut f = String::new();
+    if m.protected {
+        f.push('P');
+    }
+    if m.maintenance {
+        f.push('M');
+    }
+    if f.is_empty() { "-".into() } else { f }
+}
+
+fn row(m: &Machine) -> Vec<String> {
+    vec![
+        m.hostname.to_string(),
+        m.state.to_string(),
+        m.kind.to_string(),
+        match (&m.site, &m.rack) {
+            (Some(s), Some(r)) => format!("{s}/{r}"),
+            _ => "-".into(),
+        },
+        opt(&m.owner),
+        opt(&m.ipv4),
+        m.nics.first().map_or("-".into(), |n| n.mac.to_string()),
+        flags(m),
+        m.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
+    ]
+}
+
+fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
+    let nics = m
+        .nics
+        .iter()
+        .map(|n| {
+            let mut s = n.mac.to_string();
+            if let (Some(sw), Some(p)) = (&n.switch, &n.port) {
+                s.push_str(&format!(" @ {sw} {p}"));
+            }
+            if let Some(v) = n.vlan {
+                s.push_str(&format!(" vlan {v}"));
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let bmc = m.bmc.as_ref().map_or("-".to_string(), |b| {
+        format!(
+            "{} {}{}{}",
+            b.driver,
+            b.address,
+            b.username.as_ref().map_or(String::new(), |u| format!(" user {u}")),
+            if b.password_set { " (password set)" } else { "" }
+        )
+    });
+    let hw = m.hardware.as_ref().map_or("- (not discovered yet)".to_string(), |h| {
+        format!(
+            "{} cores, {} RAM, {} disks, {} GPUs",
+            h.cpu_cores,
+            kiln_types::fit::human_bytes(h.memory_bytes),
+            h.disks.len(),
+            h.gpus.len()
+        )
+    });
+    out.record(
+        m,
+        vec![
+            ("hostname", m.hostname.to_string()),
+            ("id", m.id.to_string()),
+            ("fqdn", opt(&m.fqdn)),
+            ("state", m.state.to_string()),
+            ("kind", m.kind.to_string()),
+            ("site", opt(&m.site)),
+            ("rack", opt(&m.rack)),
+            ("owner", opt(&m.owner)),
+            (
+                "tags",
+                m.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+            ),
+            ("protected", m.protected.to_string()),
+            (
+                "maintenance",
+                match (&m.maintenance, &m.maintenance_reason) {
+                    (true, Some(r)) => format!("true ({r})"),
+                    (b, _) => b.to_string(),
+                },
+            ),
+            ("ipv4", opt(&m.ipv4)),
+            ("ipv6", opt(&m.ipv6)),
+            ("nics", if nics.is_empty() { "-".into() } else { nics }),
+            ("bmc", bmc),
+            ("hardware", hw),
+            ("updated", m.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        ],
+    )
+}

@@ -1,0 +1,349 @@
+//! `kiln site|rack|tenant|token|events`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use kiln_server::{Config, Settings};
+use kiln_types::auth::{Role, TenantCreate, TokenCreate, TokenCreated};
+use kiln_types::event::EventFilter;
+use kiln_types::site::{RackCreate, SiteCreate};
+
+use crate::Ctx;
+use crate::output::{Format, Out, opt};
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCmd {
+    /// Add a site.
+    Add {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List sites.
+    List,
+    /// Remove an empty site.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RackCmd {
+    /// Add a rack to a site.
+    Add {
+        name: String,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        row: Option<String>,
+        #[arg(long)]
+        node_group: Option<String>,
+    },
+    /// List racks.
+    List {
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Remove an empty rack.
+    Rm {
+        name: String,
+        #[arg(long)]
+        site: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Add a tenant.
+    Add {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List tenants.
+    List,
+    /// Remove a tenant that owns nothing.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a token and print it (only the token, on stdout). With
+    /// --data-dir (or --database-url / --config) it is written straight to
+    /// the database, without a server: how a fresh install gets its first
+    /// admin token.
+    Create {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Tenant of a `tenant` token.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A label for the audit log.
+        #[arg(long)]
+        name: Option<String>,
+        /// Server config file, for offline creation.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory, for offline creation.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// PostgreSQL URL, for offline creation.
+        #[arg(long, hide_env_values = true)]
+        database_url: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id or name.
+    Revoke { key: String },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RoleArg {
+    Admin,
+    Operator,
+    Tenant,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Operator => Role::Operator,
+            RoleArg::Tenant => Role::Tenant,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Machine hostname, or any target id or name.
+    #[arg(long)]
+    target: Option<String>,
+    /// Target kind: machine, tenant, token, site, rack, os_image, task.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Action or its prefix (`machine.`, `token.revoke`).
+    #[arg(long)]
+    action: Option<String>,
+    /// Part of the actor's name.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only since this time (RFC 3339, e.g. 2026-11-21T00:00:00Z).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// How many events (newest first).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+}
+
+pub async fn run_site(c: SiteCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    match c {
+        SiteCmd::Add { name, description } => {
+            let s = client.create_site(&SiteCreate { name, description }).await?;
+            out.record(&s, vec![("site", s.name.clone()), ("id", s.id.to_string())])
+        }
+        SiteCmd::List => {
+            let sites = client.list_sites().await?;
+            let rows = sites
+                .iter()
+                .map(|s| vec![s.name.clone(), opt(&s.description)])
+                .collect();
+            out.table(&sites, &["SITE", "DESCRIPTION"], rows)
+        }
+        SiteCmd::Rm { name } => {
+            client.delete_site(&name).await?;
+            out.line(format!("removed site {name}"))
+        }
+    }
+}
+
+pub async fn run_rack(c: RackCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    match c {
+        RackCmd::Add {
+            name,
+            site,
+            row,
+            node_group,
+        } => {
+            let r = client
+                .create_rack(&RackCreate {
+                    name,
+                    site,
+                    row,
+                    node_group,
+                })
+                .await?;
+            out.record(
+                &r,
+                vec![
+                    ("rack", r.name.clone()),
+                    ("site", r.site.clone()),
+                    ("id", r.id.to_string()),
+                ],
+            )
+        }
+        RackCmd::List { site } => {
+            let racks = client.list_racks(site.as_deref()).await?;
+            let rows = racks
+                .iter()
+                .map(|r| vec![r.site.clone(), r.name.clone(), opt(&r.row), opt(&r.node_group)])
+                .collect();
+            out.table(&racks, &["SITE", "RACK", "ROW", "NODE GROUP"], rows)
+        }
+        RackCmd::Rm { name, site } => {
+            client.delete_rack(&name, site.as_deref()).await?;
+            out.line(format!("removed rack {name}"))
+        }
+    }
+}
+
+pub async fn run_tenant(c: TenantCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let client = ctx.client()?;
+    match c {
+        TenantCmd::Add { name, description } => {
+            let t = client.create_tenant(&TenantCreate { name, description }).await?;
+            out.record(&t, vec![("tenant", t.name.clone()), ("id", t.id.to_string())])
+        }
+        TenantCmd::List => {
+            let tenants = client.list_tenants().await?;
+            let rows = tenants
+                .iter()
+                .map(|t| vec![t.name.clone(), opt(&t.description)])
+                .collect();
+            out.table(&tenants, &["TENANT", "DESCRIPTION"], rows)
+        }
+        TenantCmd::Rm { name } => {
+            client.delete_tenant(&name).await?;
+            out.line(format!("removed tenant {name}"))
+        }
+    }
+}
+
+fn print_created(created: &TokenCreated, out: &mut Out) -> anyhow::Result<()> {
+    match out.format {
+        Format::Json => out.json(created),
+        // Only the token on stdout, so `export KILN_TOKEN=$(kiln token create …)` works.
+        Format::Table => out.line(&created.token),
+    }
+}
+
+pub async fn run_token(c: TokenCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    match c {
+        TokenCmd::Create {
+            role,
+            tenant,
+            name,
+            config,
+            data_dir,
+            database_url,
+        } => {
+            if config.is_some() || data_dir.is_some() || database_url.is_some() {
+                let config = Config::load(
+                    config.as_deref(),
+                    Settings {
+                        data_dir,
+                        database_url,
+                        ..Default::default()
+                    },
+                )?;
+                let created =
+                    kiln_server::bootstrap_token(&config, role.into(), tenant.as_deref(), name.as_deref()).await?;
+                eprintln!(
+                    "created {} token `{}`; it is shown only now",
+                    created.info.role, created.info.name
+                );
+                return print_created(&created, out);
+            }
+            let created = ctx
+                .client()?
+                .create_token(&TokenCreate {
+                    role: role.into(),
+                    tenant,
+                    name,
+                })
+                .await?;
+            print_created(&created, out)
+        }
+        TokenCmd::List => {
+            let tokens = ctx.client()?.list_tokens().await?;
+            let rows = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        t.role.to_string(),
+                        opt(&t.tenant),
+                        t.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                        t.revoked_at
+                            .map_or("-".into(), |r| r.format("%Y-%m-%d %H:%M").to_string()),
+                        t.id.to_string(),
+                    ]
+                })
+                .collect();
+            out.table(&tokens, &["NAME", "ROLE", "TENANT", "CREATED", "REVOKED", "ID"], rows)
+        }
+        TokenCmd::Revoke { key } => {
+            let t = ctx.client()?.revoke_token(&key).await?;
+            out.record(&t, vec![("revoked", t.name.clone()), ("id", t.id.to_string())])
+        }
+    }
+}
+
+pub async fn events(a: EventsArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let filter = EventFilter {
+        target_kind: a.kind,
+        target: a.target,
+        action: a.action,
+        actor: a.actor,
+        since: a.since,
+        limit: Some(a.limit),
+        cursor: None,
+    };
+    let page = ctx.client()?.list_events(&filter).await?;
+    let rows = page
+        .items
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                e.actor.clone(),
+                e.action.clone(),
+                e.target_name.clone(),
+                change_summary(e.before.as_ref(), e.after.as_ref()),
+            ]
+        })
+        .collect();
+    out.table(&page.items, &["WHEN (UTC)", "WHO", "WHAT", "TARGET", "CHANGED"], rows)
+}
+
+/// The top-level fields that differ between `before` and `after`.
+fn change_summary(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> String {
+    match (before.and_then(|b| b.as_object()), after.and_then(|a| a.as_object())) {
+        (Some(b), Some(a)) => {
+            let changed: Vec<String> = a
+                .iter()
+                .filter(|(k, v)| k.as_str() != "updated_at" && b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}={}", short(v)))
+                .chain(
+                    b.keys()
+                        .filter(|k| !a.contains_key(k.as_str()))
+                        .map(|k| format!("-{k}")),
+                )
+                .collect();
+            changed.join(" ")
+        }
+        _ => String::new(),
+    }
+}
+
+fn short(v: &serde_json::Value) -> String {
+    let s = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.chars().count() > 40 {
+        format!("{}…", s.chars().take(39).collect::<String>())
+    } else {
+        s
+    }
+}
