@@ -98,7 +98,7 @@ pub fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use crate::catalog::{Arch, OsKind};
-    use crate::machine::{Disk, Gpu, MachineState};
+    use crate::machine::{Disk, Gpu as GpuCard, MachineState};
     use crate::{MachineId, OsImageId};
 
     const GIB: u64 = 1 << 30;
@@ -128,7 +128,7 @@ mod tests {
         }
     }
 
-    fn hw(ram_gib: u64, disks_gib: &[u64], gpus: Vec<Gpu>) -> Hardware {
+    fn hw(ram_gib: u64, disks_gib: &[u64], gpus: Vec<GpuCard>) -> Hardware {
         Hardware {
             arch: Some(Arch::X86_64),
             memory_bytes: ram_gib * GIB,
@@ -169,13 +169,13 @@ mod tests {
     fn os_fit_table() {
         use PlatformTag::*;
         let gpu = || {
-            vec![Gpu {
+            vec![GpuCard {
                 model: "A100".into(),
                 vgpu: false,
             }]
         };
         let vgpu = || {
-            vec![Gpu {
+            vec![GpuCard {
                 model: "A16".into(),
                 vgpu: true,
             }]
