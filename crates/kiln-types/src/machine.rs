@@ -102,6 +102,9 @@ impl BmcInput {
         if a.len() > 255 {
             return Err("bmc.address is longer than 255 characters".into());
         }
+        if self.password.as_ref().is_some_and(|p| p.expose().is_empty()) {
+            return Err("bmc.password is empty: leave it out instead".into());
+        }
         match self.driver {
             BmcDriver::Redfish => {
                 if !(a.starts_with("https://") || a.starts_with("http://")) {
