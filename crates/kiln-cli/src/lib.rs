@@ -46,6 +46,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Run the kiln server.
     Server(cmd::server::ServerArgs),

@@ -199,3 +199,38 @@ async fn bad_flags_are_usage_errors() {
     assert_eq!(kiln(&srv, &t, &["machine", "show", "nope"]).await.0, 1);
     srv.stop().await;
 }
+
+api_test!(the_example_racks_import, |srv| {
+    let t = srv.admin_token.clone();
+    for args in [
+        &["site", "add", "eqiad"][..],
+        &["rack", "add", "a1", "--site", "eqiad", "--row", "a"],
+        &["site", "add", "codfw"],
+        &["rack", "add", "b1", "--site", "codfw", "--row", "b"],
+        &["tenant", "add", "acme"],
+    ] {
+        assert_eq!(kiln(&srv, &t, args).await.0, 0, "{args:?}");
+    }
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    for file in ["rack-a1.csv", "rack-b1.yaml"] {
+        let (code, out) = kiln(&srv, &t, &["machine", "import", &format!("{examples}/{file}")]).await;
+        assert_eq!(code, 0, "{file}: {out}");
+    }
+    let all = srv
+        .admin()
+        .list_machines(&MachineFilter::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(all.len(), 6);
+    let gpu = srv
+        .admin()
+        .list_machines(&MachineFilter {
+            tag: Some("gpu".into()),
+            owner: Some("acme".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(gpu.items.len(), 2);
+});

@@ -242,7 +242,7 @@ pub(crate) fn decode_cursor(cursor: &str) -> Result<String> {
             "cursor `{cursor}` is not one kiln gave out: pass `next_cursor` from the previous page unchanged"
         ))
     };
-    if cursor.len() % 2 != 0 {
+    if !cursor.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes: Result<Vec<u8>, _> = (0..cursor.len())

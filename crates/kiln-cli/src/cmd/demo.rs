@@ -39,7 +39,7 @@ const GIB: u64 = 1 << 30;
 fn sim_machine(rack: u32, n: u32) -> MachineCreate {
     let host = format!("sim-r{rack}-n{n:03}");
     let mac = format!("02:00:00:{rack:02x}:{:02x}:{:02x}", n >> 8, n & 0xff);
-    let gpu = n % 5 == 0;
+    let gpu = n.is_multiple_of(5);
     let disks = [1, 2, 4, 5][(n % 4) as usize];
     let hw = Hardware {
         arch: Some(Arch::X86_64),
