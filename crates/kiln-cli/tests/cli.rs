@@ -139,6 +139,38 @@ api_test!(import_a_rack_all_or_nothing, |srv| {
     assert_eq!(listed[0].nics.len(), 2);
     let (_, table) = kiln(&srv, &t, &["machine", "list", "--rack", "a1"]).await;
     assert!(table.contains("HOSTNAME") && table.contains("eqiad/a1"), "{table}");
+    let (code, _) = kiln(
+        &srv,
+        &t,
+        &[
+            "machine",
+            "edit",
+            "db1002",
+            "--add-mac",
+            "52:54:00:00:00:22",
+            "--remove-mac",
+            "52:54:00:00:00:02",
+            "--add-tag",
+            "hot",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let m = srv.admin().get_machine("db1002").await.unwrap();
+    assert_eq!(
+        m.nics.iter().map(|n| n.mac.to_string()).collect::<Vec<_>>(),
+        ["52:54:00:00:00:22"]
+    );
+    assert!(m.tags.iter().any(|t| t.as_str() == "hot"));
+    // Taking db1001's MAC is refused, nothing changes.
+    let (code, _) = kiln(
+        &srv,
+        &t,
+        &["machine", "edit", "db1002", "--add-mac", "52:54:00:00:00:11"],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert_eq!(srv.admin().get_machine("db1002").await.unwrap().nics.len(), 1);
     let (_, events) = kiln(&srv, &t, &["events", "--target", "db1002"]).await;
     assert!(events.contains("machine.create"), "{events}");
 });

@@ -177,6 +177,12 @@ pub struct EditArgs {
     add_tag: Vec<Tag>,
     #[arg(long)]
     remove_tag: Vec<Tag>,
+    /// Add a NIC by MAC (its switch port can be set with the API or an import).
+    #[arg(long)]
+    add_mac: Vec<MacAddr>,
+    /// Remove the NIC with this MAC.
+    #[arg(long)]
+    remove_mac: Vec<MacAddr>,
     /// New owner (`-` for none).
     #[arg(long)]
     owner: Option<String>,
@@ -294,17 +300,52 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
         }
         MachineCmd::Edit(a) => {
             let client = ctx.client()?;
-            let tags = if a.add_tag.is_empty() && a.remove_tag.is_empty() {
-                None
+            let needs_current =
+                !(a.add_tag.is_empty() && a.remove_tag.is_empty() && a.add_mac.is_empty() && a.remove_mac.is_empty());
+            let current = if needs_current {
+                Some(client.get_machine(&a.host).await?)
             } else {
-                let current = client.get_machine(&a.host).await?;
-                let mut tags: Vec<Tag> = current.tags.into_iter().filter(|t| !a.remove_tag.contains(t)).collect();
-                for t in a.add_tag {
-                    if !tags.contains(&t) {
-                        tags.push(t);
+                None
+            };
+            let tags = match &current {
+                Some(c) if !(a.add_tag.is_empty() && a.remove_tag.is_empty()) => {
+                    let mut tags: Vec<Tag> = c.tags.iter().filter(|t| !a.remove_tag.contains(t)).cloned().collect();
+                    for t in a.add_tag {
+                        if !tags.contains(&t) {
+                            tags.push(t);
+                        }
                     }
+                    Some(tags)
                 }
-                Some(tags)
+                _ => None,
+            };
+            let nics = match &current {
+                Some(c) if !(a.add_mac.is_empty() && a.remove_mac.is_empty()) => {
+                    if let Some(missing) = a.remove_mac.iter().find(|m| !c.nics.iter().any(|n| n.mac == **m)) {
+                        anyhow::bail!("{} has no NIC {missing}", c.hostname);
+                    }
+                    let mut nics: Vec<Nic> = c
+                        .nics
+                        .iter()
+                        .filter(|n| !a.remove_mac.contains(&n.mac))
+                        .cloned()
+                        .collect();
+                    for mac in a.add_mac {
+                        if !nics.iter().any(|n| n.mac == mac) {
+                            nics.push(Nic {
+                                mac,
+                                name: None,
+                                switch: None,
+                                port: None,
+                                vlan: None,
+                                circuit_id: None,
+                                remote_id: None,
+                            });
+                        }
+                    }
+                    Some(nics)
+                }
+                _ => None,
             };
             let patch = MachinePatch {
                 hostname: a.hostname,
@@ -319,7 +360,7 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 maintenance: a.maintenance,
                 maintenance_reason: a.reason.map(Some),
                 bmc: a.bmc.to_input()?.map(Some),
-                nics: None,
+                nics,
                 ipv4: a.ipv4.map(Some),
                 ipv6: a.ipv6.map(Some),
                 hardware: None,
