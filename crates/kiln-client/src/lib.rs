@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kiln_types::auth::{Tenant, TenantCreate, TokenCreate, TokenCreated, TokenInfo, WhoAmI};
-use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, Task, TaskCreate};
+use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, OsImagePatch, Task, TaskCreate, TaskPatch};
 use kiln_types::error::ApiError;
 use kiln_types::event::{Event, EventFilter};
 use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
@@ -300,6 +300,16 @@ impl Client {
         self.get(&format!("/api/v1/os-images/{}", seg(key))).await
     }
 
+    pub async fn update_os_image(&self, key: &str, patch: &OsImagePatch) -> Result<OsImage> {
+        self.call::<_, (), _>(
+            Method::PATCH,
+            &format!("/api/v1/os-images/{}", seg(key)),
+            None,
+            Some(patch),
+        )
+        .await
+    }
+
     pub async fn delete_os_image(&self, key: &str) -> Result<()> {
         self.delete_q::<()>(&format!("/api/v1/os-images/{}", seg(key)), None)
             .await
@@ -315,6 +325,11 @@ impl Client {
 
     pub async fn get_task(&self, key: &str) -> Result<Task> {
         self.get(&format!("/api/v1/tasks/{}", seg(key))).await
+    }
+
+    pub async fn update_task(&self, key: &str, patch: &TaskPatch) -> Result<Task> {
+        self.call::<_, (), _>(Method::PATCH, &format!("/api/v1/tasks/{}", seg(key)), None, Some(patch))
+            .await
     }
 
     pub async fn delete_task(&self, key: &str) -> Result<()> {

@@ -1,6 +1,6 @@
 //! OS images and post-install tasks.
 
-use kiln_types::catalog::{OsImage, OsImageCreate, PlatformTag, Task, TaskCreate};
+use kiln_types::catalog::{OsImage, OsImageCreate, OsImagePatch, PlatformTag, Task, TaskCreate, TaskPatch};
 use kiln_types::error::ErrorDetail;
 use kiln_types::{OsImageId, TaskId};
 use sqlx::any::AnyRow;
@@ -167,6 +167,56 @@ impl Store {
         }
     }
 
+    pub async fn update_os_image(&self, actor: &Actor, key: &str, patch: &OsImagePatch) -> Result<OsImage> {
+        let before = self.get_os_image(key).await?;
+        let wanted = patch.apply(&before);
+        let problems = wanted.validate();
+        if !problems.is_empty() {
+            return Err(invalid(problems));
+        }
+        let mut tags = wanted.tags.clone();
+        tags.sort();
+        tags.dedup();
+        let after = OsImage {
+            kind: wanted.kind,
+            tags,
+            min_ram_bytes: wanted.min_ram_bytes,
+            min_disk_bytes: wanted.min_disk_bytes,
+            source: wanted.source.trim().to_string(),
+            sha256: wanted.sha256.map(|h| h.to_ascii_lowercase()),
+            ..before.clone()
+        };
+        let mut tx = self.write_tx().await?;
+        sqlx::query::<Any>(
+            "UPDATE os_images SET kind = $2, tags = $3, min_ram_bytes = $4, min_disk_bytes = $5, source = $6, sha256 = $7 \
+             WHERE id = $1",
+        )
+        .bind(after.id.to_string())
+        .bind(after.kind.as_str())
+        .bind(tags_json(&after.tags))
+        .bind(i64::try_from(after.min_ram_bytes).unwrap_or(i64::MAX))
+        .bind(i64::try_from(after.min_disk_bytes).unwrap_or(i64::MAX))
+        .bind(&after.source)
+        .bind(&after.sha256)
+        .execute(&mut *tx)
+        .await?;
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "os_image.update",
+                target_kind: "os_image",
+                target_id: after.id.to_string(),
+                target_name: format!("{}-{}", after.name, after.version),
+                before: snapshot(&before),
+                after: snapshot(&after),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
     pub async fn delete_os_image(&self, actor: &Actor, key: &str) -> Result<()> {
         let image = self.get_os_image(key).await?;
         let mut tx = self.write_tx().await?;
@@ -261,6 +311,52 @@ impl Store {
                 key: key.to_string(),
             })?;
         task_from_row(&row)
+    }
+
+    pub async fn update_task(&self, actor: &Actor, key: &str, patch: &TaskPatch) -> Result<Task> {
+        let before = self.get_task(key).await?;
+        let wanted = TaskCreate {
+            name: before.name.clone(),
+            kind: patch.kind.unwrap_or(before.kind),
+            tags: patch.tags.clone().unwrap_or_else(|| before.tags.clone()),
+            content: patch.content.clone().unwrap_or_else(|| before.content.clone()),
+        };
+        let problems = wanted.validate();
+        if !problems.is_empty() {
+            return Err(invalid(problems));
+        }
+        let mut tags = wanted.tags;
+        tags.sort();
+        tags.dedup();
+        let after = Task {
+            kind: wanted.kind,
+            tags,
+            content: wanted.content,
+            ..before.clone()
+        };
+        let mut tx = self.write_tx().await?;
+        sqlx::query::<Any>("UPDATE tasks SET kind = $2, tags = $3, content = $4 WHERE id = $1")
+            .bind(after.id.to_string())
+            .bind(after.kind.as_str())
+            .bind(tags_json(&after.tags))
+            .bind(&after.content)
+            .execute(&mut *tx)
+            .await?;
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "task.update",
+                target_kind: "task",
+                target_id: after.id.to_string(),
+                target_name: after.name.clone(),
+                before: snapshot(&before),
+                after: snapshot(&after),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(after)
     }
 
     pub async fn delete_task(&self, actor: &Actor, key: &str) -> Result<()> {

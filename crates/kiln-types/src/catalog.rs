@@ -212,6 +212,53 @@ impl OsImageCreate {
     }
 }
 
+/// Changes to an OS image. Name, version and arch are its identity and stay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OsImagePatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<OsKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<PlatformTag>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ram_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_disk_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl OsImagePatch {
+    /// The image as a create request after this patch, for validation.
+    pub fn apply(&self, image: &OsImage) -> OsImageCreate {
+        OsImageCreate {
+            name: image.name.clone(),
+            version: image.version.clone(),
+            arch: image.arch,
+            kind: self.kind.unwrap_or(image.kind),
+            tags: self.tags.clone().unwrap_or_else(|| image.tags.clone()),
+            min_ram_bytes: self.min_ram_bytes.unwrap_or(image.min_ram_bytes),
+            min_disk_bytes: self.min_disk_bytes.unwrap_or(image.min_disk_bytes),
+            source: self.source.clone().unwrap_or_else(|| image.source.clone()),
+            sha256: self.sha256.clone().or_else(|| image.sha256.clone()),
+        }
+    }
+}
+
+/// Changes to a task (a new playbook version, other tags).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<TaskKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<PlatformTag>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
 /// A post-install task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Task {

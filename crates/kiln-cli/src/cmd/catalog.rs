@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, TaskCreate, TaskKind};
+use kiln_types::catalog::{Arch, OsImageCreate, OsImagePatch, OsKind, PlatformTag, TaskCreate, TaskKind, TaskPatch};
 use kiln_types::fit::human_bytes;
 
 use crate::Ctx;
@@ -38,6 +38,22 @@ pub enum OsCmd {
         #[arg(long)]
         sha256: Option<String>,
     },
+    /// Change an image; what is not given is kept (`--tag` replaces all tags).
+    Edit {
+        key: String,
+        #[arg(long)]
+        kind: Option<OsKind>,
+        #[arg(long)]
+        tag: Vec<PlatformTag>,
+        #[arg(long, value_parser = parse_size)]
+        min_ram: Option<u64>,
+        #[arg(long, value_parser = parse_size)]
+        min_disk: Option<u64>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        sha256: Option<String>,
+    },
     /// List OS images.
     List,
     /// Show one image (id, NAME-VERSION or NAME).
@@ -60,6 +76,16 @@ pub enum TaskCmd {
         /// The playbook or script.
         #[arg(long)]
         file: PathBuf,
+    },
+    /// Change a task (`--file` replaces its content, `--tag` all its tags).
+    Edit {
+        key: String,
+        #[arg(long)]
+        kind: Option<TaskKind>,
+        #[arg(long)]
+        tag: Vec<PlatformTag>,
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     List,
     Show {
@@ -144,6 +170,25 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                 .await?;
             show(&i, out)
         }
+        OsCmd::Edit {
+            key,
+            kind,
+            tag,
+            min_ram,
+            min_disk,
+            source,
+            sha256,
+        } => {
+            let patch = OsImagePatch {
+                kind,
+                tags: (!tag.is_empty()).then_some(tag),
+                min_ram_bytes: min_ram,
+                min_disk_bytes: min_disk,
+                source,
+                sha256,
+            };
+            show(&client.update_os_image(&key, &patch).await?, out)
+        }
         OsCmd::List => {
             let images = client.list_os_images().await?;
             let rows = images
@@ -183,6 +228,28 @@ pub async fn run_task(c: TaskCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()
                     content,
                 })
                 .await?;
+            out.record(
+                &t,
+                vec![
+                    ("task", t.name.clone()),
+                    ("kind", t.kind.to_string()),
+                    ("id", t.id.to_string()),
+                ],
+            )
+        }
+        TaskCmd::Edit { key, kind, tag, file } => {
+            let content = match file {
+                Some(f) => {
+                    Some(std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?)
+                }
+                None => None,
+            };
+            let patch = TaskPatch {
+                kind,
+                tags: (!tag.is_empty()).then_some(tag),
+                content,
+            };
+            let t = client.update_task(&key, &patch).await?;
             out.record(
                 &t,
                 vec![

@@ -4,7 +4,9 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, StorageLayout, Task, TaskCreate};
+use kiln_types::catalog::{
+    LayoutInfo, OsImage, OsImageCreate, OsImagePatch, StorageLayout, Task, TaskCreate, TaskPatch,
+};
 use kiln_types::error::ApiError as ErrorBody;
 
 use super::extract::ApiJson;
@@ -40,6 +42,18 @@ pub async fn get_os_image(
     Path(key): Path<String>,
 ) -> ApiResult<Json<OsImage>> {
     Ok(Json(s.store.get_os_image(&key).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/os-images/{key}", tag = "catalog", params(("key" = String, Path)), request_body = OsImagePatch,
+    responses((status = 200, body = OsImage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn update_os_image(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    ApiJson(patch): ApiJson<OsImagePatch>,
+) -> ApiResult<Json<OsImage>> {
+    caller.require_operator()?;
+    Ok(Json(s.store.update_os_image(&caller.actor(), &key, &patch).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/os-images/{key}", tag = "catalog", params(("key" = String, Path)),
@@ -78,6 +92,18 @@ pub async fn list_tasks(State(s): State<AppState>, _caller: Caller) -> ApiResult
     responses((status = 200, body = Task), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn get_task(State(s): State<AppState>, _caller: Caller, Path(key): Path<String>) -> ApiResult<Json<Task>> {
     Ok(Json(s.store.get_task(&key).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/tasks/{key}", tag = "catalog", params(("key" = String, Path)), request_body = TaskPatch,
+    responses((status = 200, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn update_task(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    ApiJson(patch): ApiJson<TaskPatch>,
+) -> ApiResult<Json<Task>> {
+    caller.require_operator()?;
+    Ok(Json(s.store.update_task(&caller.actor(), &key, &patch).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/tasks/{key}", tag = "catalog", params(("key" = String, Path)),

@@ -27,8 +27,8 @@ pub use machines::MAX_BULK;
         org::create_rack, org::list_racks, org::delete_rack,
         org::create_tenant, org::list_tenants, org::delete_tenant,
         org::create_token, org::list_tokens, org::revoke_token,
-        catalog::create_os_image, catalog::list_os_images, catalog::get_os_image, catalog::delete_os_image,
-        catalog::create_task, catalog::list_tasks, catalog::get_task, catalog::delete_task,
+        catalog::create_os_image, catalog::list_os_images, catalog::get_os_image, catalog::update_os_image, catalog::delete_os_image,
+        catalog::create_task, catalog::list_tasks, catalog::get_task, catalog::update_task, catalog::delete_task,
         catalog::list_layouts,
         events::list,
     ),
@@ -87,12 +87,16 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/api/v1/os-images/{key}",
-            get(catalog::get_os_image).delete(catalog::delete_os_image),
+            get(catalog::get_os_image)
+                .patch(catalog::update_os_image)
+                .delete(catalog::delete_os_image),
         )
         .route("/api/v1/tasks", post(catalog::create_task).get(catalog::list_tasks))
         .route(
             "/api/v1/tasks/{key}",
-            get(catalog::get_task).delete(catalog::delete_task),
+            get(catalog::get_task)
+                .patch(catalog::update_task)
+                .delete(catalog::delete_task),
         )
         .route("/api/v1/layouts", get(catalog::list_layouts))
         .route("/api/v1/events", get(events::list))

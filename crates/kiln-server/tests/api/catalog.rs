@@ -103,4 +103,44 @@ api_test!(catalog_validation, |srv| {
     assert!(e.to_string().contains("already exists"));
     let e = admin.get_os_image("nope").await.unwrap_err();
     assert_eq!(e.status(), Some(404));
+    // Edits keep what they do not name and are validated as a whole.
+    let patch = kiln_types::catalog::OsImagePatch {
+        min_ram_bytes: Some(4 << 30),
+        ..Default::default()
+    };
+    let edited = admin.update_os_image("deb-1", &patch).await.unwrap();
+    assert_eq!(edited.min_ram_bytes, 4 << 30);
+    assert_eq!(edited.source, "http://images/deb.raw");
+    let patch = kiln_types::catalog::OsImagePatch {
+        sha256: Some("xyz".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        admin.update_os_image("deb-1", &patch).await.unwrap_err().status(),
+        Some(400)
+    );
+    admin
+        .create_task(&TaskCreate {
+            name: "motd".into(),
+            kind: TaskKind::Script,
+            tags: vec![],
+            content: "v1".into(),
+        })
+        .await
+        .unwrap();
+    let patch = kiln_types::catalog::TaskPatch {
+        content: Some("v2".into()),
+        ..Default::default()
+    };
+    assert_eq!(admin.update_task("motd", &patch).await.unwrap().content, "v2");
+    let events = admin
+        .list_events(&kiln_types::event::EventFilter {
+            target: Some("motd".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(events[0].action, "task.update");
+    assert_eq!(events[0].before.as_ref().unwrap()["content"], "v1");
 });
