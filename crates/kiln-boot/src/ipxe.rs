@@ -1,0 +1,228 @@
+//! iPXE scripts for each boot answer. iPXE expands `${…}` on every line and
+//! reads `||`, `&&` and `#` as script syntax, and it has no quoting that
+//! would make a value inert. So every value that reaches a script (URLs,
+//! kernel arguments, the token, a hostname in a message) is checked against
+//! a plain character set and refused otherwise — never escaped and hoped.
+
+use crate::decision::BootAnswer;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScriptError {
+    #[error("`{value}` cannot go into an iPXE script: {why}")]
+    Unsafe { value: String, why: &'static str },
+}
+
+/// Characters that need no quoting anywhere in an iPXE command line.
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~:/?=,+@%[]".contains(c)
+}
+
+/// A kernel argument, URL or token: non-empty plain characters, no spaces.
+pub fn check_arg(value: &str) -> Result<&str, ScriptError> {
+    let bad = |why| {
+        Err(ScriptError::Unsafe {
+            value: value.chars().take(80).collect(),
+            why,
+        })
+    };
+    if value.is_empty() {
+        return bad("it is empty");
+    }
+    if value.len() > 1024 {
+        return bad("it is longer than 1024 characters");
+    }
+    if value.contains("${") || value.contains('$') {
+        return bad("`$` would expand iPXE settings");
+    }
+    match value.chars().find(|c| !plain(*c)) {
+        Some(c) if c.is_whitespace() || c.is_control() => bad("it contains white space or a control character"),
+        Some(_) => bad("it contains a character outside A-Z a-z 0-9 - . _ ~ : / ? = , + @ % [ ]"),
+        None => Ok(value),
+    }
+}
+
+/// How to leave iPXE for the local disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    Bios,
+    Uefi,
+}
+
+/// Discovery agent artifacts and where the agent reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentBoot {
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: Vec<String>,
+}
+
+/// Renders `answer` as an iPXE script. `NoAnswer` renders a script that
+/// says so and exits to the next boot device.
+pub fn render(answer: &BootAnswer, firmware: Firmware, agent: &AgentBoot) -> Result<String, ScriptError> {
+    let mut s = String::from("#!ipxe\n");
+    let exit_to_disk = |s: &mut String| match firmware {
+        // `exit` hands control back to the firmware, which tries the next
+        // boot device; on BIOS, sanboot of the first hard disk is surer.
+        Firmware::Bios => s.push_str("sanboot --no-describe --drive 0x80 || exit\n"),
+        Firmware::Uefi => s.push_str("exit\n"),
+    };
+    match answer {
+        BootAnswer::NoAnswer { .. } => {
+            s.push_str("echo kiln: this machine is not managed here\n");
+            s.push_str("exit\n");
+        }
+        BootAnswer::LocalDisk { .. } => {
+            s.push_str("echo kiln: booting from local disk\n");
+            exit_to_disk(&mut s);
+        }
+        BootAnswer::Discovery { .. } => {
+            s.push_str("echo kiln: booting the discovery agent\n");
+            kernel_lines(
+                &mut s,
+                &agent.kernel,
+                std::slice::from_ref(&agent.initrd),
+                &agent.cmdline,
+                None,
+            )?;
+        }
+        BootAnswer::Install {
+            job_id,
+            token,
+            kernel,
+            initrds,
+            cmdline,
+            ..
+        } => {
+            check_arg(job_id)?;
+            s.push_str(&format!("echo kiln: job {job_id}: booting its installer\n"));
+            let token_arg = format!("kiln.token={}", token.expose());
+            kernel_lines(&mut s, kernel, initrds, cmdline, Some(&token_arg))?;
+        }
+    }
+    Ok(s)
+}
+
+fn kernel_lines(
+    s: &mut String,
+    kernel: &str,
+    initrds: &[String],
+    cmdline: &[String],
+    token: Option<&str>,
+) -> Result<(), ScriptError> {
+    let mut line = format!("kernel {}", check_arg(kernel)?);
+    for arg in cmdline.iter().map(String::as_str).chain(token) {
+        line.push(' ');
+        line.push_str(check_arg(arg)?);
+    }
+    s.push_str(&line);
+    s.push('\n');
+    for initrd in initrds {
+        s.push_str(&format!("initrd {}\n", check_arg(initrd)?));
+    }
+    s.push_str("boot\n");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_types::Secret;
+
+    /// Parses a script the way iPXE reads it, enough to prove what it will
+    /// run: one known command per line, and no setting expansion or
+    /// command chaining anywhere except our own `|| exit`.
+    fn commands(script: &str) -> Vec<Vec<String>> {
+        let mut lines = script.lines();
+        assert_eq!(lines.next(), Some("#!ipxe"));
+        lines
+            .map(|l| {
+                assert!(!l.contains('$'), "expansion in {l:?}");
+                assert!(!l.contains('#'), "comment in {l:?}");
+                assert!(!l.contains("&&"), "chaining in {l:?}");
+                assert!(!l.contains("||") || l.ends_with("|| exit"), "chaining in {l:?}");
+                let words: Vec<String> = l.split(' ').map(str::to_string).collect();
+                assert!(
+                    ["echo", "kernel", "initrd", "boot", "exit", "sanboot"].contains(&words[0].as_str()),
+                    "unexpected command in {l:?}"
+                );
+                words
+            })
+            .collect()
+    }
+
+    fn agent() -> AgentBoot {
+        AgentBoot {
+            kernel: "http://10.0.0.1:7070/boot/file/vmlinuz".into(),
+            initrd: "http://10.0.0.1:7070/boot/file/agent.cpio.gz".into(),
+            cmdline: vec!["console=ttyS0,115200".into(), "kiln.mode=discover".into()],
+        }
+    }
+
+    fn install(cmdline: Vec<String>, token: &str) -> BootAnswer {
+        BootAnswer::Install {
+            job_id: "job-7".into(),
+            token: Secret::new(token),
+            kernel: "http://10.0.0.1:7070/boot/file/di/linux".into(),
+            initrds: vec!["http://10.0.0.1:7070/boot/file/di/initrd.gz".into()],
+            cmdline,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn local_disk_never_loads_a_kernel() {
+        for fw in [Firmware::Bios, Firmware::Uefi] {
+            let s = render(&BootAnswer::LocalDisk { reason: "x".into() }, fw, &agent()).unwrap();
+            let cmds = commands(&s);
+            assert!(cmds.iter().all(|c| c[0] != "kernel" && c[0] != "boot"), "{s}");
+        }
+        let s = render(&BootAnswer::NoAnswer { reason: "x".into() }, Firmware::Bios, &agent()).unwrap();
+        assert!(commands(&s).iter().all(|c| c[0] != "kernel"));
+    }
+
+    #[test]
+    fn install_script_has_the_job_token_once() {
+        let s = render(
+            &install(vec!["priority=critical".into()], "tok-123"),
+            Firmware::Uefi,
+            &agent(),
+        )
+        .unwrap();
+        let cmds = commands(&s);
+        let kernel = cmds.iter().find(|c| c[0] == "kernel").unwrap();
+        assert_eq!(kernel[1], "http://10.0.0.1:7070/boot/file/di/linux");
+        assert_eq!(&kernel[2..], ["priority=critical", "kiln.token=tok-123"]);
+        assert_eq!(cmds.iter().filter(|c| c[0] == "initrd").count(), 1);
+        assert_eq!(cmds.last().unwrap()[0], "boot");
+    }
+
+    #[test]
+    fn injection_attempts_are_refused() {
+        for evil in [
+            "quiet\nshell",
+            "quiet || shell",
+            "x=${net0/mac}",
+            "a&&b",
+            "#comment",
+            "two words",
+            "semi;colon",
+            "",
+            "tab\there",
+            "quote\"d",
+        ] {
+            let r = render(&install(vec![evil.into()], "tok"), Firmware::Bios, &agent());
+            assert!(r.is_err(), "{evil:?} got through: {r:?}");
+        }
+        assert!(render(&install(vec![], "tok\nshell"), Firmware::Bios, &agent()).is_err());
+        let mut bad_agent = agent();
+        bad_agent.kernel = "http://x/${root-path}".into();
+        assert!(
+            render(
+                &BootAnswer::Discovery { reason: String::new() },
+                Firmware::Bios,
+                &bad_agent
+            )
+            .is_err()
+        );
+    }
+}
