@@ -219,7 +219,8 @@ mod tests {
         let protected_arm = arm(protected.id, now);
         let maint_arm = arm(maint.id, now);
 
-        let rows: Vec<(&str, Option<&Machine>, Option<&NetbootArm>, BootPolicy, Want)> = vec![
+        type Row<'a> = (&'a str, Option<&'a Machine>, Option<&'a NetbootArm>, BootPolicy, Want);
+        let rows: Vec<Row> = vec![
             ("unknown MAC, discovery off", None, None, off, Want::Silent),
             ("unknown MAC, discovery on", None, None, on, Want::Discovery),
             (
