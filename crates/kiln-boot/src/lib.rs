@@ -8,5 +8,6 @@
 //! around these functions.
 
 pub mod decision;
+pub mod dhcp;
 pub mod firmware;
 pub mod ipxe;

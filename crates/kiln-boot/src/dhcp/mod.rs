@@ -1,0 +1,10 @@
+//! DHCPv4, as pure functions: what a request means (`classify_request`),
+//! which address a client gets (`choose_address`), and the reply
+//! (`reply`). The listener around them (sockets, lease persistence) only
+//! gathers facts and sends what these return.
+
+mod handler;
+mod subnet;
+
+pub use handler::{Effect, Facts, Lease, Mode, Outcome, ServerConfig, handle, request_identity};
+pub use subnet::{Subnet, SubnetError};
