@@ -16,6 +16,7 @@
 
 mod catalog;
 mod events;
+mod leases;
 mod machines;
 mod org;
 
@@ -27,6 +28,7 @@ use kiln_types::error::ErrorDetail;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
+pub use leases::LoadedLeases;
 pub use machines::{NewMachine, SealedPassword};
 pub use org::TokenRecord;
 

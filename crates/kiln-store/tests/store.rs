@@ -604,3 +604,114 @@ store_test!(sites_and_racks, |store| {
     store.delete_rack(&actor(), Some("codfw"), "a1").await.unwrap();
     store.delete_site(&actor(), "codfw").await.unwrap();
 });
+
+mod leases {
+    use super::*;
+    use chrono::{Duration, Utc};
+    use kiln_types::MacAddr;
+    use kiln_types::lease::{Lease, LeaseState};
+
+    fn lease(ip: &str, mac: &str) -> Lease {
+        Lease {
+            ip: ip.parse().unwrap(),
+            mac: mac.parse::<MacAddr>().unwrap(),
+            state: LeaseState::Bound,
+            machine_id: None,
+            hostname: None,
+            expires_at: Utc::now() + Duration::hours(1),
+        }
+    }
+
+    store_test!(committed_leases_survive_and_move_with_the_client, |store| {
+        store
+            .commit_lease(&lease("10.0.0.100", "52:54:00:00:00:01"))
+            .await
+            .unwrap();
+        store
+            .commit_lease(&lease("10.0.0.101", "52:54:00:00:00:02"))
+            .await
+            .unwrap();
+        // The same client bound elsewhere: its old lease goes.
+        store
+            .commit_lease(&lease("10.0.0.102", "52:54:00:00:00:01"))
+            .await
+            .unwrap();
+        let loaded = store.load_leases().await.unwrap();
+        let ips: Vec<String> = loaded.leases.iter().map(|l| l.ip.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.101", "10.0.0.102"]);
+        assert_eq!(loaded.quarantined, 0);
+        assert!(
+            !store
+                .release_lease("10.0.0.101".parse().unwrap(), "52:54:00:00:00:09".parse().unwrap())
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .release_lease("10.0.0.101".parse().unwrap(), "52:54:00:00:00:02".parse().unwrap())
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.load_leases().await.unwrap().leases.len(), 1);
+    });
+
+    store_test!(a_corrupt_lease_is_quarantined_not_fatal, |store| {
+        store
+            .commit_lease(&lease("10.0.0.100", "52:54:00:00:00:01"))
+            .await
+            .unwrap();
+        sqlx::query::<sqlx::Any>(
+            "INSERT INTO dhcp_leases (ip, mac, state, expires_at, updated_at) VALUES ('10.0.0.7', 'not-a-mac', 'bound', 'soon', 'x')",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let loaded = store.load_leases().await.unwrap();
+        assert_eq!(loaded.leases.len(), 1);
+        assert_eq!(loaded.quarantined, 1);
+        let q: i64 = sqlx::query_scalar::<sqlx::Any, i64>("SELECT COUNT(*) FROM dhcp_lease_quarantine")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(q, 1);
+        assert_eq!(
+            store.load_leases().await.unwrap().quarantined,
+            0,
+            "quarantined once, then gone"
+        );
+    });
+
+    store_test!(machines_are_found_by_switch_port_or_mac, |store| {
+        let mut m = machine("rack1", "52:54:00:00:00:01");
+        m.spec.nics[0].circuit_id = Some("xe-0/0/7".into());
+        m.spec.nics[0].remote_id = Some("asw-a1".into());
+        m.spec.ipv4 = Some("10.0.0.7".parse().unwrap());
+        store.create_machines(&actor(), vec![m]).await.unwrap();
+        let other_mac: MacAddr = "02:00:00:00:00:99".parse().unwrap();
+        let by_port = store
+            .find_machine_by_nic(other_mac, Some("xe-0/0/7"), Some("asw-a1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            by_port.unwrap().hostname.as_str(),
+            "rack1",
+            "cabling identifies the machine, whatever its MAC"
+        );
+        let by_mac = store
+            .find_machine_by_nic("52:54:00:00:00:01".parse().unwrap(), None, None)
+            .await
+            .unwrap();
+        assert_eq!(by_mac.unwrap().hostname.as_str(), "rack1");
+        assert!(
+            store
+                .find_machine_by_nic(other_mac, Some("xe-0/0/8"), Some("asw-a1"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store.reserved_ipv4s().await.unwrap(),
+            vec!["10.0.0.7".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+    });
+}

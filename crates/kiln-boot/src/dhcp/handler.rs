@@ -8,8 +8,9 @@ use dhcproto::v4::{
     DhcpOption, HType, Message, MessageType, Opcode, OptionCode,
     relay::{RelayCode, RelayInfo},
 };
+use kiln_types::MacAddr;
+pub use kiln_types::lease::{Lease, LeaseState};
 use kiln_types::machine::Machine;
-use kiln_types::{MacAddr, MachineId};
 use serde::Serialize;
 
 use super::Subnet;
@@ -36,16 +37,6 @@ pub struct ServerConfig {
     pub http_base: String,
     pub files: FirstStageFiles,
     pub policy: BootPolicy,
-}
-
-/// A bound lease.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Lease {
-    pub ip: Ipv4Addr,
-    pub mac: MacAddr,
-    pub machine_id: Option<MachineId>,
-    pub hostname: Option<String>,
-    pub expires_at: DateTime<Utc>,
 }
 
 /// What the listener looked up for this request.
@@ -324,6 +315,7 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
                     let lease = Lease {
                         ip: c,
                         mac,
+                        state: LeaseState::Bound,
                         machine_id: facts.machine.map(|m| m.id),
                         hostname,
                         expires_at: now + Duration::seconds(i64::from(subnet.lease_time)),
@@ -426,6 +418,7 @@ mod tests {
     use dhcproto::v4::relay::RelayAgentInformation;
     use dhcproto::v4::{Architecture, Flags};
     use dhcproto::{Decodable, Encodable};
+    use kiln_types::MachineId;
     use kiln_types::machine::{MachineCreate, MachineState};
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
@@ -585,10 +578,7 @@ mod tests {
             &facts(&s, None, None, &|_| true),
             Utc::now(),
         ));
-        assert_eq!(
-            file(&r),
-            "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01"
-        );
+        assert_eq!(file(&r), "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01");
         let mut http = request(MessageType::Discover);
         http.opts_mut()
             .insert(DhcpOption::ClientSystemArchitecture(Architecture(16)));
@@ -677,6 +667,7 @@ mod tests {
         let lease = Lease {
             ip: "10.213.0.101".parse().unwrap(),
             mac: MacAddr(MAC),
+            state: LeaseState::Bound,
             machine_id: None,
             hostname: None,
             expires_at: Utc::now(),
