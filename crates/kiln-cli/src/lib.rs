@@ -76,6 +76,12 @@ pub enum Command {
     /// API tokens.
     #[command(subcommand)]
     Token(cmd::org::TokenCmd),
+    /// DHCP leases.
+    Leases {
+        /// Include expired leases.
+        #[arg(long)]
+        all: bool,
+    },
     /// The audit log: who changed what, newest first.
     Events(cmd::org::EventsArgs),
     /// Print shell completions.
@@ -214,6 +220,7 @@ async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
         Command::Tenant(c) => cmd::org::run_tenant(c, ctx, out).await,
         Command::Token(c) => cmd::org::run_token(c, ctx, out).await,
         Command::Events(a) => cmd::org::events(a, ctx, out).await,
+        Command::Leases { all } => cmd::org::leases(all, ctx, out).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
             Ok(())

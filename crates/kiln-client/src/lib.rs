@@ -340,6 +340,12 @@ impl Client {
         self.get("/api/v1/layouts").await
     }
 
+    // ---- boot ----
+
+    pub async fn list_leases(&self, all: bool) -> Result<Vec<kiln_types::lease::Lease>> {
+        self.get_q("/api/v1/leases", &[("all", all)]).await
+    }
+
     // ---- audit log ----
 
     pub async fn list_events(&self, filter: &EventFilter) -> Result<Page<Event>> {

@@ -26,6 +26,59 @@ pub struct Settings {
     /// Log filter (`info`, `kiln_server=debug`, …).
     #[arg(long, env = "KILN_LOG")]
     pub log: Option<String>,
+    /// Net boot: the DHCP service (file only: `[dhcp]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub dhcp: Option<DhcpSettings>,
+}
+
+/// `[dhcp]`: kiln's DHCPv4 service. Absent: kiln serves no DHCP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpSettings {
+    /// `full` (addresses and boot) or `proxy` (boot information only).
+    pub mode: kiln_boot::dhcp::Mode,
+    /// Interfaces to serve on, by name.
+    pub interfaces: Vec<String>,
+    /// Answer unknown machines with the discovery agent.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Base URL of kiln's HTTP boot as machines reach it (default:
+    /// `http://ADDRESS-OF-THE-INTERFACE:LISTEN-PORT`).
+    #[serde(default)]
+    pub http_base: Option<String>,
+    /// First-stage file for BIOS PXE clients.
+    #[serde(default = "default_bios_file")]
+    pub bios_file: String,
+    /// First-stage file for UEFI clients.
+    #[serde(default = "default_uefi_file")]
+    pub uefi_file: String,
+    #[serde(default, rename = "subnet")]
+    pub subnets: Vec<kiln_boot::dhcp::Subnet>,
+}
+
+fn default_bios_file() -> String {
+    kiln_boot::firmware::FirstStageFiles::default().bios
+}
+
+fn default_uefi_file() -> String {
+    kiln_boot::firmware::FirstStageFiles::default().uefi
+}
+
+impl DhcpSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Dhcp(m));
+        if self.interfaces.is_empty() {
+            return bad("`interfaces` is empty: name the interfaces to serve on".into());
+        }
+        if self.mode == kiln_boot::dhcp::Mode::Full && self.subnets.is_empty() {
+            return bad("full mode needs at least one [[dhcp.subnet]]".into());
+        }
+        for s in &self.subnets {
+            s.validate().map_err(|e| ConfigError::Dhcp(e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 impl Settings {
@@ -37,6 +90,7 @@ impl Settings {
             database_url: over.database_url.or(self.database_url),
             secret_key_file: over.secret_key_file.or(self.secret_key_file),
             log: over.log.or(self.log),
+            dhcp: over.dhcp.or(self.dhcp),
         }
     }
 }
@@ -49,6 +103,7 @@ pub struct Config {
     pub database_url: Option<String>,
     pub secret_key_file: PathBuf,
     pub log: String,
+    pub dhcp: Option<DhcpSettings>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -66,6 +121,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("listen address `{0}` is not HOST:PORT (for example 127.0.0.1:7070)")]
     Listen(String),
+    #[error("[dhcp]: {0}")]
+    Dhcp(String),
     #[error(
         "database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)"
     )]
@@ -99,7 +156,11 @@ impl Config {
         {
             return Err(ConfigError::DatabaseUrl);
         }
+        if let Some(d) = &s.dhcp {
+            d.validate()?;
+        }
         Ok(Config {
+            dhcp: s.dhcp,
             secret_key_file: s.secret_key_file.unwrap_or_else(|| data_dir.join("secret.key")),
             data_dir,
             listen,
@@ -138,6 +199,28 @@ mod tests {
         let (_d, path) = file("data_dir = \"/x\"\nlisten_addr = \"1.2.3.4:5\"\n");
         let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
         assert!(e.contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn dhcp_section() {
+        let (_d, path) = file(
+            "[dhcp]\nmode = \"full\"\ninterfaces = [\"br0\"]\n\n[[dhcp.subnet]]\nnetwork = \"10.0.0.0/24\"\npool = [\"10.0.0.100\", \"10.0.0.200\"]\n",
+        );
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        let d = c.dhcp.unwrap();
+        assert_eq!(d.subnets.len(), 1);
+        assert_eq!(d.bios_file, "undionly.kpxe");
+        let (_d, path) = file("[dhcp]\nmode = \"full\"\ninterfaces = [\"br0\"]\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("at least one [[dhcp.subnet]]"), "{e}");
+        let (_d, path) = file("[dhcp]\nmode = \"full\"\ninterfaces = [\"br0\"]\nleases = 1\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("leases"), "{e}");
+        let (_d, path) = file(
+            "[dhcp]\nmode = \"full\"\ninterfaces = [\"br0\"]\n[[dhcp.subnet]]\nnetwork = \"10.0.0.0/24\"\npool = [\"10.0.1.1\", \"10.0.1.9\"]\n",
+        );
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("pool"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod dhcp;
 pub mod error;
 pub mod secrets;
 
@@ -96,7 +97,27 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         None => "sqlite",
     };
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), backend, "kiln server started");
-    run(state, listener, shutdown).await
+    let Some(dhcp_settings) = config.dhcp.clone() else {
+        return run(state, listener, shutdown).await;
+    };
+    // DHCP and the API live and die together: if either fails, both stop.
+    let dhcp_task = dhcp::run(
+        state.store.clone(),
+        dhcp_settings,
+        config.listen.port(),
+        shutdown.clone(),
+    );
+    let api_task = run(state, listener, shutdown.clone());
+    tokio::select! {
+        r = dhcp_task => {
+            shutdown.cancel();
+            r.context("the DHCP service stopped")
+        }
+        r = api_task => {
+            shutdown.cancel();
+            r
+        }
+    }
 }
 
 /// Creates a token straight in the database, without a running server: how

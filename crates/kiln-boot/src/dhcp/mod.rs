@@ -6,5 +6,7 @@
 mod handler;
 mod subnet;
 
-pub use handler::{Effect, Facts, Lease, Mode, Outcome, ServerConfig, handle, request_identity};
+pub use handler::{
+    Effect, Facts, Lease, LeaseState, Mode, Outcome, ServerConfig, choose_address, handle, request_identity,
+};
 pub use subnet::{Subnet, SubnetError};

@@ -347,3 +347,20 @@ fn short(v: &serde_json::Value) -> String {
         s
     }
 }
+
+pub async fn leases(all: bool, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let leases = ctx.client()?.list_leases(all).await?;
+    let rows = leases
+        .iter()
+        .map(|l| {
+            vec![
+                l.ip.to_string(),
+                l.mac.to_string(),
+                l.state.to_string(),
+                opt(&l.hostname),
+                l.expires_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ]
+        })
+        .collect();
+    out.table(&leases, &["IP", "MAC", "STATE", "MACHINE", "EXPIRES (UTC)"], rows)
+}

@@ -1,0 +1,257 @@
+//! The DHCPv4 listener: thin I/O around `kiln_boot::dhcp::handle`.
+//!
+//! One UDP socket per configured interface, bound to that interface
+//! (SO_BINDTODEVICE) on port 67: the socket a packet arrives on says which
+//! interface it came in on, which is what IP_PKTINFO would tell a single
+//! wildcard socket, and replies leave through the same interface. For every
+//! request the listener looks up the facts (machine by option 82 or MAC,
+//! the client's lease, which pool addresses are free), calls the pure
+//! handler, makes a lease durable in the store *before* sending the ACK, and
+//! sends the reply to the relay, the client, or the broadcast address.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::{Duration, Utc};
+use dhcproto::v4::{Message, MessageType};
+use dhcproto::{Decodable, Encodable};
+use kiln_boot::decision::BootPolicy;
+use kiln_boot::dhcp::{Effect, Facts, Lease, LeaseState, ServerConfig, Subnet, handle, request_identity};
+use kiln_boot::firmware::FirstStageFiles;
+use kiln_store::Store;
+use tokio::net::UdpSocket;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DhcpSettings;
+
+pub const SERVER_PORT: u16 = 67;
+pub const CLIENT_PORT: u16 = 68;
+/// How long a declined address stays out of the pool.
+const DECLINE_HOLD_MINUTES: i64 = 10;
+
+/// Leases by address, as committed to the store.
+#[derive(Debug, Default)]
+struct Leases {
+    by_ip: HashMap<Ipv4Addr, Lease>,
+}
+
+impl Leases {
+    fn of(&self, mac: kiln_types::MacAddr, subnet: &Subnet) -> Option<&Lease> {
+        let now = Utc::now();
+        self.by_ip
+            .values()
+            .find(|l| l.mac == mac && l.state == LeaseState::Bound && l.is_live(now) && subnet.contains(l.ip))
+    }
+}
+
+/// Shared by the sockets of all interfaces.
+struct Service {
+    store: Store,
+    settings: DhcpSettings,
+    listen_port: u16,
+    leases: Mutex<Leases>,
+}
+
+/// The first IPv4 address of interface `name`.
+fn interface_ipv4(name: &str) -> anyhow::Result<Ipv4Addr> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing network interfaces")?;
+    for a in addrs {
+        if a.interface_name == name
+            && let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in())
+        {
+            return Ok(sin.ip());
+        }
+    }
+    anyhow::bail!("interface `{name}` does not exist or has no IPv4 address: [dhcp] interfaces names it")
+}
+
+fn bind(interface: &str) -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    s.bind_device(Some(interface.as_bytes()))
+        .with_context(|| format!("binding a socket to interface `{interface}` (needs root or CAP_NET_RAW)"))?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT)).into())
+        .with_context(|| {
+            format!("binding UDP port {SERVER_PORT} on `{interface}` (needs root or CAP_NET_BIND_SERVICE)")
+        })?;
+    Ok(UdpSocket::from_std(s.into())?)
+}
+
+/// Serves DHCP on every configured interface until `shutdown`.
+pub async fn run(
+    store: Store,
+    settings: DhcpSettings,
+    listen_port: u16,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let loaded = store.load_leases().await.context("loading DHCP leases")?;
+    if loaded.quarantined > 0 {
+        tracing::warn!(
+            count = loaded.quarantined,
+            "unreadable DHCP leases were moved to dhcp_lease_quarantine"
+        );
+    }
+    let leases = Leases {
+        by_ip: loaded.leases.into_iter().map(|l| (l.ip, l)).collect(),
+    };
+    let service = Arc::new(Service {
+        store,
+        settings,
+        listen_port,
+        leases: Mutex::new(leases),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for iface in service.settings.interfaces.clone() {
+        let ip = interface_ipv4(&iface)?;
+        let socket = bind(&iface)?;
+        tracing::info!(interface = %iface, address = %ip, mode = ?service.settings.mode, "DHCP listening");
+        tasks.spawn(serve_interface(service.clone(), iface, ip, socket, shutdown.clone()));
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a DHCP task panicked")??;
+    }
+    Ok(())
+}
+
+async fn serve_interface(
+    service: Arc<Service>,
+    iface: String,
+    server_ip: Ipv4Addr,
+    socket: UdpSocket,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let (len, from) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "DHCP receive failed");
+                    continue;
+                }
+            },
+        };
+        let msg = match Message::from_bytes(&buf[..len]) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(%from, error = %e, "ignoring a malformed DHCP packet");
+                continue;
+            }
+        };
+        if let Err(e) = answer(&service, server_ip, &socket, &msg).await {
+            // A failed lease write means no ACK: the client retries, and no
+            // acknowledged lease is ever missing from the store.
+            tracing::error!(interface = %iface, error = format!("{e:#}"), "DHCP request not answered");
+        }
+    }
+}
+
+async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg: &Message) -> anyhow::Result<()> {
+    let Some((mac, circuit, remote)) = request_identity(msg) else {
+        return Ok(());
+    };
+    let s = &service.settings;
+    let machine = service
+        .store
+        .find_machine_by_nic(mac, circuit.as_deref(), remote.as_deref())
+        .await?;
+    let giaddr = msg.giaddr();
+    let locator = if giaddr.is_unspecified() { server_ip } else { giaddr };
+    let subnet = s.subnets.iter().find(|sub| sub.contains(locator));
+    let needs_pool = matches!(
+        msg.opts().msg_type(),
+        Some(MessageType::Discover | MessageType::Request)
+    ) && machine
+        .as_ref()
+        .and_then(|m| m.ipv4)
+        .is_none_or(|ip| subnet.is_none_or(|sub| !sub.contains(ip)));
+    let reserved: Vec<Ipv4Addr> = if needs_pool {
+        service.store.reserved_ipv4s().await?
+    } else {
+        vec![]
+    };
+    let cfg = ServerConfig {
+        mode: s.mode,
+        server_ip,
+        http_base: s
+            .http_base
+            .clone()
+            .unwrap_or_else(|| format!("http://{server_ip}:{}", service.listen_port)),
+        files: FirstStageFiles {
+            bios: s.bios_file.clone(),
+            uefi: s.uefi_file.clone(),
+        },
+        policy: BootPolicy { discovery: s.discovery },
+    };
+    let mut leases = service.leases.lock().await;
+    let now = Utc::now();
+    let own = subnet.and_then(|sub| leases.of(mac, sub)).cloned();
+    let outcome = {
+        let is_free = |ip: Ipv4Addr| {
+            !reserved.contains(&ip)
+                && leases
+                    .by_ip
+                    .get(&ip)
+                    .is_none_or(|l| !l.is_live(now) || (l.mac == mac && l.state == LeaseState::Bound))
+        };
+        let facts = Facts {
+            subnet,
+            machine: machine.as_ref(),
+            arm: None,
+            lease: own.as_ref(),
+            is_free: &is_free,
+        };
+        handle(&cfg, msg, &facts, now)
+    };
+    tracing::info!(%mac, note = %outcome.note, "dhcp");
+    match outcome.effect {
+        Effect::None => {}
+        Effect::Commit(lease) => {
+            service.store.commit_lease(&lease).await.context("writing the lease")?;
+            leases
+                .by_ip
+                .retain(|_, l| !(l.mac == lease.mac && l.state == LeaseState::Bound));
+            leases.by_ip.insert(lease.ip, lease);
+        }
+        Effect::Release { ip, mac } => {
+            service.store.release_lease(ip, mac).await?;
+            leases.by_ip.remove(&ip);
+        }
+        Effect::Decline { ip, mac } => {
+            let hold = Lease {
+                ip,
+                mac,
+                state: LeaseState::Declined,
+                machine_id: None,
+                hostname: None,
+                expires_at: now + Duration::minutes(DECLINE_HOLD_MINUTES),
+            };
+            service.store.commit_lease(&hold).await?;
+            leases.by_ip.insert(ip, hold);
+        }
+    }
+    drop(leases);
+    if let Some(reply) = outcome.reply {
+        let dest = if !giaddr.is_unspecified() {
+            SocketAddrV4::new(giaddr, SERVER_PORT)
+        } else if !msg.ciaddr().is_unspecified() && !msg.flags().broadcast() {
+            SocketAddrV4::new(msg.ciaddr(), CLIENT_PORT)
+        } else {
+            // The client has no address yet: broadcast on the interface
+            // this socket is bound to.
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
+        };
+        socket
+            .send_to(&reply.to_vec()?, dest)
+            .await
+            .with_context(|| format!("sending to {dest}"))?;
+    }
+    Ok(())
+}
