@@ -26,20 +26,34 @@ pub(crate) fn snapshot<T: Serialize>(value: &T) -> Option<serde_json::Value> {
 
 /// Appends `change` on `conn`, which is inside the change's transaction.
 pub(crate) async fn record(conn: &mut AnyConnection, actor: &Actor, change: Change<'_>) -> Result<()> {
-    sqlx::query::<Any>(
-        "INSERT INTO events (at, actor, action, target_kind, target_id, target_name, before_json, after_json) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(ts(now()))
-    .bind(&actor.0)
-    .bind(change.action)
-    .bind(change.target_kind)
-    .bind(change.target_id)
-    .bind(change.target_name)
-    .bind(change.before.map(|v| v.to_string()))
-    .bind(change.after.map(|v| v.to_string()))
-    .execute(&mut *conn)
-    .await?;
+    record_many(conn, actor, vec![change]).await
+}
+
+/// Appends many records in multi-row statements (bulk imports).
+pub(crate) async fn record_many(conn: &mut AnyConnection, actor: &Actor, changes: Vec<Change<'_>>) -> Result<()> {
+    let at = ts(now());
+    for chunk in changes.chunks(1000) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|r| format!("({})", crate::placeholders(r * 8 + 1, 8)))
+            .collect();
+        let sql = format!(
+            "INSERT INTO events (at, actor, action, target_kind, target_id, target_name, before_json, after_json) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query::<Any>(built(sql));
+        for c in chunk {
+            q = q
+                .bind(at.clone())
+                .bind(actor.0.clone())
+                .bind(c.action)
+                .bind(c.target_kind)
+                .bind(c.target_id.clone())
+                .bind(c.target_name.clone())
+                .bind(c.before.as_ref().map(|v| v.to_string()))
+                .bind(c.after.as_ref().map(|v| v.to_string()));
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -715,3 +715,58 @@ mod leases {
         );
     });
 }
+
+store_test!(a_large_import_crosses_every_statement_chunk, |store| {
+    // More rows than one multi-row statement takes (400 machines, 800 NICs,
+    // 2,000 tags, 1,000 events), and enough to refresh planner statistics.
+    let batch: Vec<NewMachine> = (0..1100u32)
+        .map(|i| {
+            let mut m = machine(
+                &format!("bulk{i:05}"),
+                &format!("02:00:00:00:{:02x}:{:02x}", i >> 8, i & 0xff),
+            );
+            m.spec
+                .nics
+                .push(nic(&format!("02:00:01:00:{:02x}:{:02x}", i >> 8, i & 0xff)));
+            m.spec.nics[1].switch = Some("sw".into());
+            m.spec.nics[1].port = Some(format!("p{i}"));
+            m.spec.tags = vec![
+                "a".parse().unwrap(),
+                "b".parse().unwrap(),
+                format!("n{i}").parse().unwrap(),
+            ];
+            m
+        })
+        .collect();
+    let created = store.create_machines(&actor(), batch).await.unwrap();
+    assert_eq!(created.len(), 1100);
+    let last = store.get_machine("bulk01099", None).await.unwrap();
+    assert_eq!(last, created[1099]);
+    assert_eq!(last.nics.len(), 2);
+    assert_eq!(last.nics[1].port.as_deref(), Some("p1099"));
+    let page = store
+        .list_machines(
+            &MachineFilter {
+                tag: Some("n1050,a".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    let events = store
+        .list_events(&EventFilter {
+            action: Some("machine.create".into()),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.items.len(), 1000);
+    assert!(events.next_cursor.is_some());
+    assert_eq!(
+        events.items[0].target_name, "bulk01099",
+        "newest first, in import order"
+    );
+});
