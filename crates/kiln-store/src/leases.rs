@@ -113,10 +113,17 @@ impl Store {
         Ok(LoadedLeases { leases, quarantined })
     }
 
-    /// Leases, live first by address; `all` includes expired ones.
+    /// Leases by address; `all` includes expired ones. Unreadable rows are
+    /// left for the next start-up's quarantine: listing changes nothing.
     pub async fn list_leases(&self, all: bool, at: DateTime<Utc>) -> Result<Vec<Lease>> {
-        let leases = self.load_leases().await?.leases;
-        Ok(leases.into_iter().filter(|l| all || l.is_live(at)).collect())
+        let rows = sqlx::query::<Any>("SELECT * FROM dhcp_leases ORDER BY ip")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| lease_from_row(r).ok())
+            .filter(|l| all || l.is_live(at))
+            .collect())
     }
 
     /// The machine a DHCP request comes from: by the switch port a relay

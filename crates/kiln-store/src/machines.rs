@@ -49,35 +49,43 @@ struct Row_ {
     sealed_password: Option<SealedPassword>,
 }
 
-/// A machine row with its owner, rack and site names, its tags (comma-joined,
-/// sorted) and its NICs (a JSON array in port order), gathered per row by
-/// correlated subqueries on the primary-key indexes: one round trip per
-/// page, and no IN-list that a planner might turn into a table scan.
-fn machine_select(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => {
-            "SELECT m.*, t.name AS owner_name, r.name AS rack_name, s.name AS site_name, \
-             (SELECT group_concat(tag, ',') FROM (SELECT tag FROM machine_tags mt WHERE mt.machine_id = m.id ORDER BY tag)) AS tag_list, \
-             (SELECT json_group_array(json_object('mac', mac, 'name', name, 'switch', switch, 'port', port, 'vlan', vlan, \
-                'circuit_id', circuit_id, 'remote_id', remote_id)) \
-              FROM (SELECT * FROM nics n WHERE n.machine_id = m.id ORDER BY position)) AS nic_list \
-             FROM machines m \
-             LEFT JOIN tenants t ON t.id = m.owner_id \
-             LEFT JOIN racks r ON r.id = m.rack_id \
-             LEFT JOIN sites s ON s.id = r.site_id"
-        }
-        Backend::Postgres => {
-            "SELECT m.*, t.name AS owner_name, r.name AS rack_name, s.name AS site_name, \
-             (SELECT string_agg(tag, ',' ORDER BY tag) FROM machine_tags mt WHERE mt.machine_id = m.id) AS tag_list, \
-             (SELECT json_agg(json_build_object('mac', mac, 'name', name, 'switch', switch, 'port', port, 'vlan', vlan, \
-                'circuit_id', circuit_id, 'remote_id', remote_id) ORDER BY position)::text \
-              FROM nics n WHERE n.machine_id = m.id) AS nic_list \
-             FROM machines m \
-             LEFT JOIN tenants t ON t.id = m.owner_id \
-             LEFT JOIN racks r ON r.id = m.rack_id \
-             LEFT JOIN sites s ON s.id = r.site_id"
-        }
-    }
+/// The joins filters refer to: `m` machines, `t` owner, `r` rack, `s` site.
+const MACHINE_FROM: &str = "FROM machines m \
+     LEFT JOIN tenants t ON t.id = m.owner_id \
+     LEFT JOIN racks r ON r.id = m.rack_id \
+     LEFT JOIN sites s ON s.id = r.site_id";
+
+/// A query for full machine rows — owner, rack and site names, tags
+/// (comma-joined, sorted) and NICs (a JSON array in port order) — of the
+/// machines `page` selects. `page` is `SELECT m.id, m.hostname {MACHINE_FROM}
+/// WHERE … ORDER BY … LIMIT …`: the tags and NICs are gathered by
+/// correlated subqueries on primary-key indexes for the rows of the page
+/// only (computed before the LIMIT, they cost a subquery per *matching*
+/// machine on PostgreSQL), in one round trip.
+fn machine_rows(backend: Backend, page: &str) -> String {
+    let (tags, nics) = match backend {
+        Backend::Sqlite => (
+            "(SELECT group_concat(tag, ',') FROM (SELECT tag FROM machine_tags mt WHERE mt.machine_id = m.id ORDER BY tag))",
+            "(SELECT json_group_array(json_object('mac', mac, 'name', name, 'switch', switch, 'port', port, 'vlan', vlan, \
+               'circuit_id', circuit_id, 'remote_id', remote_id)) \
+              FROM (SELECT * FROM nics n WHERE n.machine_id = m.id ORDER BY position))",
+        ),
+        Backend::Postgres => (
+            "(SELECT string_agg(tag, ',' ORDER BY tag) FROM machine_tags mt WHERE mt.machine_id = m.id)",
+            "(SELECT json_agg(json_build_object('mac', mac, 'name', name, 'switch', switch, 'port', port, 'vlan', vlan, \
+               'circuit_id', circuit_id, 'remote_id', remote_id) ORDER BY position)::text \
+              FROM nics n WHERE n.machine_id = m.id)",
+        ),
+    };
+    format!(
+        "SELECT m.*, t.name AS owner_name, r.name AS rack_name, s.name AS site_name, \
+         {tags} AS tag_list, {nics} AS nic_list \
+         FROM ({page}) page JOIN machines m ON m.id = page.id \
+         LEFT JOIN tenants t ON t.id = m.owner_id \
+         LEFT JOIN racks r ON r.id = m.rack_id \
+         LEFT JOIN sites s ON s.id = r.site_id \
+         ORDER BY m.hostname"
+    )
 }
 
 /// Racks and tenants by name, to resolve the names a request uses.
@@ -435,10 +443,11 @@ async fn load(
     key: &str,
     scope: Option<TenantId>,
 ) -> Result<(Machine, Option<SealedPassword>, Option<TenantId>)> {
-    let mut sql = format!("{} WHERE (m.id = $1 OR m.hostname = $1)", machine_select(backend));
+    let mut page = format!("SELECT m.id, m.hostname {MACHINE_FROM} WHERE (m.id = $1 OR m.hostname = $1)");
     if scope.is_some() {
-        sql.push_str(" AND m.owner_id = $2");
+        page.push_str(" AND m.owner_id = $2");
     }
+    let sql = machine_rows(backend, &page);
     let mut q = sqlx::query::<Any>(built(sql)).bind(key.to_ascii_lowercase());
     if let Some(t) = scope {
         q = q.bind(t.to_string());
@@ -603,7 +612,7 @@ impl Store {
             // plans lists over a just-imported fleet as if it were empty
             // (seen in bench/inventory: 70 ms instead of 1 ms per page).
             // Autovacuum would get there, but later, and may be off.
-            sqlx::query::<Any>("ANALYZE machines, machine_tags, nics")
+            sqlx::query::<Any>("ANALYZE machines, machine_tags, nics, racks, sites, tenants")
                 .execute(&self.pool)
                 .await?;
         }
@@ -626,7 +635,7 @@ impl Store {
     /// Machines matching `filter` (within `scope`), by hostname, one page.
     pub async fn list_machines(&self, filter: &MachineFilter, scope: Option<TenantId>) -> Result<Page<Machine>> {
         let limit = page_limit(filter.limit)?;
-        let mut sql = format!("{} WHERE 1 = 1", machine_select(self.backend));
+        let mut sql = format!("SELECT m.id, m.hostname {MACHINE_FROM} WHERE 1 = 1");
         let mut params = Params::default();
         if let Some(tags) = &filter.tag {
             for t in tags.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -668,7 +677,7 @@ impl Store {
             sql.push_str(&format!(" AND m.hostname > {p}"));
         }
         sql.push_str(&format!(" ORDER BY m.hostname LIMIT {}", limit + 1));
-        let q = params.bind_all(sqlx::query::<Any>(built(sql)));
+        let q = params.bind_all(sqlx::query::<Any>(built(machine_rows(self.backend, &sql))));
         let mut conn = self.pool.acquire().await?;
         let mut rows = q.fetch_all(&mut *conn).await?;
         let more = rows.len() > limit;
