@@ -30,6 +30,10 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub dhcp: Option<DhcpSettings>,
+    /// Net boot: the TFTP service (file only: `[tftp]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub tftp: Option<crate::tftp::TftpSettings>,
 }
 
 /// `[dhcp]`: kiln's DHCPv4 service. Absent: kiln serves no DHCP.
@@ -91,6 +95,7 @@ impl Settings {
             secret_key_file: over.secret_key_file.or(self.secret_key_file),
             log: over.log.or(self.log),
             dhcp: over.dhcp.or(self.dhcp),
+            tftp: over.tftp.or(self.tftp),
         }
     }
 }
@@ -104,6 +109,7 @@ pub struct Config {
     pub secret_key_file: PathBuf,
     pub log: String,
     pub dhcp: Option<DhcpSettings>,
+    pub tftp: Option<crate::tftp::TftpSettings>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -161,6 +167,7 @@ impl Config {
         }
         Ok(Config {
             dhcp: s.dhcp,
+            tftp: s.tftp,
             secret_key_file: s.secret_key_file.unwrap_or_else(|| data_dir.join("secret.key")),
             data_dir,
             listen,

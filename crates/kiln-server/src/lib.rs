@@ -8,6 +8,7 @@ pub mod config;
 pub mod dhcp;
 pub mod error;
 pub mod secrets;
+pub mod tftp;
 
 use std::time::Duration;
 
@@ -97,27 +98,30 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         None => "sqlite",
     };
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), backend, "kiln server started");
-    let Some(dhcp_settings) = config.dhcp.clone() else {
-        return run(state, listener, shutdown).await;
-    };
-    // DHCP and the API live and die together: if either fails, both stop.
-    let dhcp_task = dhcp::run(
-        state.store.clone(),
-        dhcp_settings,
-        config.listen.port(),
-        shutdown.clone(),
-    );
-    let api_task = run(state, listener, shutdown.clone());
-    tokio::select! {
-        r = dhcp_task => {
-            shutdown.cancel();
-            r.context("the DHCP service stopped")
-        }
-        r = api_task => {
-            shutdown.cancel();
-            r
+    // The API and the boot services live and die together: when one stops
+    // (or fails), all stop.
+    let mut services: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)> = tokio::task::JoinSet::new();
+    if let Some(dhcp) = config.dhcp.clone() {
+        let (store, port, stop) = (state.store.clone(), config.listen.port(), shutdown.clone());
+        services.spawn(async move { ("DHCP", dhcp::run(store, dhcp, port, stop).await) });
+    }
+    if let Some(t) = config.tftp.clone() {
+        let stop = shutdown.clone();
+        services.spawn(async move { ("TFTP", tftp::run(t, stop).await) });
+    }
+    let stop = shutdown.clone();
+    services.spawn(async move { ("API", run(state, listener, stop).await) });
+    let mut result = Ok(());
+    while let Some(done) = services.join_next().await {
+        shutdown.cancel();
+        let (name, r) = done.context("a service task panicked")?;
+        if let Err(e) = r
+            && result.is_ok()
+        {
+            result = Err(e.context(format!("the {name} service stopped")));
         }
     }
+    result
 }
 
 /// Creates a token straight in the database, without a running server: how
