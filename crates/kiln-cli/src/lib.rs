@@ -76,6 +76,9 @@ pub enum Command {
     /// API tokens.
     #[command(subcommand)]
     Token(cmd::org::TokenCmd),
+    /// Net boot: `kiln boot explain HOST|MAC`.
+    #[command(subcommand)]
+    Boot(cmd::org::BootCmd),
     /// DHCP leases.
     Leases {
         /// Include expired leases.
@@ -221,6 +224,7 @@ async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
         Command::Token(c) => cmd::org::run_token(c, ctx, out).await,
         Command::Events(a) => cmd::org::events(a, ctx, out).await,
         Command::Leases { all } => cmd::org::leases(all, ctx, out).await,
+        Command::Boot(c) => cmd::org::boot(c, ctx, out).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
             Ok(())

@@ -346,6 +346,17 @@ impl Client {
         self.get_q("/api/v1/leases", &[("all", all)]).await
     }
 
+    /// What `target` (hostname, id or MAC) would be told if it net-booted now.
+    pub async fn boot_explain(&self, target: &str, platform: Option<&str>) -> Result<serde_json::Value> {
+        #[derive(Serialize)]
+        struct Q<'a> {
+            target: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            platform: Option<&'a str>,
+        }
+        self.get_q("/api/v1/boot/explain", &Q { target, platform }).await
+    }
+
     // ---- audit log ----
 
     pub async fn list_events(&self, filter: &EventFilter) -> Result<Page<Event>> {

@@ -26,6 +26,10 @@ pub struct Settings {
     /// Log filter (`info`, `kiln_server=debug`, …).
     #[arg(long, env = "KILN_LOG")]
     pub log: Option<String>,
+    /// Net boot: the boot decision and HTTP boot (file only: `[boot]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub boot: Option<BootSettings>,
     /// Net boot: the DHCP service (file only: `[dhcp]`).
     #[arg(skip)]
     #[serde(default)]
@@ -36,6 +40,57 @@ pub struct Settings {
     pub tftp: Option<crate::tftp::TftpSettings>,
 }
 
+/// `[boot]`: what booting machines are told, and where HTTP boot finds
+/// its files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSettings {
+    /// Answer unknown machines (and enrolled ones never discovered) with the
+    /// discovery agent. Off: unknown machines get no answer at all.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Base URL of kiln's HTTP boot as machines reach it. Default: the
+    /// address of the interface (DHCP) or the Host a client asked (HTTP).
+    #[serde(default)]
+    pub http_base: Option<String>,
+    /// Directory served at `/boot/file/` (default: DATA_DIR/artifacts).
+    #[serde(default)]
+    pub artifacts: Option<PathBuf>,
+    /// The discovery agent's kernel and initrd, relative to `artifacts`.
+    #[serde(default = "default_agent_kernel")]
+    pub agent_kernel: String,
+    #[serde(default = "default_agent_initrd")]
+    pub agent_initrd: String,
+    /// Extra kernel arguments of the agent.
+    #[serde(default = "default_agent_cmdline")]
+    pub agent_cmdline: Vec<String>,
+}
+
+fn default_agent_kernel() -> String {
+    "vmlinuz".into()
+}
+
+fn default_agent_initrd() -> String {
+    "kiln-agent.cpio.gz".into()
+}
+
+fn default_agent_cmdline() -> Vec<String> {
+    vec!["console=ttyS0,115200".into(), "console=tty0".into()]
+}
+
+impl Default for BootSettings {
+    fn default() -> Self {
+        BootSettings {
+            discovery: false,
+            http_base: None,
+            artifacts: None,
+            agent_kernel: default_agent_kernel(),
+            agent_initrd: default_agent_initrd(),
+            agent_cmdline: default_agent_cmdline(),
+        }
+    }
+}
+
 /// `[dhcp]`: kiln's DHCPv4 service. Absent: kiln serves no DHCP.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,13 +99,6 @@ pub struct DhcpSettings {
     pub mode: kiln_boot::dhcp::Mode,
     /// Interfaces to serve on, by name.
     pub interfaces: Vec<String>,
-    /// Answer unknown machines with the discovery agent.
-    #[serde(default)]
-    pub discovery: bool,
-    /// Base URL of kiln's HTTP boot as machines reach it (default:
-    /// `http://ADDRESS-OF-THE-INTERFACE:LISTEN-PORT`).
-    #[serde(default)]
-    pub http_base: Option<String>,
     /// First-stage file for BIOS PXE clients.
     #[serde(default = "default_bios_file")]
     pub bios_file: String,
@@ -94,6 +142,7 @@ impl Settings {
             database_url: over.database_url.or(self.database_url),
             secret_key_file: over.secret_key_file.or(self.secret_key_file),
             log: over.log.or(self.log),
+            boot: over.boot.or(self.boot),
             dhcp: over.dhcp.or(self.dhcp),
             tftp: over.tftp.or(self.tftp),
         }
@@ -108,8 +157,19 @@ pub struct Config {
     pub database_url: Option<String>,
     pub secret_key_file: PathBuf,
     pub log: String,
+    pub boot: BootSettings,
     pub dhcp: Option<DhcpSettings>,
     pub tftp: Option<crate::tftp::TftpSettings>,
+}
+
+impl Config {
+    /// Where HTTP boot's files live.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.boot
+            .artifacts
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("artifacts"))
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -129,6 +189,8 @@ pub enum ConfigError {
     Listen(String),
     #[error("[dhcp]: {0}")]
     Dhcp(String),
+    #[error("[boot]: {0}")]
+    Boot(String),
     #[error(
         "database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)"
     )]
@@ -165,7 +227,16 @@ impl Config {
         if let Some(d) = &s.dhcp {
             d.validate()?;
         }
+        if let Some(b) = &s.boot {
+            for (what, arg) in std::iter::once(("agent_kernel", &b.agent_kernel))
+                .chain(std::iter::once(("agent_initrd", &b.agent_initrd)))
+                .chain(b.agent_cmdline.iter().map(|a| ("agent_cmdline", a)))
+            {
+                kiln_boot::ipxe::check_arg(arg).map_err(|e| ConfigError::Boot(format!("{what}: {e}")))?;
+            }
+        }
         Ok(Config {
+            boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,
             secret_key_file: s.secret_key_file.unwrap_or_else(|| data_dir.join("secret.key")),

@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DhcpSettings;
+use crate::config::{BootSettings, DhcpSettings};
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
@@ -51,6 +51,7 @@ impl Leases {
 struct Service {
     store: Store,
     settings: DhcpSettings,
+    boot: BootSettings,
     listen_port: u16,
     leases: Mutex<Leases>,
 }
@@ -87,6 +88,7 @@ fn bind(interface: &str) -> anyhow::Result<UdpSocket> {
 pub async fn run(
     store: Store,
     settings: DhcpSettings,
+    boot: BootSettings,
     listen_port: u16,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -103,6 +105,7 @@ pub async fn run(
     let service = Arc::new(Service {
         store,
         settings,
+        boot,
         listen_port,
         leases: Mutex::new(leases),
     });
@@ -180,7 +183,8 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
     let cfg = ServerConfig {
         mode: s.mode,
         server_ip,
-        http_base: s
+        http_base: service
+            .boot
             .http_base
             .clone()
             .unwrap_or_else(|| format!("http://{server_ip}:{}", service.listen_port)),
@@ -188,7 +192,9 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
             bios: s.bios_file.clone(),
             uefi: s.uefi_file.clone(),
         },
-        policy: BootPolicy { discovery: s.discovery },
+        policy: BootPolicy {
+            discovery: service.boot.discovery,
+        },
     };
     let mut leases = service.leases.lock().await;
     let now = Utc::now();

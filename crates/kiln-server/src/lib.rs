@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod boot_http;
 pub mod config;
 pub mod dhcp;
 pub mod error;
@@ -33,6 +34,7 @@ use secrets::SecretBox;
 pub struct AppState {
     pub store: Store,
     pub secrets: SecretBox,
+    pub boot: std::sync::Arc<boot_http::BootContext>,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -46,7 +48,14 @@ impl AppState {
             .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
         let store = open_store(config).await?;
         let secrets = SecretBox::load_or_create(&config.secret_key_file)?;
-        Ok(AppState { store, secrets })
+        let artifacts = config.artifacts_dir();
+        std::fs::create_dir_all(&artifacts)
+            .with_context(|| format!("cannot create the artifacts directory {}", artifacts.display()))?;
+        let boot = std::sync::Arc::new(boot_http::BootContext {
+            settings: config.boot.clone(),
+            artifacts,
+        });
+        Ok(AppState { store, secrets, boot })
     }
 }
 
@@ -62,8 +71,12 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 pub fn router(state: AppState) -> Router {
+    // Machines fetch kernels and images here: Range requests, exact lengths.
+    let files = tower_http::services::ServeDir::new(&state.boot.artifacts);
     api::router()
         .route("/healthz", get(healthz))
+        .route("/boot/ipxe", get(boot_http::ipxe_script))
+        .nest_service("/boot/file", files)
         .fallback(|| async {
             ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)")
         })
@@ -102,8 +115,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // (or fails), all stop.
     let mut services: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)> = tokio::task::JoinSet::new();
     if let Some(dhcp) = config.dhcp.clone() {
-        let (store, port, stop) = (state.store.clone(), config.listen.port(), shutdown.clone());
-        services.spawn(async move { ("DHCP", dhcp::run(store, dhcp, port, stop).await) });
+        let (store, boot, port, stop) = (
+            state.store.clone(),
+            config.boot.clone(),
+            config.listen.port(),
+            shutdown.clone(),
+        );
+        services.spawn(async move { ("DHCP", dhcp::run(store, dhcp, boot, port, stop).await) });
     }
     if let Some(t) = config.tftp.clone() {
         let stop = shutdown.clone();

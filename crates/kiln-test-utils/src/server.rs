@@ -27,12 +27,18 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, Settings::default()).await
+    }
+
+    /// A server with `settings` (data directory, listen address and
+    /// database are the test's own).
+    pub async fn start_with(backend: Backend, settings: Settings) -> TestServer {
         let db = TestDb::new(backend).await;
         let settings = Settings {
             data_dir: Some(db.dir.path().to_path_buf()),
             listen: Some("127.0.0.1:0".into()),
             database_url: (backend == Backend::Postgres).then(|| db.url.clone()),
-            ..Default::default()
+            ..settings
         };
         let config = Config::from_settings(settings).expect("test config");
         let state = AppState::open(&config).await.expect("opening the server state");

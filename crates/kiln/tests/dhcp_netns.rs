@@ -228,7 +228,7 @@ fn config(dir: &Path, net: &Net, discovery: bool) -> PathBuf {
         &path,
         format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:7070\"\nlog = \"info\"\n\n\
-             [dhcp]\nmode = \"full\"\ninterfaces = [\"{}\"]\ndiscovery = {discovery}\n\n\
+             [boot]\ndiscovery = {discovery}\n\n[dhcp]\nmode = \"full\"\ninterfaces = [\"{}\"]\n\n\
              [[dhcp.subnet]]\nnetwork = \"10.77.0.0/24\"\npool = [\"10.77.0.100\", \"10.77.0.110\"]\n\
              routers = [\"10.77.0.1\"]\nlease_time = 600\n",
             dir.join("data").display(),

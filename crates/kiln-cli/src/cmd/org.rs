@@ -364,3 +364,38 @@ pub async fn leases(all: bool, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
         .collect();
     out.table(&leases, &["IP", "MAC", "STATE", "MACHINE", "EXPIRES (UTC)"], rows)
 }
+
+#[derive(Debug, Subcommand)]
+pub enum BootCmd {
+    /// What a machine would be told if it net-booted now, and why.
+    Explain {
+        /// Hostname, machine id or MAC address.
+        target: String,
+        /// Firmware: `pcbios` (default) or `efi`.
+        #[arg(long)]
+        platform: Option<String>,
+    },
+}
+
+pub async fn boot(c: BootCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    match c {
+        BootCmd::Explain { target, platform } => {
+            let e = ctx.client()?.boot_explain(&target, platform.as_deref()).await?;
+            if out.format == Format::Json {
+                return out.json(&e);
+            }
+            let field = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+            out.record(
+                &e,
+                vec![
+                    ("target", field("target")),
+                    ("machine", field("machine")),
+                    ("answer", field("answer")),
+                    ("because", field("reason")),
+                ],
+            )?;
+            out.line("")?;
+            out.line(field("script").trim_end())
+        }
+    }
+}

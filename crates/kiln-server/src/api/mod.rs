@@ -30,7 +30,7 @@ pub use machines::MAX_BULK;
         catalog::create_os_image, catalog::list_os_images, catalog::get_os_image, catalog::update_os_image, catalog::delete_os_image,
         catalog::create_task, catalog::list_tasks, catalog::get_task, catalog::update_task, catalog::delete_task,
         catalog::list_layouts,
-        events::list, events::leases,
+        events::list, events::leases, crate::boot_http::explain,
     ),
     modifiers(&BearerAuth),
 )]
@@ -101,4 +101,5 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/layouts", get(catalog::list_layouts))
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/leases", get(events::leases))
+        .route("/api/v1/boot/explain", get(crate::boot_http::explain))
 }

@@ -1,0 +1,179 @@
+//! HTTP boot: the iPXE script a machine is told to run (`/boot/ipxe`), the
+//! files it loads (`/boot/file/…`, with Range), and `kiln boot explain`'s
+//! endpoint. Scripts come from the boot decision and are rendered by
+//! `kiln_boot::ipxe`, which refuses any value that could add commands.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use kiln_boot::decision::{BootAnswer, BootPolicy, decide};
+use kiln_boot::ipxe::{AgentBoot, Firmware, render};
+use kiln_types::MacAddr;
+use kiln_types::error::ApiError as ErrorBody;
+use kiln_types::machine::Machine;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::AppState;
+use crate::api::extract::ApiQuery;
+use crate::auth::Caller;
+use crate::config::BootSettings;
+use crate::error::{ApiError, ApiResult};
+
+/// What HTTP boot needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct BootContext {
+    pub settings: BootSettings,
+    pub artifacts: PathBuf,
+}
+
+impl BootContext {
+    fn policy(&self) -> BootPolicy {
+        BootPolicy {
+            discovery: self.settings.discovery,
+        }
+    }
+
+    /// The discovery agent's boot, with URLs under `base`.
+    fn agent(&self, base: &str) -> AgentBoot {
+        let mut cmdline = self.settings.agent_cmdline.clone();
+        cmdline.push(format!("kiln.server={base}"));
+        cmdline.push("kiln.mode=discover".into());
+        AgentBoot {
+            kernel: format!("{base}/boot/file/{}", self.settings.agent_kernel),
+            initrd: format!("{base}/boot/file/{}", self.settings.agent_initrd),
+            cmdline,
+        }
+    }
+}
+
+/// Query of `/boot/ipxe`: iPXE fills it from `${net0/mac}` and `${platform}`.
+#[derive(Debug, Deserialize)]
+pub struct IpxeQuery {
+    mac: String,
+    /// `efi` or `pcbios`.
+    #[serde(default)]
+    platform: Option<String>,
+}
+
+fn firmware(platform: Option<&str>) -> Firmware {
+    match platform {
+        Some("efi") => Firmware::Uefi,
+        _ => Firmware::Bios,
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// The base URL machines use: configured, or the Host they asked.
+fn base_url(ctx: &BootContext, headers: &HeaderMap) -> String {
+    if let Some(b) = &ctx.settings.http_base {
+        return b.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    format!("http://{host}")
+}
+
+async fn answer_for(state: &AppState, machine: Option<&Machine>) -> BootAnswer {
+    // Armed jobs come with the job engine (issue 5); until then no machine
+    // is armed, so no installer is ever handed out.
+    decide(machine, None, state.boot.policy(), Utc::now())
+}
+
+/// `GET /boot/ipxe?mac=…&platform=…`: the script for this machine, now.
+/// No token: a booting machine has none; the script holds nothing a
+/// machine on this network could not be told anyway.
+pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
+    let mac: MacAddr = match q.mac.parse() {
+        Ok(m) => m,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let machine = match state.store.find_machine_by_nic(mac, None, None).await {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let answer = answer_for(&state, machine.as_ref()).await;
+    let base = base_url(&state.boot, &headers);
+    match render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base)) {
+        Ok(script) => {
+            tracing::info!(%mac, reason = answer.reason(), "ipxe script");
+            text(StatusCode::OK, script)
+        }
+        Err(e) => {
+            tracing::error!(%mac, error = %e, "cannot render a boot script");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "kiln cannot render a boot script for this machine: see the server log\n".into(),
+            )
+        }
+    }
+}
+
+/// Which machine to explain, and for which firmware.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ExplainQuery {
+    /// Hostname, machine id or MAC address.
+    pub target: String,
+    /// `efi` or `pcbios` (default).
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+/// What a machine would be told if it net-booted now, and why.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BootExplain {
+    pub target: String,
+    /// Hostname of the machine the target names, if it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// `no_answer`, `discovery`, `install` or `local_disk`.
+    pub answer: String,
+    pub reason: String,
+    /// The iPXE script it would get (the job token, if any, redacted).
+    pub script: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/boot/explain", tag = "boot", params(ExplainQuery),
+    responses((status = 200, body = BootExplain), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn explain(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ExplainQuery>,
+) -> ApiResult<Json<BootExplain>> {
+    caller.require_operator()?;
+    let machine = match q.target.parse::<MacAddr>() {
+        Ok(mac) => state.store.find_machine_by_nic(mac, None, None).await?,
+        Err(_) => Some(state.store.get_machine(&q.target, None).await?),
+    };
+    let answer = answer_for(&state, machine.as_ref()).await;
+    let base = base_url(&state.boot, &headers);
+    let script = render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base))
+        .map_err(|e| ApiError::bad_request(format!("the boot script cannot be rendered: {e}")))?;
+    let kind = serde_json::to_value(&answer)
+        .ok()
+        .and_then(|v| v.get("answer").and_then(|a| a.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let script = match &answer {
+        BootAnswer::Install { token, .. } => script.replace(token.expose(), "[redacted]"),
+        _ => script,
+    };
+    Ok(Json(BootExplain {
+        target: q.target,
+        machine: machine.map(|m| m.hostname.to_string()),
+        answer: kind,
+        reason: answer.reason().to_string(),
+        script,
+    }))
+}
