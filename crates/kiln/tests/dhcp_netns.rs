@@ -5,25 +5,13 @@
 //! release ends the lease. Needs root (namespaces) and busybox; fails, never
 //! skips, without them.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
+use common::*;
 
 /// Two namespaces joined by a veth pair: the server side 10.77.0.1/24, the
 /// client side unconfigured. Removed (with everything in them) on drop.
@@ -180,48 +168,6 @@ impl Drop for Net {
     }
 }
 
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(net: &Net, config: &Path, dir: &Path) -> Server {
-    let log = dir.join(format!("server-{}.log", Instant::now().elapsed().as_nanos()));
-    let child = Command::new("ip")
-        .args(["netns", "exec", &net.server, KILN, "server", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let server = Server { child, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
-        if log.contains("DHCP listening") {
-            return server;
-        }
-        assert!(Instant::now() < deadline, "kiln server did not start DHCP:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn kiln(net: &Net, token: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &net.server, KILN])
-        .args(args)
-        .env("KILN_URL", "http://127.0.0.1:7070")
-        .env("KILN_TOKEN", token);
-    run(&mut cmd)
-}
-
 fn config(dir: &Path, net: &Net, discovery: bool) -> PathBuf {
     let path = dir.join(format!("kiln-{discovery}.toml"));
     std::fs::write(
@@ -241,36 +187,15 @@ fn config(dir: &Path, net: &Net, discovery: bool) -> PathBuf {
 
 #[test]
 fn udhcpc_gets_inventory_addresses_and_leases_survive_restarts() {
-    assert!(
-        nix_is_root(),
-        "this test makes network namespaces and needs root; run the tests as root (CI does)"
-    );
-    assert!(
-        Command::new("busybox").arg("true").status().is_ok_and(|s| s.success()),
-        "busybox is missing: apt-get install busybox-static (.ci/run does)"
-    );
+    require_root_and(&[("busybox", "busybox-static")]);
     let dir = tempfile::tempdir().unwrap();
     let net = Net::new();
-    let data = dir.path().join("data");
-    let token = String::from_utf8(
-        run(Command::new(KILN).args([
-            "token",
-            "create",
-            "--data-dir",
-            &data.display().to_string(),
-            "--role",
-            "admin",
-        ]))
-        .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    let token = bootstrap_token(&dir.path().join("data"));
 
     let cfg_off = config(dir.path(), &net, false);
-    let server = start_server(&net, &cfg_off, dir.path());
+    let server = start_server(&net.server, &cfg_off, dir.path(), "DHCP listening");
     kiln(
-        &net,
+        &net.server,
         &token,
         &[
             "machine",
@@ -293,45 +218,38 @@ fn udhcpc_gets_inventory_addresses_and_leases_survive_restarts() {
     // An unknown client gets nothing while discovery is off.
     net.set_client_mac("52:54:00:77:00:99");
     assert_eq!(net.udhcpc(dir.path()), None);
-    let log = std::fs::read_to_string(&server.log).unwrap();
+    let log = server.log_text();
     assert!(log.contains("discovery is off"), "{log}");
     drop(server);
 
     // Restart with discovery on: the acknowledged lease is still there, and
     // the unknown client now gets a pool address.
     let cfg_on = config(dir.path(), &net, true);
-    let server = start_server(&net, &cfg_on, dir.path());
-    let leases = String::from_utf8(kiln(&net, &token, &["leases", "--output", "json"]).stdout).unwrap();
+    let server = start_server(&net.server, &cfg_on, dir.path(), "DHCP listening");
+    let leases = String::from_utf8(kiln(&net.server, &token, &["leases", "--output", "json"]).stdout).unwrap();
     assert!(
         leases.contains("10.77.0.42") && leases.contains("52:54:00:77:00:42"),
         "{leases}"
     );
     let got = net.udhcpc(dir.path()).expect("a pool address with discovery on");
     assert!(got.starts_with("10.77.0.1"), "{got}");
-    let leases = String::from_utf8(kiln(&net, &token, &["leases", "--output", "json"]).stdout).unwrap();
+    let leases = String::from_utf8(kiln(&net.server, &token, &["leases", "--output", "json"]).stdout).unwrap();
     assert!(leases.contains(&got), "{leases}");
 
     // The same client again keeps its address; releasing ends the lease.
     assert_eq!(net.udhcpc_then_release(dir.path()).as_deref(), Some(got.as_str()));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let leases = String::from_utf8(kiln(&net, &token, &["leases", "--output", "json"]).stdout).unwrap();
+        let leases = String::from_utf8(kiln(&net.server, &token, &["leases", "--output", "json"]).stdout).unwrap();
         if !leases.contains(&got) {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "the released lease is still listed: {leases}\nserver log:\n{}",
-            std::fs::read_to_string(&server.log).unwrap_or_default()
+            server.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(server);
-}
-
-fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

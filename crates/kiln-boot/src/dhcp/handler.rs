@@ -224,6 +224,15 @@ fn add_boot(
         FirstStage::Http { url } => {
             set_file(r, url);
             r.opts_mut().insert(DhcpOption::BootfileName(url.clone().into_bytes()));
+            if client == Client::Ipxe && cfg.mode == Mode::Full {
+                // iPXE option 175, setting 176 "no-pxedhcp" = 1: do not wait
+                // for proxyDHCP offers (about 3 s per boot otherwise).
+                r.opts_mut()
+                    .insert(DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+                        OptionCode::from(175u8),
+                        vec![176, 1, 1],
+                    )));
+            }
             if client == Client::UefiHttp {
                 // UEFI HTTP boot only accepts an offer that says HTTPClient.
                 r.opts_mut().insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
@@ -579,6 +588,15 @@ mod tests {
             Utc::now(),
         ));
         assert_eq!(file(&r), "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01");
+        let no_pxedhcp = r
+            .opts()
+            .iter()
+            .find(|(c, _)| u8::from(**c) == 175)
+            .map(|(_, o)| o.clone());
+        assert!(
+            matches!(no_pxedhcp, Some(DhcpOption::Unknown(u)) if u.data() == [176, 1, 1]),
+            "iPXE is told not to wait for proxyDHCP"
+        );
         let mut http = request(MessageType::Discover);
         http.opts_mut()
             .insert(DhcpOption::ClientSystemArchitecture(Architecture(16)));
