@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{Duration, Utc};
+use dhcproto::Encodable;
 use dhcproto::v4::{Message, MessageType};
-use dhcproto::{Decodable, Encodable};
 use kiln_boot::decision::BootPolicy;
-use kiln_boot::dhcp::{Effect, Facts, Lease, LeaseState, ServerConfig, Subnet, handle, request_identity};
+use kiln_boot::dhcp::{Effect, Facts, Lease, LeaseState, ServerConfig, Subnet, decode, handle, request_identity};
 use kiln_boot::firmware::FirstStageFiles;
 use kiln_store::Store;
 use tokio::net::UdpSocket;
@@ -141,12 +141,9 @@ async fn serve_interface(
                 }
             },
         };
-        let msg = match Message::from_bytes(&buf[..len]) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(%from, error = %e, "ignoring a malformed DHCP packet");
-                continue;
-            }
+        let Some(msg) = decode(&buf[..len]) else {
+            tracing::debug!(%from, "ignoring a malformed DHCP packet");
+            continue;
         };
         if let Err(e) = answer(&service, server_ip, &socket, &msg).await {
             // A failed lease write means no ACK: the client retries, and no

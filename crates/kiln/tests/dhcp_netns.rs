@@ -215,6 +215,52 @@ fn udhcpc_gets_inventory_addresses_and_leases_survive_restarts() {
     net.set_client_mac("52:54:00:77:00:42");
     assert_eq!(net.udhcpc(dir.path()).as_deref(), Some("10.77.0.42"));
 
+    // Thousands of random and malformed packets (including a DHCP request
+    // whose hardware length overruns its buffer): the server stays up,
+    // its leases do not change, and the client is still served.
+    let leases_before = String::from_utf8(kiln(&net.server, &token, &["leases", "-o", "json"]).stdout).unwrap();
+    let flood = format!(
+        concat!(
+            "import os, socket\n",
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n",
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n",
+            "s.setsockopt(socket.SOL_SOCKET, 25, b'{}')\n",
+            "bad = bytearray(300); bad[0] = 1; bad[1] = 1; bad[2] = 200\n",
+            "bad[236:240] = bytes([99, 130, 83, 99]); bad[240:243] = bytes([53, 1, 1]); bad[243] = 255\n",
+            "for n in range(3000):\n",
+            "    s.sendto(bytes(bad) if n % 10 == 0 else os.urandom(n % 700), ('255.255.255.255', 67))\n",
+        ),
+        net.client_if
+    );
+    let received = || -> u64 {
+        let snmp = run(Command::new("ip").args(["netns", "exec", &net.server, "cat", "/proc/net/snmp"])).stdout;
+        let text = String::from_utf8(snmp).unwrap();
+        let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+        let names: Vec<&str> = udp[0].split_whitespace().collect();
+        let values: Vec<&str> = udp[1].split_whitespace().collect();
+        // Delivered, plus dropped on a full receive queue: what reached the socket.
+        ["InDatagrams", "RcvbufErrors"]
+            .iter()
+            .map(|name| {
+                values[names.iter().position(|n| n == name).unwrap()]
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let before = received();
+    run(Command::new("ip").args(["netns", "exec", &net.client, "python3", "-c", &flood]));
+    std::thread::sleep(Duration::from_millis(500));
+    let got = received() - before;
+    assert!(got >= 2900, "the flood did not reach the server: {got} datagrams");
+    let leases_after = String::from_utf8(kiln(&net.server, &token, &["leases", "-o", "json"]).stdout).unwrap();
+    assert_eq!(leases_before, leases_after, "garbage changed the leases");
+    assert_eq!(
+        net.udhcpc(dir.path()).as_deref(),
+        Some("10.77.0.42"),
+        "still served after the flood"
+    );
+
     // An unknown client gets nothing while discovery is off.
     net.set_client_mac("52:54:00:77:00:99");
     assert_eq!(net.udhcpc(dir.path()), None);

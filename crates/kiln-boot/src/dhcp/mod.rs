@@ -7,6 +7,6 @@ mod handler;
 mod subnet;
 
 pub use handler::{
-    Effect, Facts, Lease, LeaseState, Mode, Outcome, ServerConfig, choose_address, handle, request_identity,
+    Effect, Facts, Lease, LeaseState, Mode, Outcome, ServerConfig, choose_address, decode, handle, request_identity,
 };
 pub use subnet::{Subnet, SubnetError};
