@@ -904,7 +904,7 @@ mod robustness {
                     let at = (rng.next() as usize) % b.len();
                     b[at] = rng.next() as u8;
                 }
-                if rng.next() % 4 == 0 {
+                if rng.next().is_multiple_of(4) {
                     b.truncate((rng.next() as usize) % b.len());
                 }
                 b
