@@ -75,7 +75,9 @@ fn default_agent_initrd() -> String {
 }
 
 fn default_agent_cmdline() -> Vec<String> {
-    vec!["console=ttyS0,115200".into(), "console=tty0".into()]
+    // The last console= is /dev/console: serial, where a headless server's
+    // output is read (and a test asserts).
+    vec!["console=tty0".into(), "console=ttyS0,115200".into()]
 }
 
 impl Default for BootSettings {

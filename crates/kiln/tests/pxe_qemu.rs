@@ -1,60 +1,166 @@
-//! A QEMU VM (software emulation, SeaBIOS, its own iPXE ROM) net-boots from
-//! kiln: kiln's DHCP recognises the iPXE client and sends it to kiln's HTTP
-//! script, which — with no job armed for this deployed machine — tells it
-//! to boot its local disk. The test asserts on the serial console. The
-//! bridge, tap and namespace are the test's own; QEMU is stopped by PID.
+//! QEMU VMs (software emulation, SeaBIOS, QEMU's own iPXE ROM) net-boot from
+//! kiln on a bridge and tap in a namespace the test makes: kiln's DHCP
+//! recognises the iPXE client and sends it to kiln's HTTP script. A deployed
+//! machine with no armed job is told to boot its disk; an unknown machine,
+//! with discovery on, boots the agent's kernel and initrd served by kiln.
+//! Both are asserted on the serial console. QEMU is stopped by PID.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
+
+const KERNEL: &str = "/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64/linux";
+
+/// A namespace with a bridge (10.78.0.1/24) and a tap on it, and kiln
+/// serving DHCP and HTTP boot there.
+struct Lab {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    token: String,
+    server: Option<Proc>,
+}
+
+const TAP: &str = "kqtap0";
+
+impl Lab {
+    fn new(tag: &str, boot_section: &str, artifacts: impl FnOnce(&Path)) -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = Netns::new(format!("kq{tag}{}", std::process::id() % 100_000));
+        let bridge = "kqbr0";
+        ip(&["-n", &ns.0, "link", "add", bridge, "type", "bridge"]);
+        ip(&[
+            "-n",
+            &ns.0,
+            "link",
+            "set",
+            bridge,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ]);
+        ip(&["-n", &ns.0, "addr", "add", "10.78.0.1/24", "dev", bridge]);
+        ip(&["-n", &ns.0, "link", "set", bridge, "up"]);
+        ip(&["-n", &ns.0, "tuntap", "add", TAP, "mode", "tap"]);
+        ip(&["-n", &ns.0, "link", "set", TAP, "master", bridge]);
+        ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
+        let data = dir.path().join("data");
+        let art = dir.path().join("artifacts");
+        std::fs::create_dir_all(&art).unwrap();
+        artifacts(&art);
+        let token = bootstrap_token(&data);
+        let config = dir.path().join("kiln.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n\
+                 [boot]\nhttp_base = \"http://10.78.0.1:7070\"\nartifacts = \"{}\"\n{boot_section}\n\n\
+                 [dhcp]\nmode = \"full\"\ninterfaces = [\"{bridge}\"]\n\n\
+                 [[dhcp.subnet]]\nnetwork = \"10.78.0.0/24\"\npool = [\"10.78.0.100\", \"10.78.0.120\"]\n\
+                 routers = [\"10.78.0.1\"]\nlease_time = 600\n",
+                data.display(),
+                art.display()
+            ),
+        )
+        .unwrap();
+        let server = start_server(&ns.0, &config, dir.path(), "DHCP listening");
+        Lab {
+            ns,
+            dir,
+            token,
+            server: Some(server),
+        }
+    }
+
+    fn server_log(&self) -> String {
+        self.server.as_ref().map(|s| s.log_text()).unwrap_or_default()
+    }
+
+    /// Starts a VM with `mac` whose first boot device is the network.
+    fn boot_vm(&self, mac: &str) -> (Proc, PathBuf) {
+        let console = self.dir.path().join("console.log");
+        let qemu = Command::new("ip")
+            .args(["netns", "exec", &self.ns.0, "qemu-system-x86_64"])
+            .args([
+                "-name",
+                "kiln-pxe-test",
+                "-accel",
+                "tcg",
+                "-machine",
+                "pc,graphics=off",
+                "-cpu",
+                "qemu64",
+            ])
+            .args([
+                "-smp",
+                "1",
+                "-m",
+                "384",
+                "-display",
+                "none",
+                "-vga",
+                "none",
+                "-monitor",
+                "none",
+                "-nodefaults",
+            ])
+            .args(["-no-reboot"])
+            .args([
+                "-chardev",
+                &format!("file,id=ser0,path={}", console.display()),
+                "-serial",
+                "chardev:ser0",
+            ])
+            .args(["-netdev", &format!("tap,id=n0,ifname={TAP},script=no,downscript=no")])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("qemu.log")).unwrap())
+            .spawn()
+            .unwrap();
+        (
+            Proc {
+                child: qemu,
+                log: console.clone(),
+            },
+            console,
+        )
+    }
+
+    /// The console once it shows `needle`, or panics with it and the log.
+    /// iPXE waits for an IPv6 router advertisement nobody sends here (about
+    /// 13 s) before it asks kiln; kernels decompress slowly under TCG.
+    fn wait_console(&self, console: &Path, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let text = strip_ansi(&std::fs::read(console).unwrap_or_default());
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{needle}` never appeared.\nconsole:\n{text}\nserver log:\n{}",
+                self.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
 
 #[test]
 fn a_deployed_machine_that_pxe_boots_is_sent_to_its_disk() {
     require_root_and(&[("qemu-system-x86_64", "qemu-system-x86 ipxe-qemu seabios")]);
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new(format!("kq{}", std::process::id() % 100_000));
-    let (bridge, tap) = ("kqbr0", "kqtap0");
-    ip(&["-n", &ns.0, "link", "add", bridge, "type", "bridge"]);
-    ip(&[
-        "-n",
-        &ns.0,
-        "link",
-        "set",
-        bridge,
-        "type",
-        "bridge",
-        "stp_state",
-        "0",
-        "forward_delay",
-        "0",
-    ]);
-    ip(&["-n", &ns.0, "addr", "add", "10.78.0.1/24", "dev", bridge]);
-    ip(&["-n", &ns.0, "link", "set", bridge, "up"]);
-    ip(&["-n", &ns.0, "tuntap", "add", tap, "mode", "tap"]);
-    ip(&["-n", &ns.0, "link", "set", tap, "master", bridge]);
-    ip(&["-n", &ns.0, "link", "set", tap, "up"]);
-
-    let data = dir.path().join("data");
-    let token = bootstrap_token(&data);
-    let config = dir.path().join("kiln.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n[boot]\nhttp_base = \"http://10.78.0.1:7070\"\n\n\
-             [dhcp]\nmode = \"full\"\ninterfaces = [\"{bridge}\"]\n\n\
-             [[dhcp.subnet]]\nnetwork = \"10.78.0.0/24\"\nrouters = [\"10.78.0.1\"]\nlease_time = 600\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    let server = start_server(&ns.0, &config, dir.path(), "DHCP listening");
+    let lab = Lab::new("d", "", |_| {});
     let mac = "52:54:00:78:00:01";
     kiln(
-        &ns.0,
-        &token,
+        &lab.ns.0,
+        &lab.token,
         &[
             "machine",
             "add",
@@ -68,71 +174,65 @@ fn a_deployed_machine_that_pxe_boots_is_sent_to_its_disk() {
             "deployed",
         ],
     );
-
-    let console = dir.path().join("console.log");
-    let qemu = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "qemu-system-x86_64"])
-        .args([
-            "-name",
-            "kiln-pxe-test",
-            "-accel",
-            "tcg",
-            "-machine",
-            "pc,graphics=off",
-            "-cpu",
-            "qemu64",
-        ])
-        .args([
-            "-smp",
-            "1",
-            "-m",
-            "256",
-            "-display",
-            "none",
-            "-vga",
-            "none",
-            "-monitor",
-            "none",
-            "-nodefaults",
-        ])
-        .args([
-            "-chardev",
-            &format!("file,id=ser0,path={}", console.display()),
-            "-serial",
-            "chardev:ser0",
-        ])
-        .args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")])
-        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("qemu.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let vm = Proc {
-        child: qemu,
-        log: console.clone(),
-    };
-
-    // iPXE waits for an IPv6 router advertisement that nobody sends here
-    // (about 13 s), then asks kiln; budget generously for a busy machine.
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
-    let text = loop {
-        let text = strip_ansi(&std::fs::read(&console).unwrap_or_default());
-        if text.contains("kiln: booting from local disk") || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    assert!(
-        text.contains("kiln: booting from local disk"),
-        "the VM never ran kiln's script.\nconsole:\n{text}\nserver log:\n{}",
-        server.log_text()
-    );
+    let (vm, console) = lab.boot_vm(mac);
+    let text = lab.wait_console(&console, "kiln: booting from local disk");
     assert!(text.contains("10.78.0.21"), "it got its inventory address:\n{text}");
     assert!(!text.contains("kernel"), "no kernel was loaded:\n{text}");
-    let log = server.log_text();
+    let log = lab.server_log();
     assert!(log.contains("vm1 (52:54:00:78:00:01): ack 10.78.0.21"), "{log}");
-    assert!(log.contains("ipxe script"), "{log}");
     drop(vm);
-    drop(server);
+}
+
+/// A tiny initrd: busybox, and an /init that prints its kernel command line
+/// to the console and powers off.
+fn test_initrd(out: &Path) {
+    let stage = out.parent().unwrap().join("initrd-stage");
+    std::fs::create_dir_all(stage.join("bin")).unwrap();
+    std::fs::create_dir_all(stage.join("dev")).unwrap();
+    std::fs::create_dir_all(stage.join("proc")).unwrap();
+    let busybox = String::from_utf8(run(Command::new("sh").args(["-c", "command -v busybox"])).stdout).unwrap();
+    std::fs::copy(busybox.trim(), stage.join("bin/busybox")).unwrap();
+    run(Command::new("mknod")
+        .arg(stage.join("dev/console"))
+        .args(["c", "5", "1"]));
+    let init = stage.join("init");
+    std::fs::write(
+        &init,
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+         echo \"KILN-TEST-AGENT cmdline: $(/bin/busybox cat /proc/cmdline)\"\n/bin/busybox poweroff -f\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && find . | busybox cpio -o -H newc 2>/dev/null | gzip -9 > {}",
+        stage.display(),
+        out.display()
+    )));
+}
+
+#[test]
+fn an_unknown_machine_boots_the_discovery_agent_served_by_kiln() {
+    require_root_and(&[
+        ("qemu-system-x86_64", "qemu-system-x86 ipxe-qemu seabios"),
+        ("busybox", "busybox-static"),
+    ]);
+    assert!(
+        Path::new(KERNEL).exists(),
+        "{KERNEL} is missing: apt-get install debian-installer-12-netboot-amd64 (scripts/test does)"
+    );
+    let lab = Lab::new("a", "discovery = true", |art| {
+        std::fs::copy(KERNEL, art.join("vmlinuz")).unwrap();
+        test_initrd(&art.join("kiln-agent.cpio.gz"));
+    });
+    let (vm, console) = lab.boot_vm("52:54:00:78:00:99");
+    let text = lab.wait_console(&console, "KILN-TEST-AGENT cmdline:");
+    let line = text.lines().find(|l| l.contains("KILN-TEST-AGENT cmdline:")).unwrap();
+    assert!(line.contains("kiln.mode=discover"), "{line}");
+    assert!(line.contains("kiln.server=http://10.78.0.1:7070"), "{line}");
+    let log = lab.server_log();
+    assert!(
+        log.contains("unknown 52:54:00:78:00:99: ack 10.78.0.10"),
+        "a pool address:\n{log}"
+    );
+    drop(vm);
 }
