@@ -15,8 +15,9 @@ pub enum Client {
     UefiPxe,
     /// UEFI HTTP boot on x86-64: gets an HTTP URL of an EFI binary.
     UefiHttp,
-    /// iPXE itself (second round): gets its HTTP script.
-    Ipxe,
+    /// iPXE itself (second round): gets its HTTP script; `efi` when it
+    /// runs on UEFI firmware.
+    Ipxe { efi: bool },
     /// A plain DHCP client (an OS, an agent's udhcpc): no boot file.
     Plain,
     /// A boot client kiln has no first stage for (ARM, IA32, …).
@@ -27,7 +28,9 @@ pub enum Client {
 /// option 60, `ipxe` whether option 77 says `iPXE` or option 175 is present.
 pub fn classify(arch: Option<u16>, vendor_class: Option<&str>, ipxe: bool) -> Client {
     if ipxe {
-        return Client::Ipxe;
+        return Client::Ipxe {
+            efi: matches!(arch, Some(6 | 7 | 9 | 10 | 11 | 15 | 16 | 19)),
+        };
     }
     let vendor = vendor_class.unwrap_or("");
     let http = vendor.starts_with("HTTPClient");
@@ -84,8 +87,11 @@ pub fn first_stage(client: Client, files: &FirstStageFiles, http_base: &str, mac
         Client::UefiHttp => Some(FirstStage::Http {
             url: format!("{http_base}/boot/file/{}", files.uefi),
         }),
-        Client::Ipxe => Some(FirstStage::Http {
-            url: format!("{http_base}/boot/ipxe?mac={mac}"),
+        Client::Ipxe { efi } => Some(FirstStage::Http {
+            url: format!(
+                "{http_base}/boot/ipxe?mac={mac}&platform={}",
+                if efi { "efi" } else { "pcbios" }
+            ),
         }),
         Client::Plain | Client::Unsupported { .. } => None,
     }
@@ -123,7 +129,8 @@ mod tests {
                 Client::UefiHttp,
             ),
             (Some(7), Some("HTTPClient:Arch:00007"), false, Client::UefiHttp),
-            (Some(0), Some("PXEClient:Arch:00000"), true, Client::Ipxe),
+            (Some(0), Some("PXEClient:Arch:00000"), true, Client::Ipxe { efi: false }),
+            (Some(7), Some("PXEClient:Arch:00007"), true, Client::Ipxe { efi: true }),
             (
                 Some(11),
                 Some("PXEClient:Arch:00011"),
@@ -157,9 +164,9 @@ mod tests {
             })
         );
         assert_eq!(
-            first_stage(Client::Ipxe, &f, base, mac),
+            first_stage(Client::Ipxe { efi: true }, &f, base, mac),
             Some(FirstStage::Http {
-                url: "http://10.0.0.1:7070/boot/ipxe?mac=52:54:00:00:00:01".into()
+                url: "http://10.0.0.1:7070/boot/ipxe?mac=52:54:00:00:00:01&platform=efi".into()
             })
         );
         assert_eq!(

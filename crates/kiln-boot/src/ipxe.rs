@@ -79,6 +79,7 @@ pub fn render(answer: &BootAnswer, firmware: Firmware, agent: &AgentBoot) -> Res
             s.push_str("echo kiln: booting the discovery agent\n");
             kernel_lines(
                 &mut s,
+                firmware,
                 &agent.kernel,
                 std::slice::from_ref(&agent.initrd),
                 &agent.cmdline,
@@ -96,28 +97,42 @@ pub fn render(answer: &BootAnswer, firmware: Firmware, agent: &AgentBoot) -> Res
             check_arg(job_id)?;
             s.push_str(&format!("echo kiln: job {job_id}: booting its installer\n"));
             let token_arg = format!("kiln.token={}", token.expose());
-            kernel_lines(&mut s, kernel, initrds, cmdline, Some(&token_arg))?;
+            kernel_lines(&mut s, firmware, kernel, initrds, cmdline, Some(&token_arg))?;
         }
     }
     Ok(s)
 }
 
+/// `kernel`, `initrd` and `boot` lines. On UEFI, iPXE hands initrds to
+/// the kernel's EFI stub as files, which the stub loads only when the
+/// command line names them (`initrd=NAME`); so each initrd gets a name of
+/// ours and is named on the kernel line.
 fn kernel_lines(
     s: &mut String,
+    firmware: Firmware,
     kernel: &str,
     initrds: &[String],
     cmdline: &[String],
     token: Option<&str>,
 ) -> Result<(), ScriptError> {
+    let names: Vec<String> = (0..initrds.len()).map(|i| format!("initrd{i}")).collect();
     let mut line = format!("kernel {}", check_arg(kernel)?);
+    if firmware == Firmware::Uefi {
+        for name in &names {
+            line.push_str(&format!(" initrd={name}"));
+        }
+    }
     for arg in cmdline.iter().map(String::as_str).chain(token) {
         line.push(' ');
         line.push_str(check_arg(arg)?);
     }
     s.push_str(&line);
     s.push('\n');
-    for initrd in initrds {
-        s.push_str(&format!("initrd {}\n", check_arg(initrd)?));
+    for (initrd, name) in initrds.iter().zip(&names) {
+        match firmware {
+            Firmware::Uefi => s.push_str(&format!("initrd --name {name} {}\n", check_arg(initrd)?)),
+            Firmware::Bios => s.push_str(&format!("initrd {}\n", check_arg(initrd)?)),
+        }
     }
     s.push_str("boot\n");
     Ok(())
@@ -191,9 +206,24 @@ mod tests {
         let cmds = commands(&s);
         let kernel = cmds.iter().find(|c| c[0] == "kernel").unwrap();
         assert_eq!(kernel[1], "http://10.0.0.1:7070/boot/file/di/linux");
-        assert_eq!(&kernel[2..], ["priority=critical", "kiln.token=tok-123"]);
-        assert_eq!(cmds.iter().filter(|c| c[0] == "initrd").count(), 1);
+        assert_eq!(
+            &kernel[2..],
+            ["initrd=initrd0", "priority=critical", "kiln.token=tok-123"]
+        );
+        let initrds: Vec<_> = cmds.iter().filter(|c| c[0] == "initrd").collect();
+        assert_eq!(initrds.len(), 1);
+        assert_eq!(
+            initrds[0][1..],
+            ["--name", "initrd0", "http://10.0.0.1:7070/boot/file/di/initrd.gz"]
+        );
         assert_eq!(cmds.last().unwrap()[0], "boot");
+        // On BIOS iPXE passes the initrd itself: no names.
+        let s = render(&install(vec![], "tok"), Firmware::Bios, &agent()).unwrap();
+        assert!(
+            s.contains("\ninitrd http://10.0.0.1:7070/boot/file/di/initrd.gz\n"),
+            "{s}"
+        );
+        assert!(!s.contains("initrd="), "{s}");
     }
 
     #[test]

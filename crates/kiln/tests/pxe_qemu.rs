@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const KERNEL: &str = "/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64/linux";
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// One VM at a time: software emulation on two cores is slow enough.
+static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Firmware {
+    SeaBios,
+    Uefi,
+}
 
 /// A namespace with a bridge (10.78.0.1/24) and a tap on it, and kiln
 /// serving DHCP and HTTP boot there.
@@ -83,10 +93,14 @@ impl Lab {
     }
 
     /// Starts a VM with `mac` whose first boot device is the network.
-    fn boot_vm(&self, mac: &str) -> (Proc, PathBuf) {
+    fn boot_vm(&self, mac: &str, firmware: Firmware) -> (Proc, PathBuf) {
         let console = self.dir.path().join("console.log");
-        let qemu = Command::new("ip")
-            .args(["netns", "exec", &self.ns.0, "qemu-system-x86_64"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.0, "qemu-system-x86_64"]);
+        if firmware == Firmware::Uefi {
+            cmd.args(["-bios", OVMF]);
+        }
+        let qemu = cmd
             .args([
                 "-name",
                 "kiln-pxe-test",
@@ -174,7 +188,8 @@ fn a_deployed_machine_that_pxe_boots_is_sent_to_its_disk() {
             "deployed",
         ],
     );
-    let (vm, console) = lab.boot_vm(mac);
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (vm, console) = lab.boot_vm(mac, Firmware::SeaBios);
     let text = lab.wait_console(&console, "kiln: booting from local disk");
     assert!(text.contains("10.78.0.21"), "it got its inventory address:\n{text}");
     assert!(!text.contains("kernel"), "no kernel was loaded:\n{text}");
@@ -210,29 +225,48 @@ fn test_initrd(out: &Path) {
     )));
 }
 
-#[test]
-fn an_unknown_machine_boots_the_discovery_agent_served_by_kiln() {
-    require_root_and(&[
+fn discovery_boot(tag: &str, firmware: Firmware, mac: &str) {
+    let mut tools = vec![
         ("qemu-system-x86_64", "qemu-system-x86 ipxe-qemu seabios"),
         ("busybox", "busybox-static"),
-    ]);
+    ];
+    if firmware == Firmware::Uefi {
+        tools.push(("test -e /usr/share/ovmf/OVMF.fd && echo", "ovmf"));
+    }
+    require_root_and(&tools);
     assert!(
         Path::new(KERNEL).exists(),
         "{KERNEL} is missing: apt-get install debian-installer-12-netboot-amd64 (scripts/test does)"
     );
-    let lab = Lab::new("a", "discovery = true", |art| {
+    let lab = Lab::new(tag, "discovery = true", |art| {
         std::fs::copy(KERNEL, art.join("vmlinuz")).unwrap();
         test_initrd(&art.join("kiln-agent.cpio.gz"));
     });
-    let (vm, console) = lab.boot_vm("52:54:00:78:00:99");
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (vm, console) = lab.boot_vm(mac, firmware);
     let text = lab.wait_console(&console, "KILN-TEST-AGENT cmdline:");
     let line = text.lines().find(|l| l.contains("KILN-TEST-AGENT cmdline:")).unwrap();
     assert!(line.contains("kiln.mode=discover"), "{line}");
     assert!(line.contains("kiln.server=http://10.78.0.1:7070"), "{line}");
     let log = lab.server_log();
     assert!(
-        log.contains("unknown 52:54:00:78:00:99: ack 10.78.0.10"),
+        log.contains(&format!("unknown {mac}: ack 10.78.0.10")),
         "a pool address:\n{log}"
     );
+    let platform = if firmware == Firmware::Uefi { "efi" } else { "pcbios" };
+    assert!(
+        log.contains(&format!("platform={platform}")),
+        "the script URL says the firmware:\n{log}"
+    );
     drop(vm);
+}
+
+#[test]
+fn an_unknown_bios_machine_boots_the_discovery_agent_served_by_kiln() {
+    discovery_boot("a", Firmware::SeaBios, "52:54:00:78:00:99");
+}
+
+#[test]
+fn an_unknown_uefi_machine_boots_the_discovery_agent_served_by_kiln() {
+    discovery_boot("u", Firmware::Uefi, "52:54:00:78:00:98");
 }

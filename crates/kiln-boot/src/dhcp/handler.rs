@@ -235,7 +235,7 @@ fn add_boot(
         FirstStage::Http { url } => {
             set_file(r, url);
             r.opts_mut().insert(DhcpOption::BootfileName(url.clone().into_bytes()));
-            if client == Client::Ipxe && cfg.mode == Mode::Full {
+            if matches!(client, Client::Ipxe { .. }) && cfg.mode == Mode::Full {
                 // iPXE option 175, setting 176 "no-pxedhcp" = 1: do not wait
                 // for proxyDHCP offers (about 3 s per boot otherwise).
                 r.opts_mut()
@@ -598,7 +598,10 @@ mod tests {
             &facts(&s, None, None, &|_| true),
             Utc::now(),
         ));
-        assert_eq!(file(&r), "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01");
+        assert_eq!(
+            file(&r),
+            "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01&platform=pcbios"
+        );
         let no_pxedhcp = r
             .opts()
             .iter()
