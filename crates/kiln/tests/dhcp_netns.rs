@@ -23,8 +23,9 @@ struct Net {
 }
 
 impl Net {
-    fn new() -> Net {
-        let tag = std::process::id() % 100_000;
+    /// `kind` tells apart the tests of this binary, which run at once.
+    fn new(kind: char) -> Net {
+        let tag = format!("{kind}{}", std::process::id() % 100_000);
         let server_if = format!("kd{tag}s0");
         let net = Net {
             server: format!("kd{tag}s"),
@@ -189,7 +190,7 @@ fn config(dir: &Path, net: &Net, discovery: bool) -> PathBuf {
 fn udhcpc_gets_inventory_addresses_and_leases_survive_restarts() {
     require_root_and(&[("busybox", "busybox-static")]);
     let dir = tempfile::tempdir().unwrap();
-    let net = Net::new();
+    let net = Net::new('u');
     let token = bootstrap_token(&dir.path().join("data"));
 
     let cfg_off = config(dir.path(), &net, false);
@@ -293,6 +294,114 @@ fn udhcpc_gets_inventory_addresses_and_leases_survive_restarts() {
         assert!(
             Instant::now() < deadline,
             "the released lease is still listed: {leases}\nserver log:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+}
+
+#[test]
+fn dhclient_gets_renews_and_releases_a_lease() {
+    require_root_and(&[("dhclient", "isc-dhcp-client")]);
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new('d');
+    let token = bootstrap_token(&dir.path().join("data"));
+    let server = start_server(
+        &net.server,
+        &config(dir.path(), &net, false),
+        dir.path(),
+        "DHCP listening",
+    );
+    kiln(
+        &net.server,
+        &token,
+        &[
+            "machine",
+            "add",
+            "--hostname",
+            "node43",
+            "--mac",
+            "52:54:00:77:00:43",
+            "--ipv4",
+            "10.77.0.43",
+        ],
+    );
+    net.set_client_mac("52:54:00:77:00:43");
+    // dhclient's own script would touch /etc/resolv.conf: ours only
+    // configures the address and records what happened.
+    let events = dir.path().join("events");
+    let script = dir.path().join("dhclient.sh");
+    std::fs::write(
+        &script,
+        format!(
+            concat!(
+                "#!/bin/sh\n",
+                "echo \"$reason $new_ip_address\" >> {}\n",
+                "case \"$reason\" in\n",
+                "BOUND|RENEW|REBOOT) ip addr replace \"$new_ip_address/24\" dev \"$interface\" ;;\n",
+                "RELEASE|EXPIRE|STOP) ip addr flush dev \"$interface\" ;;\n",
+                "esac\n",
+            ),
+            events.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let leases = dir.path().join("dhclient.leases");
+    let pid = dir.path().join("dhclient.pid");
+    // dhclient stays in the background once bound: stop it by its PID
+    // whatever happens to the test.
+    struct StopDhclient(std::path::PathBuf);
+    impl Drop for StopDhclient {
+        fn drop(&mut self) {
+            if let Ok(pid) = std::fs::read_to_string(&self.0) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+    let _stop = StopDhclient(pid.clone());
+    let dhclient = |extra: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &net.client, "dhclient", "-4", "-1", "-sf"])
+            .arg(&script)
+            .arg("-lf")
+            .arg(&leases)
+            .arg("-pf")
+            .arg(&pid)
+            .args(extra)
+            .arg(&net.client_if)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        run(&mut cmd)
+    };
+    let kiln_leases = || String::from_utf8(kiln(&net.server, &token, &["leases", "-o", "json"]).stdout).unwrap();
+
+    // Get: bound to the inventory address, and kiln holds the lease.
+    dhclient(&[]);
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(text.contains("BOUND 10.77.0.43"), "{text}");
+    assert!(kiln_leases().contains("10.77.0.43"));
+    // Renew: a second run while bound asks for the same address again.
+    let before = kiln_leases();
+    std::thread::sleep(Duration::from_millis(1100));
+    dhclient(&["-x"]); // stop the first one without releasing
+    dhclient(&[]);
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(text.matches("10.77.0.43").count() >= 2, "{text}");
+    let after = kiln_leases();
+    assert!(
+        after.contains("10.77.0.43") && after != before,
+        "the lease was extended:\n{before}\n{after}"
+    );
+    // Release: the lease is gone from kiln.
+    dhclient(&["-r"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kiln_leases().contains("10.77.0.43") {
+        assert!(
+            Instant::now() < deadline,
+            "not released:\n{}\n{}",
+            kiln_leases(),
             server.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
