@@ -32,18 +32,50 @@ pub const CLIENT_PORT: u16 = 68;
 /// How long a declined address stays out of the pool.
 const DECLINE_HOLD_MINUTES: i64 = 10;
 
-/// Leases by address, as committed to the store.
+/// Leases as committed to the store, by address and by client, and where
+/// each subnet's pool allocation resumes.
 #[derive(Debug, Default)]
 struct Leases {
     by_ip: HashMap<Ipv4Addr, Lease>,
+    /// Bound leases by client (one address per client).
+    by_mac: HashMap<kiln_types::MacAddr, Ipv4Addr>,
+    cursor: HashMap<String, Ipv4Addr>,
 }
 
 impl Leases {
+    fn load(leases: Vec<Lease>) -> Leases {
+        let mut l = Leases::default();
+        for lease in leases {
+            l.insert(lease);
+        }
+        l
+    }
+
+    /// `mac`'s live bound lease in `subnet`.
     fn of(&self, mac: kiln_types::MacAddr, subnet: &Subnet) -> Option<&Lease> {
         let now = Utc::now();
+        let ip = self.by_mac.get(&mac)?;
         self.by_ip
-            .values()
-            .find(|l| l.mac == mac && l.state == LeaseState::Bound && l.is_live(now) && subnet.contains(l.ip))
+            .get(ip)
+            .filter(|l| l.mac == mac && l.state == LeaseState::Bound && l.is_live(now) && subnet.contains(l.ip))
+    }
+
+    fn insert(&mut self, lease: Lease) {
+        if lease.state == LeaseState::Bound
+            && let Some(old) = self.by_mac.insert(lease.mac, lease.ip)
+            && old != lease.ip
+        {
+            self.by_ip.remove(&old);
+        }
+        self.by_ip.insert(lease.ip, lease);
+    }
+
+    fn remove(&mut self, ip: Ipv4Addr) {
+        if let Some(l) = self.by_ip.remove(&ip)
+            && self.by_mac.get(&l.mac) == Some(&ip)
+        {
+            self.by_mac.remove(&l.mac);
+        }
     }
 }
 
@@ -99,9 +131,7 @@ pub async fn run(
             "unreadable DHCP leases were moved to dhcp_lease_quarantine"
         );
     }
-    let leases = Leases {
-        by_ip: loaded.leases.into_iter().map(|l| (l.ip, l)).collect(),
-    };
+    let leases = Leases::load(loaded.leases);
     let service = Arc::new(Service {
         store,
         settings,
@@ -210,6 +240,7 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
             arm: None,
             lease: own.as_ref(),
             is_free: &is_free,
+            pool_cursor: subnet.and_then(|sub| leases.cursor.get(&sub.network).copied()),
         };
         handle(&cfg, msg, &facts, now)
     };
@@ -218,14 +249,16 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
         Effect::None => {}
         Effect::Commit(lease) => {
             service.store.commit_lease(&lease).await.context("writing the lease")?;
-            leases
-                .by_ip
-                .retain(|_, l| !(l.mac == lease.mac && l.state == LeaseState::Bound));
-            leases.by_ip.insert(lease.ip, lease);
+            if let Some(sub) = subnet.filter(|sub| sub.in_pool(lease.ip)) {
+                leases
+                    .cursor
+                    .insert(sub.network.clone(), Ipv4Addr::from(u32::from(lease.ip).wrapping_add(1)));
+            }
+            leases.insert(lease);
         }
         Effect::Release { ip, mac } => {
             service.store.release_lease(ip, mac).await?;
-            leases.by_ip.remove(&ip);
+            leases.remove(ip);
         }
         Effect::Decline { ip, mac } => {
             let hold = Lease {
@@ -237,7 +270,7 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
                 expires_at: now + Duration::minutes(DECLINE_HOLD_MINUTES),
             };
             service.store.commit_lease(&hold).await?;
-            leases.by_ip.insert(ip, hold);
+            leases.insert(hold);
         }
     }
     drop(leases);

@@ -52,6 +52,9 @@ pub struct Facts<'a> {
     /// Whether a pool address is free: no other client's lease, no
     /// machine's inventory address, not declined.
     pub is_free: &'a dyn Fn(Ipv4Addr) -> bool,
+    /// Where to start looking for a free pool address (after the last one
+    /// handed out).
+    pub pool_cursor: Option<Ipv4Addr>,
 }
 
 impl std::fmt::Debug for Facts<'_> {
@@ -157,6 +160,7 @@ pub fn choose_address(
     lease: Option<&Lease>,
     requested: Option<Ipv4Addr>,
     is_free: &dyn Fn(Ipv4Addr) -> bool,
+    cursor: Option<Ipv4Addr>,
 ) -> Option<Ipv4Addr> {
     if let Some(ip) = machine.and_then(|m| m.ipv4).filter(|ip| subnet.contains(*ip)) {
         return Some(ip);
@@ -167,7 +171,7 @@ pub fn choose_address(
     if let Some(ip) = requested.filter(|ip| subnet.in_pool(*ip) && is_free(*ip)) {
         return Some(ip);
     }
-    subnet.pool_addresses().find(|ip| is_free(*ip))
+    subnet.pool_addresses_from(cursor).find(|ip| is_free(*ip))
 }
 
 /// A reply skeleton per RFC 2131 §4.3.1: copies xid, flags, giaddr, chaddr
@@ -305,7 +309,14 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
     let hostname = facts.machine.map(|m| m.hostname.to_string());
     match kind {
         MessageType::Discover => {
-            let Some(ip) = choose_address(subnet, facts.machine, facts.lease, requested, facts.is_free) else {
+            let Some(ip) = choose_address(
+                subnet,
+                facts.machine,
+                facts.lease,
+                requested,
+                facts.is_free,
+                facts.pool_cursor,
+            ) else {
                 return ignore(format!("{who}: no free address in {}", subnet.network));
             };
             let mut r = reply_to(msg, MessageType::Offer, cfg.server_ip);
@@ -324,7 +335,14 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
                 return ignore(format!("{who}: chose another server"));
             }
             let wanted = requested.or_else(|| (!msg.ciaddr().is_unspecified()).then(|| msg.ciaddr()));
-            let chosen = choose_address(subnet, facts.machine, facts.lease, wanted, facts.is_free);
+            let chosen = choose_address(
+                subnet,
+                facts.machine,
+                facts.lease,
+                wanted,
+                facts.is_free,
+                facts.pool_cursor,
+            );
             match (wanted, chosen) {
                 (Some(w), Some(c)) if w == c => {
                     let mut r = reply_to(msg, MessageType::Ack, cfg.server_ip);
@@ -523,6 +541,7 @@ mod tests {
             arm: None,
             lease,
             is_free: free,
+            pool_cursor: None,
         }
     }
 
@@ -893,6 +912,7 @@ mod robustness {
             arm: None,
             lease: None,
             is_free: &|_| true,
+            pool_cursor: None,
         };
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         let base = valid_discover();

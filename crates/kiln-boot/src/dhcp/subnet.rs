@@ -100,6 +100,19 @@ impl Subnet {
             .is_some_and(|[from, to]| (u32::from(from)..=u32::from(to)).contains(&u32::from(ip)))
     }
 
+    /// Pool addresses from `start` (when inside the pool) to the end, then
+    /// from the beginning: allocation resumes where it left off instead of
+    /// rescanning every taken address (which made handing out n addresses
+    /// cost n² checks).
+    pub fn pool_addresses_from(&self, start: Option<Ipv4Addr>) -> impl Iterator<Item = Ipv4Addr> {
+        let (from, to) = match self.pool {
+            Some([f, t]) => (u32::from(f), u32::from(t)),
+            None => (1, 0),
+        };
+        let s = start.map(u32::from).filter(|s| (from..=to).contains(s)).unwrap_or(from);
+        (s..=to).chain(from..s).map(Ipv4Addr::from)
+    }
+
     /// Pool addresses in order.
     pub fn pool_addresses(&self) -> impl Iterator<Item = Ipv4Addr> {
         let range = match self.pool {
@@ -137,6 +150,17 @@ mod tests {
         assert_eq!(s.mask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(s.pool_addresses().count(), 3);
         assert!(s.in_pool("10.0.0.101".parse().unwrap()));
+        let from = |ip: &str| {
+            s.pool_addresses_from(Some(ip.parse().unwrap()))
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(from("10.0.0.101"), ["10.0.0.101", "10.0.0.102", "10.0.0.100"]);
+        assert_eq!(
+            from("10.0.0.7"),
+            ["10.0.0.100", "10.0.0.101", "10.0.0.102"],
+            "outside the pool: from its start"
+        );
     }
 
     #[test]
