@@ -138,32 +138,9 @@ pub fn decide(
 mod tests {
     use super::*;
     use chrono::Duration;
-    use kiln_types::machine::MachineCreate;
 
     fn machine(state: MachineState) -> Machine {
-        let spec = MachineCreate::new("m1".parse().unwrap());
-        Machine {
-            id: MachineId::new(),
-            hostname: spec.hostname,
-            fqdn: None,
-            kind: spec.kind,
-            state,
-            tags: vec![],
-            owner: None,
-            site: None,
-            rack: None,
-            rack_id: None,
-            protected: false,
-            maintenance: false,
-            maintenance_reason: None,
-            bmc: None,
-            nics: vec![],
-            ipv4: None,
-            ipv6: None,
-            hardware: None,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-        }
+        Machine::sketch("m1", kiln_types::machine::MachineKind::Physical, state)
     }
 
     fn arm(for_machine: MachineId, now: DateTime<Utc>) -> NetbootArm {

@@ -274,6 +274,31 @@ async fn find_conflicts(
     Ok(problems)
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
+
+/// Binds a machine's 17 stored columns, from `id` to `hardware`, in table
+/// order: the shared part of its INSERT and UPDATE.
+fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
+    let s = &row.spec;
+    Ok(q.bind(row.id.to_string())
+        .bind(s.hostname.to_string())
+        .bind(s.fqdn.as_ref().map(|f| f.to_string()))
+        .bind(s.kind.as_str())
+        .bind(s.state.as_str())
+        .bind(row.owner_id.map(|t| t.to_string()))
+        .bind(row.rack_id.map(|r| r.to_string()))
+        .bind(s.protected)
+        .bind(s.maintenance)
+        .bind(s.maintenance_reason.clone())
+        .bind(s.bmc.as_ref().map(|b| b.driver.as_str()))
+        .bind(s.bmc.as_ref().map(|b| b.address.clone()))
+        .bind(s.bmc.as_ref().and_then(|b| b.username.clone()))
+        .bind(row.sealed_password.as_ref().map(|p| p.0.clone()))
+        .bind(s.ipv4.map(|ip| ip.to_string()))
+        .bind(s.ipv6.map(|ip| ip.to_string()))
+        .bind(hardware_json(s)?))
+}
+
 /// `($1, …, $cols), (…)` for `rows` rows.
 fn values(rows: usize, cols: usize) -> String {
     (0..rows)
@@ -294,27 +319,7 @@ async fn insert_machines(conn: &mut AnyConnection, rows: &[Row_], at: &str) -> R
         );
         let mut q = sqlx::query::<Any>(built(sql));
         for row in chunk {
-            let s = &row.spec;
-            q = q
-                .bind(row.id.to_string())
-                .bind(s.hostname.to_string())
-                .bind(s.fqdn.as_ref().map(|f| f.to_string()))
-                .bind(s.kind.as_str())
-                .bind(s.state.as_str())
-                .bind(row.owner_id.map(|t| t.to_string()))
-                .bind(row.rack_id.map(|r| r.to_string()))
-                .bind(s.protected)
-                .bind(s.maintenance)
-                .bind(s.maintenance_reason.clone())
-                .bind(s.bmc.as_ref().map(|b| b.driver.as_str()))
-                .bind(s.bmc.as_ref().map(|b| b.address.clone()))
-                .bind(s.bmc.as_ref().and_then(|b| b.username.clone()))
-                .bind(row.sealed_password.as_ref().map(|p| p.0.clone()))
-                .bind(s.ipv4.map(|ip| ip.to_string()))
-                .bind(s.ipv6.map(|ip| ip.to_string()))
-                .bind(hardware_json(s)?)
-                .bind(at.to_string())
-                .bind(at.to_string());
+            q = bind_row(q, row)?.bind(at.to_string()).bind(at.to_string());
         }
         q.execute(&mut *conn).await?;
     }
@@ -836,32 +841,13 @@ impl Store {
             .bind(row.id.to_string())
             .execute(&mut *tx)
             .await?;
-        sqlx::query::<Any>(
+        let q = sqlx::query::<Any>(
             "UPDATE machines SET hostname = $2, fqdn = $3, kind = $4, state = $5, owner_id = $6, rack_id = $7, \
              protected = $8, maintenance = $9, maintenance_reason = $10, bmc_driver = $11, bmc_address = $12, \
              bmc_username = $13, bmc_password = $14, ipv4 = $15, ipv6 = $16, hardware = $17, updated_at = $18 \
              WHERE id = $1",
-        )
-        .bind(row.id.to_string())
-        .bind(s.hostname.to_string())
-        .bind(s.fqdn.as_ref().map(|f| f.to_string()))
-        .bind(s.kind.as_str())
-        .bind(s.state.as_str())
-        .bind(row.owner_id.map(|t| t.to_string()))
-        .bind(row.rack_id.map(|r| r.to_string()))
-        .bind(s.protected)
-        .bind(s.maintenance)
-        .bind(s.maintenance_reason.clone())
-        .bind(s.bmc.as_ref().map(|b| b.driver.as_str()))
-        .bind(s.bmc.as_ref().map(|b| b.address.clone()))
-        .bind(s.bmc.as_ref().and_then(|b| b.username.clone()))
-        .bind(row.sealed_password.as_ref().map(|p| p.0.clone()))
-        .bind(s.ipv4.map(|ip| ip.to_string()))
-        .bind(s.ipv6.map(|ip| ip.to_string()))
-        .bind(hardware_json(s)?)
-        .bind(ts(updated_at))
-        .execute(&mut *tx)
-        .await?;
+        );
+        bind_row(q, &row)?.bind(ts(updated_at)).execute(&mut *tx).await?;
         let tags: Vec<(MachineId, &Tag)> = unique_tags(&s.tags).map(|t| (row.id, t)).collect();
         insert_tags(&mut tx, &tags).await?;
         if nics_changed {

@@ -97,35 +97,16 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::OsImageId;
     use crate::catalog::{Arch, OsKind};
     use crate::machine::{Disk, Gpu as GpuCard, MachineState};
-    use crate::{MachineId, OsImageId};
 
     const GIB: u64 = 1 << 30;
 
     fn machine(kind: MachineKind, hw: Option<Hardware>) -> Machine {
-        Machine {
-            id: MachineId::new(),
-            hostname: "m1".parse().unwrap(),
-            fqdn: None,
-            kind,
-            state: MachineState::Ready,
-            tags: vec![],
-            owner: None,
-            site: None,
-            rack: None,
-            rack_id: None,
-            protected: false,
-            maintenance: false,
-            maintenance_reason: None,
-            bmc: None,
-            nics: vec![],
-            ipv4: None,
-            ipv6: None,
-            hardware: hw,
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
-        }
+        let mut m = Machine::sketch("m1", kind, MachineState::Ready);
+        m.hardware = hw;
+        m
     }
 
     fn hw(ram_gib: u64, disks_gib: &[u64], gpus: Vec<GpuCard>) -> Hardware {

@@ -311,6 +311,36 @@ pub struct Machine {
     pub updated_at: DateTime<Utc>,
 }
 
+impl Machine {
+    /// A machine with only a hostname, kind and state, stamped now: for
+    /// tests, simulations and examples, never for the store.
+    pub fn sketch(hostname: &str, kind: MachineKind, state: MachineState) -> Machine {
+        let now = chrono::Utc::now();
+        Machine {
+            id: MachineId::new(),
+            hostname: hostname.parse().expect("a valid hostname"),
+            fqdn: None,
+            kind,
+            state,
+            tags: vec![],
+            owner: None,
+            site: None,
+            rack: None,
+            rack_id: None,
+            protected: false,
+            maintenance: false,
+            maintenance_reason: None,
+            bmc: None,
+            nics: vec![],
+            ipv4: None,
+            ipv6: None,
+            hardware: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 /// A new machine. Only `hostname` is required.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -456,8 +456,7 @@ mod tests {
     use dhcproto::v4::relay::RelayAgentInformation;
     use dhcproto::v4::{Architecture, Flags};
     use dhcproto::{Decodable, Encodable};
-    use kiln_types::MachineId;
-    use kiln_types::machine::{MachineCreate, MachineState};
+    use kiln_types::machine::MachineState;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
 
@@ -483,29 +482,9 @@ mod tests {
     }
 
     fn machine(ip: Option<&str>, state: MachineState) -> Machine {
-        let spec = MachineCreate::new("node1".parse().unwrap());
-        Machine {
-            id: MachineId::new(),
-            hostname: spec.hostname,
-            fqdn: None,
-            kind: spec.kind,
-            state,
-            tags: vec![],
-            owner: None,
-            site: None,
-            rack: None,
-            rack_id: None,
-            protected: false,
-            maintenance: false,
-            maintenance_reason: None,
-            bmc: None,
-            nics: vec![],
-            ipv4: ip.map(|i| i.parse().unwrap()),
-            ipv6: None,
-            hardware: None,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-        }
+        let mut m = Machine::sketch("node1", kiln_types::machine::MachineKind::Physical, state);
+        m.ipv4 = ip.map(|i| i.parse().unwrap());
+        m
     }
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x13, 0x00, 0x01];
