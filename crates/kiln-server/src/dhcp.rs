@@ -86,6 +86,29 @@ struct Service {
     boot: BootSettings,
     listen_port: u16,
     leases: Mutex<Leases>,
+    reserved: Mutex<Reserved>,
+}
+
+/// The inventory's IPv4 addresses (never handed out from a pool), copied
+/// from the store and reloaded only when the machines generation moved.
+#[derive(Debug, Default)]
+struct Reserved {
+    generation: Option<i64>,
+    addresses: std::collections::HashSet<Ipv4Addr>,
+}
+
+impl Service {
+    /// The current inventory addresses: one primary-key read, and a reload
+    /// only after a machine changed.
+    async fn reserved(&self) -> anyhow::Result<tokio::sync::MutexGuard<'_, Reserved>> {
+        let generation = self.store.machines_generation().await?;
+        let mut r = self.reserved.lock().await;
+        if r.generation != Some(generation) {
+            r.addresses = self.store.reserved_ipv4s().await?.into_iter().collect();
+            r.generation = Some(generation);
+        }
+        Ok(r)
+    }
 }
 
 /// The first IPv4 address of interface `name`.
@@ -138,6 +161,7 @@ pub async fn run(
         boot,
         listen_port,
         leases: Mutex::new(leases),
+        reserved: Mutex::new(Reserved::default()),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for iface in service.settings.interfaces.clone() {
@@ -202,10 +226,11 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
         .as_ref()
         .and_then(|m| m.ipv4)
         .is_none_or(|ip| subnet.is_none_or(|sub| !sub.contains(ip)));
-    let reserved: Vec<Ipv4Addr> = if needs_pool {
-        service.store.reserved_ipv4s().await?
+    // Pool checks only; a client with an inventory address needs none.
+    let reserved = if needs_pool {
+        Some(service.reserved().await?)
     } else {
-        vec![]
+        None
     };
     let cfg = ServerConfig {
         mode: s.mode,
@@ -228,7 +253,7 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
     let own = subnet.and_then(|sub| leases.of(mac, sub)).cloned();
     let outcome = {
         let is_free = |ip: Ipv4Addr| {
-            !reserved.contains(&ip)
+            !reserved.as_ref().is_some_and(|r| r.addresses.contains(&ip))
                 && leases
                     .by_ip
                     .get(&ip)

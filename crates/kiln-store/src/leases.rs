@@ -172,6 +172,15 @@ impl Store {
         }
     }
 
+    /// A number that changes whenever any machine is created, changed or
+    /// deleted: one primary-key read tells a cache whether it is stale.
+    pub async fn machines_generation(&self) -> Result<i64> {
+        let row = sqlx::query::<Any>("SELECT value FROM generations WHERE name = 'machines'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
     /// Every machine's inventory IPv4 address: never handed out from a pool
     /// to another client.
     pub async fn reserved_ipv4s(&self) -> Result<Vec<Ipv4Addr>> {

@@ -299,6 +299,14 @@ fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
         .bind(hardware_json(s)?))
 }
 
+/// Marks the machines table changed, inside the change's transaction.
+async fn bump_machines_generation(conn: &mut AnyConnection) -> Result<()> {
+    sqlx::query::<Any>("UPDATE generations SET value = value + 1 WHERE name = 'machines'")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// `($1, …, $cols), (…)` for `rows` rows.
 fn values(rows: usize, cols: usize) -> String {
     (0..rows)
@@ -611,6 +619,7 @@ impl Store {
             })
             .collect();
         record_many(&mut tx, actor, changes).await?;
+        bump_machines_generation(&mut tx).await?;
         tx.commit().await?;
         if out.len() >= ANALYZE_AFTER && self.backend == Backend::Postgres {
             // Fresh statistics for the planner: without them, PostgreSQL
@@ -868,6 +877,7 @@ impl Store {
             },
         )
         .await?;
+        bump_machines_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(after)
     }
@@ -899,6 +909,7 @@ impl Store {
             },
         )
         .await?;
+        bump_machines_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(machine)
     }

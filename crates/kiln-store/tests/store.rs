@@ -770,3 +770,35 @@ store_test!(a_large_import_crosses_every_statement_chunk, |store| {
         "newest first, in import order"
     );
 });
+
+store_test!(the_machines_generation_moves_with_every_change, |store| {
+    let g0 = store.machines_generation().await.unwrap();
+    store
+        .create_machines(&actor(), vec![machine("g1", "52:54:00:00:00:01")])
+        .await
+        .unwrap();
+    let g1 = store.machines_generation().await.unwrap();
+    assert!(g1 > g0);
+    store
+        .update_machine(
+            &actor(),
+            "g1",
+            serde_json::from_str(r#"{"ipv4": "10.0.0.5"}"#).unwrap(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let g2 = store.machines_generation().await.unwrap();
+    assert!(g2 > g1);
+    // A failed change leaves it alone.
+    assert!(
+        store
+            .create_machines(&actor(), vec![machine("g1", "52:54:00:00:00:02")])
+            .await
+            .is_err()
+    );
+    assert_eq!(store.machines_generation().await.unwrap(), g2);
+    store.delete_machine(&actor(), "g1", None).await.unwrap();
+    assert!(store.machines_generation().await.unwrap() > g2);
+});

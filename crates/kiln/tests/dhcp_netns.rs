@@ -278,10 +278,26 @@ fn udhcpc_gets_inventory_addresses_and_leases_survive_restarts() {
         leases.contains("10.77.0.42") && leases.contains("52:54:00:77:00:42"),
         "{leases}"
     );
+    // An inventory address inside the pool is never handed to another client.
+    kiln(
+        &net.server,
+        &token,
+        &["machine", "add", "--hostname", "held1", "--ipv4", "10.77.0.100"],
+    );
     let got = net.udhcpc(dir.path()).expect("a pool address with discovery on");
-    assert!(got.starts_with("10.77.0.1"), "{got}");
+    assert_eq!(got, "10.77.0.101");
     let leases = String::from_utf8(kiln(&net.server, &token, &["leases", "--output", "json"]).stdout).unwrap();
     assert!(leases.contains(&got), "{leases}");
+    // Nor one enrolled while the server runs (its copy of the inventory
+    // addresses follows the store).
+    kiln(
+        &net.server,
+        &token,
+        &["machine", "add", "--hostname", "held2", "--ipv4", "10.77.0.102"],
+    );
+    net.set_client_mac("52:54:00:77:00:98");
+    assert_eq!(net.udhcpc(dir.path()).as_deref(), Some("10.77.0.103"));
+    net.set_client_mac("52:54:00:77:00:99");
 
     // The same client again keeps its address; releasing ends the lease.
     assert_eq!(net.udhcpc_then_release(dir.path()).as_deref(), Some(got.as_str()));
