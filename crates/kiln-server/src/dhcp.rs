@@ -29,6 +29,8 @@ use crate::config::{BootSettings, DhcpSettings};
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
+/// How long an offered address waits for its client's REQUEST.
+const OFFER_HOLD_SECONDS: i64 = 30;
 /// How long a declined address stays out of the pool.
 const DECLINE_HOLD_MINUTES: i64 = 10;
 
@@ -40,6 +42,11 @@ struct Leases {
     /// Bound leases by client (one address per client).
     by_mac: HashMap<kiln_types::MacAddr, Ipv4Addr>,
     cursor: HashMap<String, Ipv4Addr>,
+    /// Addresses offered and not yet requested, held for their client for
+    /// `OFFER_HOLD_SECONDS`: without the hold, DISCOVERs arriving together
+    /// were offered the same free address and all but one were NAKed
+    /// (bench/dhcp).
+    offers: HashMap<Ipv4Addr, (kiln_types::MacAddr, chrono::DateTime<Utc>)>,
 }
 
 impl Leases {
@@ -68,6 +75,35 @@ impl Leases {
             self.by_ip.remove(&old);
         }
         self.by_ip.insert(lease.ip, lease);
+    }
+
+    /// `mac`'s pending offer, as a lease-shaped fact for the handler.
+    fn offer_of(&self, mac: kiln_types::MacAddr, subnet: &Subnet, now: chrono::DateTime<Utc>) -> Option<Lease> {
+        self.offers
+            .iter()
+            .find(|(ip, (m, until))| *m == mac && *until > now && subnet.contains(**ip))
+            .map(|(ip, (_, until))| Lease {
+                ip: *ip,
+                mac,
+                state: LeaseState::Bound,
+                machine_id: None,
+                hostname: None,
+                expires_at: *until,
+            })
+    }
+
+    /// Whether `ip` is held by an offer to another client.
+    fn offered_to_other(&self, ip: Ipv4Addr, mac: kiln_types::MacAddr, now: chrono::DateTime<Utc>) -> bool {
+        self.offers.get(&ip).is_some_and(|(m, until)| *m != mac && *until > now)
+    }
+
+    fn hold_offer(&mut self, ip: Ipv4Addr, mac: kiln_types::MacAddr, now: chrono::DateTime<Utc>) {
+        if self.offers.len() >= 1024 && self.offers.len().is_power_of_two() {
+            self.offers.retain(|_, (_, until)| *until > now);
+        }
+        self.offers.retain(|_, (m, _)| *m != mac);
+        self.offers
+            .insert(ip, (mac, now + Duration::seconds(OFFER_HOLD_SECONDS)));
     }
 
     fn remove(&mut self, ip: Ipv4Addr) {
@@ -250,10 +286,11 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
     };
     let mut leases = service.leases.lock().await;
     let now = Utc::now();
-    let own = subnet.and_then(|sub| leases.of(mac, sub)).cloned();
+    let own = subnet.and_then(|sub| leases.of(mac, sub).cloned().or_else(|| leases.offer_of(mac, sub, now)));
     let outcome = {
         let is_free = |ip: Ipv4Addr| {
             !reserved.as_ref().is_some_and(|r| r.addresses.contains(&ip))
+                && !leases.offered_to_other(ip, mac, now)
                 && leases
                     .by_ip
                     .get(&ip)
@@ -270,10 +307,23 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
         handle(&cfg, msg, &facts, now)
     };
     tracing::info!(%mac, note = %outcome.note, "dhcp");
+    if let Some(reply) = &outcome.reply
+        && reply.opts().msg_type() == Some(MessageType::Offer)
+        && !reply.yiaddr().is_unspecified()
+    {
+        let ip = reply.yiaddr();
+        leases.hold_offer(ip, mac, now);
+        if let Some(sub) = subnet.filter(|sub| sub.in_pool(ip)) {
+            leases
+                .cursor
+                .insert(sub.network.clone(), Ipv4Addr::from(u32::from(ip).wrapping_add(1)));
+        }
+    }
     match outcome.effect {
         Effect::None => {}
         Effect::Commit(lease) => {
             service.store.commit_lease(&lease).await.context("writing the lease")?;
+            leases.offers.remove(&lease.ip);
             if let Some(sub) = subnet.filter(|sub| sub.in_pool(lease.ip)) {
                 leases
                     .cursor
@@ -315,4 +365,44 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
             .with_context(|| format!("sending to {dest}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet() -> Subnet {
+        Subnet {
+            network: "10.0.0.0/24".into(),
+            pool: Some(["10.0.0.10".parse().unwrap(), "10.0.0.20".parse().unwrap()]),
+            routers: vec![],
+            dns: vec![],
+            domain: None,
+            lease_time: 600,
+        }
+    }
+
+    #[test]
+    fn an_offer_holds_its_address_for_its_client_only() {
+        let (a, b): (kiln_types::MacAddr, kiln_types::MacAddr) = (
+            "52:54:00:00:00:0a".parse().unwrap(),
+            "52:54:00:00:00:0b".parse().unwrap(),
+        );
+        let ip: Ipv4Addr = "10.0.0.10".parse().unwrap();
+        let now = Utc::now();
+        let mut leases = Leases::default();
+        leases.hold_offer(ip, a, now);
+        assert!(leases.offered_to_other(ip, b, now), "b may not be offered a's address");
+        assert!(!leases.offered_to_other(ip, a, now));
+        assert_eq!(leases.offer_of(a, &subnet(), now).map(|l| l.ip), Some(ip));
+        assert_eq!(leases.offer_of(b, &subnet(), now), None);
+        // A new offer to the same client replaces its old one.
+        let other: Ipv4Addr = "10.0.0.11".parse().unwrap();
+        leases.hold_offer(other, a, now);
+        assert!(!leases.offered_to_other(ip, b, now));
+        // Offers lapse.
+        let later = now + Duration::seconds(OFFER_HOLD_SECONDS + 1);
+        assert!(!leases.offered_to_other(other, b, later));
+        assert_eq!(leases.offer_of(a, &subnet(), later), None);
+    }
 }
