@@ -47,6 +47,9 @@ struct Leases {
     /// were offered the same free address and all but one were NAKed
     /// (bench/dhcp).
     offers: HashMap<Ipv4Addr, (kiln_types::MacAddr, chrono::DateTime<Utc>)>,
+    /// The pending offer of each client (at most one), so that neither
+    /// finding nor replacing it scans every offer.
+    offer_by_mac: HashMap<kiln_types::MacAddr, Ipv4Addr>,
 }
 
 impl Leases {
@@ -79,17 +82,16 @@ impl Leases {
 
     /// `mac`'s pending offer, as a lease-shaped fact for the handler.
     fn offer_of(&self, mac: kiln_types::MacAddr, subnet: &Subnet, now: chrono::DateTime<Utc>) -> Option<Lease> {
-        self.offers
-            .iter()
-            .find(|(ip, (m, until))| *m == mac && *until > now && subnet.contains(**ip))
-            .map(|(ip, (_, until))| Lease {
-                ip: *ip,
-                mac,
-                state: LeaseState::Bound,
-                machine_id: None,
-                hostname: None,
-                expires_at: *until,
-            })
+        let ip = *self.offer_by_mac.get(&mac)?;
+        let (_, until) = self.offers.get(&ip).filter(|(m, until)| *m == mac && *until > now)?;
+        subnet.contains(ip).then_some(Lease {
+            ip,
+            mac,
+            state: LeaseState::Bound,
+            machine_id: None,
+            hostname: None,
+            expires_at: *until,
+        })
     }
 
     /// Whether `ip` is held by an offer to another client.
@@ -98,12 +100,26 @@ impl Leases {
     }
 
     fn hold_offer(&mut self, ip: Ipv4Addr, mac: kiln_types::MacAddr, now: chrono::DateTime<Utc>) {
+        // Lapsed offers are dropped now and then, not on every packet.
         if self.offers.len() >= 1024 && self.offers.len().is_power_of_two() {
             self.offers.retain(|_, (_, until)| *until > now);
+            let offers = &self.offers;
+            self.offer_by_mac
+                .retain(|m, ip| offers.get(ip).is_some_and(|(holder, _)| holder == m));
         }
-        self.offers.retain(|_, (m, _)| *m != mac);
+        self.drop_offer_of(mac);
         self.offers
             .insert(ip, (mac, now + Duration::seconds(OFFER_HOLD_SECONDS)));
+        self.offer_by_mac.insert(mac, ip);
+    }
+
+    /// Forgets `mac`'s pending offer (replaced, or turned into a lease).
+    fn drop_offer_of(&mut self, mac: kiln_types::MacAddr) {
+        if let Some(old) = self.offer_by_mac.remove(&mac)
+            && self.offers.get(&old).is_some_and(|(m, _)| *m == mac)
+        {
+            self.offers.remove(&old);
+        }
     }
 
     fn remove(&mut self, ip: Ipv4Addr) {
@@ -323,7 +339,7 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
         Effect::None => {}
         Effect::Commit(lease) => {
             service.store.commit_lease(&lease).await.context("writing the lease")?;
-            leases.offers.remove(&lease.ip);
+            leases.drop_offer_of(lease.mac);
             if let Some(sub) = subnet.filter(|sub| sub.in_pool(lease.ip)) {
                 leases
                     .cursor
