@@ -3,15 +3,20 @@
 //! One UDP socket per configured interface, bound to that interface
 //! (SO_BINDTODEVICE) on port 67: the socket a packet arrives on says which
 //! interface it came in on, which is what IP_PKTINFO would tell a single
-//! wildcard socket, and replies leave through the same interface. For every
-//! request the listener looks up the facts (machine by option 82 or MAC,
-//! the client's lease, which pool addresses are free), calls the pure
-//! handler, makes a lease durable in the store *before* sending the ACK, and
-//! sends the reply to the relay, the client, or the broadcast address.
+//! wildcard socket, and replies leave through the same interface.
+//!
+//! No packet waits for the database. The facts a request needs — the
+//! machine (by option 82 or MAC), the client's lease, which pool addresses
+//! are free — come from memory: the inventory is copied in and reloaded when
+//! a machine changes, and the lease table is loaded at start and kept. A
+//! lease change goes to one writer task that commits the changes of many
+//! clients in one transaction (group commit) and sends each ACK only after
+//! the commit: an acknowledged lease is always in the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
 
 use anyhow::Context;
 use chrono::{Duration, Utc};
@@ -20,9 +25,11 @@ use dhcproto::v4::{Message, MessageType};
 use kiln_boot::decision::BootPolicy;
 use kiln_boot::dhcp::{Effect, Facts, Lease, LeaseState, ServerConfig, Subnet, decode, handle, request_identity};
 use kiln_boot::firmware::FirstStageFiles;
-use kiln_store::Store;
+use kiln_store::{LeaseWrite, Store};
+use kiln_types::MacAddr;
+use kiln_types::machine::Machine;
 use tokio::net::UdpSocket;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BootSettings, DhcpSettings};
@@ -40,16 +47,16 @@ const DECLINE_HOLD_MINUTES: i64 = 10;
 struct Leases {
     by_ip: HashMap<Ipv4Addr, Lease>,
     /// Bound leases by client (one address per client).
-    by_mac: HashMap<kiln_types::MacAddr, Ipv4Addr>,
+    by_mac: HashMap<MacAddr, Ipv4Addr>,
     cursor: HashMap<String, Ipv4Addr>,
     /// Addresses offered and not yet requested, held for their client for
     /// `OFFER_HOLD_SECONDS`: without the hold, DISCOVERs arriving together
     /// were offered the same free address and all but one were NAKed
     /// (bench/dhcp).
-    offers: HashMap<Ipv4Addr, (kiln_types::MacAddr, chrono::DateTime<Utc>)>,
+    offers: HashMap<Ipv4Addr, (MacAddr, chrono::DateTime<Utc>)>,
     /// The pending offer of each client (at most one), so that neither
     /// finding nor replacing it scans every offer.
-    offer_by_mac: HashMap<kiln_types::MacAddr, Ipv4Addr>,
+    offer_by_mac: HashMap<MacAddr, Ipv4Addr>,
 }
 
 impl Leases {
@@ -62,7 +69,7 @@ impl Leases {
     }
 
     /// `mac`'s live bound lease in `subnet`.
-    fn of(&self, mac: kiln_types::MacAddr, subnet: &Subnet) -> Option<&Lease> {
+    fn of(&self, mac: MacAddr, subnet: &Subnet) -> Option<&Lease> {
         let now = Utc::now();
         let ip = self.by_mac.get(&mac)?;
         self.by_ip
@@ -81,7 +88,7 @@ impl Leases {
     }
 
     /// `mac`'s pending offer, as a lease-shaped fact for the handler.
-    fn offer_of(&self, mac: kiln_types::MacAddr, subnet: &Subnet, now: chrono::DateTime<Utc>) -> Option<Lease> {
+    fn offer_of(&self, mac: MacAddr, subnet: &Subnet, now: chrono::DateTime<Utc>) -> Option<Lease> {
         let ip = *self.offer_by_mac.get(&mac)?;
         let (_, until) = self.offers.get(&ip).filter(|(m, until)| *m == mac && *until > now)?;
         subnet.contains(ip).then_some(Lease {
@@ -95,11 +102,11 @@ impl Leases {
     }
 
     /// Whether `ip` is held by an offer to another client.
-    fn offered_to_other(&self, ip: Ipv4Addr, mac: kiln_types::MacAddr, now: chrono::DateTime<Utc>) -> bool {
+    fn offered_to_other(&self, ip: Ipv4Addr, mac: MacAddr, now: chrono::DateTime<Utc>) -> bool {
         self.offers.get(&ip).is_some_and(|(m, until)| *m != mac && *until > now)
     }
 
-    fn hold_offer(&mut self, ip: Ipv4Addr, mac: kiln_types::MacAddr, now: chrono::DateTime<Utc>) {
+    fn hold_offer(&mut self, ip: Ipv4Addr, mac: MacAddr, now: chrono::DateTime<Utc>) {
         // Lapsed offers are dropped now and then, not on every packet.
         if self.offers.len() >= 1024 && self.offers.len().is_power_of_two() {
             self.offers.retain(|_, (_, until)| *until > now);
@@ -114,11 +121,19 @@ impl Leases {
     }
 
     /// Forgets `mac`'s pending offer (replaced, or turned into a lease).
-    fn drop_offer_of(&mut self, mac: kiln_types::MacAddr) {
+    fn drop_offer_of(&mut self, mac: MacAddr) {
         if let Some(old) = self.offer_by_mac.remove(&mac)
             && self.offers.get(&old).is_some_and(|(m, _)| *m == mac)
         {
             self.offers.remove(&old);
+        }
+    }
+
+    /// Pool allocation in `subnet` resumes after `ip`.
+    fn advance_cursor(&mut self, subnet: Option<&Subnet>, ip: Ipv4Addr) {
+        if let Some(sub) = subnet.filter(|sub| sub.in_pool(ip)) {
+            self.cursor
+                .insert(sub.network.clone(), Ipv4Addr::from(u32::from(ip).wrapping_add(1)));
         }
     }
 
@@ -131,38 +146,111 @@ impl Leases {
     }
 }
 
+/// How often the listener asks the database whether another server changed
+/// a machine (this server's own changes are seen at once).
+const INVENTORY_RECHECK: StdDuration = StdDuration::from_secs(1);
+/// Lease changes waiting for the writer; past this, requests are dropped
+/// (the client retries) rather than queued without bound.
+const PENDING_WRITES: usize = 8192;
+/// How long the writer waits for more lease changes when several are
+/// already queued.
+const COMMIT_LINGER: StdDuration = StdDuration::from_millis(2);
+/// Most lease changes committed in one transaction.
+const WRITES_PER_COMMIT: usize = 1024;
+
+/// The inventory as the listener needs it.
+#[derive(Debug, Default)]
+struct Inventory {
+    by_mac: HashMap<MacAddr, Arc<Machine>>,
+    /// By option 82 (circuit-id, remote-id), as the relay reports them.
+    by_port: HashMap<(String, Option<String>), Arc<Machine>>,
+    /// Inventory IPv4 addresses: never handed out from a pool.
+    reserved: HashSet<Ipv4Addr>,
+}
+
+impl Inventory {
+    fn new(machines: Vec<Machine>) -> Inventory {
+        let mut inv = Inventory::default();
+        for m in machines {
+            let m = Arc::new(m);
+            if let Some(ip) = m.ipv4 {
+                inv.reserved.insert(ip);
+            }
+            for nic in &m.nics {
+                inv.by_mac.insert(nic.mac, m.clone());
+                if let Some(c) = &nic.circuit_id {
+                    inv.by_port.insert((c.clone(), nic.remote_id.clone()), m.clone());
+                }
+            }
+        }
+        inv
+    }
+
+    /// The machine a request comes from: by the switch port its relay
+    /// reported, else by MAC.
+    fn find(&self, mac: MacAddr, circuit: Option<&str>, remote: Option<&str>) -> Option<&Machine> {
+        circuit
+            .and_then(|c| self.by_port.get(&(c.to_string(), remote.map(str::to_string))))
+            .or_else(|| self.by_mac.get(&mac))
+            .map(|m| &**m)
+    }
+}
+
+/// The inventory copy and when it was last checked against the store.
+#[derive(Debug, Default)]
+struct InventoryCache {
+    inventory: Arc<Inventory>,
+    generation: Option<i64>,
+    changes_seen: u64,
+    checked_at: Option<Instant>,
+}
+
+/// A lease change on its way to the store, and the reply that may only be
+/// sent once it is there.
+struct Pending {
+    write: LeaseWrite,
+    reply: Option<(Vec<u8>, SocketAddrV4, Arc<UdpSocket>)>,
+}
+
 /// Shared by the sockets of all interfaces.
 struct Service {
     store: Store,
     settings: DhcpSettings,
     boot: BootSettings,
     listen_port: u16,
-    leases: Mutex<Leases>,
-    reserved: Mutex<Reserved>,
-}
-
-/// The inventory's IPv4 addresses (never handed out from a pool), copied
-/// from the store and reloaded only when the machines generation moved.
-#[derive(Debug, Default)]
-struct Reserved {
-    generation: Option<i64>,
-    addresses: std::collections::HashSet<Ipv4Addr>,
+    leases: std::sync::Mutex<Leases>,
+    inventory: Mutex<InventoryCache>,
+    writes: mpsc::Sender<Pending>,
 }
 
 impl Service {
-    /// The current inventory addresses: one primary-key read, and a reload
-    /// only after a machine changed.
-    async fn reserved(&self) -> anyhow::Result<tokio::sync::MutexGuard<'_, Reserved>> {
-        let generation = self.store.machines_generation().await?;
-        let mut r = self.reserved.lock().await;
-        if r.generation != Some(generation) {
-            r.addresses = self.store.reserved_ipv4s().await?.into_iter().collect();
-            r.generation = Some(generation);
+    /// The inventory, reloaded if this server changed a machine since, or
+    /// if the store's generation moved (checked at most every
+    /// `INVENTORY_RECHECK`).
+    async fn inventory(&self) -> anyhow::Result<Arc<Inventory>> {
+        let mut cache = self.inventory.lock().await;
+        let changes = self.store.machine_changes_here();
+        let due = cache.checked_at.is_none_or(|t| t.elapsed() >= INVENTORY_RECHECK);
+        if changes != cache.changes_seen || due {
+            // The generation is read before the machines: a change made
+            // while they load moves it again, and the next check reloads.
+            let generation = self.store.machines_generation().await?;
+            if cache.generation != Some(generation) {
+                cache.inventory = Arc::new(Inventory::new(self.store.all_machines().await?));
+                cache.generation = Some(generation);
+            }
+            cache.changes_seen = changes;
+            cache.checked_at = Some(Instant::now());
         }
-        Ok(r)
+        Ok(cache.inventory.clone())
+    }
+
+    fn lock_leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        // A panic while holding the lock cannot leave the table half-changed
+        // in a way that matters more than losing the listener would.
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
-
 /// The first IPv4 address of interface `name`.
 fn interface_ipv4(name: &str) -> anyhow::Result<Ipv4Addr> {
     let addrs = nix::ifaddrs::getifaddrs().context("listing network interfaces")?;
@@ -206,84 +294,82 @@ pub async fn run(
             "unreadable DHCP leases were moved to dhcp_lease_quarantine"
         );
     }
-    let leases = Leases::load(loaded.leases);
+    let (writes, pending) = mpsc::channel(PENDING_WRITES);
     let service = Arc::new(Service {
-        store,
+        store: store.clone(),
         settings,
         boot,
         listen_port,
-        leases: Mutex::new(leases),
-        reserved: Mutex::new(Reserved::default()),
+        leases: std::sync::Mutex::new(Leases::load(loaded.leases)),
+        inventory: Mutex::new(InventoryCache::default()),
+        writes,
     });
+    service.inventory().await.context("loading the inventory for DHCP")?;
     let mut tasks = tokio::task::JoinSet::new();
     for iface in service.settings.interfaces.clone() {
         let ip = interface_ipv4(&iface)?;
-        let socket = bind(&iface)?;
+        let socket = Arc::new(bind(&iface)?);
         tracing::info!(interface = %iface, address = %ip, mode = ?service.settings.mode, "DHCP listening");
         tasks.spawn(serve_interface(service.clone(), iface, ip, socket, shutdown.clone()));
     }
+    // The writer ends when every sender is gone: after the listeners (which
+    // hold the service) have stopped, so queued changes are still written.
+    drop(service);
+    let writer = tokio::spawn(write_leases(store, pending));
     while let Some(done) = tasks.join_next().await {
         done.context("a DHCP task panicked")??;
     }
+    writer.await.context("the DHCP lease writer panicked")?;
     Ok(())
+}
+
+/// Commits lease changes in batches — whatever queued up while the last
+/// commit ran — and sends each change's reply after its commit. A failed
+/// commit sends none of its replies: those clients retry.
+async fn write_leases(store: Store, mut pending: mpsc::Receiver<Pending>) {
+    let mut batch = Vec::with_capacity(WRITES_PER_COMMIT);
+    while pending.recv_many(&mut batch, WRITES_PER_COMMIT).await > 0 {
+        // Under load, wait a moment for more: one transaction then carries
+        // many clients' leases, and the ACKs leave a millisecond or two later.
+        if batch.len() > 1 && batch.len() < WRITES_PER_COMMIT {
+            tokio::time::sleep(COMMIT_LINGER).await;
+            while batch.len() < WRITES_PER_COMMIT
+                && let Ok(p) = pending.try_recv()
+            {
+                batch.push(p);
+            }
+        }
+        let writes: Vec<LeaseWrite> = batch.iter().map(|p| p.write.clone()).collect();
+        match store.write_leases(&writes).await {
+            Ok(()) => {
+                for p in batch.drain(..) {
+                    if let Some((bytes, dest, socket)) = p.reply
+                        && let Err(e) = socket.send_to(&bytes, dest).await
+                    {
+                        tracing::warn!(%dest, error = %e, "DHCP reply not sent");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    changes = batch.len(),
+                    error = format!("{e:#}"),
+                    "DHCP leases not written: those clients get no reply and retry"
+                );
+                batch.clear();
+            }
+        }
+    }
 }
 
 async fn serve_interface(
     service: Arc<Service>,
     iface: String,
     server_ip: Ipv4Addr,
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; 1500];
-    loop {
-        let (len, from) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(interface = %iface, error = %e, "DHCP receive failed");
-                    continue;
-                }
-            },
-        };
-        let Some(msg) = decode(&buf[..len]) else {
-            tracing::debug!(%from, "ignoring a malformed DHCP packet");
-            continue;
-        };
-        if let Err(e) = answer(&service, server_ip, &socket, &msg).await {
-            // A failed lease write means no ACK: the client retries, and no
-            // acknowledged lease is ever missing from the store.
-            tracing::error!(interface = %iface, error = format!("{e:#}"), "DHCP request not answered");
-        }
-    }
-}
-
-async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg: &Message) -> anyhow::Result<()> {
-    let Some((mac, circuit, remote)) = request_identity(msg) else {
-        return Ok(());
-    };
     let s = &service.settings;
-    let machine = service
-        .store
-        .find_machine_by_nic(mac, circuit.as_deref(), remote.as_deref())
-        .await?;
-    let giaddr = msg.giaddr();
-    let locator = if giaddr.is_unspecified() { server_ip } else { giaddr };
-    let subnet = s.subnets.iter().find(|sub| sub.contains(locator));
-    let needs_pool = matches!(
-        msg.opts().msg_type(),
-        Some(MessageType::Discover | MessageType::Request)
-    ) && machine
-        .as_ref()
-        .and_then(|m| m.ipv4)
-        .is_none_or(|ip| subnet.is_none_or(|sub| !sub.contains(ip)));
-    // Pool checks only; a client with an inventory address needs none.
-    let reserved = if needs_pool {
-        Some(service.reserved().await?)
-    } else {
-        None
-    };
     let cfg = ServerConfig {
         mode: s.mode,
         server_ip,
@@ -300,85 +386,132 @@ async fn answer(service: &Service, server_ip: Ipv4Addr, socket: &UdpSocket, msg:
             discovery: service.boot.discovery,
         },
     };
-    let mut leases = service.leases.lock().await;
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let (len, from) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "DHCP receive failed");
+                    continue;
+                }
+            },
+        };
+        let Some(msg) = decode(&buf[..len]) else {
+            tracing::debug!(%from, "ignoring a malformed DHCP packet");
+            continue;
+        };
+        if let Err(e) = answer(&service, &cfg, &socket, &msg).await {
+            tracing::error!(interface = %iface, error = format!("{e:#}"), "DHCP request not answered");
+        }
+    }
+}
+
+async fn answer(service: &Service, cfg: &ServerConfig, socket: &Arc<UdpSocket>, msg: &Message) -> anyhow::Result<()> {
+    let Some((mac, circuit, remote)) = request_identity(msg) else {
+        return Ok(());
+    };
+    let inventory = service.inventory().await?;
+    let machine = inventory.find(mac, circuit.as_deref(), remote.as_deref());
+    let giaddr = msg.giaddr();
+    let locator = if giaddr.is_unspecified() { cfg.server_ip } else { giaddr };
+    let subnet = service.settings.subnets.iter().find(|sub| sub.contains(locator));
     let now = Utc::now();
-    let own = subnet.and_then(|sub| leases.of(mac, sub).cloned().or_else(|| leases.offer_of(mac, sub, now)));
-    let outcome = {
-        let is_free = |ip: Ipv4Addr| {
-            !reserved.as_ref().is_some_and(|r| r.addresses.contains(&ip))
-                && !leases.offered_to_other(ip, mac, now)
-                && leases
-                    .by_ip
-                    .get(&ip)
-                    .is_none_or(|l| !l.is_live(now) || (l.mac == mac && l.state == LeaseState::Bound))
+    let (outcome, write) = {
+        let mut leases = service.lock_leases();
+        let own = subnet.and_then(|sub| leases.of(mac, sub).cloned().or_else(|| leases.offer_of(mac, sub, now)));
+        let outcome = {
+            let is_free = |ip: Ipv4Addr| {
+                !inventory.reserved.contains(&ip)
+                    && !leases.offered_to_other(ip, mac, now)
+                    && leases
+                        .by_ip
+                        .get(&ip)
+                        .is_none_or(|l| !l.is_live(now) || (l.mac == mac && l.state == LeaseState::Bound))
+            };
+            let facts = Facts {
+                subnet,
+                machine,
+                arm: None,
+                lease: own.as_ref(),
+                is_free: &is_free,
+                pool_cursor: subnet.and_then(|sub| leases.cursor.get(&sub.network).copied()),
+            };
+            handle(cfg, msg, &facts, now)
         };
-        let facts = Facts {
-            subnet,
-            machine: machine.as_ref(),
-            arm: None,
-            lease: own.as_ref(),
-            is_free: &is_free,
-            pool_cursor: subnet.and_then(|sub| leases.cursor.get(&sub.network).copied()),
+        if let Some(reply) = &outcome.reply
+            && reply.opts().msg_type() == Some(MessageType::Offer)
+            && !reply.yiaddr().is_unspecified()
+        {
+            let ip = reply.yiaddr();
+            leases.hold_offer(ip, mac, now);
+            leases.advance_cursor(subnet, ip);
+        }
+        // The table in memory changes now, so that the next request already
+        // sees it; the store follows in the writer's next commit. If that
+        // commit fails the client gets no ACK and asks again, and its entry
+        // here only keeps the address from others meanwhile.
+        let write = match &outcome.effect {
+            Effect::None => None,
+            Effect::Commit(lease) => {
+                leases.drop_offer_of(lease.mac);
+                leases.advance_cursor(subnet, lease.ip);
+                leases.insert(lease.clone());
+                Some(LeaseWrite::Commit(lease.clone()))
+            }
+            Effect::Release { ip, mac } => {
+                leases.remove(*ip);
+                Some(LeaseWrite::Release { ip: *ip, mac: *mac })
+            }
+            Effect::Decline { ip, mac } => {
+                let hold = Lease {
+                    ip: *ip,
+                    mac: *mac,
+                    state: LeaseState::Declined,
+                    machine_id: None,
+                    hostname: None,
+                    expires_at: now + Duration::minutes(DECLINE_HOLD_MINUTES),
+                };
+                leases.insert(hold.clone());
+                Some(LeaseWrite::Commit(hold))
+            }
         };
-        handle(&cfg, msg, &facts, now)
+        (outcome, write)
     };
     tracing::info!(%mac, note = %outcome.note, "dhcp");
-    if let Some(reply) = &outcome.reply
-        && reply.opts().msg_type() == Some(MessageType::Offer)
-        && !reply.yiaddr().is_unspecified()
-    {
-        let ip = reply.yiaddr();
-        leases.hold_offer(ip, mac, now);
-        if let Some(sub) = subnet.filter(|sub| sub.in_pool(ip)) {
-            leases
-                .cursor
-                .insert(sub.network.clone(), Ipv4Addr::from(u32::from(ip).wrapping_add(1)));
-        }
-    }
-    match outcome.effect {
-        Effect::None => {}
-        Effect::Commit(lease) => {
-            service.store.commit_lease(&lease).await.context("writing the lease")?;
-            leases.drop_offer_of(lease.mac);
-            if let Some(sub) = subnet.filter(|sub| sub.in_pool(lease.ip)) {
-                leases
-                    .cursor
-                    .insert(sub.network.clone(), Ipv4Addr::from(u32::from(lease.ip).wrapping_add(1)));
-            }
-            leases.insert(lease);
-        }
-        Effect::Release { ip, mac } => {
-            service.store.release_lease(ip, mac).await?;
-            leases.remove(ip);
-        }
-        Effect::Decline { ip, mac } => {
-            let hold = Lease {
-                ip,
-                mac,
-                state: LeaseState::Declined,
-                machine_id: None,
-                hostname: None,
-                expires_at: now + Duration::minutes(DECLINE_HOLD_MINUTES),
+    let reply = match outcome.reply {
+        Some(reply) => {
+            let dest = if !giaddr.is_unspecified() {
+                SocketAddrV4::new(giaddr, SERVER_PORT)
+            } else if !msg.ciaddr().is_unspecified() && !msg.flags().broadcast() {
+                SocketAddrV4::new(msg.ciaddr(), CLIENT_PORT)
+            } else {
+                // The client has no address yet: broadcast on the interface
+                // this socket is bound to.
+                SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
             };
-            service.store.commit_lease(&hold).await?;
-            leases.insert(hold);
+            Some((reply.to_vec()?, dest))
         }
-    }
-    drop(leases);
-    if let Some(reply) = outcome.reply {
-        let dest = if !giaddr.is_unspecified() {
-            SocketAddrV4::new(giaddr, SERVER_PORT)
-        } else if !msg.ciaddr().is_unspecified() && !msg.flags().broadcast() {
-            SocketAddrV4::new(msg.ciaddr(), CLIENT_PORT)
-        } else {
-            // The client has no address yet: broadcast on the interface
-            // this socket is bound to.
-            SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
-        };
-        socket
-            .send_to(&reply.to_vec()?, dest)
-            .await
-            .with_context(|| format!("sending to {dest}"))?;
+        None => None,
+    };
+    match (write, reply) {
+        (Some(write), reply) => {
+            let pending = Pending {
+                write,
+                reply: reply.map(|(bytes, dest)| (bytes, dest, socket.clone())),
+            };
+            if service.writes.try_send(pending).is_err() {
+                anyhow::bail!("too many lease changes waiting for the store; the client will retry");
+            }
+        }
+        (None, Some((bytes, dest))) => {
+            socket
+                .send_to(&bytes, dest)
+                .await
+                .with_context(|| format!("sending to {dest}"))?;
+        }
+        (None, None) => {}
     }
     Ok(())
 }
@@ -400,7 +533,7 @@ mod tests {
 
     #[test]
     fn an_offer_holds_its_address_for_its_client_only() {
-        let (a, b): (kiln_types::MacAddr, kiln_types::MacAddr) = (
+        let (a, b): (MacAddr, MacAddr) = (
             "52:54:00:00:00:0a".parse().unwrap(),
             "52:54:00:00:00:0b".parse().unwrap(),
         );

@@ -6,12 +6,149 @@ use std::net::Ipv4Addr;
 
 use chrono::{DateTime, Utc};
 use kiln_types::MacAddr;
-use kiln_types::lease::Lease;
+use kiln_types::lease::{Lease, LeaseState};
 use kiln_types::machine::Machine;
+use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};
 
-use crate::{Result, Store, StoreError, now, parse_col, parse_ts, ts};
+use crate::{Result, Store, StoreError, built, now, parse_col, parse_ts, placeholders, ts, values};
+
+/// One change to the lease table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseWrite {
+    /// The lease's address now belongs to its client, whose other bound
+    /// leases end (one address per client).
+    Commit(Lease),
+    /// `mac` gives `ip` back (nothing happens if another client holds it).
+    Release { ip: Ipv4Addr, mac: MacAddr },
+}
+
+/// Rows per multi-row statement. Small enough that binding stays cheap:
+/// sqlx's SQLite driver looks each parameter up by name, which grows with
+/// the parameters in the statement (a 500-row upsert spent more time there
+/// than in SQLite itself, bench/dhcp).
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// What a batch of lease writes does to the table, worked out in memory so
+/// that it takes a few multi-row statements: the same end state as applying
+/// the writes one by one.
+#[derive(Debug, Default, PartialEq)]
+struct LeasePlan {
+    /// Clients that committed a lease: their bound rows elsewhere end.
+    clear_macs: Vec<MacAddr>,
+    /// Releases of addresses no other write in the batch touched: they
+    /// depend on what the table holds (`mac` must hold `ip`).
+    releases: Vec<(Ipv4Addr, MacAddr)>,
+    /// Addresses whose row ends.
+    delete_ips: Vec<Ipv4Addr>,
+    /// Rows as they end up (one per address).
+    upserts: Vec<Lease>,
+}
+
+fn plan(writes: &[LeaseWrite]) -> LeasePlan {
+    // The end state of every address the batch commits, in first-touch order.
+    let mut rows: Vec<(Ipv4Addr, Option<Lease>)> = vec![];
+    let mut clear_macs: Vec<MacAddr> = vec![];
+    let mut releases: Vec<(Ipv4Addr, MacAddr)> = vec![];
+    for w in writes {
+        match w {
+            LeaseWrite::Commit(lease) => {
+                for (ip, row) in rows.iter_mut() {
+                    if *ip != lease.ip
+                        && row
+                            .as_ref()
+                            .is_some_and(|r| r.mac == lease.mac && r.state == LeaseState::Bound)
+                    {
+                        *row = None;
+                    }
+                }
+                if !clear_macs.contains(&lease.mac) {
+                    clear_macs.push(lease.mac);
+                }
+                match rows.iter_mut().find(|(ip, _)| *ip == lease.ip) {
+                    Some((_, row)) => *row = Some(lease.clone()),
+                    None => rows.push((lease.ip, Some(lease.clone()))),
+                }
+            }
+            LeaseWrite::Release { ip, mac } => match rows.iter_mut().find(|(i, _)| i == ip) {
+                Some((_, row)) => {
+                    if row
+                        .as_ref()
+                        .is_some_and(|r| r.mac == *mac && r.state == LeaseState::Bound)
+                    {
+                        *row = None;
+                    }
+                }
+                None => releases.push((*ip, *mac)),
+            },
+        }
+    }
+    let mut p = LeasePlan {
+        clear_macs,
+        releases,
+        ..LeasePlan::default()
+    };
+    for (ip, row) in rows {
+        match row {
+            Some(l) => p.upserts.push(l),
+            None => p.delete_ips.push(ip),
+        }
+    }
+    p
+}
+
+/// Runs `plan` on `conn` (inside the caller's transaction).
+async fn apply(conn: &mut AnyConnection, plan: &LeasePlan, at: &str) -> Result<()> {
+    for chunk in plan.clear_macs.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::query::<Any>(built(format!(
+            "DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})",
+            placeholders(1, chunk.len())
+        )));
+        for mac in chunk {
+            q = q.bind(mac.to_string());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    for (ip, mac) in &plan.releases {
+        sqlx::query::<Any>("DELETE FROM dhcp_leases WHERE ip = $1 AND mac = $2 AND state = 'bound'")
+            .bind(ip.to_string())
+            .bind(mac.to_string())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for chunk in plan.delete_ips.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::query::<Any>(built(format!(
+            "DELETE FROM dhcp_leases WHERE ip IN ({})",
+            placeholders(1, chunk.len())
+        )));
+        for ip in chunk {
+            q = q.bind(ip.to_string());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    for chunk in plan.upserts.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::query::<Any>(built(format!(
+            "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) VALUES {} \
+             ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
+             machine_id = excluded.machine_id, hostname = excluded.hostname, \
+             expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+            values(chunk.len(), 7)
+        )));
+        for l in chunk {
+            q = q
+                .bind(l.ip.to_string())
+                .bind(l.mac.to_string())
+                .bind(l.state.as_str())
+                .bind(l.machine_id.map(|m| m.to_string()))
+                .bind(l.hostname.clone())
+                .bind(ts(l.expires_at))
+                .bind(at.to_string());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
 
 fn lease_from_row(row: &AnyRow) -> Result<Lease> {
     let machine_id: Option<String> = row.try_get("machine_id")?;
@@ -36,40 +173,26 @@ impl Store {
     /// Makes `lease` durable: the row for its address now says this client,
     /// and the client's other bound leases are gone (one address per client).
     pub async fn commit_lease(&self, lease: &Lease) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query::<Any>("DELETE FROM dhcp_leases WHERE mac = $1 AND ip <> $2 AND state = 'bound'")
-            .bind(lease.mac.to_string())
-            .bind(lease.ip.to_string())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query::<Any>(
-            "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
-             machine_id = excluded.machine_id, hostname = excluded.hostname, \
-             expires_at = excluded.expires_at, updated_at = excluded.updated_at",
-        )
-        .bind(lease.ip.to_string())
-        .bind(lease.mac.to_string())
-        .bind(lease.state.as_str())
-        .bind(lease.machine_id.map(|m| m.to_string()))
-        .bind(lease.hostname.clone())
-        .bind(ts(lease.expires_at))
-        .bind(ts(now()))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.write_leases(&[LeaseWrite::Commit(lease.clone())]).await
     }
 
     /// Ends the lease of `ip` if `mac` holds it.
-    pub async fn release_lease(&self, ip: Ipv4Addr, mac: MacAddr) -> Result<bool> {
-        let done = sqlx::query::<Any>("DELETE FROM dhcp_leases WHERE ip = $1 AND mac = $2 AND state = 'bound'")
-            .bind(ip.to_string())
-            .bind(mac.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+    pub async fn release_lease(&self, ip: Ipv4Addr, mac: MacAddr) -> Result<()> {
+        self.write_leases(&[LeaseWrite::Release { ip, mac }]).await
+    }
+
+    /// Applies `writes` in order, in one transaction: all of them are
+    /// durable when this returns, or none. The DHCP listener gathers the
+    /// lease changes of many clients into one call (group commit), so a
+    /// burst of clients costs a few transactions, not one each.
+    pub async fn write_leases(&self, writes: &[LeaseWrite]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write_tx().await?;
+        apply(&mut tx, &plan(writes), &ts(now())).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// All lease rows; unreadable ones are moved to the quarantine table.
@@ -180,15 +303,110 @@ impl Store {
             .await?;
         Ok(row.try_get("value")?)
     }
+}
 
-    /// Every machine's inventory IPv4 address: never handed out from a pool
-    /// to another client.
-    pub async fn reserved_ipv4s(&self) -> Result<Vec<Ipv4Addr>> {
-        let rows = sqlx::query::<Any>("SELECT ipv4 FROM machines WHERE ipv4 IS NOT NULL")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| parse_col("ipv4", &r.try_get::<String, _>("ipv4")?))
-            .collect()
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    type Table = BTreeMap<Ipv4Addr, Lease>;
+
+    fn lease(ip: u8, mac: u8, state: LeaseState) -> Lease {
+        Lease {
+            ip: Ipv4Addr::new(10, 0, 0, ip),
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, mac]),
+            state,
+            machine_id: None,
+            hostname: None,
+            expires_at: DateTime::<Utc>::MIN_UTC,
+        }
+    }
+
+    /// The writes one by one, as `commit_lease` and `release_lease` did.
+    fn one_by_one(table: &mut Table, writes: &[LeaseWrite]) {
+        for w in writes {
+            match w {
+                LeaseWrite::Commit(l) => {
+                    table.retain(|ip, r| !(r.mac == l.mac && *ip != l.ip && r.state == LeaseState::Bound));
+                    table.insert(l.ip, l.clone());
+                }
+                LeaseWrite::Release { ip, mac } => {
+                    if table
+                        .get(ip)
+                        .is_some_and(|r| r.mac == *mac && r.state == LeaseState::Bound)
+                    {
+                        table.remove(ip);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The plan's statements, in `apply`'s order.
+    fn planned(table: &mut Table, p: &LeasePlan) {
+        table.retain(|_, r| !(r.state == LeaseState::Bound && p.clear_macs.contains(&r.mac)));
+        for (ip, mac) in &p.releases {
+            if table
+                .get(ip)
+                .is_some_and(|r| r.mac == *mac && r.state == LeaseState::Bound)
+            {
+                table.remove(ip);
+            }
+        }
+        for ip in &p.delete_ips {
+            table.remove(ip);
+        }
+        for l in &p.upserts {
+            table.insert(l.ip, l.clone());
+        }
+    }
+
+    #[test]
+    fn a_planned_batch_ends_where_the_writes_one_by_one_end() {
+        // Small address and client spaces, so that batches collide often.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as u8
+        };
+        for _ in 0..5_000 {
+            let mut start = Table::new();
+            for _ in 0..next(5) {
+                let l = lease(
+                    next(6),
+                    next(4),
+                    if next(4) == 0 {
+                        LeaseState::Declined
+                    } else {
+                        LeaseState::Bound
+                    },
+                );
+                start.insert(l.ip, l);
+            }
+            let writes: Vec<LeaseWrite> = (0..next(8))
+                .map(|_| match next(3) {
+                    0 => LeaseWrite::Release {
+                        ip: Ipv4Addr::new(10, 0, 0, next(6)),
+                        mac: MacAddr([0x52, 0x54, 0, 0, 0, next(4)]),
+                    },
+                    1 => LeaseWrite::Commit(lease(next(6), next(4), LeaseState::Declined)),
+                    _ => LeaseWrite::Commit(lease(next(6), next(4), LeaseState::Bound)),
+                })
+                .collect();
+            let (mut expected, mut got) = (start.clone(), start.clone());
+            one_by_one(&mut expected, &writes);
+            let p = plan(&writes);
+            planned(&mut got, &p);
+            assert_eq!(got, expected, "start {start:?}\nwrites {writes:?}\nplan {p:?}");
+            let ips: Vec<_> = p.upserts.iter().map(|l| l.ip).collect();
+            assert!(
+                ips.iter().all(|ip| ips.iter().filter(|x| *x == ip).count() == 1),
+                "a multi-row upsert may touch each row once"
+            );
+        }
     }
 }

@@ -21,6 +21,8 @@ mod machines;
 mod org;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -28,7 +30,7 @@ use kiln_types::error::ErrorDetail;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
-pub use leases::LoadedLeases;
+pub use leases::{LeaseWrite, LoadedLeases};
 pub use machines::{NewMachine, SealedPassword};
 pub use org::TokenRecord;
 
@@ -119,6 +121,10 @@ impl Actor {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Machine changes committed through this handle (and its clones):
+    /// an in-process cache compares it for free on every use, and reads the
+    /// database generation only now and then for other servers' changes.
+    machine_changes_here: Arc<AtomicU64>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -165,7 +171,11 @@ impl Store {
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
         migrator.run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            machine_changes_here: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// A transaction for a change. On SQLite it takes the write lock at
@@ -183,6 +193,17 @@ impl Store {
     /// under the store's API (e.g. to prove the database enforces a rule).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// How many machine changes this process has committed: when it moves,
+    /// an in-process copy of the machines is stale. Changes made by other
+    /// servers on a shared PostgreSQL show only in `machines_generation`.
+    pub fn machine_changes_here(&self) -> u64 {
+        self.machine_changes_here.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn note_machine_change(&self) {
+        self.machine_changes_here.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn backend(&self) -> Backend {
@@ -229,6 +250,14 @@ where
 pub(crate) fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, …, $cols), (…)` for `rows` rows.
+pub(crate) fn values(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * cols + 1, cols)))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -15,7 +15,7 @@ use crate::events::{Change, escape_like, record, record_many, snapshot};
 use crate::org::resolve_rack;
 use crate::{
     Actor, Backend, Params, Result, Store, StoreError, built, decode_cursor, encode_cursor, now, page_limit, parse_col,
-    parse_ts, placeholders, ts,
+    parse_ts, placeholders, ts, values,
 };
 
 /// Imports at least this large refresh PostgreSQL's planner statistics.
@@ -305,14 +305,6 @@ async fn bump_machines_generation(conn: &mut AnyConnection) -> Result<()> {
         .execute(&mut *conn)
         .await?;
     Ok(())
-}
-
-/// `($1, …, $cols), (…)` for `rows` rows.
-fn values(rows: usize, cols: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", placeholders(r * cols + 1, cols)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Inserts machines with their tags and NICs in multi-row statements: a
@@ -621,6 +613,7 @@ impl Store {
         record_many(&mut tx, actor, changes).await?;
         bump_machines_generation(&mut tx).await?;
         tx.commit().await?;
+        self.note_machine_change();
         if out.len() >= ANALYZE_AFTER && self.backend == Backend::Postgres {
             // Fresh statistics for the planner: without them, PostgreSQL
             // plans lists over a just-imported fleet as if it were empty
@@ -703,6 +696,25 @@ impl Store {
             None
         };
         Ok(Page { items, next_cursor })
+    }
+
+    /// Every machine, by hostname, read page by page: for in-process
+    /// indexes such as the DHCP listener's. Not one snapshot: read
+    /// `machines_generation` first, and reload when it has moved since.
+    pub async fn all_machines(&self) -> Result<Vec<Machine>> {
+        let mut all = vec![];
+        let mut filter = MachineFilter {
+            limit: Some(1000),
+            ..MachineFilter::default()
+        };
+        loop {
+            let page = self.list_machines(&filter, None).await?;
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(c) => filter.cursor = Some(c),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Applies `patch` to the machine `key`. A new BMC password comes sealed
@@ -879,6 +891,7 @@ impl Store {
         .await?;
         bump_machines_generation(&mut tx).await?;
         tx.commit().await?;
+        self.note_machine_change();
         Ok(after)
     }
 
@@ -911,6 +924,7 @@ impl Store {
         .await?;
         bump_machines_generation(&mut tx).await?;
         tx.commit().await?;
+        self.note_machine_change();
         Ok(machine)
     }
 }

@@ -640,19 +640,69 @@ mod leases {
         let ips: Vec<String> = loaded.leases.iter().map(|l| l.ip.to_string()).collect();
         assert_eq!(ips, ["10.0.0.101", "10.0.0.102"]);
         assert_eq!(loaded.quarantined, 0);
-        assert!(
-            !store
-                .release_lease("10.0.0.101".parse().unwrap(), "52:54:00:00:00:09".parse().unwrap())
-                .await
-                .unwrap()
-        );
-        assert!(
-            store
-                .release_lease("10.0.0.101".parse().unwrap(), "52:54:00:00:00:02".parse().unwrap())
-                .await
-                .unwrap()
-        );
+        // Only the holder can release an address.
+        store
+            .release_lease("10.0.0.101".parse().unwrap(), "52:54:00:00:00:09".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(store.load_leases().await.unwrap().leases.len(), 2);
+        store
+            .release_lease("10.0.0.101".parse().unwrap(), "52:54:00:00:00:02".parse().unwrap())
+            .await
+            .unwrap();
         assert_eq!(store.load_leases().await.unwrap().leases.len(), 1);
+    });
+
+    store_test!(a_batch_of_lease_writes_lands_as_if_written_one_by_one, |store| {
+        use kiln_store::LeaseWrite::{Commit, Release};
+        store
+            .commit_lease(&lease("10.0.0.100", "52:54:00:00:00:01"))
+            .await
+            .unwrap();
+        // 1,200 new clients (more than one multi-row statement), client 01
+        // moving twice, an address changing hands twice, and releases of an
+        // address written in the batch and of one from before it.
+        let mut writes: Vec<kiln_store::LeaseWrite> = (0..1200u32)
+            .map(|i| {
+                Commit(lease(
+                    &format!("10.1.{}.{}", i / 200, i % 200 + 1),
+                    &format!("52:54:00:01:{:02x}:{:02x}", i / 256, i % 256),
+                ))
+            })
+            .collect();
+        writes.extend([
+            Commit(lease("10.0.0.101", "52:54:00:00:00:01")),
+            Commit(lease("10.0.0.102", "52:54:00:00:00:01")),
+            Commit(lease("10.0.0.103", "52:54:00:00:00:02")),
+            Commit(lease("10.0.0.103", "52:54:00:00:00:03")),
+            Release {
+                ip: "10.1.0.1".parse().unwrap(),
+                mac: "52:54:00:01:00:00".parse().unwrap(),
+            },
+            Release {
+                ip: "10.0.0.102".parse().unwrap(),
+                mac: "52:54:00:00:00:09".parse().unwrap(),
+            },
+        ]);
+        store.write_leases(&writes).await.unwrap();
+        let leases = store.load_leases().await.unwrap().leases;
+        let held = |ip: &str| {
+            leases
+                .iter()
+                .find(|l| l.ip.to_string() == ip)
+                .map(|l| l.mac.to_string())
+        };
+        assert_eq!(leases.len(), 1199 + 2);
+        assert_eq!(held("10.0.0.100"), None, "client 01 moved on");
+        assert_eq!(held("10.0.0.101"), None, "and on again");
+        assert_eq!(
+            held("10.0.0.102").as_deref(),
+            Some("52:54:00:00:00:01"),
+            "not released by another client"
+        );
+        assert_eq!(held("10.0.0.103").as_deref(), Some("52:54:00:00:00:03"));
+        assert_eq!(held("10.1.0.1"), None, "released");
+        assert_eq!(held("10.1.5.200").as_deref(), Some("52:54:00:01:04:af"));
     });
 
     store_test!(a_corrupt_lease_is_quarantined_not_fatal, |store| {
@@ -709,10 +759,9 @@ mod leases {
                 .unwrap()
                 .is_none()
         );
-        assert_eq!(
-            store.reserved_ipv4s().await.unwrap(),
-            vec!["10.0.0.7".parse::<std::net::Ipv4Addr>().unwrap()]
-        );
+        let all = store.all_machines().await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].ipv4, Some("10.0.0.7".parse().unwrap()));
     });
 }
 
