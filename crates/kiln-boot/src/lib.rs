@@ -3,6 +3,9 @@
 //! machine is told to boot. `firmware` picks the first-stage file a PXE or
 //! HTTP-boot client gets; `ipxe` renders the answer as an iPXE script whose
 //! every value is checked so nothing a user or client sent can add commands.
+//! `templates` renders the installer and first-boot files (preseed,
+//! kickstart, cloud-init, Ignition) with per-format escaping; `password`
+//! turns a plaintext root password into the `$6$` hash they take.
 //!
 //! The DHCP, TFTP and HTTP listeners (issue 3, in progress) are thin I/O
 //! around these functions.
@@ -11,3 +14,5 @@ pub mod decision;
 pub mod dhcp;
 pub mod firmware;
 pub mod ipxe;
+pub mod password;
+pub mod templates;

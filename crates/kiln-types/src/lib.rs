@@ -8,6 +8,7 @@ pub mod error;
 pub mod event;
 pub mod fit;
 pub mod ids;
+pub mod install;
 pub mod lease;
 pub mod machine;
 pub mod page;
