@@ -192,12 +192,14 @@ impl std::fmt::Debug for SessionKeys {
 }
 
 impl SessionKeys {
-    /// K1 = HMAC_SIK(0x01 × N) and K2 = HMAC_SIK(0x02 × N), N the hash
-    /// length (§13.32).
+    /// K1 = HMAC_SIK(0x01 × 20) and K2 = HMAC_SIK(0x02 × 20) (§13.32).
+    /// The constants are 20 bytes for every hash: the spec fixes them at
+    /// 20, and SHA-256 did not change that. Reading them as "hash length"
+    /// (32 for suite 17) was our first version's bug, caught by the
+    /// ipmitool cross-check (tests/ipmitool_cross_check.rs).
     pub fn derive(hash: Hash, sik: &[u8]) -> SessionKeys {
-        let n = hash.output_len();
-        let k1 = hmac(hash, sik, &[&vec![0x01; n]]);
-        let k2 = hmac(hash, sik, &[&vec![0x02; n]]);
+        let k1 = hmac(hash, sik, &[&[0x01; 20]]);
+        let k2 = hmac(hash, sik, &[&[0x02; 20]]);
         let mut aes_key = [0u8; 16];
         aes_key.copy_from_slice(&k2[..16]);
         SessionKeys { hash, k1, aes_key }
@@ -350,9 +352,9 @@ mod tests {
         let k = SessionKeys::derive(Hash::Sha256, &sik);
         assert_eq!(
             k.k1,
-            h("971fcfef9d0cbb5168cc26f9fe460ab390b6af660c29e07db4bf54d516fb7dd2")
+            h("c2e2e30d8b62a94240e206d5016fb0fd6afc2bf74d07ed30a1769b478eb7adb9")
         );
-        assert_eq!(k.aes_key.to_vec(), h("4f41232f06ddcf9716fe90d92f1550e4"));
+        assert_eq!(k.aes_key.to_vec(), h("2c7c8d6fc9ba58915cdb5daaab0a92fb"));
     }
 
     #[test]
