@@ -233,3 +233,28 @@ impl BmcDriver for IpmiDriver {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_default_to_port_623() {
+        assert_eq!(resolve("10.0.0.5").unwrap(), "10.0.0.5:623".parse().unwrap());
+        assert_eq!(resolve("10.0.0.5:6230").unwrap(), "10.0.0.5:6230".parse().unwrap());
+        assert_eq!(resolve("[::1]:700").unwrap(), "[::1]:700".parse().unwrap());
+        assert_eq!(resolve("::1").unwrap(), "[::1]:623".parse().unwrap());
+        assert_eq!(resolve("localhost").unwrap().port(), 623);
+        assert!(matches!(resolve("no such host.invalid"), Err(BmcError::Config { .. })));
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let d = IpmiDriver::new("127.0.0.1", "root", Password::new("canary-hunter2"))
+            .unwrap()
+            .with_kg(Password::new("canary-kg"));
+        let shown = format!("{d:?} {:?}", d.config());
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+}
