@@ -280,7 +280,40 @@ fn bind(interface: &str) -> anyhow::Result<UdpSocket> {
 }
 
 /// Serves DHCP on every configured interface until `shutdown`.
+///
+/// The listener runs on a thread of its own with a single-threaded runtime
+/// and a store pool of its own: a packet is received, answered and sent,
+/// and a batch of leases committed, without waking another thread but
+/// SQLite's (on the shared runtime tokio's workers handed the socket's task
+/// back and forth, bench/dhcp).
 pub async fn run(
+    store: Store,
+    settings: DhcpSettings,
+    boot: BootSettings,
+    listen_port: u16,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kiln-dhcp".into())
+        .spawn(move || {
+            let r = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(async move {
+                    // Connections belong to the runtime that opened them.
+                    let store = store.with_own_pool(2).await.context("opening the store for DHCP")?;
+                    let r = serve(store.clone(), settings, boot, listen_port, shutdown).await;
+                    store.close().await;
+                    r
+                }),
+                Err(e) => Err(anyhow::Error::from(e).context("starting the DHCP thread's runtime")),
+            };
+            let _ = done.send(r);
+        })
+        .context("starting the DHCP thread")?;
+    result.await.context("the DHCP thread ended without a result")?
+}
+
+async fn serve(
     store: Store,
     settings: DhcpSettings,
     boot: BootSettings,
@@ -387,9 +420,14 @@ async fn serve_interface(
         },
     };
     let mut buf = vec![0u8; 1500];
+    // Made once: a new `cancelled()` per packet would register and
+    // unregister a waiter on the token every time.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let (len, from) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            biased;
+            _ = &mut cancelled => return Ok(()),
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 Err(e) => {

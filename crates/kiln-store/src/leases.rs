@@ -12,7 +12,7 @@ use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};
 
-use crate::{Result, Store, StoreError, built, now, parse_col, parse_ts, placeholders, ts, values};
+use crate::{Result, Store, StoreError, now, parse_col, parse_ts, placeholders, ts, values};
 
 /// One change to the lease table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,13 +98,45 @@ fn plan(writes: &[LeaseWrite]) -> LeasePlan {
     p
 }
 
+/// The text of a lease statement for `rows` rows (1 to
+/// `ROWS_PER_STATEMENT`), built once per size: assembling the placeholder
+/// lists anew cost as much as SQLite's work for small batches.
+fn statement(kind: Statement, rows: usize) -> &'static str {
+    static TEXTS: [std::sync::OnceLock<Vec<String>>; 3] = [const { std::sync::OnceLock::new() }; 3];
+    TEXTS[kind as usize].get_or_init(|| {
+        (0..=ROWS_PER_STATEMENT)
+            .map(|n| match kind {
+                Statement::ClearMacs => {
+                    format!(
+                        "DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})",
+                        placeholders(1, n)
+                    )
+                }
+                Statement::DeleteIps => format!("DELETE FROM dhcp_leases WHERE ip IN ({})", placeholders(1, n)),
+                Statement::Upsert => format!(
+                    "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) VALUES {} \
+                     ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
+                     machine_id = excluded.machine_id, hostname = excluded.hostname, \
+                     expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+                    values(n, 7)
+                ),
+            })
+            .collect()
+    })[rows]
+        .as_str()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Statement {
+    ClearMacs = 0,
+    DeleteIps = 1,
+    Upsert = 2,
+}
+
 /// Runs `plan` on `conn` (inside the caller's transaction).
 async fn apply(conn: &mut AnyConnection, plan: &LeasePlan, at: &str) -> Result<()> {
     for chunk in plan.clear_macs.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query::<Any>(built(format!(
-            "DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})",
-            placeholders(1, chunk.len())
-        )));
+        let mut q = sqlx::query::<Any>(statement(Statement::ClearMacs, chunk.len()));
         for mac in chunk {
             q = q.bind(mac.to_string());
         }
@@ -118,23 +150,14 @@ async fn apply(conn: &mut AnyConnection, plan: &LeasePlan, at: &str) -> Result<(
             .await?;
     }
     for chunk in plan.delete_ips.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query::<Any>(built(format!(
-            "DELETE FROM dhcp_leases WHERE ip IN ({})",
-            placeholders(1, chunk.len())
-        )));
+        let mut q = sqlx::query::<Any>(statement(Statement::DeleteIps, chunk.len()));
         for ip in chunk {
             q = q.bind(ip.to_string());
         }
         q.execute(&mut *conn).await?;
     }
     for chunk in plan.upserts.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query::<Any>(built(format!(
-            "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) VALUES {} \
-             ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
-             machine_id = excluded.machine_id, hostname = excluded.hostname, \
-             expires_at = excluded.expires_at, updated_at = excluded.updated_at",
-            values(chunk.len(), 7)
-        )));
+        let mut q = sqlx::query::<Any>(statement(Statement::Upsert, chunk.len()));
         for l in chunk {
             q = q
                 .bind(l.ip.to_string())

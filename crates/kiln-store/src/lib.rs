@@ -127,6 +127,28 @@ pub struct Store {
     machine_changes_here: Arc<AtomicU64>,
 }
 
+/// Pool settings per backend.
+fn pool_options(backend: Backend, max_connections: u32) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(10))
+        .max_connections(max_connections);
+    match backend {
+        // One writer at a time is SQLite's model; WAL lets readers go on
+        // beside it, busy_timeout makes writers queue instead of failing.
+        Backend::Sqlite => options.after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        }),
+        Backend::Postgres => options,
+    }
+}
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -148,24 +170,9 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
-        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
-        if backend == Backend::Sqlite {
-            // One writer at a time is SQLite's model; WAL lets readers go on
-            // beside it, busy_timeout makes writers queue instead of failing.
-            options = options.max_connections(8).after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            });
-        } else {
-            options = options.max_connections(16);
-        }
-        let pool = options.connect(url).await?;
+        let pool = pool_options(backend, if backend == Backend::Sqlite { 8 } else { 16 })
+            .connect(url)
+            .await?;
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
@@ -175,6 +182,22 @@ impl Store {
             pool,
             backend,
             machine_changes_here: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The same database through a pool of its own with at most
+    /// `max_connections`, for a service that runs on a runtime of its own
+    /// (a connection belongs to the runtime that opened it). Changes made
+    /// through either handle count in `machine_changes_here` of both.
+    pub async fn with_own_pool(&self, max_connections: u32) -> Result<Store> {
+        let options = (*self.pool.connect_options()).clone();
+        let pool = pool_options(self.backend, max_connections)
+            .connect_with(options)
+            .await?;
+        Ok(Store {
+            pool,
+            backend: self.backend,
+            machine_changes_here: self.machine_changes_here.clone(),
         })
     }
 
