@@ -404,3 +404,16 @@ impl Raw {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_transfers_in_progress() {
+    let t = start(2).await;
+    let mut c = Raw::new(t.addr).await;
+    c.rrq(FILE, &[("timeout", "255")]).await; // a client that would wait long
+    assert!(c.recv().await.is_some());
+    assert_eq!(t.server.free_slots(), 1);
+    t.stop.cancel();
+    let r = tokio::time::timeout(Duration::from_secs(5), t.task).await;
+    assert!(matches!(r, Ok(Ok(Ok(())))), "serve did not return: {r:?}");
+    assert_eq!(t.server.free_slots(), 2, "the transfer thread has ended");
+}
