@@ -30,9 +30,15 @@ const OP_OACK: u16 = 6;
 pub enum Packet<'a> {
     Rrq(Request<'a>),
     Wrq(Request<'a>),
-    Data { block: u16, data: &'a [u8] },
+    Data {
+        block: u16,
+        data: &'a [u8],
+    },
     Ack(u16),
-    Error { code: u16, message: &'a str },
+    Error {
+        code: u16,
+        message: &'a str,
+    },
     /// Options the server accepted, as (name, value), in its order.
     Oack(Vec<(&'a str, &'a str)>),
 }
@@ -306,7 +312,14 @@ impl Negotiated {
             return Vec::new();
         }
         let values: Vec<String> = self.oack.iter().map(|(_, v)| v.to_string()).collect();
-        Packet::Oack(self.oack.iter().zip(&values).map(|((n, _), v)| (*n, v.as_str())).collect()).to_vec()
+        Packet::Oack(
+            self.oack
+                .iter()
+                .zip(&values)
+                .map(|((n, _), v)| (*n, v.as_str()))
+                .collect(),
+        )
+        .to_vec()
     }
 }
 
@@ -526,7 +539,13 @@ mod tests {
                 })),
             ),
             (b"\0\x03\0\x07abc", Ok(Packet::Data { block: 7, data: b"abc" })),
-            (b"\0\x03\xff\xff", Ok(Packet::Data { block: 65535, data: b"" })),
+            (
+                b"\0\x03\xff\xff",
+                Ok(Packet::Data {
+                    block: 65535,
+                    data: b"",
+                }),
+            ),
             (b"\0\x04\x01\x02", Ok(Packet::Ack(0x0102))),
             (
                 b"\0\x05\0\x01not found\0",
@@ -535,10 +554,7 @@ mod tests {
                     message: "not found",
                 }),
             ),
-            (
-                b"\0\x06blksize\x001468\0",
-                Ok(Packet::Oack(vec![("blksize", "1468")])),
-            ),
+            (b"\0\x06blksize\x001468\0", Ok(Packet::Oack(vec![("blksize", "1468")]))),
             (b"\0\x06", Ok(Packet::Oack(vec![]))),
         ];
         for (bytes, want) in cases {
@@ -597,17 +613,17 @@ mod tests {
             }),
             Packet::Data { block: 9, data: b"hi" },
             Packet::Ack(65535),
-            Packet::Error {
-                code: 8,
-                message: "no",
-            },
+            Packet::Error { code: 8, message: "no" },
             Packet::Oack(vec![("tsize", "12"), ("blksize", "8")]),
         ];
         for p in packets {
             assert_eq!(Packet::parse(&p.to_vec()), Ok(p.clone()));
         }
         assert_eq!(&rrq("a", Mode::Octet, &[])[..], b"\0\x01a\0octet\0");
-        assert_eq!(error_packet(ErrorCode::AccessViolation, "no\0more"), b"\0\x05\0\x02no\0");
+        assert_eq!(
+            error_packet(ErrorCode::AccessViolation, "no\0more"),
+            b"\0\x05\0\x02no\0"
+        );
     }
 
     #[test]
@@ -616,7 +632,13 @@ mod tests {
             max_blksize: 1468,
             max_windowsize: 16,
         };
-        type Case = (&'static [(&'static str, &'static str)], u16, u16, Option<u8>, &'static [(&'static str, u64)]);
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            u16,
+            u16,
+            Option<u8>,
+            &'static [(&'static str, u64)],
+        );
         let cases: &[Case] = &[
             (&[], 512, 1, None, &[]),
             (&[("blksize", "1024")], 1024, 1, None, &[("blksize", 1024)]),
@@ -636,7 +658,13 @@ mod tests {
             (&[("windowsize", "0")], 512, 1, None, &[]),
             (&[("multicast", ""), ("rollover", "0")], 512, 1, None, &[]),
             // the first of a repeated option counts
-            (&[("blksize", "800"), ("blksize", "900")], 800, 1, None, &[("blksize", 800)]),
+            (
+                &[("blksize", "800"), ("blksize", "900")],
+                800,
+                1,
+                None,
+                &[("blksize", 800)],
+            ),
             (
                 &[("tsize", "0"), ("blksize", "1468"), ("windowsize", "8")],
                 1468,
@@ -679,7 +707,11 @@ mod tests {
         assert_eq!(t.on_ack(5), Step::Wait, "from the future");
         assert_eq!(t.on_timeout(), Step::Send { first: 2, count: 1 });
         assert_eq!(t.on_timeout(), Step::Send { first: 2, count: 1 });
-        assert_eq!(t.on_ack(2), Step::Send { first: 3, count: 1 }, "progress resets the retries");
+        assert_eq!(
+            t.on_ack(2),
+            Step::Send { first: 3, count: 1 },
+            "progress resets the retries"
+        );
         assert_eq!(t.on_timeout(), Step::Send { first: 3, count: 1 });
         assert_eq!(t.on_timeout(), Step::Send { first: 3, count: 1 });
         assert_eq!(t.on_timeout(), Step::GiveUp);
@@ -767,7 +799,11 @@ mod robustness {
                 let mut b = seeds[(rng.next() as usize) % seeds.len()].clone();
                 for _ in 0..=(rng.next() % 4) {
                     let at = (rng.next() as usize) % b.len();
-                    b[at] = if rng.next().is_multiple_of(2) { 0 } else { rng.next() as u8 };
+                    b[at] = if rng.next().is_multiple_of(2) {
+                        0
+                    } else {
+                        rng.next() as u8
+                    };
                 }
                 if rng.next().is_multiple_of(4) {
                     b.truncate((rng.next() as usize) % b.len());

@@ -34,9 +34,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kiln_boot::tftp::{ErrorCode, Limits, Mode, Packet, ReadTransfer, Step, data_header, error_packet, negotiate};
 use serde::Deserialize;
+use std::time::Instant;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// `[tftp]`: the TFTP service. Absent: kiln serves no TFTP.
@@ -220,8 +220,7 @@ impl TftpServer {
             if !cache.entries.contains_key(path) {
                 // Make room, least recently used first.
                 while cache.bytes + v.0 > CACHE_TOTAL_MAX {
-                    let Some(oldest) = cache.entries.iter().min_by_key(|(_, e)| e.used).map(|(p, _)| p.clone())
-                    else {
+                    let Some(oldest) = cache.entries.iter().min_by_key(|(_, e)| e.used).map(|(p, _)| p.clone()) else {
                         break;
                     };
                     let e = cache.entries.remove(&oldest).expect("just found");
@@ -407,13 +406,22 @@ impl TftpServer {
             Ok(Packet::Rrq(req)) => {
                 let Ok(permit) = self.inner.permits.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, file = req.filename, "tftp busy: too many transfers");
-                    refuse(local, peer, ErrorCode::NotDefined, "server busy: too many transfers, try again");
+                    refuse(
+                        local,
+                        peer,
+                        ErrorCode::NotDefined,
+                        "server busy: too many transfers, try again",
+                    );
                     return;
                 };
                 let request = OwnedRequest {
                     filename: req.filename.to_owned(),
                     mode: req.mode,
-                    options: req.options.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+                    options: req
+                        .options
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect(),
                 };
                 transfers.spawn(self.clone().transfer(request, peer, local, permit, stop.clone()));
             }
@@ -682,7 +690,9 @@ mod tests {
         assert_eq!(c.slice(0, 100), b"second");
         assert_eq!(h.inner.cache.lock().unwrap().bytes, 6);
 
-        let big: Vec<u8> = (0..CACHE_FILE_MAX + 3 * CHUNK as u64 + 5).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..CACHE_FILE_MAX + 3 * CHUNK as u64 + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(dir.path().join("big"), &big).unwrap();
         let mut s = h.open(&h.resolve(Path::new("big")).unwrap()).await.unwrap();
         assert!(matches!(s, Source::File { .. }));

@@ -115,9 +115,19 @@ async fn curl_downloads_exact_bytes_and_nothing_else() {
     // curl's exit codes: 68 = TFTP file not found, 69 = TFTP permission
     // problem. curl removes `../` from a URL itself (it then asks for
     // "secret", which the root has not); `%2e%2e/` reaches the server.
-    for (bad, code) in [("nope.efi", 68), ("../secret", 68), ("escape", 69), ("%2e%2e/secret", 69)] {
+    for (bad, code) in [
+        ("nope.efi", 68),
+        ("../secret", 68),
+        ("escape", 69),
+        ("%2e%2e/secret", 69),
+    ] {
         let out = curl(&[&t.url(bad)]).await;
-        assert_eq!(out.status.code(), Some(code), "{bad}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(!String::from_utf8_lossy(&out.stdout).contains("do not serve"));
     }
     // Uploads are refused, and nothing is written.
@@ -127,11 +137,20 @@ async fn curl_downloads_exact_bytes_and_nothing_else() {
     assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!t.root.join("new.efi").exists());
     // What curl cannot send, sent raw: each gets its ERROR from a new port.
-    for (name, code) in [("../secret", 2), ("/../secret", 2), ("sub/../../secret", 2), ("escape", 2), ("nope", 1)] {
+    for (name, code) in [
+        ("../secret", 2),
+        ("/../secret", 2),
+        ("sub/../../secret", 2),
+        ("escape", 2),
+        ("nope", 1),
+    ] {
         let mut c = Raw::new(t.addr).await;
         c.rrq(name, &[]).await;
         let (p, _) = c.recv().await.expect("an answer");
-        assert!(matches!(Packet::parse(&p), Ok(Packet::Error { code: c, .. }) if c == code), "{name}: {p:?}");
+        assert!(
+            matches!(Packet::parse(&p), Ok(Packet::Error { code: c, .. }) if c == code),
+            "{name}: {p:?}"
+        );
     }
     assert!(t.slots_freed(8, Duration::from_secs(2)).await);
     t.stop.cancel();
@@ -179,7 +198,12 @@ async fn concurrent_transfers_are_bounded() {
     assert_eq!(t.server.free_slots(), 0);
     // curl's 71: the server sent an ERROR with code 0 ("not defined").
     let second = curl(&[&t.url(FILE)]).await;
-    assert_eq!(second.status.code(), Some(71), "{}", String::from_utf8_lossy(&second.stderr));
+    assert_eq!(
+        second.status.code(),
+        Some(71),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     let mut third = Raw::new(t.addr).await;
     third.rrq(FILE, &[]).await;
     let (p, _) = third.recv().await.expect("an answer");
@@ -202,7 +226,13 @@ async fn a_lost_data_block_is_sent_again() {
     let mut c = Raw::new(t.addr).await;
     c.rrq(FILE, &[]).await;
     let (p, _) = c.recv().await.unwrap();
-    assert_eq!(Packet::parse(&p), Ok(Packet::Data { block: 1, data: &t.data[..512] }));
+    assert_eq!(
+        Packet::parse(&p),
+        Ok(Packet::Data {
+            block: 1,
+            data: &t.data[..512]
+        })
+    );
     c.ack(1).await;
     // DATA 2 "gets lost": we never acknowledge it and wait.
     let t0 = Instant::now();
@@ -211,7 +241,10 @@ async fn a_lost_data_block_is_sent_again() {
     let (again, _) = c.recv().await.expect("DATA 2 again after the timeout");
     let waited = t0.elapsed();
     assert_eq!(again, p, "the same block, byte for byte");
-    assert!(waited >= TIMING.retransmit - Duration::from_millis(20), "resent after {waited:?}");
+    assert!(
+        waited >= TIMING.retransmit - Duration::from_millis(20),
+        "resent after {waited:?}"
+    );
     // A duplicate ACK 1 must not make the server send more (no Sorcerer's
     // Apprentice): the next packet is DATA 3 after ACK 2, nothing else.
     c.ack(1).await;
@@ -247,12 +280,17 @@ async fn windows_tsize_and_block_number_rollover() {
     let len = 70_000 * 8 + 3;
     let t = start_with(2, len).await;
     let mut c = Raw::new(t.addr).await;
-    c.rrq(FILE, &[("tsize", "0"), ("blksize", "8"), ("windowsize", "16")]).await;
+    c.rrq(FILE, &[("tsize", "0"), ("blksize", "8"), ("windowsize", "16")])
+        .await;
     let (p, _) = c.recv().await.unwrap();
     let len_text = len.to_string();
     assert_eq!(
         Packet::parse(&p),
-        Ok(Packet::Oack(vec![("tsize", len_text.as_str()), ("blksize", "8"), ("windowsize", "16")]))
+        Ok(Packet::Oack(vec![
+            ("tsize", len_text.as_str()),
+            ("blksize", "8"),
+            ("windowsize", "16")
+        ]))
     );
     c.ack(0).await;
     let mut got = Vec::with_capacity(len);
@@ -365,11 +403,11 @@ impl Raw {
         self.sock.send_to(&p.to_vec(), self.server).await.unwrap();
     }
 
-    /// The next datagram, or None after a second of silence. The first
+    /// The next datagram, or None after 1.5 s of silence. The first
     /// reply fixes the transfer's TID; replies from elsewhere are errors.
     async fn recv(&mut self) -> Option<(Vec<u8>, SocketAddr)> {
         let mut buf = vec![0u8; 70_000];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(1), self.sock.recv_from(&mut buf))
+        let (n, from) = tokio::time::timeout(Duration::from_millis(1500), self.sock.recv_from(&mut buf))
             .await
             .ok()?
             .unwrap();
