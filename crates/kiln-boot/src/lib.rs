@@ -6,6 +6,7 @@
 //! `templates` renders the installer and first-boot files (preseed,
 //! kickstart, cloud-init, Ignition) with per-format escaping; `password`
 //! turns a plaintext root password into the `$6$` hash they take.
+//! `dhcp` and `tftp` are the protocols' codecs and decisions, without sockets.
 //!
 //! The DHCP, TFTP and HTTP listeners (issue 3, in progress) are thin I/O
 //! around these functions.
@@ -16,3 +17,4 @@ pub mod firmware;
 pub mod ipxe;
 pub mod password;
 pub mod templates;
+pub mod tftp;

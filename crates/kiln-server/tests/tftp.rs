@@ -1,108 +1,457 @@
-//! kiln's TFTP service against a standard client (curl's tftp://), on
-//! loopback: blksize negotiation, byte-exact files, no path out of the root,
-//! writes refused, concurrent transfers bounded.
+//! kiln's TFTP service on loopback against standard clients (curl's
+//! tftp://, tftp-hpa's `tftp`) and a raw UDP client of the test's own for
+//! what those cannot do on purpose: lose a packet, go silent, ask for
+//! windows, roll block numbers over, send garbage.
 
+use std::net::SocketAddr;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use kiln_server::tftp::{RootedHandler, serve};
+use kiln_boot::tftp::{Mode, Packet, Request};
+use kiln_server::tftp::{TftpServer, Timing, serve};
+use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 struct Tftp {
-    port: u16,
+    addr: SocketAddr,
+    server: TftpServer,
     stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
     root: std::path::PathBuf,
+    data: Vec<u8>,
 }
 
+const FILE: &str = "undionly.kpxe";
+
+/// Fast retransmission so that the timeout tests take a second, not ten.
+const TIMING: Timing = Timing {
+    retransmit: Duration::from_millis(200),
+    max_retries: 3,
+};
+
 async fn start(max_transfers: usize) -> Tftp {
+    start_with(max_transfers, (3 << 20) + 777).await
+}
+
+async fn start_with(max_transfers: usize, len: usize) -> Tftp {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir_all(&root).unwrap();
-    // Not a multiple of any block size, so the last block is short.
-    let data: Vec<u8> = (0..(3 << 20) + 777).map(|i: u32| (i * 7 % 251) as u8).collect();
-    std::fs::write(root.join("undionly.kpxe"), &data).unwrap();
+    // Not a multiple of any block size, so the last block is short; CR and
+    // LF bytes appear, so netascii has work to do.
+    let data: Vec<u8> = (0..len as u64).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.join(FILE), &data).unwrap();
     std::fs::write(dir.path().join("secret"), b"do not serve").unwrap();
     std::os::unix::fs::symlink(dir.path().join("secret"), root.join("escape")).unwrap();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = socket.local_addr().unwrap().port();
+    let addr = socket.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let handler = RootedHandler::new(&root, max_transfers).unwrap();
-    tokio::spawn(serve(handler, socket, stop.clone()));
+    let server = TftpServer::with_timing(&root, max_transfers, TIMING).unwrap();
+    let task = tokio::spawn(serve(server.clone(), socket, stop.clone()));
     Tftp {
-        port,
+        addr,
+        server,
         stop,
+        task,
         _dir: dir,
         root,
+        data,
     }
 }
 
-fn curl(args: &[&str]) -> std::process::Output {
-    Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "30"])
-        .args(args)
-        .output()
-        .expect("curl is needed for this test")
+impl Tftp {
+    fn url(&self, path: &str) -> String {
+        format!("tftp://{}/{path}", self.addr)
+    }
+
+    /// Waits (up to `within`) until every transfer slot is free again.
+    async fn slots_freed(&self, max: usize, within: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if self.server.free_slots() == max {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+async fn curl(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "30"])
+            .args(&args)
+            .output()
+            .expect("curl is needed for this test")
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_downloads_exact_bytes_and_nothing_else() {
     let t = start(8).await;
-    let url = |p: &str| format!("tftp://127.0.0.1:{}/{p}", t.port);
-    let want = std::fs::read(t.root.join("undionly.kpxe")).unwrap();
-    for blksize in ["512", "1468", "8192"] {
-        let url = url("undionly.kpxe");
-        let out = tokio::task::spawn_blocking(move || curl(&["--tftp-blksize", blksize, &url]))
-            .await
-            .unwrap();
+    // curl asks for tsize (and blksize when given) and checks the OACK.
+    for blksize in ["512", "1468", "8192", "65464"] {
+        let out = curl(&["--tftp-blksize", blksize, &t.url(FILE)]).await;
         assert!(
             out.status.success(),
             "blksize {blksize}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            out.stdout == want,
+            out.stdout == t.data,
             "blksize {blksize}: {} bytes, want {}",
             out.stdout.len(),
-            want.len()
+            t.data.len()
         );
     }
-    for bad in ["../secret", "escape", "nope.efi", "%2e%2e/secret"] {
-        let u = url(bad);
-        let out = tokio::task::spawn_blocking(move || curl(&[&u])).await.unwrap();
-        assert!(!out.status.success(), "{bad} was served");
+    // Plain RFC 1350: no options, no OACK.
+    let out = curl(&["--tftp-no-options", &t.url(FILE)]).await;
+    assert!(out.status.success() && out.stdout == t.data, "without options");
+    // curl's exit codes: 68 = TFTP file not found, 69 = TFTP permission
+    // problem. curl removes `../` from a URL itself (it then asks for
+    // "secret", which the root has not); `%2e%2e/` reaches the server.
+    for (bad, code) in [
+        ("nope.efi", 68),
+        ("../secret", 68),
+        ("escape", 69),
+        ("%2e%2e/secret", 69),
+    ] {
+        let out = curl(&[&t.url(bad)]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(!String::from_utf8_lossy(&out.stdout).contains("do not serve"));
     }
     // Uploads are refused, and nothing is written.
     let src = t.root.parent().unwrap().join("upload");
     std::fs::write(&src, b"evil").unwrap();
-    let (s, u) = (src.display().to_string(), url("new.efi"));
-    let out = tokio::task::spawn_blocking(move || curl(&["-T", &s, &u]))
+    let out = curl(&["-T", &src.display().to_string(), &t.url("new.efi")]).await;
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!t.root.join("new.efi").exists());
+    // What curl cannot send, sent raw: each gets its ERROR from a new port.
+    for (name, code) in [
+        ("../secret", 2),
+        ("/../secret", 2),
+        ("sub/../../secret", 2),
+        ("escape", 2),
+        ("nope", 1),
+    ] {
+        let mut c = Raw::new(t.addr).await;
+        c.rrq(name, &[]).await;
+        let (p, _) = c.recv().await.expect("an answer");
+        assert!(
+            matches!(Packet::parse(&p), Ok(Packet::Error { code: c, .. }) if c == code),
+            "{name}: {p:?}"
+        );
+    }
+    assert!(t.slots_freed(8, Duration::from_secs(2)).await);
+    t.stop.cancel();
+    t.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tftp_hpa_client_in_octet_and_netascii() {
+    if Command::new("tftp").arg("-V").output().is_err() {
+        panic!("tftp-hpa's client is needed for this test (apt-get install tftp-hpa; scripts/test installs it)");
+    }
+    let t = start(4).await;
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["octet", "netascii"] {
+        let out_file = dir.path().join(mode);
+        let (addr, port, target) = (
+            t.addr.ip().to_string(),
+            t.addr.port().to_string(),
+            out_file.display().to_string(),
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("timeout")
+                .args(["30", "tftp", "-m", mode, &addr, &port, "-c", "get", FILE, &target])
+                .output()
+                .unwrap()
+        })
         .await
         .unwrap();
-    assert!(!out.status.success());
-    assert!(!t.root.join("new.efi").exists());
+        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        // The client turns netascii's CR LF / CR NUL back into LF / CR.
+        let got = std::fs::read(&out_file).unwrap();
+        assert!(got == t.data, "{mode}: {} bytes, want {}", got.len(), t.data.len());
+    }
     t.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transfers_are_bounded() {
     let t = start(1).await;
-    let url = format!("tftp://127.0.0.1:{}/undionly.kpxe", t.port);
-    // Small blocks make the first transfer last while the second asks.
-    let first = {
-        let url = url.clone();
-        tokio::task::spawn_blocking(move || curl(&["--tftp-blksize", "512", &url]))
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let second = {
-        let url = url.clone();
-        tokio::task::spawn_blocking(move || curl(&[&url])).await.unwrap()
-    };
-    let first = first.await.unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    assert!(!second.status.success(), "the second transfer should have been refused");
-    // The slot comes back when a transfer ends.
-    let third = tokio::task::spawn_blocking(move || curl(&[&url])).await.unwrap();
+    // A raw client holds the only slot: it asks and then waits.
+    let mut held = Raw::new(t.addr).await;
+    held.rrq(FILE, &[]).await;
+    let (p, _) = held.recv().await.expect("DATA 1");
+    assert!(matches!(Packet::parse(&p), Ok(Packet::Data { block: 1, .. })));
+    assert_eq!(t.server.free_slots(), 0);
+    // curl's 71: the server sent an ERROR with code 0 ("not defined").
+    let second = curl(&[&t.url(FILE)]).await;
+    assert_eq!(
+        second.status.code(),
+        Some(71),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let mut third = Raw::new(t.addr).await;
+    third.rrq(FILE, &[]).await;
+    let (p, _) = third.recv().await.expect("an answer");
+    assert!(
+        matches!(Packet::parse(&p), Ok(Packet::Error { code: 0, message }) if message.contains("busy")),
+        "{p:?}"
+    );
+    // The held transfer still completes, then the slot comes back.
+    held.ack(1).await;
+    assert_eq!(held.finish(2, 512).await.len() + 512, t.data.len());
+    assert!(t.slots_freed(1, Duration::from_secs(2)).await);
+    let third = curl(&[&t.url(FILE)]).await;
     assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
     t.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_data_block_is_sent_again() {
+    let t = start_with(4, 5000).await;
+    let mut c = Raw::new(t.addr).await;
+    c.rrq(FILE, &[]).await;
+    let (p, _) = c.recv().await.unwrap();
+    assert_eq!(
+        Packet::parse(&p),
+        Ok(Packet::Data {
+            block: 1,
+            data: &t.data[..512]
+        })
+    );
+    c.ack(1).await;
+    // DATA 2 "gets lost": we never acknowledge it and wait.
+    let t0 = Instant::now();
+    let (p, _) = c.recv().await.unwrap();
+    assert!(matches!(Packet::parse(&p), Ok(Packet::Data { block: 2, .. })));
+    let (again, _) = c.recv().await.expect("DATA 2 again after the timeout");
+    let waited = t0.elapsed();
+    assert_eq!(again, p, "the same block, byte for byte");
+    assert!(
+        waited >= TIMING.retransmit - Duration::from_millis(20),
+        "resent after {waited:?}"
+    );
+    // A duplicate ACK 1 must not make the server send more (no Sorcerer's
+    // Apprentice): the next packet is DATA 3 after ACK 2, nothing else.
+    c.ack(1).await;
+    c.ack(2).await;
+    let (p, _) = c.recv().await.unwrap();
+    assert!(matches!(Packet::parse(&p), Ok(Packet::Data { block: 3, .. })), "{p:?}");
+    c.ack(3).await;
+    let mut got = t.data[..3 * 512].to_vec();
+    got.extend(c.finish(4, 512).await);
+    assert!(got == t.data);
+    t.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_given_up_and_its_slot_freed() {
+    let t = start(2).await;
+    let mut c = Raw::new(t.addr).await;
+    c.rrq(FILE, &[("blksize", "1024")]).await;
+    // The OACK, then as many resends as retries allow, then nothing.
+    let mut oacks = 0;
+    while let Some((p, _)) = c.recv().await {
+        assert!(matches!(Packet::parse(&p), Ok(Packet::Oack(_))), "{p:?}");
+        oacks += 1;
+    }
+    assert_eq!(oacks, 1 + TIMING.max_retries as usize);
+    assert!(t.slots_freed(2, Duration::from_secs(2)).await, "the slot was not freed");
+    t.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_tsize_and_block_number_rollover() {
+    // 70,000 blocks of 8 bytes: the block number wraps past 65535.
+    let len = 70_000 * 8 + 3;
+    let t = start_with(2, len).await;
+    let mut c = Raw::new(t.addr).await;
+    c.rrq(FILE, &[("tsize", "0"), ("blksize", "8"), ("windowsize", "16")])
+        .await;
+    let (p, _) = c.recv().await.unwrap();
+    let len_text = len.to_string();
+    assert_eq!(
+        Packet::parse(&p),
+        Ok(Packet::Oack(vec![
+            ("tsize", len_text.as_str()),
+            ("blksize", "8"),
+            ("windowsize", "16")
+        ]))
+    );
+    c.ack(0).await;
+    let mut got = Vec::with_capacity(len);
+    let mut next: u64 = 1;
+    let mut dropped_once = false;
+    let mut wrapped = false;
+    loop {
+        let (p, _) = c.recv().await.expect("a DATA block");
+        let Ok(Packet::Data { block, data }) = Packet::parse(&p) else {
+            panic!("{p:?}")
+        };
+        if block != next as u16 {
+            continue; // the rest of a window after a gap; it is sent again
+        }
+        // Lose block 5 once: acknowledge 4, the window restarts at 5.
+        if next == 5 && !dropped_once {
+            dropped_once = true;
+            c.ack(4).await;
+            continue;
+        }
+        wrapped |= block == 0;
+        got.extend_from_slice(data);
+        let last = data.len() < 8;
+        if next.is_multiple_of(16) || last {
+            c.ack(block).await;
+        }
+        next += 1;
+        if last {
+            break;
+        }
+    }
+    assert!(wrapped, "block numbers should have rolled over");
+    assert_eq!(next - 1, 70_001);
+    assert!(got == t.data);
+    assert!(t.slots_freed(2, Duration::from_secs(2)).await);
+    t.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_does_not_stop_the_server() {
+    let t = start_with(64, 20_000).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let seeds: Vec<Vec<u8>> = vec![
+        Packet::Rrq(Request {
+            filename: FILE,
+            mode: Mode::Octet,
+            options: vec![("blksize", "1468"), ("tsize", "0"), ("windowsize", "4")],
+        })
+        .to_vec(),
+        b"\0\x02x\0octet\0".to_vec(),
+        b"\0\x04\0\x01".to_vec(),
+        b"\0\x05\0\x01x\0".to_vec(),
+    ];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for i in 0..5000 {
+        let bytes: Vec<u8> = if i % 2 == 0 {
+            (0..next() % 100).map(|_| next() as u8).collect()
+        } else {
+            let mut b = seeds[(next() as usize) % seeds.len()].clone();
+            for _ in 0..=(next() % 4) {
+                let at = (next() as usize) % b.len();
+                b[at] = next() as u8;
+            }
+            b
+        };
+        sock.send_to(&bytes, t.addr).await.unwrap();
+        if i % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(!t.task.is_finished(), "the server stopped");
+    // Requests among the garbage started transfers to a client that never
+    // answers (and filled the slots); they end by themselves.
+    assert!(t.slots_freed(64, Duration::from_secs(5)).await);
+    let out = curl(&["--tftp-blksize", "1468", &t.url(FILE)]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == t.data);
+    t.stop.cancel();
+    t.task.await.unwrap().unwrap();
+}
+
+/// A TFTP client that does only what the test says.
+struct Raw {
+    sock: UdpSocket,
+    server: SocketAddr,
+    tid: Option<SocketAddr>,
+}
+
+impl Raw {
+    async fn new(server: SocketAddr) -> Raw {
+        Raw {
+            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+            tid: None,
+        }
+    }
+
+    async fn rrq(&mut self, file: &str, options: &[(&str, &str)]) {
+        let p = Packet::Rrq(Request {
+            filename: file,
+            mode: Mode::Octet,
+            options: options.to_vec(),
+        });
+        self.sock.send_to(&p.to_vec(), self.server).await.unwrap();
+    }
+
+    /// The next datagram, or None after 1.5 s of silence. The first
+    /// reply fixes the transfer's TID; replies from elsewhere are errors.
+    async fn recv(&mut self) -> Option<(Vec<u8>, SocketAddr)> {
+        let mut buf = vec![0u8; 70_000];
+        let (n, from) = tokio::time::timeout(Duration::from_millis(1500), self.sock.recv_from(&mut buf))
+            .await
+            .ok()?
+            .unwrap();
+        assert_ne!(from, self.server, "replies come from a new port (TID), not port 69");
+        assert_eq!(*self.tid.get_or_insert(from), from, "one transfer, one TID");
+        buf.truncate(n);
+        Some((buf, from))
+    }
+
+    async fn ack(&self, block: u16) {
+        let to = self.tid.expect("a transfer");
+        self.sock.send_to(&Packet::Ack(block).to_vec(), to).await.unwrap();
+    }
+
+    /// Receives and acknowledges lock-step from block `first` to the end.
+    async fn finish(&mut self, first: u16, blksize: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut want = first;
+        loop {
+            let (p, _) = self.recv().await.expect("the next block");
+            match Packet::parse(&p) {
+                Ok(Packet::Data { block, data }) if block == want => {
+                    out.extend_from_slice(data);
+                    self.ack(block).await;
+                    if data.len() < blksize {
+                        return out;
+                    }
+                    want = want.wrapping_add(1);
+                }
+                other => panic!("want DATA {want}, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_transfers_in_progress() {
+    let t = start(2).await;
+    let mut c = Raw::new(t.addr).await;
+    c.rrq(FILE, &[("timeout", "255")]).await; // a client that would wait long
+    assert!(c.recv().await.is_some());
+    assert_eq!(t.server.free_slots(), 1);
+    t.stop.cancel();
+    let r = tokio::time::timeout(Duration::from_secs(5), t.task).await;
+    assert!(matches!(r, Ok(Ok(Ok(())))), "serve did not return: {r:?}");
+    assert_eq!(t.server.free_slots(), 2, "the transfer thread has ended");
 }

@@ -1,0 +1,827 @@
+//! TFTP without sockets: the packet codec (RFC 1350; OACK, RFC 2347), option
+//! negotiation (blksize RFC 2348, timeout and tsize RFC 2349, windowsize
+//! RFC 7440) and the sender's state machine for a read transfer. All pure,
+//! so they are table-tested and fuzzed (`fuzz/fuzz_targets/tftp_packet.rs`);
+//! `kiln-server`'s listener only moves bytes between these and its sockets.
+//!
+//! Parsing borrows from the datagram (a DATA packet's payload is a slice of
+//! it) and is strict where a sloppy reading could be dangerous (a filename
+//! must be NUL-terminated UTF-8, an ACK is exactly four bytes) and lenient
+//! where PXE ROMs are known to be sloppy (empty, dangling or undecodable
+//! options after the mode are skipped, like tftpd-hpa does).
+
+use std::fmt;
+
+/// The smallest and largest block sizes RFC 2348 allows.
+pub const MIN_BLKSIZE: u16 = 8;
+pub const MAX_BLKSIZE: u16 = 65464;
+/// RFC 1350's block size, used when none is negotiated.
+pub const DEFAULT_BLKSIZE: u16 = 512;
+
+const OP_RRQ: u16 = 1;
+const OP_WRQ: u16 = 2;
+const OP_DATA: u16 = 3;
+const OP_ACK: u16 = 4;
+const OP_ERROR: u16 = 5;
+const OP_OACK: u16 = 6;
+
+/// One TFTP datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet<'a> {
+    Rrq(Request<'a>),
+    Wrq(Request<'a>),
+    Data {
+        block: u16,
+        data: &'a [u8],
+    },
+    Ack(u16),
+    Error {
+        code: u16,
+        message: &'a str,
+    },
+    /// Options the server accepted, as (name, value), in its order.
+    Oack(Vec<(&'a str, &'a str)>),
+}
+
+/// A read or write request: what file, how, and the options asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub filename: &'a str,
+    pub mode: Mode,
+    /// (name, value) as the client sent them; [`negotiate`] interprets them.
+    pub options: Vec<(&'a str, &'a str)>,
+}
+
+/// Transfer mode (RFC 1350). `mail` is obsolete; it parses so that the
+/// server can refuse it by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Netascii,
+    Octet,
+    Mail,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Netascii => "netascii",
+            Mode::Octet => "octet",
+            Mode::Mail => "mail",
+        }
+    }
+}
+
+/// Error codes of RFC 1350 and RFC 2347 (8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    NotDefined = 0,
+    FileNotFound = 1,
+    AccessViolation = 2,
+    DiskFull = 3,
+    IllegalOperation = 4,
+    UnknownTid = 5,
+    FileExists = 6,
+    NoSuchUser = 7,
+    OptionRefused = 8,
+}
+
+/// Why a datagram is not a TFTP packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    TooShort,
+    UnknownOpcode(u16),
+    /// A string field (filename, mode, error message, option) has no NUL.
+    Unterminated,
+    /// The filename or an error message is not UTF-8.
+    NotUtf8,
+    EmptyFilename,
+    UnknownMode,
+    /// Bytes after a fixed-size packet (ACK) or after an error's message.
+    TrailingBytes,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::TooShort => write!(f, "packet too short"),
+            ParseError::UnknownOpcode(op) => write!(f, "unknown opcode {op}"),
+            ParseError::Unterminated => write!(f, "a string field is not NUL-terminated"),
+            ParseError::NotUtf8 => write!(f, "a string field is not UTF-8"),
+            ParseError::EmptyFilename => write!(f, "empty filename"),
+            ParseError::UnknownMode => write!(f, "unknown transfer mode (netascii or octet)"),
+            ParseError::TrailingBytes => write!(f, "trailing bytes after the packet"),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Splits off one NUL-terminated field.
+fn field(bytes: &[u8]) -> Result<(&[u8], &[u8]), ParseError> {
+    let nul = bytes.iter().position(|&b| b == 0).ok_or(ParseError::Unterminated)?;
+    Ok((&bytes[..nul], &bytes[nul + 1..]))
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)
+}
+
+/// (name, value) pairs after a request's mode or in an OACK. Empty names
+/// (NUL padding), pairs that are not UTF-8 and a dangling name or
+/// unterminated tail are skipped: options are advisory (RFC 2347).
+fn options(mut rest: &[u8]) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    while let Ok((name, after)) = field(rest) {
+        let Ok((value, after)) = field(after) else { break };
+        rest = after;
+        if let (false, Ok(n), Ok(v)) = (name.is_empty(), std::str::from_utf8(name), std::str::from_utf8(value)) {
+            out.push((n, v));
+        }
+    }
+    out
+}
+
+fn request(body: &[u8]) -> Result<Request<'_>, ParseError> {
+    let (filename, rest) = field(body)?;
+    let (mode, rest) = field(rest)?;
+    let filename = utf8(filename)?;
+    if filename.is_empty() {
+        return Err(ParseError::EmptyFilename);
+    }
+    let mode = match mode.to_ascii_lowercase().as_slice() {
+        b"netascii" => Mode::Netascii,
+        b"octet" => Mode::Octet,
+        b"mail" => Mode::Mail,
+        _ => return Err(ParseError::UnknownMode),
+    };
+    Ok(Request {
+        filename,
+        mode,
+        options: options(rest),
+    })
+}
+
+impl<'a> Packet<'a> {
+    /// Reads one datagram.
+    pub fn parse(bytes: &'a [u8]) -> Result<Packet<'a>, ParseError> {
+        if bytes.len() < 2 {
+            return Err(ParseError::TooShort);
+        }
+        let opcode = u16::from_be_bytes([bytes[0], bytes[1]]);
+        let body = &bytes[2..];
+        let number = || -> Result<u16, ParseError> {
+            match body {
+                [a, b, ..] => Ok(u16::from_be_bytes([*a, *b])),
+                _ => Err(ParseError::TooShort),
+            }
+        };
+        match opcode {
+            OP_RRQ => Ok(Packet::Rrq(request(body)?)),
+            OP_WRQ => Ok(Packet::Wrq(request(body)?)),
+            OP_DATA => Ok(Packet::Data {
+                block: number()?,
+                data: &body[2..],
+            }),
+            OP_ACK => {
+                let block = number()?;
+                if body.len() > 2 {
+                    return Err(ParseError::TrailingBytes);
+                }
+                Ok(Packet::Ack(block))
+            }
+            OP_ERROR => {
+                let code = number()?;
+                let (message, rest) = field(&body[2..])?;
+                if !rest.is_empty() {
+                    return Err(ParseError::TrailingBytes);
+                }
+                Ok(Packet::Error {
+                    code,
+                    message: utf8(message)?,
+                })
+            }
+            OP_OACK => Ok(Packet::Oack(options(body))),
+            op => Err(ParseError::UnknownOpcode(op)),
+        }
+    }
+
+    /// Appends the datagram to `out`. Strings must not contain NUL (they
+    /// would end the field early); nothing kiln sends does.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let cstr = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(s.as_bytes());
+            out.push(0);
+        };
+        match self {
+            Packet::Rrq(r) | Packet::Wrq(r) => {
+                let op = if matches!(self, Packet::Rrq(_)) { OP_RRQ } else { OP_WRQ };
+                out.extend_from_slice(&op.to_be_bytes());
+                cstr(out, r.filename);
+                cstr(out, r.mode.name());
+                for (n, v) in &r.options {
+                    cstr(out, n);
+                    cstr(out, v);
+                }
+            }
+            Packet::Data { block, data } => {
+                out.extend_from_slice(&data_header(*block));
+                out.extend_from_slice(data);
+            }
+            Packet::Ack(block) => {
+                out.extend_from_slice(&OP_ACK.to_be_bytes());
+                out.extend_from_slice(&block.to_be_bytes());
+            }
+            Packet::Error { code, message } => {
+                out.extend_from_slice(&OP_ERROR.to_be_bytes());
+                out.extend_from_slice(&code.to_be_bytes());
+                cstr(out, message);
+            }
+            Packet::Oack(opts) => {
+                out.extend_from_slice(&OP_OACK.to_be_bytes());
+                for (n, v) in opts {
+                    cstr(out, n);
+                    cstr(out, v);
+                }
+            }
+        }
+    }
+
+    /// The datagram as a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+}
+
+/// The four bytes before a DATA packet's payload.
+pub fn data_header(block: u16) -> [u8; 4] {
+    let [o0, o1] = OP_DATA.to_be_bytes();
+    let [b0, b1] = block.to_be_bytes();
+    [o0, o1, b0, b1]
+}
+
+/// An ERROR datagram; the message is cut at a NUL.
+pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
+    let message = message.split('\0').next().unwrap_or_default();
+    Packet::Error {
+        code: code as u16,
+        message,
+    }
+    .to_vec()
+}
+
+/// What the server allows clients to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest block size granted (clients asking more get this).
+    pub max_blksize: u16,
+    /// Largest window granted (RFC 7440 lets the server answer less).
+    pub max_windowsize: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // A window of 64 blocks is past the point where larger windows
+        // stop helping on a LAN (RFC 7440's measurements), and bounds what a
+        // transfer sends unacknowledged.
+        Limits {
+            max_blksize: MAX_BLKSIZE,
+            max_windowsize: 64,
+        }
+    }
+}
+
+/// The outcome of option negotiation for one read request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub blksize: u16,
+    pub windowsize: u16,
+    /// Retransmission timeout the client asked for, in seconds.
+    pub timeout: Option<u8>,
+    /// The options to acknowledge, in the order the client sent them;
+    /// empty: send no OACK, start with DATA 1 (RFC 1350).
+    pub oack: Vec<(&'static str, u64)>,
+}
+
+impl Negotiated {
+    /// The OACK datagram (empty if nothing was accepted).
+    pub fn oack_packet(&self) -> Vec<u8> {
+        if self.oack.is_empty() {
+            return Vec::new();
+        }
+        let values: Vec<String> = self.oack.iter().map(|(_, v)| v.to_string()).collect();
+        Packet::Oack(
+            self.oack
+                .iter()
+                .zip(&values)
+                .map(|((n, _), v)| (*n, v.as_str()))
+                .collect(),
+        )
+        .to_vec()
+    }
+}
+
+fn number(value: &str) -> Option<u64> {
+    // Digits only (no sign, no spaces) and short enough not to overflow.
+    if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// Decides a read request's options against the file's size. Unknown
+/// options and values out of their RFC's range are left out of the OACK
+/// (the client then uses the default), and each option counts once.
+pub fn negotiate(options: &[(&str, &str)], file_size: u64, limits: &Limits) -> Negotiated {
+    let mut n = Negotiated {
+        blksize: DEFAULT_BLKSIZE,
+        windowsize: 1,
+        timeout: None,
+        oack: Vec::new(),
+    };
+    let mut seen: Vec<&'static str> = Vec::new();
+    for (name, value) in options {
+        let name = name.to_ascii_lowercase();
+        let accepted: Option<(&'static str, u64)> = match name.as_str() {
+            "blksize" => number(value)
+                .filter(|v| (u64::from(MIN_BLKSIZE)..=u64::from(MAX_BLKSIZE)).contains(v))
+                .map(|v| ("blksize", v.min(u64::from(limits.max_blksize.max(MIN_BLKSIZE))))),
+            "timeout" => number(value).filter(|v| (1..=255).contains(v)).map(|v| ("timeout", v)),
+            // RFC 2349: a read request carries 0 and the server answers the
+            // size; any other value is answered the same way.
+            "tsize" => number(value).map(|_| ("tsize", file_size)),
+            "windowsize" => number(value)
+                .filter(|v| (1..=65535).contains(v))
+                .map(|v| ("windowsize", v.min(u64::from(limits.max_windowsize.max(1))))),
+            _ => None,
+        };
+        let Some((key, v)) = accepted else { continue };
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        // The ranges checked above make these conversions lossless.
+        match key {
+            "blksize" => n.blksize = v as u16,
+            "timeout" => n.timeout = Some(v as u8),
+            "windowsize" => n.windowsize = v as u16,
+            _ => {}
+        }
+        n.oack.push((key, v));
+    }
+    n
+}
+
+/// The bytes a netascii transfer sends for `data`: LF becomes CR LF and a
+/// bare CR becomes CR NUL (RFC 1350 via RFC 764).
+pub fn to_netascii(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 16);
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            b => out.push(b),
+        }
+    }
+    out
+}
+
+/// What the sender does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Send (again) the OACK, then wait.
+    SendOack,
+    /// Send blocks `first ..first + count` (1-based indices; the wire number
+    /// is the index modulo 65536), then wait.
+    Send { first: u64, count: u64 },
+    /// Keep waiting: the packet changed nothing.
+    Wait,
+    /// The last block is acknowledged.
+    Done,
+    /// Retries are used up: the client is gone.
+    GiveUp,
+}
+
+/// The sending side of a read transfer (RFC 1350 lock-step, or windows of
+/// RFC 7440), without I/O or clocks: the caller sends what a [`Step`] says
+/// and reports ACKs and timeouts.
+///
+/// Blocks have 1-based indices; a file of `len` bytes is `len / blksize + 1`
+/// blocks, the last one short (possibly empty). Wire block numbers wrap
+/// from 65535 to 0, as tftpd-hpa and iPXE expect for files above
+/// 65535 blocks. Index 0 stands for the OACK, which ACK 0 answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadTransfer {
+    /// First unacknowledged index (0 while the OACK is unanswered).
+    base: u64,
+    /// Blocks sent from `base` and not yet acknowledged.
+    in_flight: u64,
+    last: u64,
+    window: u64,
+    retries: u32,
+    max_retries: u32,
+}
+
+impl ReadTransfer {
+    pub fn new(len: u64, blksize: u16, windowsize: u16, oack: bool, max_retries: u32) -> ReadTransfer {
+        ReadTransfer {
+            base: if oack { 0 } else { 1 },
+            in_flight: 0,
+            last: len / u64::from(blksize.max(1)) + 1,
+            window: u64::from(windowsize.max(1)),
+            retries: 0,
+            max_retries,
+        }
+    }
+
+    /// The number of DATA blocks the transfer sends.
+    pub fn blocks(&self) -> u64 {
+        self.last
+    }
+
+    fn send_window(&mut self) -> Step {
+        if self.base == 0 {
+            self.in_flight = 1;
+            return Step::SendOack;
+        }
+        self.in_flight = self.window.min(self.last - self.base + 1);
+        Step::Send {
+            first: self.base,
+            count: self.in_flight,
+        }
+    }
+
+    /// The first thing to send.
+    pub fn start(&mut self) -> Step {
+        self.send_window()
+    }
+
+    /// An ACK arrived with wire number `block`.
+    pub fn on_ack(&mut self, block: u16) -> Step {
+        if self.base > self.last {
+            return Step::Done;
+        }
+        // How far past the last acknowledged index this ACK reaches; the
+        // window is below 65536, so the wire number is unambiguous.
+        let acked_before = self.base.wrapping_sub(1) as u16;
+        let delta = u64::from(block.wrapping_sub(acked_before));
+        if delta == 0 && self.window > 1 && self.base > 0 {
+            // RFC 7440: a receiver that missed the window's first block
+            // acknowledges the one before it; send the window again now
+            // rather than after a timeout. Counted as a retry, so duplicate
+            // ACKs cannot make the transfer go on forever.
+            return self.on_timeout();
+        }
+        if delta == 0 || delta > self.in_flight {
+            // A duplicate or stale ACK. Answering it would double every
+            // following block (the Sorcerer's Apprentice, RFC 1123 4.2.3.1).
+            return Step::Wait;
+        }
+        self.base += delta;
+        self.retries = 0;
+        if self.base > self.last {
+            self.in_flight = 0;
+            return Step::Done;
+        }
+        self.send_window()
+    }
+
+    /// No ACK within the timeout.
+    pub fn on_timeout(&mut self) -> Step {
+        if self.retries >= self.max_retries {
+            return Step::GiveUp;
+        }
+        self.retries += 1;
+        self.send_window()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rrq(filename: &str, mode: Mode, options: &[(&'static str, &'static str)]) -> Vec<u8> {
+        Packet::Rrq(Request {
+            filename,
+            mode,
+            options: options.to_vec(),
+        })
+        .to_vec()
+    }
+
+    #[test]
+    fn parses_every_packet_kind() {
+        let cases: Vec<(&[u8], Result<Packet<'_>, ParseError>)> = vec![
+            (
+                b"\0\x01ipxe.efi\0octet\0",
+                Ok(Packet::Rrq(Request {
+                    filename: "ipxe.efi",
+                    mode: Mode::Octet,
+                    options: vec![],
+                })),
+            ),
+            (
+                b"\0\x01/a/b\0NetASCII\0blksize\x001468\0tsize\x000\0",
+                Ok(Packet::Rrq(Request {
+                    filename: "/a/b",
+                    mode: Mode::Netascii,
+                    options: vec![("blksize", "1468"), ("tsize", "0")],
+                })),
+            ),
+            (
+                b"\0\x02up\0octet\0",
+                Ok(Packet::Wrq(Request {
+                    filename: "up",
+                    mode: Mode::Octet,
+                    options: vec![],
+                })),
+            ),
+            (b"\0\x03\0\x07abc", Ok(Packet::Data { block: 7, data: b"abc" })),
+            (
+                b"\0\x03\xff\xff",
+                Ok(Packet::Data {
+                    block: 65535,
+                    data: b"",
+                }),
+            ),
+            (b"\0\x04\x01\x02", Ok(Packet::Ack(0x0102))),
+            (
+                b"\0\x05\0\x01not found\0",
+                Ok(Packet::Error {
+                    code: 1,
+                    message: "not found",
+                }),
+            ),
+            (b"\0\x06blksize\x001468\0", Ok(Packet::Oack(vec![("blksize", "1468")]))),
+            (b"\0\x06", Ok(Packet::Oack(vec![]))),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(Packet::parse(bytes), want, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_packets() {
+        let cases: &[(&[u8], ParseError)] = &[
+            (b"", ParseError::TooShort),
+            (b"\0", ParseError::TooShort),
+            (b"\0\x07", ParseError::UnknownOpcode(7)),
+            (b"\0\0", ParseError::UnknownOpcode(0)),
+            (b"\0\x01", ParseError::Unterminated),
+            (b"\0\x01file", ParseError::Unterminated),
+            (b"\0\x01file\0octet", ParseError::Unterminated),
+            (b"\0\x01\0octet\0", ParseError::EmptyFilename),
+            (b"\0\x01f\xff\0octet\0", ParseError::NotUtf8),
+            (b"\0\x01file\0binary\0", ParseError::UnknownMode),
+            (b"\0\x03\0", ParseError::TooShort),
+            (b"\0\x04\0", ParseError::TooShort),
+            (b"\0\x04\0\x01\0", ParseError::TrailingBytes),
+            (b"\0\x05\0\x01", ParseError::Unterminated),
+            (b"\0\x05\0\x01oops", ParseError::Unterminated),
+            (b"\0\x05\0\x01oops\0x", ParseError::TrailingBytes),
+            (b"\0\x05\0\x01\xc3\0", ParseError::NotUtf8),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(Packet::parse(bytes).as_ref(), Err(want), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn sloppy_options_are_skipped_not_fatal() {
+        // NUL padding, a dangling name, a non-UTF-8 pair, an unterminated tail.
+        let bytes = b"\0\x01f\0octet\0\0\0blksize\x001024\0\xff\0x\0tsize\0";
+        match Packet::parse(bytes).unwrap() {
+            Packet::Rrq(r) => assert_eq!(r.options, vec![("blksize", "1024")]),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let packets = [
+            Packet::Rrq(Request {
+                filename: "x/y.efi",
+                mode: Mode::Octet,
+                options: vec![("windowsize", "8")],
+            }),
+            Packet::Wrq(Request {
+                filename: "w",
+                mode: Mode::Mail,
+                options: vec![],
+            }),
+            Packet::Data { block: 9, data: b"hi" },
+            Packet::Ack(65535),
+            Packet::Error { code: 8, message: "no" },
+            Packet::Oack(vec![("tsize", "12"), ("blksize", "8")]),
+        ];
+        for p in packets {
+            assert_eq!(Packet::parse(&p.to_vec()), Ok(p.clone()));
+        }
+        assert_eq!(&rrq("a", Mode::Octet, &[])[..], b"\0\x01a\0octet\0");
+        assert_eq!(
+            error_packet(ErrorCode::AccessViolation, "no\0more"),
+            b"\0\x05\0\x02no\0"
+        );
+    }
+
+    #[test]
+    fn negotiation_table() {
+        let l = Limits {
+            max_blksize: 1468,
+            max_windowsize: 16,
+        };
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            u16,
+            u16,
+            Option<u8>,
+            &'static [(&'static str, u64)],
+        );
+        let cases: &[Case] = &[
+            (&[], 512, 1, None, &[]),
+            (&[("blksize", "1024")], 1024, 1, None, &[("blksize", 1024)]),
+            (&[("BLKSIZE", "9000")], 1468, 1, None, &[("blksize", 1468)]), // capped
+            (&[("blksize", "7")], 512, 1, None, &[]),                      // below RFC 2348's range
+            (&[("blksize", "65465")], 512, 1, None, &[]),
+            (&[("blksize", "-1")], 512, 1, None, &[]),
+            (&[("blksize", " 512")], 512, 1, None, &[]),
+            (&[("blksize", "99999999999999999999999")], 512, 1, None, &[]),
+            (&[("tsize", "0")], 512, 1, None, &[("tsize", 4242)]),
+            (&[("tsize", "x")], 512, 1, None, &[]),
+            (&[("timeout", "3")], 512, 1, Some(3), &[("timeout", 3)]),
+            (&[("timeout", "0")], 512, 1, None, &[]),
+            (&[("timeout", "256")], 512, 1, None, &[]),
+            (&[("windowsize", "4")], 512, 4, None, &[("windowsize", 4)]),
+            (&[("windowsize", "100")], 512, 16, None, &[("windowsize", 16)]),
+            (&[("windowsize", "0")], 512, 1, None, &[]),
+            (&[("multicast", ""), ("rollover", "0")], 512, 1, None, &[]),
+            // the first of a repeated option counts
+            (
+                &[("blksize", "800"), ("blksize", "900")],
+                800,
+                1,
+                None,
+                &[("blksize", 800)],
+            ),
+            (
+                &[("tsize", "0"), ("blksize", "1468"), ("windowsize", "8")],
+                1468,
+                8,
+                None,
+                &[("tsize", 4242), ("blksize", 1468), ("windowsize", 8)],
+            ),
+        ];
+        for (opts, blksize, windowsize, timeout, oack) in cases {
+            let n = negotiate(opts, 4242, &l);
+            assert_eq!(
+                (n.blksize, n.windowsize, n.timeout, n.oack.as_slice()),
+                (*blksize, *windowsize, *timeout, *oack),
+                "{opts:?}"
+            );
+        }
+        let n = negotiate(&[("tsize", "0"), ("blksize", "1468")], 10, &l);
+        assert_eq!(
+            Packet::parse(&n.oack_packet()),
+            Ok(Packet::Oack(vec![("tsize", "10"), ("blksize", "1468")]))
+        );
+        assert!(negotiate(&[], 10, &l).oack_packet().is_empty());
+    }
+
+    #[test]
+    fn netascii_conversion() {
+        assert_eq!(to_netascii(b"a\nb\rc\r\n"), b"a\r\nb\r\0c\r\0\r\n");
+        assert_eq!(to_netascii(b""), b"");
+    }
+
+    #[test]
+    fn lock_step_transfer() {
+        // 1024 bytes at 512: blocks 1, 2 and an empty 3.
+        let mut t = ReadTransfer::new(1024, 512, 1, false, 2);
+        assert_eq!(t.blocks(), 3);
+        assert_eq!(t.start(), Step::Send { first: 1, count: 1 });
+        assert_eq!(t.on_ack(0), Step::Wait, "stale");
+        assert_eq!(t.on_ack(1), Step::Send { first: 2, count: 1 });
+        assert_eq!(t.on_ack(1), Step::Wait, "duplicate: no Sorcerer's Apprentice");
+        assert_eq!(t.on_ack(5), Step::Wait, "from the future");
+        assert_eq!(t.on_timeout(), Step::Send { first: 2, count: 1 });
+        assert_eq!(t.on_timeout(), Step::Send { first: 2, count: 1 });
+        assert_eq!(
+            t.on_ack(2),
+            Step::Send { first: 3, count: 1 },
+            "progress resets the retries"
+        );
+        assert_eq!(t.on_timeout(), Step::Send { first: 3, count: 1 });
+        assert_eq!(t.on_timeout(), Step::Send { first: 3, count: 1 });
+        assert_eq!(t.on_timeout(), Step::GiveUp);
+        let mut t = ReadTransfer::new(1000, 512, 1, false, 0);
+        t.start();
+        assert_eq!(t.on_ack(1), Step::Send { first: 2, count: 1 });
+        assert_eq!(t.on_ack(2), Step::Done);
+        assert_eq!(t.on_ack(2), Step::Done);
+    }
+
+    #[test]
+    fn oack_then_windows() {
+        // 10 blocks of 8 bytes + an empty 11th, window 4.
+        let mut t = ReadTransfer::new(80, 8, 4, true, 3);
+        assert_eq!(t.start(), Step::SendOack);
+        assert_eq!(t.on_ack(1), Step::Wait, "only ACK 0 answers the OACK");
+        assert_eq!(t.on_timeout(), Step::SendOack);
+        assert_eq!(t.on_ack(0), Step::Send { first: 1, count: 4 });
+        // The client got 1 and 2, lost 3: it acks 2 and the next window starts at 3.
+        assert_eq!(t.on_ack(2), Step::Send { first: 3, count: 4 });
+        // It lost 3 again and re-acks 2: resend at once.
+        assert_eq!(t.on_ack(2), Step::Send { first: 3, count: 4 });
+        assert_eq!(t.on_ack(6), Step::Send { first: 7, count: 4 });
+        assert_eq!(t.on_ack(10), Step::Send { first: 11, count: 1 });
+        assert_eq!(t.on_ack(11), Step::Done);
+    }
+
+    #[test]
+    fn block_numbers_roll_over() {
+        let blk = 8u16;
+        let mut t = ReadTransfer::new(70_000 * u64::from(blk), blk, 4, false, 1);
+        assert_eq!(t.blocks(), 70_001);
+        let mut step = t.start();
+        let mut acked = 0u64;
+        while let Step::Send { first, count } = step {
+            let last = first + count - 1;
+            acked = last;
+            step = t.on_ack(last as u16); // the wire number wraps
+        }
+        assert_eq!(step, Step::Done);
+        assert_eq!(acked, 70_001);
+        // Around the wrap: base 65535, window 4 covers wire 65535, 0, 1, 2.
+        let mut t = ReadTransfer::new(100_000 * 8, 8, 4, false, 1);
+        t.base = 65535;
+        t.in_flight = 4;
+        assert_eq!(t.on_ack(0), Step::Send { first: 65537, count: 4 });
+        assert_eq!(t.on_ack(65535), Step::Wait, "before the window");
+    }
+}
+
+#[cfg(test)]
+mod robustness {
+    //! Thousands of random and mutated datagrams through the parser: none
+    //! panics, and whatever parses encodes back to an equal packet.
+
+    use super::*;
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_packets_never_panic() {
+        let seeds: Vec<Vec<u8>> = vec![
+            b"\0\x01ipxe.efi\0octet\0blksize\x001468\0tsize\x000\0windowsize\x004\0".to_vec(),
+            b"\0\x02x\0netascii\0".to_vec(),
+            b"\0\x04\0\x01".to_vec(),
+            b"\0\x05\0\x08refused\0".to_vec(),
+            b"\0\x06blksize\x00512\0".to_vec(),
+        ];
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        let mut parsed = 0;
+        for i in 0..50_000 {
+            let bytes: Vec<u8> = if i % 3 == 0 {
+                let len = (rng.next() % 80) as usize;
+                (0..len).map(|_| rng.next() as u8).collect()
+            } else {
+                let mut b = seeds[(rng.next() as usize) % seeds.len()].clone();
+                for _ in 0..=(rng.next() % 4) {
+                    let at = (rng.next() as usize) % b.len();
+                    b[at] = if rng.next().is_multiple_of(2) {
+                        0
+                    } else {
+                        rng.next() as u8
+                    };
+                }
+                if rng.next().is_multiple_of(4) {
+                    b.truncate((rng.next() as usize) % b.len());
+                }
+                b
+            };
+            if let Ok(p) = Packet::parse(&bytes) {
+                parsed += 1;
+                let again = p.to_vec();
+                assert_eq!(Packet::parse(&again), Ok(p.clone()), "{bytes:?}");
+                if let Packet::Rrq(r) = &p {
+                    let n = negotiate(&r.options, 1 << 20, &Limits::default());
+                    let mut t = ReadTransfer::new(1 << 20, n.blksize, n.windowsize, !n.oack.is_empty(), 3);
+                    t.start();
+                    t.on_ack(rng.next() as u16);
+                }
+            }
+        }
+        assert!(parsed > 1000, "the mutations should keep many packets valid ({parsed})");
+    }
+}
