@@ -303,8 +303,12 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (hang, latency) = {
-        let b = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        (b.spec.faults.hang, b.spec.latency)
+        let mut b = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let hang = b.spec.faults.hang && b.spec.faults.applies_to(req.uri().path());
+        if hang {
+            b.stats.hung += 1;
+        }
+        (hang, b.spec.latency)
     };
     if hang {
         // No answer at all: the client's deadline has to save it.
@@ -357,8 +361,9 @@ async fn answer(
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
 }
 
-/// A CA made now, and a server certificate it signs for `localhost` and
-/// `ip`: the driver verifies it when given the CA, as with a site CA.
+/// A CA made now, and a server certificate it signs for `ip` only (not
+/// `localhost`, so that a name mismatch can be tested): the driver
+/// verifies it when given the CA, as with a site CA.
 fn tls_acceptor(ip: IpAddr) -> anyhow::Result<(TlsAcceptor, String)> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate()?;
@@ -371,7 +376,7 @@ fn tls_acceptor(ip: IpAddr) -> anyhow::Result<(TlsAcceptor, String)> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), ip.to_string()])?;
+    let mut params = CertificateParams::new(vec![ip.to_string()])?;
     params.distinguished_name.push(DnType::CommonName, "kiln-sim BMC");
     let cert = params.signed_by(&key, &issuer)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -53,6 +53,16 @@ pub struct Faults {
     pub hang: bool,
     /// Every authenticated request answers 401, as with a wrong password.
     pub reject_auth: bool,
+    /// Apply `error_burst` and `hang` only to requests whose path contains
+    /// this (e.g. `ComputerSystem.Reset`, to lose exactly the action).
+    pub only_path: Option<String>,
+}
+
+impl Faults {
+    /// Whether `error_burst` and `hang` apply to a request for `path`.
+    pub fn applies_to(&self, path: &str) -> bool {
+        self.only_path.as_deref().is_none_or(|p| path.contains(p))
+    }
 }
 
 /// A power state as the simulator keeps it.
@@ -103,6 +113,8 @@ pub struct Stats {
     pub unauthorized: u64,
     /// Requests answered 503 by an error burst.
     pub injected_errors: u64,
+    /// Requests left without an answer (`hang`).
+    pub hung: u64,
     pub sessions_created: u64,
     pub sessions_deleted: u64,
     /// `ResetType`s received, in order.
@@ -239,7 +251,7 @@ impl Bmc {
         body: &Value,
     ) -> Answer {
         self.stats.requests += 1;
-        if self.spec.faults.error_burst > 0 {
+        if self.spec.faults.error_burst > 0 && self.spec.faults.applies_to(path) {
             self.spec.faults.error_burst -= 1;
             self.stats.injected_errors += 1;
             return Answer::error(503, "simulated server error (error burst)");
