@@ -57,7 +57,11 @@ async fn power_on_off_cycle_wait_for_slow_transitions() {
 
     let t = Instant::now();
     d.power(PowerAction::On).await.unwrap();
-    assert!(t.elapsed() >= delay, "returned before the state changed: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= delay,
+        "returned before the state changed: {:?}",
+        t.elapsed()
+    );
     assert_eq!(sim.bmc(0).power(0), Power::On);
     assert_eq!(d.power_status().await.unwrap(), PowerState::On);
 
@@ -131,7 +135,11 @@ async fn boot_override_once_is_consumed_by_the_next_boot() {
         .unwrap();
     let boot = sim.bmc(0).with(|b| {
         let s = &b.systems[0];
-        (s.override_enabled.clone(), s.override_target.clone(), s.override_mode.clone())
+        (
+            s.override_enabled.clone(),
+            s.override_target.clone(),
+            s.override_mode.clone(),
+        )
     });
     assert_eq!(boot, ("Once".into(), "Pxe".into(), "UEFI".into()));
     assert!(sim.bmc(0).boots().is_empty(), "nothing booted yet");
@@ -141,7 +149,10 @@ async fn boot_override_once_is_consumed_by_the_next_boot() {
     let boots: Vec<_> = sim.bmc(0).boots().into_iter().map(|b| (b.target, b.mode)).collect();
     assert_eq!(
         boots,
-        [("Pxe".to_string(), "UEFI".to_string()), ("Hdd".to_string(), "UEFI".to_string())],
+        [
+            ("Pxe".to_string(), "UEFI".to_string()),
+            ("Hdd".to_string(), "UEFI".to_string())
+        ],
         "the first boot used the override, the second the disk"
     );
     assert_eq!(sim.bmc(0).with(|b| b.systems[0].override_enabled.clone()), "Disabled");
@@ -152,8 +163,17 @@ async fn boot_override_once_is_consumed_by_the_next_boot() {
         .unwrap();
     d.power(PowerAction::Cycle).await.unwrap();
     d.power(PowerAction::Cycle).await.unwrap();
-    let last: Vec<_> = sim.bmc(0).boots()[2..].iter().map(|b| (b.target.clone(), b.mode.clone())).collect();
-    assert_eq!(last, [("Cd".to_string(), "Legacy".to_string()), ("Cd".to_string(), "Legacy".to_string())]);
+    let last: Vec<_> = sim.bmc(0).boots()[2..]
+        .iter()
+        .map(|b| (b.target.clone(), b.mode.clone()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            ("Cd".to_string(), "Legacy".to_string()),
+            ("Cd".to_string(), "Legacy".to_string())
+        ]
+    );
 }
 
 #[tokio::test]
@@ -224,7 +244,11 @@ async fn a_5xx_on_a_cycle_is_not_repeated_but_on_is_resent_when_the_state_shows_
     });
     d.power(PowerAction::On).await.unwrap();
     let s = sim.bmc(0).stats();
-    assert_eq!(s.resets, ["ForceOff", "On"], "On resent after the 503 since the state still read Off");
+    assert_eq!(
+        s.resets,
+        ["ForceOff", "On"],
+        "On resent after the 503 since the state still read Off"
+    );
     assert_eq!(s.injected_errors, 2);
 }
 
@@ -269,7 +293,11 @@ async fn a_silent_bmc_times_out_within_the_deadline() {
     let t = Instant::now();
     let e = driver(c.clone()).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Timeout, "{e}");
-    assert!(t.elapsed() < Duration::from_secs(2), "3 tries of 300 ms plus pauses, took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "3 tries of 300 ms plus pauses, took {:?}",
+        t.elapsed()
+    );
     assert_eq!(sim.bmc(0).stats().hung, 3);
 
     // A deadline shorter than the tries wins.
@@ -397,7 +425,11 @@ async fn tls_is_verified_unless_the_bmc_is_marked_insecure() {
 
 #[tokio::test]
 async fn a_closed_port_is_unreachable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut c = RedfishConfig::new(&format!("http://127.0.0.1:{port}"), USER, Password::new(PASSWORD));
     c.deadline = Duration::from_secs(3);
     let e = driver(c).power_status().await.unwrap_err();

@@ -52,7 +52,9 @@ async fn start_sushy() -> Sushy {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "kiln test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kiln test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -81,7 +83,11 @@ async fn start_sushy() -> Sushy {
     let digest = String::from_utf8(out.stdout).unwrap();
     std::fs::write(dir.path().join("htpasswd"), format!("{USER}:{}\n", digest.trim())).unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let d = dir.path().display();
     let conf = format!(
         r#"
@@ -119,7 +125,11 @@ SUSHY_EMULATOR_FAKE_SYSTEMS = [
     let probe = tls::client(&TlsPolicy::Insecure).unwrap();
     let t = Instant::now();
     loop {
-        let r = probe.get(format!("{}/redfish/v1/", s.url)).timeout(Duration::from_secs(2)).send().await;
+        let r = probe
+            .get(format!("{}/redfish/v1/", s.url))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
         if r.is_ok_and(|r| r.status().is_success()) {
             break;
         }
@@ -159,9 +169,16 @@ async fn sushy_fake_driver_power_and_boot_override() {
     let t = Instant::now();
     b.power(PowerAction::On).await.unwrap();
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(500), "sushy takes at least 1 s; returned after {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "sushy takes at least 1 s; returned after {took:?}"
+    );
     assert_eq!(b.power_status().await.unwrap(), PowerState::On);
-    assert_eq!(a.power_status().await.unwrap(), PowerState::Off, "the other system untouched");
+    assert_eq!(
+        a.power_status().await.unwrap(),
+        PowerState::Off,
+        "the other system untouched"
+    );
 
     // sushy allows no PowerCycle: off, wait, on, wait.
     b.power(PowerAction::Cycle).await.unwrap();

@@ -4,10 +4,10 @@
 //! machine's BMC says `insecure` — not verified at all.
 //!
 //! A client holds a connection pool and, when verifying, the loaded system
-//! roots, so the two common ones (verified, insecure) are built once and
-//! shared by every driver; a BMC with its own CA gets its own client.
+//! roots, so one is built per distinct policy and shared by every driver.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 /// How the driver treats the BMC's certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TlsPolicy {
     /// Verify against the system's roots and these extra CA certificates
     /// (PEM); the name must match the address's host.
@@ -76,21 +76,19 @@ fn make(policy: &TlsPolicy) -> Result<reqwest::Client, String> {
     build(config)
 }
 
-/// The client for a policy: shared for the two plain policies, new for a
-/// BMC with its own CA.
+/// The client for a policy, built once per distinct policy and shared:
+/// a site usually signs all its BMCs' certificates with one CA, so a fleet
+/// of thousands shares one client (one set of loaded roots, one pool).
 pub fn client(policy: &TlsPolicy) -> Result<reqwest::Client, String> {
-    static VERIFIED: OnceLock<reqwest::Client> = OnceLock::new();
-    static INSECURE: OnceLock<reqwest::Client> = OnceLock::new();
-    let shared = match policy {
-        TlsPolicy::Verify { extra_ca_pem: None } => &VERIFIED,
-        TlsPolicy::Insecure => &INSECURE,
-        TlsPolicy::Verify { .. } => return make(policy),
-    };
-    if let Some(c) = shared.get() {
+    static CLIENTS: OnceLock<Mutex<HashMap<TlsPolicy, reqwest::Client>>> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = clients.lock().unwrap_or_else(|e| e.into_inner()).get(policy) {
         return Ok(c.clone());
     }
+    // Built outside the lock: loading the system roots takes a while.
     let c = make(policy)?;
-    Ok(shared.get_or_init(|| c).clone())
+    let mut map = clients.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(map.entry(policy.clone()).or_insert(c).clone())
 }
 
 /// Accepts any certificate; still checks that the server signed the
