@@ -493,7 +493,8 @@ mod tests {
         let no_restart = allowed(&["On", "ForceOff", "PowerCycle"]);
         let bare = allowed(&["On", "ForceOff"]);
         let off_on = vec![R("ForceOff"), WaitFor(P::Off), R("On"), WaitFor(P::On)];
-        let cases: Vec<(PowerAction, RfPower, Option<&[String]>, Vec<Step>)> = vec![
+        type Case<'a> = (PowerAction, RfPower, Option<&'a [String]>, Vec<Step>);
+        let cases: Vec<Case> = vec![
             (On, RfPower::Off, Some(&all), vec![R("On"), WaitFor(P::On)]),
             (On, RfPower::On, Some(&all), vec![]),
             (On, RfPower::PoweringOn, Some(&all), vec![R("On"), WaitFor(P::On)]),
