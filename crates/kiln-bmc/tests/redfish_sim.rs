@@ -306,7 +306,11 @@ async fn a_silent_bmc_times_out_within_the_deadline() {
     let t = Instant::now();
     let e = driver(c).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Timeout, "{e}");
-    assert!(t.elapsed() < Duration::from_millis(1300), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the 800 ms deadline, not the 10 s request timeout; took {:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test]
