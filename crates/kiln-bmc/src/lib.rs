@@ -3,8 +3,9 @@
 //!
 //! The engine talks to every BMC through [`BmcDriver`]; which driver a
 //! machine gets is configuration (its `bmc.driver`), not a Cargo feature.
-//! Today there is one driver, [`ipmi::IpmiDriver`] (IPMI 2.0 RMCP+ spoken
-//! natively, see `docs/bmc.md`); Redfish and user commands come next.
+//! The drivers: [`ipmi::IpmiDriver`] (IPMI 2.0 RMCP+ spoken natively) and
+//! [`redfish::RedfishDriver`] (Redfish over verified HTTPS); see
+//! `docs/bmc.md`.
 //!
 //! Every call has a deadline and bounded retries, and a call that could act
 //! twice is never repeated blindly: see [`BmcError::OutcomeUnknown`].
@@ -17,6 +18,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 pub mod ipmi;
+pub mod redfish;
 
 /// The BMC password. It is `kiln_types::Secret`: `Debug` and `Display`
 /// print `[redacted]`; only [`Password::expose`] gives the value, and the
@@ -128,7 +130,9 @@ pub enum BmcErrorKind {
 /// password.
 #[derive(Debug, thiserror::Error)]
 pub enum BmcError {
-    #[error("BMC {bmc} is unreachable: {reason} (check the address and port, and that IPMI over LAN is enabled)")]
+    #[error(
+        "BMC {bmc} is unreachable: {reason} (check the address and port, and that the BMC's IPMI-over-LAN or Redfish service is enabled)"
+    )]
     Unreachable { bmc: String, reason: String },
 
     #[error(
