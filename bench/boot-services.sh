@@ -36,6 +36,7 @@
 #   --tftp-clients N   (200; quick: 20)      --blksizes "1468 512"
 #   --http-clients N   (100; quick: 10)      --http-mib M (50; quick: 10)
 #   --http-path loopback|veth (loopback)
+#   --only tftp|http   run one service's rows only (both by default)
 #   --kiln PATH        use this kiln binary instead of building
 #                      (default: cargo build --release --locked -p kiln)
 #   --out DIR          keep the raw per-run data (client results, server logs)
@@ -55,7 +56,7 @@ set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ARGS=("$@")
 QUICK=0; WRITE=0; RUNS=""; TFTP_N=""; HTTP_N=""; HTTP_MIB=""; BLKSIZES="1468 512"
-HTTP_PATH=loopback; KILN=""; OUT=""
+HTTP_PATH=loopback; KILN=""; OUT=""; ONLY=""
 
 usage() { awk 'NR>1 && /^#/{sub(/^# ?/, ""); print; next} NR>1{exit}' "$0"; }
 die() { echo "boot-services: $*" >&2; exit 1; }
@@ -74,6 +75,7 @@ while [ $# -gt 0 ]; do
     --http-path) HTTP_PATH=${2-}; shift 2;;
     --kiln) KILN=${2-}; shift 2;;
     --out) OUT=${2-}; shift 2;;
+    --only) ONLY=${2-}; shift 2;;
     -h|--help) usage; exit 0;;
     *) bad_usage "unknown argument '$1'";;
   esac
@@ -83,6 +85,8 @@ for b in $BLKSIZES; do
 done
 [ -n "$BLKSIZES" ] || bad_usage "--blksizes is empty"
 case "$HTTP_PATH" in loopback|veth) ;; *) bad_usage "--http-path is loopback or veth";; esac
+case "$ONLY" in ""|tftp|http) ;; *) bad_usage "--only is tftp or http";; esac
+[ -n "$ONLY" ] && [ $WRITE = 1 ] && bad_usage "--write records both services; drop --only"
 [ $QUICK = 1 ] && [ $WRITE = 1 ] && bad_usage "--write records full runs only; drop --quick"
 if [ $QUICK = 1 ]; then
   : "${RUNS:=1}" "${TFTP_N:=20}" "${HTTP_N:=10}" "${HTTP_MIB:=10}"
@@ -621,13 +625,13 @@ esac
 
 echo "== boot services: TFTP ${TFTP_N} clients x 1 MiB (blksizes $BLKSIZES), HTTP ${HTTP_N} clients x ${HTTP_MIB} MiB ($HTTP_PATH), $RUNS run(s) each, A/B alternating; kiln $KILN" >&2
 echo "== machine: $(nproc) CPUs, $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo), load1 $LOAD_START; commit $COMMIT; CPU accounting: $CG_MODE" >&2
-for bs in $BLKSIZES; do
+[ "$ONLY" = http ] || for bs in $BLKSIZES; do
   for run in $(seq 1 "$RUNS"); do
     one_run "tftp-$bs" tftp tftpd-hpa reference "$run" "$TFTP_N" $TFTP_SIZE "$bs"
     one_run "tftp-$bs" tftp kiln-tftp kiln "$run" "$TFTP_N" $TFTP_SIZE "$bs"
   done
 done
-for run in $(seq 1 "$RUNS"); do
+[ "$ONLY" = tftp ] || for run in $(seq 1 "$RUNS"); do
   one_run http http nginx reference "$run" "$HTTP_N" $HTTP_SIZE 0
   one_run http http kiln-http kiln "$run" "$HTTP_N" $HTTP_SIZE 0
 done
