@@ -1,9 +1,10 @@
-//! HTTP boot: the iPXE script a machine is told to run (`/boot/ipxe`), the
-//! files it loads (`/boot/file/…`, with Range), and `kiln boot explain`'s
-//! endpoint. Scripts come from the boot decision and are rendered by
+//! HTTP boot: the iPXE script a machine is told to run (`/boot/ipxe`) and
+//! `kiln boot explain`'s endpoint; the files it loads (`/boot/file/…`) are
+//! `boot_files`'. Scripts come from the boot decision and are rendered by
 //! `kiln_boot::ipxe`, which refuses any value that could add commands.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -29,6 +30,8 @@ use crate::error::{ApiError, ApiResult};
 pub struct BootContext {
     pub settings: BootSettings,
     pub artifacts: PathBuf,
+    /// `/boot/file/`: the artifacts directory and its in-memory cache.
+    pub files: Arc<crate::boot_files::Artifacts>,
 }
 
 impl BootContext {

@@ -64,6 +64,29 @@ pub struct BootSettings {
     /// Extra kernel arguments of the agent.
     #[serde(default = "default_agent_cmdline")]
     pub agent_cmdline: Vec<String>,
+    /// Memory for artifacts served from RAM, in MiB (0: none).
+    #[serde(default = "default_file_cache_mib")]
+    pub file_cache_mib: u64,
+    /// Larger artifacts are streamed from disk, in MiB.
+    #[serde(default = "default_file_cache_max_file_mib")]
+    pub file_cache_max_file_mib: u64,
+}
+
+fn default_file_cache_mib() -> u64 {
+    1024
+}
+
+fn default_file_cache_max_file_mib() -> u64 {
+    256
+}
+
+impl BootSettings {
+    pub fn file_cache_limits(&self) -> crate::boot_files::CacheLimits {
+        crate::boot_files::CacheLimits {
+            total: self.file_cache_mib.saturating_mul(1 << 20),
+            max_file: self.file_cache_max_file_mib.saturating_mul(1 << 20),
+        }
+    }
 }
 
 fn default_agent_kernel() -> String {
@@ -89,6 +112,8 @@ impl Default for BootSettings {
             agent_kernel: default_agent_kernel(),
             agent_initrd: default_agent_initrd(),
             agent_cmdline: default_agent_cmdline(),
+            file_cache_mib: default_file_cache_mib(),
+            file_cache_max_file_mib: default_file_cache_max_file_mib(),
         }
     }
 }
@@ -272,6 +297,22 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/srv/kiln"));
         assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.secret_key_file, PathBuf::from("/srv/kiln/secret.key"));
+    }
+
+    #[test]
+    fn file_cache_limits() {
+        let c = Config::load(None, Settings::default()).unwrap();
+        assert_eq!(
+            c.boot.file_cache_limits(),
+            crate::boot_files::CacheLimits {
+                total: 1 << 30,
+                max_file: 256 << 20
+            }
+        );
+        let (_d, path) = file("[boot]\nfile_cache_mib = 0\nfile_cache_max_file_mib = 8\n");
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        assert_eq!(c.boot.file_cache_limits().total, 0);
+        assert_eq!(c.boot.file_cache_limits().max_file, 8 << 20);
     }
 
     #[test]

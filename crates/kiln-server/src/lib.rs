@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod boot_files;
 pub mod boot_http;
 pub mod config;
 pub mod dhcp;
@@ -51,9 +52,11 @@ impl AppState {
         let artifacts = config.artifacts_dir();
         std::fs::create_dir_all(&artifacts)
             .with_context(|| format!("cannot create the artifacts directory {}", artifacts.display()))?;
+        let files = boot_files::Artifacts::new(&artifacts, config.boot.file_cache_limits())?;
         let boot = std::sync::Arc::new(boot_http::BootContext {
             settings: config.boot.clone(),
             artifacts,
+            files: std::sync::Arc::new(files),
         });
         Ok(AppState { store, secrets, boot })
     }
@@ -71,14 +74,10 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 pub fn router(state: AppState) -> Router {
-    // Machines fetch kernels and images here: Range requests, exact lengths.
-    // Reads of 1 MiB rather than tower-http's 64 KiB: a boot storm pulls
-    // whole initrds, and fewer, larger reads cut per-chunk overhead.
-    let files = tower_http::services::ServeDir::new(&state.boot.artifacts).with_buf_chunk_size(1 << 20);
     api::router()
         .route("/healthz", get(healthz))
         .route("/boot/ipxe", get(boot_http::ipxe_script))
-        .nest_service("/boot/file", files)
+        .route("/boot/file/{*path}", get(boot_files::serve))
         .fallback(|| async {
             ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)")
         })

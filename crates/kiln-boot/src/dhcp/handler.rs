@@ -829,8 +829,8 @@ mod tests {
 mod robustness {
     //! Thousands of random and mutated packets through decode and `handle`:
     //! nothing panics out of them, and whatever is answered encodes.
-    //! (Coverage-guided fuzzing needs a nightly toolchain this machine does
-    //! not have; this runs in every `cargo test`.) Panics that `decode`
+    //! (Coverage-guided fuzzing of the same is in `fuzz/` and needs a
+    //! nightly toolchain; this runs in every `cargo test`.) Panics that `decode`
     //! catches inside dhcproto still print their message through the panic
     //! hook: that output is expected here.
 
@@ -865,6 +865,20 @@ mod robustness {
         bytes[2] = 200; // hlen
         if let Some(msg) = decode(&bytes) {
             assert_eq!(request_identity(&msg), None);
+        }
+    }
+
+    /// Found by `cargo fuzz run dhcp_decode` (fuzz/): dhcproto's decoder
+    /// `debug_assert!`s that a bulk-leasequery base-time option (152) is 4
+    /// bytes long. `decode` must turn that panic into "malformed".
+    #[test]
+    fn a_bulk_leasequery_option_of_the_wrong_length_is_malformed() {
+        let mut bytes = valid_discover();
+        assert_eq!(bytes.pop(), Some(255), "options end with End");
+        bytes.extend_from_slice(&[152, 2, 0, 0, 255]);
+        let decoded = decode(&bytes);
+        if cfg!(debug_assertions) {
+            assert!(decoded.is_none(), "{decoded:?}");
         }
     }
 

@@ -87,36 +87,179 @@ async fn discovery_boots_the_agent_and_hosts_cannot_inject() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_are_served_with_ranges() {
-    let srv = TestServer::start(Backend::Sqlite).await;
+/// A request sent as raw bytes: reqwest (like every URL library) removes
+/// `..` segments before sending, and the server must refuse them itself.
+async fn raw_status(srv: &TestServer, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = srv.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    conn.read_to_end(&mut resp).await.unwrap();
+    let head = String::from_utf8_lossy(&resp);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no status line: {head}"));
+    status.parse().unwrap_or_else(|_| panic!("{head}"))
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers()))
+        .to_str()
+        .unwrap()
+}
+
+/// `/boot/file/`'s contract, the same whether the file comes from memory
+/// or is streamed from disk.
+async fn serves_files(srv: &TestServer) {
+    let root = srv.state.boot.artifacts.clone();
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    std::fs::write(srv.state.boot.artifacts.join("vmlinuz"), &data).unwrap();
+    std::fs::write(root.join("vmlinuz"), &data).unwrap();
     let http = reqwest::Client::new();
     let url = format!("{}/boot/file/vmlinuz", srv.url);
+
     let full = http.get(&url).send().await.unwrap();
     assert_eq!(full.status(), 200);
-    assert_eq!(full.headers()["content-length"], "100000");
+    assert_eq!(header(&full, "content-length"), "100000");
+    assert_eq!(header(&full, "accept-ranges"), "bytes");
+    let etag = header(&full, "etag").to_string();
+    let last_modified = header(&full, "last-modified").to_string();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
     assert_eq!(full.bytes().await.unwrap().as_ref(), &data[..]);
-    let part = http.get(&url).header("range", "bytes=1000-1999").send().await.unwrap();
-    assert_eq!(part.status(), 206);
-    assert_eq!(part.headers()["content-range"], "bytes 1000-1999/100000");
-    assert_eq!(part.bytes().await.unwrap().as_ref(), &data[1000..2000]);
-    let missing = http
-        .get(format!("{}/boot/file/../kiln.db", srv.url))
+    // Twice: the second time from the cache when there is one.
+    let again = http.get(&url).send().await.unwrap();
+    assert_eq!(header(&again, "etag"), etag);
+    assert_eq!(again.bytes().await.unwrap().as_ref(), &data[..]);
+
+    let head = http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(header(&head, "content-length"), "100000");
+    assert_eq!(header(&head, "last-modified"), last_modified);
+    assert!(head.bytes().await.unwrap().is_empty());
+
+    for (range, status, content_range, want) in [
+        ("bytes=1000-1999", 206, "bytes 1000-1999/100000", &data[1000..2000]),
+        ("bytes=99990-", 206, "bytes 99990-99999/100000", &data[99_990..]),
+        ("bytes=-10", 206, "bytes 99990-99999/100000", &data[99_990..]),
+        ("bytes=99000-200000", 206, "bytes 99000-99999/100000", &data[99_000..]),
+        ("bytes=100000-", 416, "bytes */100000", &[][..]),
+    ] {
+        let r = http.get(&url).header("range", range).send().await.unwrap();
+        assert_eq!(r.status(), status, "{range}");
+        assert_eq!(header(&r, "content-range"), content_range, "{range}");
+        assert_eq!(header(&r, "content-length"), want.len().to_string(), "{range}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), want, "{range}");
+    }
+    let r = http.head(&url).header("range", "bytes=0-9").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(header(&r, "content-length"), "10");
+    // A resumed download of another version gets the whole file.
+    let r = http
+        .get(&url)
+        .header("range", "bytes=0-9")
+        .header("if-range", "\"an-older-version\"")
         .send()
         .await
         .unwrap();
-    assert_eq!(missing.status(), 404);
-    let missing = http
-        .get(format!("{}/boot/file/%2e%2e/kiln.db", srv.url))
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), 100_000);
+    let r = http
+        .get(&url)
+        .header("range", "bytes=0-9")
+        .header("if-range", &etag)
         .send()
         .await
         .unwrap();
-    assert!(
-        missing.status() == 404 || missing.status() == 400,
-        "{}",
-        missing.status()
-    );
+    assert_eq!(r.status(), 206);
+    let r = http.get(&url).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    let r = http
+        .get(&url)
+        .header("if-modified-since", &last_modified)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = http.get(&url).header("if-match", "\"other\"").send().await.unwrap();
+    assert_eq!(r.status(), 412);
+
+    // Replaced on disk: the next request gets the new file, whole and by range.
+    let v2: Vec<u8> = (0..50_000u32).map(|i| (i % 13) as u8).collect();
+    std::fs::write(root.join("vmlinuz"), &v2).unwrap();
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(header(&r, "content-length"), "50000");
+    assert_ne!(header(&r, "etag"), etag);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &v2[..]);
+    // Same size, swapped in by rename (how artifacts should be updated).
+    let v3: Vec<u8> = v2.iter().map(|b| b + 100).collect();
+    std::fs::write(root.join(".vmlinuz.new"), &v3).unwrap();
+    std::fs::rename(root.join(".vmlinuz.new"), root.join("vmlinuz")).unwrap();
+    let r = http.get(&url).header("range", "bytes=10-19").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &v3[10..20]);
+
+    // Subdirectories, and symlinks that stay inside.
+    std::fs::create_dir_all(root.join("debian/12")).unwrap();
+    std::fs::write(root.join("debian/12/initrd.gz"), b"initrd").unwrap();
+    std::os::unix::fs::symlink("debian/12/initrd.gz", root.join("initrd-link")).unwrap();
+    for path in ["debian/12/initrd.gz", "initrd-link", "debian%2F12/initrd.gz"] {
+        let r = http.get(format!("{}/boot/file/{path}", srv.url)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), b"initrd", "{path}");
+    }
+
+    // Nothing outside the root: the database and the secret key sit right
+    // above it; a symlink may not lead there either.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), root.join("link-out")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("dir-out")).unwrap();
+    for path in [
+        "/boot/file/missing",
+        "/boot/file/debian",
+        "/boot/file/debian/",
+        "/boot/file/../secret.key",
+        "/boot/file/../kiln.db",
+        "/boot/file/debian/../../secret.key",
+        "/boot/file/%2e%2e/secret.key",
+        "/boot/file/.%2E/secret.key",
+        "/boot/file/%2e%2e%2fsecret.key",
+        "/boot/file//etc/passwd",
+        "/boot/file/%2fetc%2fpasswd",
+        "/boot/file/link-out",
+        "/boot/file/dir-out/secret",
+        "/boot/file/vmlinuz%00",
+    ] {
+        assert_eq!(raw_status(srv, path).await, 404, "{path}");
+    }
+    assert_eq!(raw_status(srv, "/boot/file/vmlinuz").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_served_with_ranges_from_memory() {
+    let srv = TestServer::start(Backend::Sqlite).await;
+    serves_files(&srv).await;
+    // Served from the cache: the files above, in their current versions.
+    let used = srv.state.boot.files.cache().used();
+    assert!(used >= 50_000, "nothing was cached ({used} bytes)");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_served_with_ranges_from_disk() {
+    let settings = Settings {
+        boot: Some(BootSettings {
+            file_cache_mib: 0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(Backend::Sqlite, settings).await;
+    serves_files(&srv).await;
+    assert_eq!(srv.state.boot.files.cache().used(), 0);
     srv.stop().await;
 }
