@@ -3,8 +3,9 @@
 //!
 //! The engine talks to every BMC through [`BmcDriver`]; which driver a
 //! machine gets is configuration (its `bmc.driver`), not a Cargo feature.
-//! Today there is one driver, [`ipmi::IpmiDriver`] (IPMI 2.0 RMCP+ spoken
-//! natively, see `docs/bmc.md`); Redfish and user commands come next.
+//! Drivers: [`ipmi::IpmiDriver`] (IPMI 2.0 RMCP+ spoken natively, see
+//! `docs/bmc.md`) and [`command::CommandDriver`] (the operator's programs,
+//! argv templates, never a shell); Redfish comes next.
 //!
 //! Every call has a deadline and bounded retries, and a call that could act
 //! twice is never repeated blindly: see [`BmcError::OutcomeUnknown`].
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+pub mod command;
 pub mod ipmi;
 
 /// The BMC password. It is `kiln_types::Secret`: `Debug` and `Display`
