@@ -322,6 +322,9 @@ impl CommandDriver {
             detail: format!("[bmc.command] {key}: cannot run `{}`: {e}", argv[0]),
         })?;
         let pgid = child.id();
+        // If the caller gives up (its own deadline drops this future), the
+        // program and its children must not run on: kill the group.
+        let mut group = GroupGuard(pgid);
         let out = tokio::spawn(read_bounded(child.stdout.take(), STDOUT_LIMIT));
         let err = tokio::spawn(read_bounded(child.stderr.take(), STDERR_LIMIT));
         let status = match tokio::time::timeout(timeout, child.wait()).await {
@@ -356,6 +359,7 @@ impl CommandDriver {
                 });
             }
         };
+        group.0 = None;
         // A child of the program may still hold the pipes open: bound the
         // reads by what is left of the timeout, then kill the group.
         let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
@@ -416,6 +420,17 @@ async fn read_bounded(r: Option<impl AsyncRead + Unpin>, limit: usize) -> String
         s.push_str(" […]");
     }
     s
+}
+
+/// Kills the process group on drop unless disarmed (its pid set to None).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            kill_group(pid);
+        }
+    }
 }
 
 fn kill_group(pid: u32) {
