@@ -182,7 +182,10 @@ fn parse(element: &str) -> Result<Vec<Piece<'_>>, String> {
                 );
             }
             if !VARIABLES.contains(&name) {
-                return Err(format!("unknown variable `{{{name}}}`; known: {}", VARIABLES.join(", ")));
+                return Err(format!(
+                    "unknown variable `{{{name}}}`; known: {}",
+                    VARIABLES.join(", ")
+                ));
             }
             out.push(Piece::Var(name));
             rest = &r[end + 1..];
@@ -362,7 +365,9 @@ impl CommandDriver {
         group.0 = None;
         // A child of the program may still hold the pipes open: bound the
         // reads by what is left of the timeout, then kill the group.
-        let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(100));
         let stdout = match tokio::time::timeout(left, out).await {
             Ok(Ok(s)) => s,
             _ => {
@@ -447,7 +452,9 @@ pub fn parse_power(stdout: &str) -> Result<PowerState, String> {
         "off" => Ok(PowerState::Off),
         _ => {
             let shown: String = last.chars().take(80).collect();
-            Err(format!("the status command printed `{shown}`; it must print `on` or `off`"))
+            Err(format!(
+                "the status command printed `{shown}`; it must print `on` or `off`"
+            ))
         }
     }
 }
@@ -475,9 +482,7 @@ fn action_name(action: PowerAction) -> &'static str {
 impl BmcDriver for CommandDriver {
     fn power_status(&self) -> BoxFuture<'_, Result<PowerState, BmcError>> {
         Box::pin(async move {
-            let out = self
-                .run("power_status", &[("action", "status".into())], false)
-                .await?;
+            let out = self.run("power_status", &[("action", "status".into())], false).await?;
             parse_power(&out).map_err(|detail| BmcError::Protocol {
                 bmc: self.name.clone(),
                 step: "power_status".into(),
@@ -564,7 +569,12 @@ mod tests {
         ];
         assert_eq!(
             render(&argv, &vars()).unwrap(),
-            vec!["/usr/bin/pdu", "--outlet=pdu3:outlet 7; rm -rf /", "db1001", "{literal}"]
+            vec![
+                "/usr/bin/pdu",
+                "--outlet=pdu3:outlet 7; rm -rf /",
+                "db1001",
+                "{literal}"
+            ]
         );
     }
 

@@ -85,7 +85,10 @@ async fn power_and_boot_through_a_script_with_values_as_whole_arguments() {
     assert_eq!(args, "on\npdu3 outlet 7; touch /tmp/pwned\n--host=db1001\n");
     let env = std::fs::read_to_string(state.join("env.on")).unwrap();
     assert!(env.contains("KILN_HOSTNAME=db1001"), "{env}");
-    assert!(env.contains("KILN_BMC_ADDRESS=pdu3 outlet 7; touch /tmp/pwned"), "{env}");
+    assert!(
+        env.contains("KILN_BMC_ADDRESS=pdu3 outlet 7; touch /tmp/pwned"),
+        "{env}"
+    );
     assert!(env.contains("KILN_BMC_USERNAME=ops"), "{env}");
     assert!(env.contains("KILN_ACTION=on"), "{env}");
     // The password: in the environment, never in the process's arguments.

@@ -368,8 +368,11 @@ impl Client {
     }
 
     pub async fn power(&self, key: &str, action: PowerAction) -> Result<PowerResult> {
-        self.post(&format!("/api/v1/machines/{}/power", seg(key)), &PowerRequest { action })
-            .await
+        self.post(
+            &format!("/api/v1/machines/{}/power", seg(key)),
+            &PowerRequest { action },
+        )
+        .await
     }
 
     /// The next boot device: until changed, or for the next boot only.

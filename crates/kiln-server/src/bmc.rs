@@ -146,11 +146,7 @@ impl BmcSettings {
 pub enum Op {
     Status,
     Power(PowerAction),
-    BootDevice {
-        device: BootDevice,
-        once: bool,
-        uefi: bool,
-    },
+    BootDevice { device: BootDevice, once: bool, uefi: bool },
     Check,
 }
 
@@ -220,13 +216,7 @@ struct KeyedGuard<'a> {
 
 impl KeyedLocks {
     async fn lock(&self, key: MachineId) -> KeyedGuard<'_> {
-        let m = self
-            .map
-            .lock()
-            .expect("keyed lock map")
-            .entry(key)
-            .or_default()
-            .clone();
+        let m = self.map.lock().expect("keyed lock map").entry(key).or_default().clone();
         let guard = m.lock_owned().await;
         KeyedGuard {
             locks: self,
@@ -331,11 +321,11 @@ impl BmcService {
             Ok(g) => g,
             Err(_) => return Err(busy(id.to_string())),
         };
-        let _slot: OwnedSemaphorePermit = match tokio::time::timeout_at(deadline, self.global.clone().acquire_owned()).await
-        {
-            Ok(Ok(p)) => p,
-            _ => return Err(busy(id.to_string())),
-        };
+        let _slot: OwnedSemaphorePermit =
+            match tokio::time::timeout_at(deadline, self.global.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(busy(id.to_string())),
+            };
         // Read under the lock: a call that queued behind the failure that
         // put the machine in maintenance must see it.
         let machine = self.store.get_machine(&id.to_string(), None).await?;
@@ -436,7 +426,7 @@ impl BmcService {
                 _ => {}
             }
             match &outcome {
-                    Ok(_) => detail["result"] = "ok".into(),
+                Ok(_) => detail["result"] = "ok".into(),
                 Err(f) => {
                     detail["result"] = "failed".into();
                     detail["error_kind"] = format!("{:?}", f.kind).into();
@@ -603,7 +593,13 @@ impl BmcService {
         report.read = results.iter().filter(|ok| **ok).count();
         report.failed = results.len() - report.read;
         report.drifted = self.drift_count() - drifts_before;
-        tracing::info!(read = report.read, failed = report.failed, drifted = report.drifted, skipped = report.skipped, "power sync");
+        tracing::info!(
+            read = report.read,
+            failed = report.failed,
+            drifted = report.drifted,
+            skipped = report.skipped,
+            "power sync"
+        );
         Ok(report)
     }
 
@@ -725,11 +721,7 @@ fn action_of(a: PowerAction) -> kiln_bmc::PowerAction {
 /// The error for a call the deadline cut short: an action that acts
 /// (cycle, reset, soft off) may have happened.
 fn deadline_error(machine: &Machine, op: Op, waited: Duration) -> BmcError {
-    let bmc = machine
-        .bmc
-        .as_ref()
-        .map(|b| b.address.clone())
-        .unwrap_or_default();
+    let bmc = machine.bmc.as_ref().map(|b| b.address.clone()).unwrap_or_default();
     match op {
         Op::Power(a) if !action_of(a).is_idempotent() => BmcError::OutcomeUnknown {
             bmc,

@@ -327,7 +327,10 @@ mod tests {
         assert_eq!(c.bmc.deadline_secs, 5);
         assert_eq!(c.bmc.command.unwrap().power_on.unwrap()[2], "{hostname}");
         for (text, want) in [
-            ("[bmc.command]\npower_on = [\"/bin/pdu\", \"{password}\"]\n", "never put into arguments"),
+            (
+                "[bmc.command]\npower_on = [\"/bin/pdu\", \"{password}\"]\n",
+                "never put into arguments",
+            ),
             ("[bmc.command]\npower_of = [\"/bin/pdu\"]\n", "power_of"),
             ("[bmc]\nauth_failure_limit = 5\n", "auth_failure_limit"),
             ("[bmc]\nmax_concurrent = 0\n", "max_concurrent"),

@@ -138,7 +138,10 @@ impl From<crate::bmc::BmcCallError> for ApiError {
                     K::Config => (StatusCode::CONFLICT, "bmc_config"),
                 };
                 let message = if f.entered_maintenance {
-                    format!("{}; the machine is now in maintenance and kiln stops calling its BMC", f.message)
+                    format!(
+                        "{}; the machine is now in maintenance and kiln stops calling its BMC",
+                        f.message
+                    )
                 } else {
                     f.message
                 };

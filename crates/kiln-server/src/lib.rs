@@ -58,11 +58,7 @@ impl AppState {
             settings: config.boot.clone(),
             artifacts,
         });
-        let bmc = std::sync::Arc::new(bmc::BmcService::new(
-            store.clone(),
-            secrets.clone(),
-            config.bmc.clone(),
-        ));
+        let bmc = std::sync::Arc::new(bmc::BmcService::new(store.clone(), secrets.clone(), config.bmc.clone()));
         Ok(AppState {
             store,
             secrets,

@@ -115,7 +115,11 @@ pub async fn bootdev(
     responses((status = 200, body = BmcCheck), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "no BMC, or in maintenance after BMC authentication failures")),
     security(("bearer" = [])))]
-pub async fn check(State(state): State<AppState>, caller: Caller, Path(key): Path<String>) -> ApiResult<Json<BmcCheck>> {
+pub async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<BmcCheck>> {
     let machine = state.store.get_machine(&key, caller.scope()).await?;
     caller.require_operator()?;
     let start = Instant::now();

@@ -12,11 +12,11 @@ use kiln_bmc::command::CommandTemplates;
 use kiln_server::Settings;
 use kiln_server::bmc::{AUTH_MAINTENANCE_PREFIX, BmcSettings};
 use kiln_test_utils::{TestServer, api_test};
+use kiln_types::Secret;
 use kiln_types::auth::{Role, TenantCreate, TokenCreate};
 use kiln_types::event::EventFilter;
 use kiln_types::machine::{BmcDriver, BmcInput, MachineCreate, MachinePatch};
 use kiln_types::power::{BootDevice, BootDeviceRequest, PowerAction, PowerState};
-use kiln_types::Secret;
 use sqlx::Row;
 
 const USER: &str = "admin";
@@ -228,7 +228,13 @@ api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
     let sets: Vec<String> = sim.actions().into_iter().filter(|a| a.starts_with("set ")).collect();
     assert_eq!(
         sets,
-        ["set power 1", "set power 0", "set power 1", "set power 0", "set power 1"]
+        [
+            "set power 1",
+            "set power 0",
+            "set power 1",
+            "set power 0",
+            "set power 1"
+        ]
     );
 
     let r = admin
@@ -243,7 +249,11 @@ api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
         .await
         .unwrap();
     assert!(r.once);
-    assert!(sim.actions().contains(&"set boot pxe".to_string()), "{:?}", sim.actions());
+    assert!(
+        sim.actions().contains(&"set boot pxe".to_string()),
+        "{:?}",
+        sim.actions()
+    );
 
     let c = admin.bmc_check("vm1").await.unwrap();
     assert!(c.ok && c.reachable && c.authenticated, "{c:?}");
@@ -255,12 +265,7 @@ api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
     let events = bmc_events(&srv, "vm1").await;
     let actions: Vec<(&str, &str)> = events
         .iter()
-        .map(|e| {
-            (
-                e.action.as_str(),
-                e.after.as_ref().unwrap()["result"].as_str().unwrap(),
-            )
-        })
+        .map(|e| (e.action.as_str(), e.after.as_ref().unwrap()["result"].as_str().unwrap()))
         .collect();
     assert_eq!(
         actions,
@@ -309,7 +314,10 @@ api_test!(ipmi_wrong_password_three_times_means_maintenance, |srv| {
     let m = admin.get_machine("vm2").await.unwrap();
     assert!(m.maintenance);
     assert!(
-        m.maintenance_reason.as_deref().unwrap().starts_with(AUTH_MAINTENANCE_PREFIX),
+        m.maintenance_reason
+            .as_deref()
+            .unwrap()
+            .starts_with(AUTH_MAINTENANCE_PREFIX),
         "{m:?}"
     );
     // The fourth call is refused before anything reaches the BMC.
@@ -347,46 +355,50 @@ fn ipmi_timing(deadline_secs: u64) -> Settings {
     }
 }
 
-api_test!(a_silent_or_closed_bmc_fails_within_the_deadline, settings = ipmi_timing(2), |srv| {
-    // Bound and never answering: the deadline (2 s) cuts the 3 × 1 s tries.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let admin = srv.admin();
-    admin
-        .create_machine(&with_bmc(
-            "quiet1",
-            BmcDriver::Ipmi,
-            &silent.local_addr().unwrap().to_string(),
-            Some(CANARY),
-        ))
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let e = admin.power("quiet1", PowerAction::Cycle).await.unwrap_err();
-    let took = start.elapsed();
-    assert_eq!(e.status(), Some(504), "{e}");
-    assert!(took < Duration::from_millis(2800), "{took:?}");
-    assert!(took >= Duration::from_millis(1500), "{took:?}");
-    // Nobody there at all: unreachable, at once.
-    admin
-        .create_machine(&with_bmc(
-            "gone1",
-            BmcDriver::Ipmi,
-            &format!("127.0.0.1:{}", free_udp_port()),
-            Some(CANARY),
-        ))
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let e = admin.power_status("gone1").await.unwrap_err();
-    assert_eq!(e.status(), Some(502), "{e}");
-    assert!(e.to_string().contains("unreachable"), "{e}");
-    assert!(start.elapsed() < Duration::from_secs(2));
-    // A failed check is a report, not an HTTP error.
-    let c = admin.bmc_check("gone1").await.unwrap();
-    assert!(!c.ok && !c.reachable, "{c:?}");
-    // Not in maintenance: only authentication failures count.
-    assert!(!admin.get_machine("gone1").await.unwrap().maintenance);
-});
+api_test!(
+    a_silent_or_closed_bmc_fails_within_the_deadline,
+    settings = ipmi_timing(2),
+    |srv| {
+        // Bound and never answering: the deadline (2 s) cuts the 3 × 1 s tries.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let admin = srv.admin();
+        admin
+            .create_machine(&with_bmc(
+                "quiet1",
+                BmcDriver::Ipmi,
+                &silent.local_addr().unwrap().to_string(),
+                Some(CANARY),
+            ))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let e = admin.power("quiet1", PowerAction::Cycle).await.unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(e.status(), Some(504), "{e}");
+        assert!(took < Duration::from_millis(2800), "{took:?}");
+        assert!(took >= Duration::from_millis(1500), "{took:?}");
+        // Nobody there at all: unreachable, at once.
+        admin
+            .create_machine(&with_bmc(
+                "gone1",
+                BmcDriver::Ipmi,
+                &format!("127.0.0.1:{}", free_udp_port()),
+                Some(CANARY),
+            ))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let e = admin.power_status("gone1").await.unwrap_err();
+        assert_eq!(e.status(), Some(502), "{e}");
+        assert!(e.to_string().contains("unreachable"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        // A failed check is a report, not an HTTP error.
+        let c = admin.bmc_check("gone1").await.unwrap();
+        assert!(!c.ok && !c.reachable, "{c:?}");
+        // Not in maintenance: only authentication failures count.
+        assert!(!admin.get_machine("gone1").await.unwrap().maintenance);
+    }
+);
 
 // ---- the command driver ----
 
@@ -449,7 +461,12 @@ async fn pdu_machine(srv: &TestServer, base: &Path, host: &str) -> PathBuf {
     let dir = base.join(host);
     std::fs::create_dir_all(&dir).unwrap();
     srv.admin()
-        .create_machine(&with_bmc(host, BmcDriver::Command, &dir.display().to_string(), Some(CANARY)))
+        .create_machine(&with_bmc(
+            host,
+            BmcDriver::Command,
+            &dir.display().to_string(),
+            Some(CANARY),
+        ))
         .await
         .unwrap();
     dir
@@ -498,185 +515,211 @@ api_test!(command_driver_power_and_boot, settings = pdu_settings(64, 10), |srv| 
     assert!(!database_text(&srv).await.contains(CANARY));
 });
 
-api_test!(command_auth_failures_stop_at_three, settings = pdu_settings(64, 10), |srv| {
-    let base = tempfile::tempdir().unwrap();
-    let d = pdu_machine(&srv, base.path(), "pdu2").await;
-    std::fs::write(d.join("refuse"), "").unwrap();
-    let admin = srv.admin();
-    for _ in 0..3 {
-        let e = admin.power("pdu2", PowerAction::On).await.unwrap_err();
-        assert_eq!(e.status(), Some(502), "{e}");
-    }
-    for _ in 0..2 {
-        let e = admin.power("pdu2", PowerAction::On).await.unwrap_err();
-        assert_eq!(e.status(), Some(409), "{e}");
-    }
-    assert_eq!(lines(&d.join("calls")).len(), 3, "the 4th and 5th calls never ran");
-    let events = bmc_events(&srv, "pdu2").await;
-    assert_eq!(events.len(), 3, "refused calls reach no BMC and are not BMC actions");
-    assert_eq!(events[0].after.as_ref().unwrap()["maintenance"], true);
-    assert_eq!(events[0].after.as_ref().unwrap()["error_kind"], "AuthFailed");
-    // Fixed and cleared by an operator: a fresh start.
-    std::fs::remove_file(d.join("refuse")).unwrap();
-    admin
-        .update_machine(
-            "pdu2",
-            &MachinePatch {
-                maintenance: Some(false),
-                maintenance_reason: Some(None),
-                ..MachinePatch::default()
-            },
-        )
-        .await
-        .unwrap();
-    admin.power("pdu2", PowerAction::On).await.unwrap();
-    assert_eq!(lines(&d.join("calls")).len(), 4);
-});
-
-api_test!(one_call_per_bmc_and_a_global_bound, settings = pdu_settings(2, 20), |srv| {
-    let base = tempfile::tempdir().unwrap();
-    let mut dirs = vec![];
-    for i in 0..4 {
-        let d = pdu_machine(&srv, base.path(), &format!("pdu{i}")).await;
-        std::fs::write(d.join("slow"), "").unwrap();
-        dirs.push(d);
-    }
-    let admin = srv.admin();
-    // Three calls on one machine at once, and one on each of three others.
-    let mut calls = vec![];
-    for host in ["pdu0", "pdu0", "pdu0", "pdu1", "pdu2", "pdu3"] {
-        let c = admin.clone();
-        calls.push(tokio::spawn(async move { c.power(host, PowerAction::On).await }));
-    }
-    let start = Instant::now();
-    for c in calls {
-        c.await.unwrap().unwrap();
-    }
-    // Six runs of 0.3 s, two at a time: at least 0.9 s.
-    assert!(start.elapsed() >= Duration::from_millis(850), "{:?}", start.elapsed());
-    let per_bmc: Vec<String> = lines(&dirs[0].join("seen"));
-    assert_eq!(per_bmc, ["1", "1", "1"], "one call at a time on pdu0");
-    let global: Vec<usize> = lines(&base.path().join("global-seen"))
-        .iter()
-        .map(|l| l.trim().parse().unwrap())
-        .collect();
-    assert_eq!(global.len(), 6);
-    assert!(global.iter().all(|n| *n <= 2), "global bound of 2: {global:?}");
-    assert_eq!(srv.state.bmc.machines_in_flight(), 0);
-});
-
-api_test!(a_hanging_command_is_killed_at_the_deadline, settings = pdu_settings(8, 2), |srv| {
-    let base = tempfile::tempdir().unwrap();
-    let d = pdu_machine(&srv, base.path(), "pdu5").await;
-    std::fs::write(d.join("hang"), "").unwrap();
-    let start = Instant::now();
-    let e = srv.admin().power("pdu5", PowerAction::Cycle).await.unwrap_err();
-    assert_eq!(e.status(), Some(504), "{e}");
-    assert!(e.to_string().contains("may or may not"), "a cycle cut short is not repeated: {e}");
-    assert!(start.elapsed() < Duration::from_millis(2800), "{:?}", start.elapsed());
-    // Its `sleep 30` went with it (a zombie runs nothing).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = std::fs::read_to_string(d.join("sleep.pid")).unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-    assert!(
-        stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')),
-        "the program's child survived: {stat}"
-    );
-    let calls = lines(&d.join("calls"));
-    assert_eq!(calls, ["cycle "]);
-});
-
-api_test!(power_sync_records_drift_and_never_acts, settings = pdu_settings(8, 10), |srv| {
-    let base = tempfile::tempdir().unwrap();
-    let a = pdu_machine(&srv, base.path(), "sync1").await;
-    let b = pdu_machine(&srv, base.path(), "sync2").await;
-    srv.admin().power("sync1", PowerAction::On).await.unwrap();
-    let r = srv.state.bmc.sync_once().await.unwrap();
-    assert_eq!((r.read, r.drifted, r.failed), (2, 0, 0), "{r:?}");
-    // Someone switches sync1 off and sync2 on behind kiln's back.
-    std::fs::write(a.join("power"), "off\n").unwrap();
-    std::fs::write(b.join("power"), "on\n").unwrap();
-    let r = srv.state.bmc.sync_once().await.unwrap();
-    assert_eq!((r.read, r.drifted), (2, 2), "{r:?}");
-    let drift = bmc_events(&srv, "sync1").await;
-    assert_eq!(drift[0].action, "bmc.power.drift");
-    assert_eq!(drift[0].actor, "kiln (power sync)");
-    let after = drift[0].after.as_ref().unwrap();
-    assert_eq!((after["expected"].as_str(), after["observed"].as_str()), (Some("on"), Some("off")));
-    // Only status reads were run by the sync: it acts on nothing.
-    let calls = lines(&a.join("calls"));
-    assert_eq!(calls, ["on sync1", "status ", "status "]);
-    // Machines in maintenance are skipped.
-    srv.admin()
-        .update_machine(
-            "sync2",
-            &MachinePatch {
-                maintenance: Some(true),
-                ..MachinePatch::default()
-            },
-        )
-        .await
-        .unwrap();
-    let r = srv.state.bmc.sync_once().await.unwrap();
-    assert_eq!((r.read, r.skipped, r.drifted), (1, 1, 0), "{r:?}");
-});
-
-api_test!(tenants_power_their_own_machines_only, settings = pdu_settings(8, 10), |srv| {
-    let base = tempfile::tempdir().unwrap();
-    let admin = srv.admin();
-    for t in ["acme", "globex"] {
-        admin
-            .create_tenant(&TenantCreate {
-                name: t.into(),
-                description: None,
-            })
-            .await
-            .unwrap();
-    }
-    let token = admin
-        .create_token(&TokenCreate {
-            role: Role::Tenant,
-            tenant: Some("acme".into()),
-            name: None,
-        })
-        .await
-        .unwrap()
-        .token;
-    pdu_machine(&srv, base.path(), "acme1").await;
-    pdu_machine(&srv, base.path(), "globex1").await;
-    for (host, owner) in [("acme1", "acme"), ("globex1", "globex")] {
+api_test!(
+    command_auth_failures_stop_at_three,
+    settings = pdu_settings(64, 10),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let d = pdu_machine(&srv, base.path(), "pdu2").await;
+        std::fs::write(d.join("refuse"), "").unwrap();
+        let admin = srv.admin();
+        for _ in 0..3 {
+            let e = admin.power("pdu2", PowerAction::On).await.unwrap_err();
+            assert_eq!(e.status(), Some(502), "{e}");
+        }
+        for _ in 0..2 {
+            let e = admin.power("pdu2", PowerAction::On).await.unwrap_err();
+            assert_eq!(e.status(), Some(409), "{e}");
+        }
+        assert_eq!(lines(&d.join("calls")).len(), 3, "the 4th and 5th calls never ran");
+        let events = bmc_events(&srv, "pdu2").await;
+        assert_eq!(events.len(), 3, "refused calls reach no BMC and are not BMC actions");
+        assert_eq!(events[0].after.as_ref().unwrap()["maintenance"], true);
+        assert_eq!(events[0].after.as_ref().unwrap()["error_kind"], "AuthFailed");
+        // Fixed and cleared by an operator: a fresh start.
+        std::fs::remove_file(d.join("refuse")).unwrap();
         admin
             .update_machine(
-                host,
+                "pdu2",
                 &MachinePatch {
-                    owner: Some(Some(owner.into())),
+                    maintenance: Some(false),
+                    maintenance_reason: Some(None),
                     ..MachinePatch::default()
                 },
             )
             .await
             .unwrap();
+        admin.power("pdu2", PowerAction::On).await.unwrap();
+        assert_eq!(lines(&d.join("calls")).len(), 4);
     }
-    let acme = srv.client(Some(&token));
-    acme.power("acme1", PowerAction::On).await.unwrap();
-    assert_eq!(acme.power_status("acme1").await.unwrap().state, PowerState::On);
-    let e = acme.power("globex1", PowerAction::Off).await.unwrap_err();
-    assert_eq!(e.status(), Some(404), "{e}");
-    let e = acme
-        .set_boot_device(
-            "acme1",
-            &BootDeviceRequest {
-                device: BootDevice::Network,
-                once: true,
-                uefi: false,
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(e.status(), Some(403), "{e}");
-    assert_eq!(acme.bmc_check("acme1").await.unwrap_err().status(), Some(403));
-    let ev = bmc_events(&srv, "acme1").await;
-    assert!(ev[0].actor.ends_with("(tenant)"), "{}", ev[0].actor);
-});
+);
+
+api_test!(
+    one_call_per_bmc_and_a_global_bound,
+    settings = pdu_settings(2, 20),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let mut dirs = vec![];
+        for i in 0..4 {
+            let d = pdu_machine(&srv, base.path(), &format!("pdu{i}")).await;
+            std::fs::write(d.join("slow"), "").unwrap();
+            dirs.push(d);
+        }
+        let admin = srv.admin();
+        // Three calls on one machine at once, and one on each of three others.
+        let mut calls = vec![];
+        for host in ["pdu0", "pdu0", "pdu0", "pdu1", "pdu2", "pdu3"] {
+            let c = admin.clone();
+            calls.push(tokio::spawn(async move { c.power(host, PowerAction::On).await }));
+        }
+        let start = Instant::now();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        // Six runs of 0.3 s, two at a time: at least 0.9 s.
+        assert!(start.elapsed() >= Duration::from_millis(850), "{:?}", start.elapsed());
+        let per_bmc: Vec<String> = lines(&dirs[0].join("seen"));
+        assert_eq!(per_bmc, ["1", "1", "1"], "one call at a time on pdu0");
+        let global: Vec<usize> = lines(&base.path().join("global-seen"))
+            .iter()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        assert_eq!(global.len(), 6);
+        assert!(global.iter().all(|n| *n <= 2), "global bound of 2: {global:?}");
+        assert_eq!(srv.state.bmc.machines_in_flight(), 0);
+    }
+);
+
+api_test!(
+    a_hanging_command_is_killed_at_the_deadline,
+    settings = pdu_settings(8, 2),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let d = pdu_machine(&srv, base.path(), "pdu5").await;
+        std::fs::write(d.join("hang"), "").unwrap();
+        let start = Instant::now();
+        let e = srv.admin().power("pdu5", PowerAction::Cycle).await.unwrap_err();
+        assert_eq!(e.status(), Some(504), "{e}");
+        assert!(
+            e.to_string().contains("may or may not"),
+            "a cycle cut short is not repeated: {e}"
+        );
+        assert!(start.elapsed() < Duration::from_millis(2800), "{:?}", start.elapsed());
+        // Its `sleep 30` went with it (a zombie runs nothing).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pid = std::fs::read_to_string(d.join("sleep.pid")).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')),
+            "the program's child survived: {stat}"
+        );
+        let calls = lines(&d.join("calls"));
+        assert_eq!(calls, ["cycle "]);
+    }
+);
+
+api_test!(
+    power_sync_records_drift_and_never_acts,
+    settings = pdu_settings(8, 10),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let a = pdu_machine(&srv, base.path(), "sync1").await;
+        let b = pdu_machine(&srv, base.path(), "sync2").await;
+        srv.admin().power("sync1", PowerAction::On).await.unwrap();
+        let r = srv.state.bmc.sync_once().await.unwrap();
+        assert_eq!((r.read, r.drifted, r.failed), (2, 0, 0), "{r:?}");
+        // Someone switches sync1 off and sync2 on behind kiln's back.
+        std::fs::write(a.join("power"), "off\n").unwrap();
+        std::fs::write(b.join("power"), "on\n").unwrap();
+        let r = srv.state.bmc.sync_once().await.unwrap();
+        assert_eq!((r.read, r.drifted), (2, 2), "{r:?}");
+        let drift = bmc_events(&srv, "sync1").await;
+        assert_eq!(drift[0].action, "bmc.power.drift");
+        assert_eq!(drift[0].actor, "kiln (power sync)");
+        let after = drift[0].after.as_ref().unwrap();
+        assert_eq!(
+            (after["expected"].as_str(), after["observed"].as_str()),
+            (Some("on"), Some("off"))
+        );
+        // Only status reads were run by the sync: it acts on nothing.
+        let calls = lines(&a.join("calls"));
+        assert_eq!(calls, ["on sync1", "status ", "status "]);
+        // Machines in maintenance are skipped.
+        srv.admin()
+            .update_machine(
+                "sync2",
+                &MachinePatch {
+                    maintenance: Some(true),
+                    ..MachinePatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        let r = srv.state.bmc.sync_once().await.unwrap();
+        assert_eq!((r.read, r.skipped, r.drifted), (1, 1, 0), "{r:?}");
+    }
+);
+
+api_test!(
+    tenants_power_their_own_machines_only,
+    settings = pdu_settings(8, 10),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let admin = srv.admin();
+        for t in ["acme", "globex"] {
+            admin
+                .create_tenant(&TenantCreate {
+                    name: t.into(),
+                    description: None,
+                })
+                .await
+                .unwrap();
+        }
+        let token = admin
+            .create_token(&TokenCreate {
+                role: Role::Tenant,
+                tenant: Some("acme".into()),
+                name: None,
+            })
+            .await
+            .unwrap()
+            .token;
+        pdu_machine(&srv, base.path(), "acme1").await;
+        pdu_machine(&srv, base.path(), "globex1").await;
+        for (host, owner) in [("acme1", "acme"), ("globex1", "globex")] {
+            admin
+                .update_machine(
+                    host,
+                    &MachinePatch {
+                        owner: Some(Some(owner.into())),
+                        ..MachinePatch::default()
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let acme = srv.client(Some(&token));
+        acme.power("acme1", PowerAction::On).await.unwrap();
+        assert_eq!(acme.power_status("acme1").await.unwrap().state, PowerState::On);
+        let e = acme.power("globex1", PowerAction::Off).await.unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e}");
+        let e = acme
+            .set_boot_device(
+                "acme1",
+                &BootDeviceRequest {
+                    device: BootDevice::Network,
+                    once: true,
+                    uefi: false,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+        assert_eq!(acme.bmc_check("acme1").await.unwrap_err().status(), Some(403));
+        let ev = bmc_events(&srv, "acme1").await;
+        assert!(ev[0].actor.ends_with("(tenant)"), "{}", ev[0].actor);
+    }
+);
 
 api_test!(machines_without_a_bmc_or_a_driver, |srv| {
     let admin = srv.admin();
