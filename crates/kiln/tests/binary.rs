@@ -167,8 +167,8 @@ fn all_cmdlines() -> Vec<(String, String)> {
 }
 
 /// ipmi_sim on a loopback port with user `admin` and `password`; killed by
-/// PID on drop.
-struct IpmiSim(Child, tempfile::TempDir, u16);
+/// PID on drop. The directory holds its config and state while it runs.
+struct IpmiSim(Child, #[allow(dead_code)] tempfile::TempDir, u16);
 
 impl Drop for IpmiSim {
     fn drop(&mut self) {
