@@ -3,9 +3,10 @@
 //!
 //! The engine talks to every BMC through [`BmcDriver`]; which driver a
 //! machine gets is configuration (its `bmc.driver`), not a Cargo feature.
-//! The drivers: [`ipmi::IpmiDriver`] (IPMI 2.0 RMCP+ spoken natively) and
-//! [`redfish::RedfishDriver`] (Redfish over verified HTTPS); see
-//! `docs/bmc.md`.
+//! Drivers: [`ipmi::IpmiDriver`] (IPMI 2.0 RMCP+ spoken natively),
+//! [`redfish::RedfishDriver`] (Redfish over verified HTTPS) and
+//! [`command::CommandDriver`] (the operator's programs, argv templates,
+//! never a shell); see `docs/bmc.md`.
 //!
 //! Every call has a deadline and bounded retries, and a call that could act
 //! twice is never repeated blindly: see [`BmcError::OutcomeUnknown`].
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+pub mod command;
 pub mod ipmi;
 pub mod redfish;
 

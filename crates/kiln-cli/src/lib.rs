@@ -79,6 +79,14 @@ pub enum Command {
     /// Net boot: `kiln boot explain HOST|MAC`.
     #[command(subcommand)]
     Boot(cmd::org::BootCmd),
+    /// Power through each machine's BMC: status, on, off, cycle, reset, soft-off.
+    #[command(subcommand)]
+    Power(cmd::power::PowerCmd),
+    /// Set the next boot device through each machine's BMC.
+    Bootdev(cmd::power::BootdevArgs),
+    /// BMC diagnostics: `kiln bmc check HOST…`.
+    #[command(subcommand)]
+    Bmc(cmd::power::BmcCmd),
     /// DHCP leases.
     Leases {
         /// Include expired leases.
@@ -225,6 +233,9 @@ async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
         Command::Events(a) => cmd::org::events(a, ctx, out).await,
         Command::Leases { all } => cmd::org::leases(all, ctx, out).await,
         Command::Boot(c) => cmd::org::boot(c, ctx, out).await,
+        Command::Power(c) => cmd::power::power(c, ctx, out).await,
+        Command::Bootdev(a) => cmd::power::bootdev(a, ctx, out).await,
+        Command::Bmc(c) => cmd::power::bmc(c, ctx, out).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
             Ok(())

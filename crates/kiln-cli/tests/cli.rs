@@ -266,3 +266,91 @@ api_test!(the_example_racks_import, |srv| {
         .unwrap();
     assert_eq!(gpu.items.len(), 2);
 });
+
+/// A server whose command driver keeps each machine's power in the file
+/// named by its BMC address.
+fn pdu_settings() -> kiln_server::Settings {
+    let script = r#"f=$1; case $2 in on) echo on >"$f";; off) echo off >"$f";; cycle) echo on >"$f";; status) cat "$f" 2>/dev/null || echo off;; boot) echo "$3 $4" >"$f.boot";; esac"#;
+    let t = |verb: &str| {
+        format!(r#"["/bin/sh", "-c", '{script}', "pdu", "{{bmc_address}}", "{verb}", "{{device}}", "{{persistence}}"]"#)
+    };
+    let t2 = |verb: &str| format!(r#"["/bin/sh", "-c", '{script}', "pdu", "{{bmc_address}}", "{verb}"]"#);
+    let text = format!(
+        "[bmc.command]\npower_on = {}\npower_off = {}\npower_cycle = {}\npower_status = {}\nbootdev = {}\n",
+        t2("on"),
+        t2("off"),
+        t2("cycle"),
+        t2("status"),
+        t("boot")
+    );
+    toml::from_str(&text).expect("pdu settings")
+}
+
+api_test!(
+    power_bootdev_and_check_for_many_hosts,
+    settings = pdu_settings(),
+    |srv| {
+        let t = srv.admin_token.clone();
+        let dir = tempfile::tempdir().unwrap();
+        for h in ["p1", "p2", "p3"] {
+            let addr = dir.path().join(h).display().to_string();
+            let args = [
+                "machine",
+                "add",
+                "--hostname",
+                h,
+                "--tag",
+                "pdu",
+                "--bmc-driver",
+                "command",
+                "--bmc-address",
+                &addr,
+            ];
+            assert_eq!(kiln(&srv, &t, &args).await.0, 0);
+        }
+        // A machine without a BMC among them: its row fails, the others work.
+        assert_eq!(
+            kiln(&srv, &t, &["machine", "add", "--hostname", "p4", "--tag", "pdu"])
+                .await
+                .0,
+            0
+        );
+        let (code, out) = kiln(&srv, &t, &["power", "on", "--tag", "pdu"]).await;
+        assert_eq!(code, 1, "one host failed: {out}");
+        for h in ["p1", "p2", "p3"] {
+            assert!(
+                out.lines().any(|l| l.contains(h) && l.contains("power on: done")),
+                "{out}"
+            );
+        }
+        assert!(
+            out.lines().any(|l| l.contains("p4") && l.contains("has no BMC")),
+            "{out}"
+        );
+
+        let (code, out) = kiln(&srv, &t, &["power", "status", "p1", "p2", "-o", "json"]).await;
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v[0]["hostname"], "p1");
+        assert_eq!(v[0]["result"]["state"], "on");
+        assert_eq!(v[1]["ok"], true);
+
+        assert_eq!(kiln(&srv, &t, &["power", "off", "p2"]).await.0, 0);
+        let (_, out) = kiln(&srv, &t, &["power", "status", "--tag", "pdu"]).await;
+        assert!(out.lines().any(|l| l.contains("p2") && l.contains("off")), "{out}");
+        assert!(out.lines().any(|l| l.contains("p3") && l.contains("on")), "{out}");
+
+        let (code, out) = kiln(&srv, &t, &["bootdev", "pxe", "--once", "p1", "p3"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("network (next boot)"), "{out}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("p3.boot")).unwrap(),
+            "network once\n"
+        );
+        let (code, out) = kiln(&srv, &t, &["bmc", "check", "p1"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("command"), "{out}");
+        let (code, _) = kiln(&srv, &t, &["power", "cycle"]).await;
+        assert_eq!(code, 1, "no host named and no selector");
+    }
+);

@@ -9,6 +9,9 @@ use kiln_types::error::ApiError;
 use kiln_types::event::{Event, EventFilter};
 use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
 use kiln_types::page::Page;
+use kiln_types::power::{
+    BmcCheck, BootDeviceRequest, BootDeviceResult, PowerAction, PowerRequest, PowerResult, PowerStatus,
+};
 use kiln_types::site::{Rack, RackCreate, Site, SiteCreate};
 use reqwest::Method;
 use serde::Serialize;
@@ -355,6 +358,42 @@ impl Client {
             platform: Option<&'a str>,
         }
         self.get_q("/api/v1/boot/explain", &Q { target, platform }).await
+    }
+
+    // ---- BMC: power, boot device, check ----
+
+    /// The power state, read from the machine's BMC now.
+    pub async fn power_status(&self, key: &str) -> Result<PowerStatus> {
+        self.get(&format!("/api/v1/machines/{}/power", seg(key))).await
+    }
+
+    pub async fn power(&self, key: &str, action: PowerAction) -> Result<PowerResult> {
+        self.post(
+            &format!("/api/v1/machines/{}/power", seg(key)),
+            &PowerRequest { action },
+        )
+        .await
+    }
+
+    /// The next boot device: until changed, or for the next boot only.
+    pub async fn set_boot_device(&self, key: &str, req: &BootDeviceRequest) -> Result<BootDeviceResult> {
+        self.call::<_, (), _>(
+            Method::PUT,
+            &format!("/api/v1/machines/{}/bootdev", seg(key)),
+            None,
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn bmc_check(&self, key: &str) -> Result<BmcCheck> {
+        self.call::<(), (), _>(
+            Method::POST,
+            &format!("/api/v1/machines/{}/bmc/check", seg(key)),
+            None,
+            None,
+        )
+        .await
     }
 
     // ---- audit log ----

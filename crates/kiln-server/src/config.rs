@@ -38,6 +38,11 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub tftp: Option<crate::tftp::TftpSettings>,
+    /// BMC calls: deadlines, concurrency, power sync, the command driver
+    /// (file only: `[bmc]`, `[bmc.command]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub bmc: Option<crate::bmc::BmcSettings>,
 }
 
 /// `[boot]`: what booting machines are told, and where HTTP boot finds
@@ -172,6 +177,7 @@ impl Settings {
             boot: over.boot.or(self.boot),
             dhcp: over.dhcp.or(self.dhcp),
             tftp: over.tftp.or(self.tftp),
+            bmc: over.bmc.or(self.bmc),
         }
     }
 }
@@ -187,6 +193,7 @@ pub struct Config {
     pub boot: BootSettings,
     pub dhcp: Option<DhcpSettings>,
     pub tftp: Option<crate::tftp::TftpSettings>,
+    pub bmc: crate::bmc::BmcSettings,
 }
 
 impl Config {
@@ -218,6 +225,8 @@ pub enum ConfigError {
     Dhcp(String),
     #[error("[boot]: {0}")]
     Boot(String),
+    #[error("[bmc]: {0}")]
+    Bmc(String),
     #[error(
         "database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)"
     )]
@@ -262,7 +271,10 @@ impl Config {
                 kiln_boot::ipxe::check_arg(arg).map_err(|e| ConfigError::Boot(format!("{what}: {e}")))?;
             }
         }
+        let bmc = s.bmc.unwrap_or_default();
+        bmc.validate().map_err(ConfigError::Bmc)?;
         Ok(Config {
+            bmc,
             boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,
@@ -342,6 +354,32 @@ mod tests {
         );
         let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
         assert!(e.contains("pool"), "{e}");
+    }
+
+    #[test]
+    fn bmc_section() {
+        let c = Config::load(None, Settings::default()).unwrap();
+        assert_eq!(c.bmc.sync_interval_secs, 0, "power sync is off unless asked for");
+        assert!(c.bmc.command.is_none());
+        let (_d, path) = file(
+            "[bmc]\ndeadline_secs = 5\nmax_concurrent = 8\n[bmc.command]\npower_on = [\"/usr/local/bin/pdu\", \"on\", \"{hostname}\"]\n",
+        );
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        assert_eq!(c.bmc.deadline_secs, 5);
+        assert_eq!(c.bmc.command.unwrap().power_on.unwrap()[2], "{hostname}");
+        for (text, want) in [
+            (
+                "[bmc.command]\npower_on = [\"/bin/pdu\", \"{password}\"]\n",
+                "never put into arguments",
+            ),
+            ("[bmc.command]\npower_of = [\"/bin/pdu\"]\n", "power_of"),
+            ("[bmc]\nauth_failure_limit = 5\n", "auth_failure_limit"),
+            ("[bmc]\nmax_concurrent = 0\n", "max_concurrent"),
+        ] {
+            let (_d, path) = file(text);
+            let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -119,6 +119,40 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::bmc::BmcCallError> for ApiError {
+    fn from(e: crate::bmc::BmcCallError) -> ApiError {
+        use crate::bmc::BmcCallError as E;
+        use kiln_bmc::BmcErrorKind as K;
+        match e {
+            e @ E::NoBmc(_) => ApiError::new(StatusCode::CONFLICT, "no_bmc", e.to_string()),
+            e @ E::Maintenance { .. } => ApiError::new(StatusCode::CONFLICT, "maintenance", e.to_string()),
+            e @ E::Busy { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bmc_busy", e.to_string()),
+            E::Bmc(f) => {
+                let (status, code) = match f.kind {
+                    K::Unreachable => (StatusCode::BAD_GATEWAY, "bmc_unreachable"),
+                    K::Timeout => (StatusCode::GATEWAY_TIMEOUT, "bmc_timeout"),
+                    K::OutcomeUnknown => (StatusCode::GATEWAY_TIMEOUT, "bmc_outcome_unknown"),
+                    K::AuthFailed => (StatusCode::BAD_GATEWAY, "bmc_auth_failed"),
+                    K::Unsupported => (StatusCode::NOT_IMPLEMENTED, "bmc_unsupported"),
+                    K::Protocol => (StatusCode::BAD_GATEWAY, "bmc_protocol"),
+                    K::Config => (StatusCode::CONFLICT, "bmc_config"),
+                };
+                let message = if f.entered_maintenance {
+                    format!(
+                        "{}; the machine is now in maintenance and kiln stops calling its BMC",
+                        f.message
+                    )
+                } else {
+                    f.message
+                };
+                ApiError::new(status, code, message)
+            }
+            E::Store(e) => e.into(),
+            e @ E::Secret { .. } => ApiError::internal(&e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(self.body)).into_response();

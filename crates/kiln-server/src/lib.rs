@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bmc;
 pub mod boot_files;
 pub mod boot_http;
 pub mod config;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub store: Store,
     pub secrets: SecretBox,
     pub boot: std::sync::Arc<boot_http::BootContext>,
+    /// Every BMC call goes through it (API, power sync, later the engine).
+    pub bmc: std::sync::Arc<bmc::BmcService>,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -58,7 +61,13 @@ impl AppState {
             artifacts,
             files: std::sync::Arc::new(files),
         });
-        Ok(AppState { store, secrets, boot })
+        let bmc = std::sync::Arc::new(bmc::BmcService::new(store.clone(), secrets.clone(), config.bmc.clone()));
+        Ok(AppState {
+            store,
+            secrets,
+            boot,
+            bmc,
+        })
     }
 }
 
@@ -127,6 +136,10 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     if let Some(t) = config.tftp.clone() {
         let stop = shutdown.clone();
         services.spawn(async move { ("TFTP", tftp::run(t, stop).await) });
+    }
+    if config.bmc.sync_interval_secs > 0 {
+        let (bmc, stop) = (state.bmc.clone(), shutdown.clone());
+        services.spawn(async move { ("power sync", bmc::run_sync(bmc, stop).await) });
     }
     let stop = shutdown.clone();
     services.spawn(async move { ("API", run(state, listener, stop).await) });

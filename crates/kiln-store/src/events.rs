@@ -127,3 +127,35 @@ impl Store {
 pub(crate) fn escape_like(s: &str) -> String {
     s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
+
+impl Store {
+    /// Appends one audit event that is not a change of a stored record: a
+    /// BMC action (`bmc.power`, `bmc.bootdev`, `bmc.check`) or an
+    /// observation (`bmc.power.drift`). `detail` is what happened and its
+    /// result; it must hold no secret (the BMC service builds it from
+    /// values that hold none).
+    pub async fn record_event(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target_kind: &str,
+        target_id: String,
+        target_name: String,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        record(
+            &mut conn,
+            actor,
+            Change {
+                action,
+                target_kind,
+                target_id,
+                target_name,
+                before: None,
+                after: Some(detail),
+            },
+        )
+        .await
+    }
+}

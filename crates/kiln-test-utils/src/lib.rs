@@ -17,7 +17,7 @@ use futures::FutureExt;
 use kiln_store::Store;
 use sqlx::Connection;
 
-pub use server::{TestServer, run_server_on};
+pub use server::{TestServer, run_server_on, run_server_with};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

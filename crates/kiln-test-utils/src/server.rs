@@ -88,7 +88,17 @@ where
     F: FnOnce(std::sync::Arc<TestServer>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let server = std::sync::Arc::new(TestServer::start(backend).await);
+    run_server_with(backend, Settings::default(), body).await
+}
+
+/// [`run_server_on`] with `settings` (data directory, listen address and
+/// database are still the test's own).
+pub async fn run_server_with<F, Fut>(backend: Backend, settings: Settings, body: F)
+where
+    F: FnOnce(std::sync::Arc<TestServer>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = std::sync::Arc::new(TestServer::start_with(backend, settings).await);
     let outcome = std::panic::AssertUnwindSafe(body(server.clone())).catch_unwind().await;
     match std::sync::Arc::try_unwrap(server) {
         Ok(s) => s.stop().await,
@@ -101,8 +111,26 @@ where
 
 /// `api_test!(name, |srv| { ... })`: one body against a server on SQLite
 /// (`name::sqlite`) and one on PostgreSQL (`name::postgres`).
+/// `api_test!(name, settings = EXPR, |srv| { ... })` starts the servers with
+/// the `Settings` EXPR gives.
 #[macro_export]
 macro_rules! api_test {
+    ($name:ident, settings = $settings:expr, |$srv:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $crate::run_server_with($crate::Backend::Sqlite, $settings, |$srv| async move { $body }).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                $crate::run_server_with($crate::Backend::Postgres, $settings, |$srv| async move { $body }).await
+            }
+        }
+    };
     ($name:ident, |$srv:ident| $body:block) => {
         mod $name {
             #[allow(unused_imports)]

@@ -12,6 +12,7 @@ pub mod install;
 pub mod lease;
 pub mod machine;
 pub mod page;
+pub mod power;
 pub mod secret;
 pub mod site;
 pub mod validate;

@@ -4,4 +4,5 @@ pub mod catalog;
 pub mod demo;
 pub mod machine;
 pub mod org;
+pub mod power;
 pub mod server;

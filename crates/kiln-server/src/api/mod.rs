@@ -7,9 +7,10 @@ mod events;
 pub mod extract;
 mod machines;
 mod org;
+mod power;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -23,6 +24,7 @@ pub use machines::MAX_BULK;
     paths(
         machines::create, machines::bulk_create, machines::list, machines::get, machines::update,
         machines::delete, machines::offer,
+        power::status, power::power, power::bootdev, power::check,
         org::whoami, org::create_site, org::list_sites, org::delete_site,
         org::create_rack, org::list_racks, org::delete_rack,
         org::create_tenant, org::list_tenants, org::delete_tenant,
@@ -73,6 +75,9 @@ pub fn router() -> Router<AppState> {
             get(machines::get).patch(machines::update).delete(machines::delete),
         )
         .route("/api/v1/machines/{key}/offer", get(machines::offer))
+        .route("/api/v1/machines/{key}/power", get(power::status).post(power::power))
+        .route("/api/v1/machines/{key}/bootdev", put(power::bootdev))
+        .route("/api/v1/machines/{key}/bmc/check", post(power::check))
         .route("/api/v1/sites", post(org::create_site).get(org::list_sites))
         .route("/api/v1/sites/{name}", delete(org::delete_site))
         .route("/api/v1/racks", post(org::create_rack).get(org::list_racks))

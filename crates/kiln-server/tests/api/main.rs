@@ -2,6 +2,7 @@
 //! body run against a server on SQLite and one on PostgreSQL.
 
 mod auth;
+mod bmc;
 mod boot;
 mod catalog;
 mod machines;

@@ -1,0 +1,345 @@
+//! `kiln power status|on|off|cycle|reset|soft-off HOST…`, `kiln bootdev
+//! pxe|disk|cdrom [--once] [--uefi] HOST…` and `kiln bmc check HOST…`.
+//!
+//! Hosts are named, picked with the selectors of `machine list` (`--tag`,
+//! `--rack`, `--site`, `--state`, `--owner`), or both. Calls run several at
+//! a time (the server bounds BMC calls again); each host gets a row, and
+//! the command exits non-zero when any host failed.
+
+use clap::{Subcommand, ValueEnum};
+use futures::StreamExt;
+use kiln_client::{Client, ClientError};
+use kiln_types::Tag;
+use kiln_types::machine::{MachineFilter, MachineState};
+use kiln_types::power::{BootDevice, BootDeviceRequest, PowerAction};
+use serde::Serialize;
+
+use crate::Ctx;
+use crate::output::{Out, opt};
+
+/// Which machines: named hosts and/or the `machine list` filters.
+#[derive(Debug, clap::Args)]
+pub struct Selector {
+    /// Hostnames or machine ids.
+    hosts: Vec<String>,
+    /// Machines with this tag (repeat: all of them).
+    #[arg(long)]
+    tag: Vec<Tag>,
+    #[arg(long)]
+    rack: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    state: Option<MachineState>,
+    #[arg(long)]
+    owner: Option<String>,
+    /// Hosts asked at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+}
+
+impl Selector {
+    fn has_filter(&self) -> bool {
+        !self.tag.is_empty()
+            || self.rack.is_some()
+            || self.site.is_some()
+            || self.state.is_some()
+            || self.owner.is_some()
+    }
+
+    /// The hosts to act on, named ones first, without duplicates.
+    async fn resolve(&self, client: &Client) -> anyhow::Result<Vec<String>> {
+        let mut hosts = self.hosts.clone();
+        if self.has_filter() {
+            let filter = MachineFilter {
+                tag: (!self.tag.is_empty())
+                    .then(|| self.tag.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
+                rack: self.rack.clone(),
+                site: self.site.clone(),
+                state: self.state,
+                owner: self.owner.clone(),
+                limit: Some(1000),
+                ..MachineFilter::default()
+            };
+            let found = client.list_all_machines(&filter).await?;
+            if found.is_empty() && hosts.is_empty() {
+                anyhow::bail!("no machine matches the selectors");
+            }
+            hosts.extend(found.into_iter().map(|m| m.hostname.to_string()));
+        }
+        if hosts.is_empty() {
+            anyhow::bail!("name at least one host, or select machines with --tag, --rack, --site, --state or --owner");
+        }
+        let mut seen = std::collections::HashSet::new();
+        hosts.retain(|h| seen.insert(h.clone()));
+        Ok(hosts)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PowerCmd {
+    /// Read the power state from each BMC.
+    Status(Selector),
+    On(Selector),
+    /// Hard power off.
+    Off(Selector),
+    /// Off, then on again (sent once; never repeated blindly).
+    Cycle(Selector),
+    /// Hard reset (sent once).
+    Reset(Selector),
+    /// ACPI power button: the OS shuts down if it listens (sent once).
+    SoftOff(Selector),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BootTarget {
+    /// Network (PXE).
+    Pxe,
+    Disk,
+    Cdrom,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BootdevArgs {
+    device: BootTarget,
+    /// For the next boot only (default: until changed).
+    #[arg(long)]
+    once: bool,
+    /// The override is for UEFI boot (default: legacy BIOS).
+    #[arg(long)]
+    uefi: bool,
+    #[command(flatten)]
+    sel: Selector,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BmcCmd {
+    /// Reachability, credentials, cipher suite (IPMI), power and identity.
+    Check(Selector),
+}
+
+/// One host's result, as the table and JSON show it.
+#[derive(Debug, Serialize)]
+struct HostResult {
+    hostname: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn message(e: &ClientError) -> String {
+    match e {
+        ClientError::Api { error, .. } => error.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs `f` on every selected host, `parallel` at a time, in host order.
+async fn each<F, Fut, T>(ctx: &Ctx, sel: &Selector, f: F) -> anyhow::Result<Vec<(String, Result<T, String>)>>
+where
+    F: Fn(Client, String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let client = ctx.client()?;
+    let hosts = sel.resolve(&client).await?;
+    let results = futures::stream::iter(hosts.into_iter().map(|h| {
+        let fut = f(client.clone(), h.clone());
+        async move { (h, fut.await) }
+    }))
+    .buffered(sel.parallel.max(1))
+    .collect::<Vec<_>>()
+    .await;
+    Ok(results)
+}
+
+/// Prints the rows and fails when any host failed.
+fn finish(out: &mut Out, header: &[&str], results: Vec<HostResult>, rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+    out.table(&results, header, rows)?;
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} machines failed", results.len());
+    }
+    Ok(())
+}
+
+pub async fn power(c: PowerCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let (action, sel) = match c {
+        PowerCmd::Status(sel) => return status(sel, ctx, out).await,
+        PowerCmd::On(s) => (PowerAction::On, s),
+        PowerCmd::Off(s) => (PowerAction::Off, s),
+        PowerCmd::Cycle(s) => (PowerAction::Cycle, s),
+        PowerCmd::Reset(s) => (PowerAction::Reset, s),
+        PowerCmd::SoftOff(s) => (PowerAction::SoftOff, s),
+    };
+    let results = each(ctx, &sel, |client, host| async move {
+        client.power(&host, action).await.map_err(|e| message(&e))
+    })
+    .await?;
+    let mut rows = vec![];
+    let mut json = vec![];
+    for (host, r) in results {
+        match r {
+            Ok(done) => {
+                rows.push(vec![
+                    host.clone(),
+                    format!("power {action}: done"),
+                    format!("{} ms", done.elapsed_ms),
+                ]);
+                json.push(HostResult {
+                    hostname: host,
+                    ok: true,
+                    result: serde_json::to_value(&done).ok(),
+                    error: None,
+                });
+            }
+            Err(e) => {
+                rows.push(vec![host.clone(), "FAILED".into(), e.clone()]);
+                json.push(HostResult {
+                    hostname: host,
+                    ok: false,
+                    result: None,
+                    error: Some(e),
+                });
+            }
+        }
+    }
+    finish(out, &["HOSTNAME", "RESULT", "DETAIL"], json, rows)
+}
+
+async fn status(sel: Selector, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let results = each(ctx, &sel, |client, host| async move {
+        client.power_status(&host).await.map_err(|e| message(&e))
+    })
+    .await?;
+    let mut rows = vec![];
+    let mut json = vec![];
+    for (host, r) in results {
+        let (ok, power, detail, result) = match r {
+            Ok(s) => (true, s.state.to_string(), String::new(), serde_json::to_value(&s).ok()),
+            Err(e) => (false, "?".into(), e, None),
+        };
+        rows.push(vec![host.clone(), power, detail.clone()]);
+        json.push(HostResult {
+            hostname: host,
+            ok,
+            result,
+            error: (!ok).then_some(detail),
+        });
+    }
+    finish(out, &["HOSTNAME", "POWER", "ERROR"], json, rows)
+}
+
+pub async fn bootdev(a: BootdevArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let req = BootDeviceRequest {
+        device: match a.device {
+            BootTarget::Pxe => BootDevice::Network,
+            BootTarget::Disk => BootDevice::Disk,
+            BootTarget::Cdrom => BootDevice::Cdrom,
+        },
+        once: a.once,
+        uefi: a.uefi,
+    };
+    let when = if a.once { "next boot" } else { "until changed" };
+    let results = each(ctx, &a.sel, |client, host| {
+        let req = req.clone();
+        async move { client.set_boot_device(&host, &req).await.map_err(|e| message(&e)) }
+    })
+    .await?;
+    let mut rows = vec![];
+    let mut json = vec![];
+    for (host, r) in results {
+        match r {
+            Ok(done) => {
+                rows.push(vec![
+                    host.clone(),
+                    format!("{} ({when}{})", done.device, if done.uefi { ", UEFI" } else { "" }),
+                    String::new(),
+                ]);
+                json.push(HostResult {
+                    hostname: host,
+                    ok: true,
+                    result: serde_json::to_value(&done).ok(),
+                    error: None,
+                });
+            }
+            Err(e) => {
+                rows.push(vec![host.clone(), "FAILED".into(), e.clone()]);
+                json.push(HostResult {
+                    hostname: host,
+                    ok: false,
+                    result: None,
+                    error: Some(e),
+                });
+            }
+        }
+    }
+    finish(out, &["HOSTNAME", "NEXT BOOT", "ERROR"], json, rows)
+}
+
+pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+    let BmcCmd::Check(sel) = c;
+    let results = each(ctx, &sel, |client, host| async move {
+        client.bmc_check(&host).await.map_err(|e| message(&e))
+    })
+    .await?;
+    let mut rows = vec![];
+    let mut json = vec![];
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+    for (host, r) in results {
+        match r {
+            Ok(c) => {
+                rows.push(vec![
+                    host.clone(),
+                    format!("{} {}", c.driver, c.address),
+                    yes(c.reachable),
+                    yes(c.authenticated),
+                    opt(&c.cipher_suite),
+                    opt(&c.power),
+                    opt(&c.uuid),
+                    c.error.clone().unwrap_or_default(),
+                ]);
+                json.push(HostResult {
+                    hostname: host,
+                    ok: c.ok,
+                    error: c.error.clone(),
+                    result: serde_json::to_value(&c).ok(),
+                });
+            }
+            Err(e) => {
+                rows.push(vec![
+                    host.clone(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    e.clone(),
+                ]);
+                json.push(HostResult {
+                    hostname: host,
+                    ok: false,
+                    result: None,
+                    error: Some(e),
+                });
+            }
+        }
+    }
+    finish(
+        out,
+        &[
+            "HOSTNAME",
+            "BMC",
+            "REACHABLE",
+            "AUTH",
+            "SUITE",
+            "POWER",
+            "UUID",
+            "ERROR",
+        ],
+        json,
+        rows,
+    )
+}

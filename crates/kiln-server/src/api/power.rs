@@ -1,0 +1,137 @@
+//! `/api/v1/machines/{key}/power`, `…/bootdev` and `…/bmc/check`: a
+//! machine's BMC through the BMC service (deadline, one call per BMC,
+//! maintenance after repeated authentication failures, audit).
+//!
+//! Roles: admins and operators on any machine. A tenant may read and
+//! change the power of *its own* machines (another tenant's machine is
+//! "not found"); the boot device and the BMC check are operator tools
+//! (the boot device decides what a machine runs next, the check shows the
+//! BMC's configuration).
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use kiln_types::error::ApiError as ErrorBody;
+use kiln_types::power::{BmcCheck, BootDeviceRequest, BootDeviceResult, PowerRequest, PowerResult, PowerStatus};
+
+use super::extract::ApiJson;
+use crate::AppState;
+use crate::auth::Caller;
+use crate::bmc::{BmcCallError, Op, OpOutput, failed_check};
+use crate::error::{ApiError, ApiResult};
+
+#[utoipa::path(get, path = "/api/v1/machines/{key}/power", tag = "bmc",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    responses((status = 200, body = PowerStatus), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "no BMC, or in maintenance after BMC authentication failures"),
+        (status = 502, body = ErrorBody, description = "the BMC failed or refused kiln's credentials"),
+        (status = 504, body = ErrorBody, description = "the BMC did not answer within the deadline")),
+    security(("bearer" = [])))]
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<PowerStatus>> {
+    let machine = state.store.get_machine(&key, caller.scope()).await?;
+    match state.bmc.call(&caller.actor(), machine.id, Op::Status).await? {
+        OpOutput::Status(s) => Ok(Json(PowerStatus {
+            hostname: machine.hostname.to_string(),
+            state: s,
+        })),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Carries out a power action. `on` and `off` may be repeated safely;
+/// `cycle`, `reset` and `soft_off` are sent once: when their answer is lost
+/// the error is `bmc_outcome_unknown`, and the caller reads the power state
+/// before acting again.
+#[utoipa::path(post, path = "/api/v1/machines/{key}/power", tag = "bmc",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    request_body = PowerRequest,
+    responses((status = 200, body = PowerResult), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "no BMC, or in maintenance after BMC authentication failures"),
+        (status = 501, body = ErrorBody, description = "the driver cannot do this action"),
+        (status = 502, body = ErrorBody, description = "the BMC failed or refused kiln's credentials"),
+        (status = 504, body = ErrorBody, description = "no answer within the deadline (for cycle/reset/soft_off: outcome unknown)")),
+    security(("bearer" = [])))]
+pub async fn power(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<PowerRequest>,
+) -> ApiResult<Json<PowerResult>> {
+    let machine = state.store.get_machine(&key, caller.scope()).await?;
+    let start = Instant::now();
+    state
+        .bmc
+        .call(&caller.actor(), machine.id, Op::Power(req.action))
+        .await?;
+    Ok(Json(PowerResult {
+        hostname: machine.hostname.to_string(),
+        action: req.action,
+        elapsed_ms: start.elapsed().as_millis() as u64,
+    }))
+}
+
+/// Sets the next boot device (until changed, or `once`).
+#[utoipa::path(put, path = "/api/v1/machines/{key}/bootdev", tag = "bmc",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    request_body = BootDeviceRequest,
+    responses((status = 200, body = BootDeviceResult), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn bootdev(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<BootDeviceRequest>,
+) -> ApiResult<Json<BootDeviceResult>> {
+    let machine = state.store.get_machine(&key, caller.scope()).await?;
+    caller.require_operator()?;
+    let start = Instant::now();
+    let op = Op::BootDevice {
+        device: req.device,
+        once: req.once,
+        uefi: req.uefi,
+    };
+    state.bmc.call(&caller.actor(), machine.id, op).await?;
+    Ok(Json(BootDeviceResult {
+        hostname: machine.hostname.to_string(),
+        device: req.device,
+        once: req.once,
+        uefi: req.uefi,
+        elapsed_ms: start.elapsed().as_millis() as u64,
+    }))
+}
+
+/// Logs in to the BMC and reads what it can: reachability, whether kiln's
+/// credentials work, the cipher suite (IPMI), power state and identity. A
+/// BMC that fails is a report with `ok: false` and the error, not an HTTP
+/// error; a failed login counts toward maintenance like any other.
+#[utoipa::path(post, path = "/api/v1/machines/{key}/bmc/check", tag = "bmc",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    responses((status = 200, body = BmcCheck), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "no BMC, or in maintenance after BMC authentication failures")),
+    security(("bearer" = [])))]
+pub async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<BmcCheck>> {
+    let machine = state.store.get_machine(&key, caller.scope()).await?;
+    caller.require_operator()?;
+    let start = Instant::now();
+    match state.bmc.call(&caller.actor(), machine.id, Op::Check).await {
+        Ok(OpOutput::Check(c)) => Ok(Json(c)),
+        Ok(other) => Err(unexpected(other)),
+        Err(BmcCallError::Bmc(f)) => Ok(Json(failed_check(&machine, &f, start.elapsed()))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn unexpected(out: OpOutput) -> ApiError {
+    let e = std::io::Error::other(format!("the BMC service answered {out:?}"));
+    ApiError::internal(&e)
+}

@@ -1,0 +1,772 @@
+//! Power, boot device and BMC check through the API, against real peers:
+//! OpenIPMI's `ipmi_sim` (IPMI driver) and shell programs (command driver).
+//! The maintenance rule, deadlines, per-BMC and global concurrency, audit
+//! events, tenants, and a canary password that shows nowhere.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_bmc::command::CommandTemplates;
+use kiln_server::Settings;
+use kiln_server::bmc::{AUTH_MAINTENANCE_PREFIX, BmcSettings};
+use kiln_test_utils::{TestServer, api_test};
+use kiln_types::Secret;
+use kiln_types::auth::{Role, TenantCreate, TokenCreate};
+use kiln_types::event::EventFilter;
+use kiln_types::machine::{BmcDriver, BmcInput, MachineCreate, MachinePatch};
+use kiln_types::power::{BootDevice, BootDeviceRequest, PowerAction, PowerState};
+use sqlx::Row;
+
+const USER: &str = "admin";
+const CANARY: &str = "canary-Vb7-ipmi-pw";
+
+// ---- ipmi_sim ----
+
+/// A running ipmi_sim on a loopback port, killed (by PID) when dropped.
+struct Sim {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CHASSIS: &str = r#"#!/bin/sh
+D=$(dirname "$0")
+echo "$*" >>"$D/actions.log"
+op=$1; shift
+case $op in
+get)
+  for p in "$@"; do
+    case $p in
+      power) echo "power:$(cat "$D/power" 2>/dev/null || echo 0)" ;;
+      boot) echo "boot:$(cat "$D/boot" 2>/dev/null || echo none)" ;;
+      *) echo "Invalid parameter: $p"; exit 1 ;;
+    esac
+  done ;;
+set)
+  while [ $# -gt 1 ]; do
+    p=$1; v=$2; shift 2
+    case $p in
+      power) echo "$v" >"$D/power" ;;
+      boot) echo "$v" >"$D/boot" ;;
+      reset|shutdown) ;;
+      identify) shift ;;
+      *) echo "Invalid parameter: $p"; exit 1 ;;
+    esac
+  done ;;
+*) exit 1 ;;
+esac
+exit 0
+"#;
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Sim {
+    async fn start() -> Sim {
+        let bin = ["/usr/bin/ipmi_sim", "/usr/local/bin/ipmi_sim", "/usr/sbin/ipmi_sim"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("ipmi_sim (Debian package openipmi) is not installed: run the tests with scripts/test");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let port = free_udp_port();
+        let chassis = d.join("chassis.sh");
+        std::fs::write(&chassis, CHASSIS).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&chassis, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            d.join("lan.conf"),
+            format!(
+                "name \"kilnapi\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 {port}\n    priv_limit admin\n\
+                 allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
+                 allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
+                 guid 4c616200000040008000000000000042\n  endlan\n  chassis_control \"{}\"\n\
+                 user 1 false \"\" \"\" user 1 none\n  user 2 true \"{USER}\" \"{CANARY}\" admin 10 none md2 md5 straight\n",
+                chassis.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("sim.emu"),
+            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+        )
+        .unwrap();
+        std::fs::create_dir(d.join("state")).unwrap();
+        let log = std::fs::File::create(d.join("ipmi_sim.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-n")
+            .arg("-c")
+            .arg(d.join("lan.conf"))
+            .arg("-f")
+            .arg(d.join("sim.emu"))
+            .arg("-s")
+            .arg(d.join("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start ipmi_sim");
+        let sim = Sim { child, port, dir };
+        // Ready when it answers an ASF presence ping.
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.connect(sim.addr()).await.unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        loop {
+            let _ = s.send(&kiln_bmc::ipmi::codec::asf_ping(1)).await;
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), s.recv(&mut buf)).await {
+                break;
+            }
+            assert!(Instant::now() < end, "ipmi_sim did not come up");
+        }
+        sim
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn actions(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("actions.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn with_bmc(host: &str, driver: BmcDriver, address: &str, password: Option<&str>) -> MachineCreate {
+    let mut m = MachineCreate::new(host.parse().unwrap());
+    m.bmc = Some(BmcInput {
+        driver,
+        address: address.into(),
+        username: Some(USER.into()),
+        password: password.map(Secret::new),
+    });
+    m
+}
+
+async fn bmc_events(srv: &TestServer, host: &str) -> Vec<kiln_types::event::Event> {
+    srv.admin()
+        .list_events(&EventFilter {
+            target: Some(host.into()),
+            action: Some("bmc.".into()),
+            ..EventFilter::default()
+        })
+        .await
+        .unwrap()
+        .items
+}
+
+/// Every text the database holds outside the sealed password column.
+async fn database_text(srv: &TestServer) -> String {
+    let pool = srv.state.store.pool();
+    let mut all = String::new();
+    for row in sqlx::query("SELECT actor, action, target_name, before_json, after_json FROM events")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    {
+        for i in 0..5 {
+            all.push_str(&row.try_get::<Option<String>, _>(i).unwrap().unwrap_or_default());
+        }
+    }
+    for row in sqlx::query(
+        "SELECT hostname, bmc_driver, bmc_address, bmc_username, maintenance_reason, bmc_password FROM machines",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    {
+        for i in 0..5 {
+            all.push_str(&row.try_get::<Option<String>, _>(i).unwrap().unwrap_or_default());
+        }
+        let sealed: Option<String> = row.try_get(5).unwrap();
+        if let Some(s) = sealed {
+            assert!(s.starts_with("v1:"), "the password column holds sealed text");
+            assert!(!s.contains(CANARY));
+        }
+    }
+    all
+}
+
+api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
+    let sim = Sim::start().await;
+    let admin = srv.admin();
+    admin
+        .create_machine(&with_bmc("vm1", BmcDriver::Ipmi, &sim.addr().to_string(), Some(CANARY)))
+        .await
+        .unwrap();
+
+    assert_eq!(admin.power_status("vm1").await.unwrap().state, PowerState::Off);
+    admin.power("vm1", PowerAction::On).await.unwrap();
+    assert_eq!(admin.power_status("vm1").await.unwrap().state, PowerState::On);
+    admin.power("vm1", PowerAction::Off).await.unwrap();
+    assert_eq!(admin.power_status("vm1").await.unwrap().state, PowerState::Off);
+    admin.power("vm1", PowerAction::On).await.unwrap();
+    admin.power("vm1", PowerAction::Cycle).await.unwrap();
+    // ipmi_sim carries out a cycle as "power 0" and, once off, "power 1".
+    let end = Instant::now() + Duration::from_secs(10);
+    while sim.actions().iter().filter(|a| *a == "set power 1").count() < 3 {
+        assert!(Instant::now() < end, "{:?}", sim.actions());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sets: Vec<String> = sim.actions().into_iter().filter(|a| a.starts_with("set ")).collect();
+    assert_eq!(
+        sets,
+        [
+            "set power 1",
+            "set power 0",
+            "set power 1",
+            "set power 0",
+            "set power 1"
+        ]
+    );
+
+    let r = admin
+        .set_boot_device(
+            "vm1",
+            &BootDeviceRequest {
+                device: BootDevice::Network,
+                once: true,
+                uefi: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.once);
+    assert!(
+        sim.actions().contains(&"set boot pxe".to_string()),
+        "{:?}",
+        sim.actions()
+    );
+
+    let c = admin.bmc_check("vm1").await.unwrap();
+    assert!(c.ok && c.reachable && c.authenticated, "{c:?}");
+    assert_eq!(c.cipher_suite, Some(3), "ipmi_sim has no suite 17");
+    assert_eq!(c.power, Some(PowerState::On));
+    assert_eq!(c.uuid.as_deref(), Some("4c616200-0000-4000-8000-000000000042"));
+
+    // Every action is in the audit log with who and the result; reads are not.
+    let events = bmc_events(&srv, "vm1").await;
+    let actions: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.action.as_str(), e.after.as_ref().unwrap()["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("bmc.check", "ok"),
+            ("bmc.bootdev", "ok"),
+            ("bmc.power", "ok"),
+            ("bmc.power", "ok"),
+            ("bmc.power", "ok"),
+            ("bmc.power", "ok")
+        ]
+    );
+    assert_eq!(events[2].after.as_ref().unwrap()["action"], "cycle");
+    assert_eq!(events[0].actor, "test-admin (admin)");
+
+    // The canary: in no answer, no event, nowhere in the database but sealed.
+    let shown = format!(
+        "{:?}{:?}{:?}",
+        admin.get_machine("vm1").await.unwrap(),
+        events,
+        admin.bmc_check("vm1").await.unwrap()
+    );
+    assert!(!shown.contains(CANARY));
+    assert!(!database_text(&srv).await.contains(CANARY));
+});
+
+api_test!(ipmi_wrong_password_three_times_means_maintenance, |srv| {
+    let sim = Sim::start().await;
+    let admin = srv.admin();
+    admin
+        .create_machine(&with_bmc(
+            "vm2",
+            BmcDriver::Ipmi,
+            &sim.addr().to_string(),
+            Some("not-the-password"),
+        ))
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        let e = admin.power("vm2", PowerAction::On).await.unwrap_err();
+        assert_eq!(e.status(), Some(502), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("refused user"), "{text}");
+        assert_eq!(text.contains("now in maintenance"), i == 3, "try {i}: {text}");
+    }
+    let m = admin.get_machine("vm2").await.unwrap();
+    assert!(m.maintenance);
+    assert!(
+        m.maintenance_reason
+            .as_deref()
+            .unwrap()
+            .starts_with(AUTH_MAINTENANCE_PREFIX),
+        "{m:?}"
+    );
+    // The fourth call is refused before anything reaches the BMC.
+    let before = std::fs::read_to_string(sim.dir.path().join("ipmi_sim.log")).unwrap();
+    let e = admin.power_status("vm2").await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("in maintenance"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(sim.dir.path().join("ipmi_sim.log")).unwrap(),
+        before
+    );
+    assert!(sim.actions().is_empty(), "no power action happened");
+    // The maintenance change itself is audited as made by kiln.
+    let ev = admin
+        .list_events(&EventFilter {
+            target: Some("vm2".into()),
+            action: Some("machine.update".into()),
+            ..EventFilter::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(ev[0].actor, "kiln (bmc)");
+});
+
+fn ipmi_timing(deadline_secs: u64) -> Settings {
+    Settings {
+        bmc: Some(BmcSettings {
+            deadline_secs,
+            ipmi_try_timeout_ms: 1000,
+            ipmi_tries: 3,
+            ..BmcSettings::default()
+        }),
+        ..Settings::default()
+    }
+}
+
+api_test!(
+    a_silent_or_closed_bmc_fails_within_the_deadline,
+    settings = ipmi_timing(2),
+    |srv| {
+        // Bound and never answering: the deadline (2 s) cuts the 3 × 1 s tries.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let admin = srv.admin();
+        admin
+            .create_machine(&with_bmc(
+                "quiet1",
+                BmcDriver::Ipmi,
+                &silent.local_addr().unwrap().to_string(),
+                Some(CANARY),
+            ))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let e = admin.power("quiet1", PowerAction::Cycle).await.unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(e.status(), Some(504), "{e}");
+        assert!(took < Duration::from_millis(2800), "{took:?}");
+        assert!(took >= Duration::from_millis(1500), "{took:?}");
+        // Nobody there at all: unreachable, at once.
+        admin
+            .create_machine(&with_bmc(
+                "gone1",
+                BmcDriver::Ipmi,
+                &format!("127.0.0.1:{}", free_udp_port()),
+                Some(CANARY),
+            ))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let e = admin.power_status("gone1").await.unwrap_err();
+        assert_eq!(e.status(), Some(502), "{e}");
+        assert!(e.to_string().contains("unreachable"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        // A failed check is a report, not an HTTP error.
+        let c = admin.bmc_check("gone1").await.unwrap();
+        assert!(!c.ok && !c.reachable, "{c:?}");
+        // Not in maintenance: only authentication failures count.
+        assert!(!admin.get_machine("gone1").await.unwrap().maintenance);
+    }
+);
+
+// ---- the command driver ----
+
+/// A PDU stand-in: `pdu DIR VERB [ARGS]`, DIR being the machine's BMC
+/// address. It records each call and its own command line, the global and
+/// per-machine number of runs at once (with `DIR/slow`), refuses the
+/// credentials with `DIR/refuse` (exit 77) and hangs with `DIR/hang`.
+const PDU: &str = r#"D=$1; verb=$2; shift 2
+mkdir -p "$D/run" "$(dirname "$D")/run"
+echo "$verb $*" >>"$D/calls"
+tr '\0' ' ' </proc/$$/cmdline >>"$D/cmdlines"; echo >>"$D/cmdlines"
+[ "$KILN_BMC_PASSWORD" = "$(cat "$(dirname "$D")/expected-password" 2>/dev/null)" ] && echo yes >>"$D/password-ok"
+if [ -e "$D/refuse" ]; then echo "login refused" >&2; exit 77; fi
+if [ -e "$D/hang" ]; then sleep 30 & echo $! >"$D/sleep.pid"; wait; fi
+if [ -e "$D/slow" ]; then
+  G=$(dirname "$D")/run
+  touch "$G/$$" "$D/run/$$"
+  ls "$G" | wc -l >>"$(dirname "$D")/global-seen"
+  ls "$D/run" | wc -l >>"$D/seen"
+  sleep 0.3
+  rm -f "$G/$$" "$D/run/$$"
+fi
+case $verb in
+  on) echo on >"$D/power" ;;
+  off) echo off >"$D/power" ;;
+  cycle) echo on >"$D/power" ;;
+  status) cat "$D/power" 2>/dev/null || echo off ;;
+  boot) echo "$*" >"$D/boot" ;;
+esac
+"#;
+
+fn pdu_settings(max_concurrent: usize, deadline_secs: u64) -> Settings {
+    let t = |verb: &str, extra: &[&str]| {
+        let mut v: Vec<String> = ["/bin/sh", "-c", PDU, "kiln-pdu", "{bmc_address}", verb]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        Some(v)
+    };
+    Settings {
+        bmc: Some(BmcSettings {
+            deadline_secs,
+            max_concurrent,
+            command: Some(CommandTemplates {
+                power_on: t("on", &["{hostname}"]),
+                power_off: t("off", &[]),
+                power_cycle: t("cycle", &[]),
+                power_status: t("status", &[]),
+                bootdev: t("boot", &["{device}", "{persistence}", "{firmware}"]),
+                ..CommandTemplates::default()
+            }),
+            ..BmcSettings::default()
+        }),
+        ..Settings::default()
+    }
+}
+
+async fn pdu_machine(srv: &TestServer, base: &Path, host: &str) -> PathBuf {
+    let dir = base.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    srv.admin()
+        .create_machine(&with_bmc(
+            host,
+            BmcDriver::Command,
+            &dir.display().to_string(),
+            Some(CANARY),
+        ))
+        .await
+        .unwrap();
+    dir
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+api_test!(command_driver_power_and_boot, settings = pdu_settings(64, 10), |srv| {
+    let base = tempfile::tempdir().unwrap();
+    std::fs::write(base.path().join("expected-password"), CANARY).unwrap();
+    let d = pdu_machine(&srv, base.path(), "pdu1").await;
+    let admin = srv.admin();
+    assert_eq!(admin.power_status("pdu1").await.unwrap().state, PowerState::Off);
+    admin.power("pdu1", PowerAction::On).await.unwrap();
+    assert_eq!(admin.power_status("pdu1").await.unwrap().state, PowerState::On);
+    admin
+        .set_boot_device(
+            "pdu1",
+            &BootDeviceRequest {
+                device: BootDevice::Network,
+                once: true,
+                uefi: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(lines(&d.join("boot")), ["network once uefi"]);
+    assert_eq!(lines(&d.join("calls"))[1], "on pdu1");
+    // Every run got the password in its environment, and none in argv.
+    assert_eq!(lines(&d.join("password-ok")).len(), 4);
+    let cmdlines = std::fs::read_to_string(d.join("cmdlines")).unwrap();
+    assert!(cmdlines.contains("kiln-pdu"), "{cmdlines}");
+    assert!(!cmdlines.contains(CANARY));
+    // A driver without a template for an action says so.
+    let e = admin.power("pdu1", PowerAction::Reset).await.unwrap_err();
+    assert_eq!(e.status(), Some(501), "{e}");
+    assert!(e.to_string().contains("power_reset"), "{e}");
+    let c = admin.bmc_check("pdu1").await.unwrap();
+    assert!(c.ok && c.cipher_suite.is_none() && c.uuid.is_none(), "{c:?}");
+    assert!(!database_text(&srv).await.contains(CANARY));
+});
+
+api_test!(
+    command_auth_failures_stop_at_three,
+    settings = pdu_settings(64, 10),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let d = pdu_machine(&srv, base.path(), "pdu2").await;
+        std::fs::write(d.join("refuse"), "").unwrap();
+        let admin = srv.admin();
+        for _ in 0..3 {
+            let e = admin.power("pdu2", PowerAction::On).await.unwrap_err();
+            assert_eq!(e.status(), Some(502), "{e}");
+        }
+        for _ in 0..2 {
+            let e = admin.power("pdu2", PowerAction::On).await.unwrap_err();
+            assert_eq!(e.status(), Some(409), "{e}");
+        }
+        assert_eq!(lines(&d.join("calls")).len(), 3, "the 4th and 5th calls never ran");
+        let events = bmc_events(&srv, "pdu2").await;
+        assert_eq!(events.len(), 3, "refused calls reach no BMC and are not BMC actions");
+        assert_eq!(events[0].after.as_ref().unwrap()["maintenance"], true);
+        assert_eq!(events[0].after.as_ref().unwrap()["error_kind"], "AuthFailed");
+        // Fixed and cleared by an operator: a fresh start.
+        std::fs::remove_file(d.join("refuse")).unwrap();
+        admin
+            .update_machine(
+                "pdu2",
+                &MachinePatch {
+                    maintenance: Some(false),
+                    maintenance_reason: Some(None),
+                    ..MachinePatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        admin.power("pdu2", PowerAction::On).await.unwrap();
+        assert_eq!(lines(&d.join("calls")).len(), 4);
+    }
+);
+
+api_test!(
+    one_call_per_bmc_and_a_global_bound,
+    settings = pdu_settings(2, 20),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let mut dirs = vec![];
+        for i in 0..4 {
+            let d = pdu_machine(&srv, base.path(), &format!("pdu{i}")).await;
+            std::fs::write(d.join("slow"), "").unwrap();
+            dirs.push(d);
+        }
+        let admin = srv.admin();
+        // Three calls on one machine at once, and one on each of three others.
+        let mut calls = vec![];
+        for host in ["pdu0", "pdu0", "pdu0", "pdu1", "pdu2", "pdu3"] {
+            let c = admin.clone();
+            calls.push(tokio::spawn(async move { c.power(host, PowerAction::On).await }));
+        }
+        let start = Instant::now();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        // Six runs of 0.3 s, two at a time: at least 0.9 s.
+        assert!(start.elapsed() >= Duration::from_millis(850), "{:?}", start.elapsed());
+        let per_bmc: Vec<String> = lines(&dirs[0].join("seen"));
+        assert_eq!(per_bmc, ["1", "1", "1"], "one call at a time on pdu0");
+        let global: Vec<usize> = lines(&base.path().join("global-seen"))
+            .iter()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        assert_eq!(global.len(), 6);
+        assert!(global.iter().all(|n| *n <= 2), "global bound of 2: {global:?}");
+        assert_eq!(srv.state.bmc.machines_in_flight(), 0);
+    }
+);
+
+api_test!(
+    a_hanging_command_is_killed_at_the_deadline,
+    settings = pdu_settings(8, 2),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let d = pdu_machine(&srv, base.path(), "pdu5").await;
+        std::fs::write(d.join("hang"), "").unwrap();
+        let start = Instant::now();
+        let e = srv.admin().power("pdu5", PowerAction::Cycle).await.unwrap_err();
+        assert_eq!(e.status(), Some(504), "{e}");
+        assert!(
+            e.to_string().contains("may or may not"),
+            "a cycle cut short is not repeated: {e}"
+        );
+        assert!(start.elapsed() < Duration::from_millis(2800), "{:?}", start.elapsed());
+        // Its `sleep 30` went with it (a zombie runs nothing).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pid = std::fs::read_to_string(d.join("sleep.pid")).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')),
+            "the program's child survived: {stat}"
+        );
+        let calls = lines(&d.join("calls"));
+        assert_eq!(calls, ["cycle "]);
+    }
+);
+
+api_test!(
+    power_sync_records_drift_and_never_acts,
+    settings = pdu_settings(8, 10),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let a = pdu_machine(&srv, base.path(), "sync1").await;
+        let b = pdu_machine(&srv, base.path(), "sync2").await;
+        srv.admin().power("sync1", PowerAction::On).await.unwrap();
+        let r = srv.state.bmc.sync_once().await.unwrap();
+        assert_eq!((r.read, r.drifted, r.failed), (2, 0, 0), "{r:?}");
+        // Someone switches sync1 off and sync2 on behind kiln's back.
+        std::fs::write(a.join("power"), "off\n").unwrap();
+        std::fs::write(b.join("power"), "on\n").unwrap();
+        let r = srv.state.bmc.sync_once().await.unwrap();
+        assert_eq!((r.read, r.drifted), (2, 2), "{r:?}");
+        let drift = bmc_events(&srv, "sync1").await;
+        assert_eq!(drift[0].action, "bmc.power.drift");
+        assert_eq!(drift[0].actor, "kiln (power sync)");
+        let after = drift[0].after.as_ref().unwrap();
+        assert_eq!(
+            (after["expected"].as_str(), after["observed"].as_str()),
+            (Some("on"), Some("off"))
+        );
+        // Only status reads were run by the sync: it acts on nothing.
+        let calls = lines(&a.join("calls"));
+        assert_eq!(calls, ["on sync1", "status ", "status "]);
+        // Machines in maintenance are skipped.
+        srv.admin()
+            .update_machine(
+                "sync2",
+                &MachinePatch {
+                    maintenance: Some(true),
+                    ..MachinePatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        let r = srv.state.bmc.sync_once().await.unwrap();
+        assert_eq!((r.read, r.skipped, r.drifted), (1, 1, 0), "{r:?}");
+    }
+);
+
+api_test!(
+    tenants_power_their_own_machines_only,
+    settings = pdu_settings(8, 10),
+    |srv| {
+        let base = tempfile::tempdir().unwrap();
+        let admin = srv.admin();
+        for t in ["acme", "globex"] {
+            admin
+                .create_tenant(&TenantCreate {
+                    name: t.into(),
+                    description: None,
+                })
+                .await
+                .unwrap();
+        }
+        let token = admin
+            .create_token(&TokenCreate {
+                role: Role::Tenant,
+                tenant: Some("acme".into()),
+                name: None,
+            })
+            .await
+            .unwrap()
+            .token;
+        pdu_machine(&srv, base.path(), "acme1").await;
+        pdu_machine(&srv, base.path(), "globex1").await;
+        for (host, owner) in [("acme1", "acme"), ("globex1", "globex")] {
+            admin
+                .update_machine(
+                    host,
+                    &MachinePatch {
+                        owner: Some(Some(owner.into())),
+                        ..MachinePatch::default()
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let acme = srv.client(Some(&token));
+        acme.power("acme1", PowerAction::On).await.unwrap();
+        assert_eq!(acme.power_status("acme1").await.unwrap().state, PowerState::On);
+        let e = acme.power("globex1", PowerAction::Off).await.unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e}");
+        let e = acme
+            .set_boot_device(
+                "acme1",
+                &BootDeviceRequest {
+                    device: BootDevice::Network,
+                    once: true,
+                    uefi: false,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+        assert_eq!(acme.bmc_check("acme1").await.unwrap_err().status(), Some(403));
+        let ev = bmc_events(&srv, "acme1").await;
+        assert!(ev[0].actor.ends_with("(tenant)"), "{}", ev[0].actor);
+    }
+);
+
+api_test!(redfish_bmcs_are_driven_through_the_api, |srv| {
+    // kiln's simulated Redfish BMC (plain HTTP here; the driver's own tests
+    // cover TLS, faults and sushy-tools).
+    let sim = kiln_sim::start(kiln_sim::SimConfig {
+        bmcs: 1,
+        username: USER.into(),
+        password: "rf-secret".into(),
+        ..kiln_sim::SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let admin = srv.admin();
+    admin
+        .create_machine(&with_bmc(
+            "rf1",
+            BmcDriver::Redfish,
+            sim.bmc(0).url(),
+            Some("rf-secret"),
+        ))
+        .await
+        .unwrap();
+    admin.power("rf1", PowerAction::Off).await.unwrap();
+    assert_eq!(sim.bmc(0).power(0), kiln_sim::Power::Off);
+    assert_eq!(admin.power_status("rf1").await.unwrap().state, PowerState::Off);
+    admin.power("rf1", PowerAction::On).await.unwrap();
+    assert_eq!(sim.bmc(0).power(0), kiln_sim::Power::On);
+    assert_eq!(admin.power_status("rf1").await.unwrap().state, PowerState::On);
+    let ev = bmc_events(&srv, "rf1").await;
+    assert!(ev.iter().any(|e| e.action == "bmc.power"), "{ev:?}");
+});
+
+api_test!(machines_without_a_bmc_or_a_driver, |srv| {
+    let admin = srv.admin();
+    admin
+        .create_machine(&MachineCreate::new("bare1".parse().unwrap()))
+        .await
+        .unwrap();
+    let e = admin.power("bare1", PowerAction::On).await.unwrap_err();
+    assert_eq!(e.status(), Some(409));
+    assert!(e.to_string().contains("has no BMC"), "{e}");
+    // No [bmc.command] in this server's config.
+    admin
+        .create_machine(&with_bmc("cmd1", BmcDriver::Command, "outlet-7", None))
+        .await
+        .unwrap();
+    let e = admin.power_status("cmd1").await.unwrap_err();
+    assert_eq!(e.status(), Some(409));
+    assert!(e.to_string().contains("[bmc.command]"), "{e}");
+});
