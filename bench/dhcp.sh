@@ -43,6 +43,7 @@
 #   --mode relay|bcast  (default relay)
 #   --find-max / --no-find-max   max-rate search (default on, off with --quick)
 #   --max-lo/--max-hi  bisection bounds (default 250 / 16000)
+#   --no-dnsmasq     leave dnsmasq (informational, in every run by default) out
 #   --pin            pin servers to CPU1 and perfdhcp to CPU0 (default: no pinning)
 #   --kiln PATH      kiln binary (default: cargo build --release --locked -p kiln, target/release/kiln)
 #   --out DIR        results dir (default /tmp/kiln-bench/results/dhcp-<timestamp>)
@@ -60,7 +61,7 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 RATES="250 500 1000 2000 4000 8000"; RUNS=1; PERIOD=5; CLIENTS=60000; MODE=relay
-REPORT=""; FIND_MAX=""; MAX_LO=250; MAX_HI=16000; PIN=0; OUT=""; KEEP_NETNS=0; QUICK=0; WRITE=0; KILN=""
+REPORT=""; FIND_MAX=""; MAX_LO=250; MAX_HI=16000; PIN=0; OUT=""; KEEP_NETNS=0; QUICK=0; WRITE=0; KILN=""; DNSMASQ=1
 CMDLINE="bash bench/dhcp.sh $*"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -76,6 +77,7 @@ while [ $# -gt 0 ]; do
     --max-lo) MAX_LO=$2; shift 2;;
     --max-hi) MAX_HI=$2; shift 2;;
     --pin) PIN=1; shift;;
+    --no-dnsmasq) DNSMASQ=0; shift;;
     --kiln) KILN=$2; shift 2;;
     --out) OUT=$2; shift 2;;
     --keep-netns) KEEP_NETNS=1; shift;;
@@ -94,6 +96,7 @@ if [ $QUICK = 1 ]; then
 fi
 [ -z "$FIND_MAX" ] && FIND_MAX=1
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 2; }
+[ $DNSMASQ = 1 ] && ! command -v dnsmasq >/dev/null && { echo "missing dnsmasq (apt-get install dnsmasq-base; or --no-dnsmasq)" >&2; exit 2; }
 for b in perfdhcp kea-dhcp4 ip python3; do command -v $b >/dev/null || { echo "missing $b (apt-get install kea-dhcp4-server kea-admin iproute2)" >&2; exit 2; }; done
 if [ -n "$REPORT" ]; then :; elif [ -z "$KILN" ]; then
   cargo build --release --locked -p kiln >&2 || { echo "kiln build failed" >&2; exit 1; }
@@ -163,6 +166,12 @@ pool = ["$POOL_START", "$POOL_END"]
 lease_time = 7200
 EOF
       cmd="exec $pinpfx $KILN server --config $W/kiln.toml";;
+    dnsmasq)
+      # As ../shared/bench: lease file on disk, no ICMP check before OFFER,
+      # no per-packet logging.
+      cmd="exec $pinpfx dnsmasq -k -C /dev/null -u root -g root -p 0 --interface=$IF_S --bind-interfaces \
+ --dhcp-range=$POOL_START,$POOL_END,255.255.0.0,2h --dhcp-lease-max=70000 --dhcp-option=3,$SERVER_IP \
+ --pid-file=$W/dnsmasq.pid --quiet-dhcp --log-facility=$W/dnsmasq.log --no-ping --dhcp-leasefile=$W/dnsmasq.leases";;
   esac
   setsid ip netns exec $NS_S bash -c "$cmd" > $W/server.out 2>&1 < /dev/null &
   SRV_PGID=$!
@@ -274,15 +283,17 @@ for rate in $RATES; do
   for run in $(seq 1 $RUNS); do
     one_run kea $rate $run sweep > /dev/null
     one_run kiln $rate $run sweep > /dev/null
+    [ $DNSMASQ = 1 ] && one_run dnsmasq $rate $run sweep > /dev/null
   done
 done
 if [ $FIND_MAX = 1 ]; then
   find_max kea
   find_max kiln
+  [ $DNSMASQ = 1 ] && find_max dnsmasq
 fi
 LOAD_END=$(cut -d' ' -f1 /proc/loadavg)
-printf 'CMDLINE=%q\nLOAD_START=%q\nLOAD_END=%q\nQUICK=%q\nFIND_MAX=%q\nMODE=%q\nPERIOD=%q\nRUNS=%q\nCLIENTS=%q\nMAX_LO=%q\nMAX_HI=%q\nRUN_DATE=%q\nFAILS=%q\n' \
-  "$CMDLINE" "$LOAD_START" "$LOAD_END" "$QUICK" "$FIND_MAX" "$MODE" "$PERIOD" "$RUNS" "$CLIENTS" "$MAX_LO" "$MAX_HI" "$(date -u '+%Y-%m-%d %H:%M UTC')" "$FAILS" > $OUT/meta.env
+printf 'DNSMASQ=%q\nCMDLINE=%q\nLOAD_START=%q\nLOAD_END=%q\nQUICK=%q\nFIND_MAX=%q\nMODE=%q\nPERIOD=%q\nRUNS=%q\nCLIENTS=%q\nMAX_LO=%q\nMAX_HI=%q\nRUN_DATE=%q\nFAILS=%q\n' \
+  "$DNSMASQ" "$CMDLINE" "$LOAD_START" "$LOAD_END" "$QUICK" "$FIND_MAX" "$MODE" "$PERIOD" "$RUNS" "$CLIENTS" "$MAX_LO" "$MAX_HI" "$(date -u '+%Y-%m-%d %H:%M UTC')" "$FAILS" > $OUT/meta.env
 fi   # not --report
 
 # ---- summary (and BENCHMARKS.md) ----
@@ -307,13 +318,14 @@ def f0(x): return '—' if x is None else f'{x:,.0f}'
 def f2(x): return '—' if x is None else f'{x:.2f}'
 def ratio(a, b): return '—' if (a is None or b is None or b == 0) else f'{a/b:.2f}×'
 lines = []
-lines.append('| offered /s | Kea DORA/s | kiln DORA/s | kiln/Kea | Kea drop % | kiln drop % | Kea CPU % | kiln CPU % | kiln/Kea CPU |')
-lines.append('|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+lines.append('| offered /s | Kea DORA/s | kiln DORA/s | kiln/Kea | Kea drop % | kiln drop % | Kea CPU % | kiln CPU % | kiln/Kea CPU | dnsmasq DORA/s | dnsmasq drop % | dnsmasq CPU % |')
+lines.append('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
 for rt in rates:
     kd, nd = med('kea', rt, 'dora_per_s'), med('kiln', rt, 'dora_per_s')
     kx, nx = med('kea', rt, 'drop_pct'), med('kiln', rt, 'drop_pct')
     kc, nc = med('kea', rt, 'srv_cpu_pct'), med('kiln', rt, 'srv_cpu_pct')
-    lines.append(f'| {rt:,} | {f0(kd)} | {f0(nd)} | {ratio(nd, kd)} | {f2(kx)} | {f2(nx)} | {f0(kc)} | {f0(nc)} | {ratio(nc, kc)} |')
+    dd, dx, dc = med('dnsmasq', rt, 'dora_per_s'), med('dnsmasq', rt, 'drop_pct'), med('dnsmasq', rt, 'srv_cpu_pct')
+    lines.append(f'| {rt:,} | {f0(kd)} | {f0(nd)} | {ratio(nd, kd)} | {f2(kx)} | {f2(nx)} | {f0(kc)} | {f0(nc)} | {ratio(nc, kc)} | {f0(dd)} | {f2(dx)} | {f0(dc)} |')
 table = '\n'.join(lines)
 maxr = {}
 for l in open(os.path.join(E['OUT'], 'maxrate.txt')):
@@ -345,7 +357,7 @@ else:
 print()
 print(table)
 print()
-for s in ('kea', 'kiln'):
+for s in ('kea', 'kiln', 'dnsmasq'):
     if s in maxr: print(f'max sustained rate (< 1 % drops, median of confirm runs) {s}: {maxr[s][0]}/s (median drop {maxr[s][1]} %)')
 print('Verdict:', verdict)
 print('Per-run CSV:', E['CSV'])
@@ -355,7 +367,7 @@ if E['WRITE'] == '1':
     for r in rows:
         per.append(f"| {r['label']} | {r['phase']} | {int(r['rate']):,} | {r['run']} | {int(r['disc_sent']):,} | {int(r['offer_recv']):,} | {int(r['req_sent']):,} | {int(r['ack_recv']):,} | {float(r['dora_per_s']):,.0f} | {float(r['drop_pct']):.2f} | {float(r['srv_cpu_pct']):.0f} | {float(r['cli_cpu_pct']):.0f} | {float(r['foreign_cpu_pct']):.0f} | {int(r['srv_hwm_kb'] or 0)/1024:.0f} |")
     mx = ''
-    for s, name in (('kea', 'Kea'), ('kiln', 'kiln')):
+    for s, name in (('kea', 'Kea'), ('kiln', 'kiln'), ('dnsmasq', 'dnsmasq')):
         if s in maxr: mx += f'- Max sustained rate (< 1 % drops; bisection {int(E["MAX_LO"]):,}–{int(E["MAX_HI"]):,}/s, then confirmed with {E["RUNS"]} run(s), stepping down 5 % while the median drop is ≥ 1 %): {name} **{maxr[s][0]}/s** (median drop {maxr[s][1]} %).\n'
     sec = f"""<!-- dhcp:begin -->
 ### Results ({E['DATE']})
@@ -368,11 +380,11 @@ Command: `{E['CMDLINE']}`
 - Reference: {E['KEAV'] or 'Kea'} (kea-dhcp4, memfile with persist=true — CSV lease file on disk, lfc off; single-threaded; raw socket; log WARN).
   kiln: `kiln server`, [dhcp] mode = "full", [boot] discovery = true, log = "warn", embedded SQLite in a fresh data_dir.
   Client: perfdhcp {E['PERFV']}, {E['MODE']} mode (unicast to 198.18.0.1:67 as relay 198.18.0.2), {int(E['CLIENTS']):,} simulated clients, {E['PERIOD']} s per run, {E['RUNS']} run(s) per rate and server.
-- Each run starts a fresh server (empty lease database); runs alternate Kea and kiln at each offered rate.
+  dnsmasq (informational, no target): dnsmasq -k, lease file on disk, --no-ping, --quiet-dhcp.
+- Each run starts a fresh server (empty lease database); runs alternate Kea, kiln (and dnsmasq) at each offered rate.
   DORA/s = ACKs received / period; drop % = 1 − ACKs / DISCOVERs sent; server CPU = the server process's user+system time over the perfdhcp wall time (100 % = one core).
 {mx}
-| offered /s | Kea DORA/s | kiln DORA/s | kiln/Kea | Kea drop % | kiln drop % | Kea CPU % | kiln CPU % | kiln/Kea CPU |
-""" + '\n'.join(lines[1:]) + f"""
+""" + '\n'.join(lines) + f"""
 
 Verdict: {verdict}
 

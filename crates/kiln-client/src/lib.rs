@@ -63,9 +63,20 @@ fn seg(s: &str) -> String {
         .collect()
 }
 
+/// Makes ring the process's TLS crypto provider, once. The workspace's
+/// reqwest is built on rustls without a provider of its own (the Redfish
+/// driver picks ring, and Cargo unifies features), so a plain
+/// `reqwest::Client` panics unless one is installed: every binary and test
+/// server calls this first, and so does [`Client::new`].
+pub fn install_tls_provider() {
+    // Err means one is installed already, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl Client {
     /// `base` is the server URL (`http://127.0.0.1:7070`).
     pub fn new(base: &str, token: Option<String>) -> Client {
+        install_tls_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(300))
             .connect_timeout(Duration::from_secs(10))

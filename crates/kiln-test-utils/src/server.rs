@@ -33,6 +33,8 @@ impl TestServer {
     /// A server with `settings` (data directory, listen address and
     /// database are the test's own).
     pub async fn start_with(backend: Backend, settings: Settings) -> TestServer {
+        // Tests also build plain reqwest clients (see install_tls_provider).
+        kiln_client::install_tls_provider();
         let db = TestDb::new(backend).await;
         let settings = Settings {
             data_dir: Some(db.dir.path().to_path_buf()),
