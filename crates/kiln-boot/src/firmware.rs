@@ -89,7 +89,10 @@ pub fn first_stage(client: Client, files: &FirstStageFiles, http_base: &str, mac
         }),
         Client::Ipxe { efi } => Some(FirstStage::Http {
             url: format!(
-                "{http_base}/boot/ipxe?mac={mac}&platform={}",
+                // iPXE expands `${…}` in the file name it is given: the
+                // SMBIOS UUID and serial let HTTP boot know a machine whose
+                // MAC is not in the inventory.
+                "{http_base}/boot/ipxe?mac={mac}&uuid=${{uuid}}&serial=${{serial:uristring}}&platform={}",
                 if efi { "efi" } else { "pcbios" }
             ),
         }),
@@ -166,7 +169,8 @@ mod tests {
         assert_eq!(
             first_stage(Client::Ipxe { efi: true }, &f, base, mac),
             Some(FirstStage::Http {
-                url: "http://10.0.0.1:7070/boot/ipxe?mac=52:54:00:00:00:01&platform=efi".into()
+                url: "http://10.0.0.1:7070/boot/ipxe?mac=52:54:00:00:00:01&uuid=${uuid}&serial=${serial:uristring}&platform=efi"
+                    .into()
             })
         );
         assert_eq!(

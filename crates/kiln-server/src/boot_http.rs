@@ -58,6 +58,13 @@ impl BootContext {
 #[derive(Debug, Deserialize)]
 pub struct IpxeQuery {
     mac: String,
+    /// SMBIOS UUID and serial (`${uuid}`, `${serial}`): the machine when
+    /// its MAC is not in the inventory. Empty, unexpanded or placeholder
+    /// values are ignored.
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    serial: Option<String>,
     /// `efi` or `pcbios`.
     #[serde(default)]
     platform: Option<String>,
@@ -92,7 +99,24 @@ async fn answer_for(state: &AppState, machine: Option<&Machine>) -> BootAnswer {
     decide(machine, None, state.boot.policy(), Utc::now())
 }
 
-/// `GET /boot/ipxe?mac=…&platform=…`: the script for this machine, now.
+/// Whether a firmware serial number names one machine: vendors fill the
+/// field with placeholders shared by a whole product line.
+fn is_real_serial(s: &str) -> bool {
+    const PLACEHOLDERS: [&str; 8] = [
+        "",
+        "0",
+        "none",
+        "not specified",
+        "default string",
+        "system serial number",
+        "to be filled by o.e.m.",
+        "${serial:uristring}",
+    ];
+    let s = s.trim();
+    !PLACEHOLDERS.iter().any(|p| s.eq_ignore_ascii_case(p)) && !s.chars().all(|c| c == '0' || c == ' ')
+}
+
+/// `GET /boot/ipxe?mac=…&uuid=…&serial=…&platform=…`: the script for this machine, now.
 /// No token: a booting machine has none; the script holds nothing a
 /// machine on this network could not be told anyway.
 pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
@@ -101,6 +125,21 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     let machine = match state.store.find_machine_by_nic(mac, None, None).await {
+        Ok(None) => {
+            let uuid = q
+                .uuid
+                .as_deref()
+                .filter(|u| u.parse::<uuid::Uuid>().is_ok_and(|u| !u.is_nil()));
+            let serial = q.serial.as_deref().filter(|s| is_real_serial(s));
+            if uuid.is_none() && serial.is_none() {
+                None
+            } else {
+                match state.store.find_machine_by_dmi(uuid, serial).await {
+                    Ok(m) => m,
+                    Err(e) => return ApiError::from(e).into_response(),
+                }
+            }
+        }
         Ok(m) => m,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -108,7 +147,8 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
     let base = base_url(&state.boot, &headers);
     match render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base)) {
         Ok(script) => {
-            tracing::info!(%mac, reason = answer.reason(), "ipxe script");
+            let (uuid, serial) = (q.uuid.as_deref().unwrap_or(""), q.serial.as_deref().unwrap_or(""));
+            tracing::info!(%mac, uuid, serial, reason = answer.reason(), "ipxe script");
             text(StatusCode::OK, script)
         }
         Err(e) => {

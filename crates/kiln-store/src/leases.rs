@@ -318,6 +318,50 @@ impl Store {
         }
     }
 
+    /// The machine whose hardware inventory (DMI, as its agent reported
+    /// it) has this SMBIOS UUID (any case), else this serial number: how
+    /// HTTP boot knows a machine whose MAC is not in the inventory. Not
+    /// indexed (it reads every machine's inventory): it is asked only for
+    /// MACs kiln does not know.
+    pub async fn find_machine_by_dmi(&self, uuid: Option<&str>, serial: Option<&str>) -> Result<Option<Machine>> {
+        let field = |name: &str| match self.backend {
+            crate::Backend::Sqlite => format!("json_extract(hardware, '$.dmi.{name}')"),
+            crate::Backend::Postgres => format!("(hardware::json -> 'dmi' ->> '{name}')"),
+        };
+        let mut row = None;
+        if let Some(uuid) = uuid {
+            row = sqlx::query::<Any>(crate::built(format!(
+                "SELECT id FROM machines WHERE lower({}) = lower($1) ORDER BY id LIMIT 1",
+                field("uuid")
+            )))
+            .bind(uuid)
+            .fetch_optional(&self.pool)
+            .await?;
+        }
+        if row.is_none()
+            && let Some(serial) = serial
+        {
+            row = sqlx::query::<Any>(crate::built(format!(
+                "SELECT id FROM machines WHERE {} = $1 ORDER BY id LIMIT 1",
+                field("serial")
+            )))
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?;
+        }
+        match row {
+            Some(r) => {
+                let id: String = r.try_get("id")?;
+                match self.get_machine(&id, None).await {
+                    Ok(m) => Ok(Some(m)),
+                    Err(StoreError::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
     /// A number that changes whenever any machine is created, changed or
     /// deleted: one primary-key read tells a cache whether it is stale.
     pub async fn machines_generation(&self) -> Result<i64> {

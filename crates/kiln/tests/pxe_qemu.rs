@@ -258,6 +258,21 @@ fn discovery_boot(tag: &str, firmware: Firmware, mac: &str) {
         log.contains(&format!("platform={platform}")),
         "the script URL says the firmware:\n{log}"
     );
+    // iPXE expanded ${uuid} in the URL kiln's DHCP gave it: the firmware's
+    // SMBIOS UUID reached HTTP boot (how a machine whose MAC kiln does not
+    // know is still recognised).
+    let request = log
+        .lines()
+        .find(|l| l.contains("ipxe script"))
+        .unwrap_or_else(|| panic!("no script request:\n{log}"));
+    // The log may be coloured: the value is the first quoted text after
+    // the field's name.
+    let uuid = request
+        .split_once("uuid")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .and_then(|(_, value)| value.get(..36))
+        .unwrap_or_else(|| panic!("no uuid in the request: {request}"));
+    assert!(uuid.parse::<uuid::Uuid>().is_ok(), "not expanded: {request}");
     drop(vm);
 }
 

@@ -598,7 +598,7 @@ mod tests {
         ));
         assert_eq!(
             file(&r),
-            "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01&platform=pcbios"
+            "http://10.213.0.1:7070/boot/ipxe?mac=52:54:00:13:00:01&uuid=${uuid}&serial=${serial:uristring}&platform=pcbios"
         );
         let no_pxedhcp = r
             .opts()

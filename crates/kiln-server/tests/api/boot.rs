@@ -52,6 +52,42 @@ api_test!(deployed_machines_are_sent_to_their_disk, |srv| {
     );
 });
 
+api_test!(
+    a_machine_is_known_by_its_smbios_uuid_or_serial_when_its_mac_is_not,
+    |srv| {
+        let mut m = MachineCreate::new("dmi1".parse().unwrap());
+        m.state = MachineState::Deployed;
+        m.hardware = Some(
+            serde_json::from_value(serde_json::json!({
+                "dmi": {"uuid": "8c5b1f2e-0d3a-4c7b-9e61-2a4f6b8d0c11", "serial": "CZ1234ABC"}
+            }))
+            .unwrap(),
+        );
+        srv.admin().create_machine(&m).await.unwrap();
+        let disk = |s: &str| s.contains("sanboot --no-describe --drive 0x80");
+        // The MAC is unknown; the UUID (any case) or the serial names it.
+        let (_, s) = script(
+            &srv,
+            "mac=52:54:00:00:07:01&uuid=8C5B1F2E-0D3A-4C7B-9E61-2A4F6B8D0C11&serial=&platform=pcbios",
+            None,
+        )
+        .await;
+        assert!(disk(&s), "{s}");
+        let (_, s) = script(&srv, "mac=52:54:00:00:07:01&uuid=&serial=CZ1234ABC", None).await;
+        assert!(disk(&s), "{s}");
+        // Placeholders, an unexpanded iPXE variable, a nil UUID or another
+        // machine's ids name nothing.
+        for q in [
+            "uuid=00000000-0000-0000-0000-000000000000&serial=Not%20Specified",
+            "uuid=%24%7Buuid%7D&serial=%24%7Bserial%3Auristring%7D",
+            "uuid=11111111-2222-3333-4444-555555555555&serial=CZ9999",
+        ] {
+            let (_, s) = script(&srv, &format!("mac=52:54:00:00:07:01&{q}"), None).await;
+            assert!(s.contains("not managed here"), "{q}: {s}");
+        }
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_boots_the_agent_and_hosts_cannot_inject() {
     let settings = Settings {
