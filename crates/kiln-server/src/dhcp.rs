@@ -152,8 +152,7 @@ const INVENTORY_RECHECK: StdDuration = StdDuration::from_secs(1);
 /// Lease changes waiting for the writer; past this, requests are dropped
 /// (the client retries) rather than queued without bound.
 const PENDING_WRITES: usize = 8192;
-/// How long the writer waits for more lease changes when several are
-/// already queued.
+/// How long the writer waits for more lease changes before it commits.
 const COMMIT_LINGER: StdDuration = StdDuration::from_millis(2);
 /// Most lease changes committed in one transaction.
 const WRITES_PER_COMMIT: usize = 1024;
@@ -362,9 +361,11 @@ async fn serve(
 async fn write_leases(store: Store, mut pending: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(WRITES_PER_COMMIT);
     while pending.recv_many(&mut batch, WRITES_PER_COMMIT).await > 0 {
-        // Under load, wait a moment for more: one transaction then carries
-        // many clients' leases, and the ACKs leave a millisecond or two later.
-        if batch.len() > 1 && batch.len() < WRITES_PER_COMMIT {
+        // Wait a moment for more: one transaction (four round trips to
+        // SQLite's thread, each a thread wake) then carries many clients'
+        // leases, and each ACK leaves a millisecond or two later — nothing
+        // to a DHCP client, which waits seconds before it retries.
+        if batch.len() < WRITES_PER_COMMIT {
             tokio::time::sleep(COMMIT_LINGER).await;
             while batch.len() < WRITES_PER_COMMIT
                 && let Ok(p) = pending.try_recv()
