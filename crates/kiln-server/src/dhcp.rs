@@ -419,6 +419,8 @@ async fn serve_interface(
         policy: BootPolicy {
             discovery: service.boot.discovery,
         },
+        // The note is only ever logged, at info.
+        notes: tracing::enabled!(tracing::Level::INFO),
     };
     let mut buf = vec![0u8; 1500];
     // Made once: a new `cancelled()` per packet would register and

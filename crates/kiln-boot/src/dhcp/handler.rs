@@ -37,6 +37,34 @@ pub struct ServerConfig {
     pub http_base: String,
     pub files: FirstStageFiles,
     pub policy: BootPolicy,
+    /// Whether to write `Outcome::note`. A listener that will not log it
+    /// says no: formatting it for every packet was a tenth of the DHCP
+    /// listener's instructions (bench/dhcp).
+    pub notes: bool,
+}
+
+/// The note's text, if the configuration asks for notes (the arguments
+/// are not evaluated otherwise).
+macro_rules! note {
+    ($cfg:expr, $($arg:tt)*) => {
+        if $cfg.notes { format!($($arg)*) } else { String::new() }
+    };
+}
+
+/// Who asked, for notes: the machine's hostname and MAC, or the MAC.
+#[derive(Debug, Clone, Copy)]
+struct Who<'a> {
+    machine: Option<&'a Machine>,
+    mac: MacAddr,
+}
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.machine {
+            Some(m) => write!(f, "{} ({})", m.hostname, self.mac),
+            None => write!(f, "unknown {}", self.mac),
+        }
+    }
 }
 
 /// What the listener looked up for this request.
@@ -280,23 +308,25 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
         return ignore("not an Ethernet client");
     };
     let Some(kind) = msg.opts().msg_type() else {
-        return ignore(format!("{mac}: BOOTP without a DHCP message type is not served"));
+        return ignore(note!(cfg, "{mac}: BOOTP without a DHCP message type is not served"));
     };
     let answer = decide(facts.machine, facts.arm, cfg.policy, now);
-    let who = facts
-        .machine
-        .map_or_else(|| format!("unknown {mac}"), |m| format!("{} ({mac})", m.hostname));
+    let who = Who {
+        machine: facts.machine,
+        mac,
+    };
     if facts.machine.is_none() && matches!(answer, BootAnswer::NoAnswer { .. }) {
-        return ignore(format!(
+        return ignore(note!(
+            cfg,
             "{who}: not in the inventory and discovery is off: left to other servers"
         ));
     }
     let client = boot_client(msg);
     if cfg.mode == Mode::Proxy {
-        return proxy(cfg, msg, kind, client, &answer, mac, &who);
+        return proxy(cfg, msg, kind, client, &answer, mac, who);
     }
     let Some(subnet) = facts.subnet else {
-        return ignore(format!("{who}: no subnet is served where this request came from"));
+        return ignore(note!(cfg, "{who}: no subnet is served where this request came from"));
     };
     let requested = match msg.opts().get(OptionCode::RequestedIpAddress) {
         Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
@@ -317,7 +347,7 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
                 facts.is_free,
                 facts.pool_cursor,
             ) else {
-                return ignore(format!("{who}: no free address in {}", subnet.network));
+                return ignore(note!(cfg, "{who}: no free address in {}", subnet.network));
             };
             let mut r = reply_to(msg, MessageType::Offer, cfg.server_ip);
             r.set_yiaddr(ip);
@@ -327,12 +357,12 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
             Outcome {
                 reply: Some(r),
                 effect: Effect::None,
-                note: format!("{who}: offer {ip}; {}", boot_note(&answer, &boot)),
+                note: note!(cfg, "{who}: offer {ip}; {}", boot_note(&answer, &boot)),
             }
         }
         MessageType::Request => {
             if server_id.is_some_and(|id| id != cfg.server_ip) {
-                return ignore(format!("{who}: chose another server"));
+                return ignore(note!(cfg, "{who}: chose another server"));
             }
             let wanted = requested.or_else(|| (!msg.ciaddr().is_unspecified()).then(|| msg.ciaddr()));
             let chosen = choose_address(
@@ -361,21 +391,21 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
                     Outcome {
                         reply: Some(r),
                         effect: Effect::Commit(lease),
-                        note: format!("{who}: ack {c}; {}", boot_note(&answer, &boot)),
+                        note: note!(cfg, "{who}: ack {c}; {}", boot_note(&answer, &boot)),
                     }
                 }
                 (Some(w), c) => {
                     let mut r = reply_to(msg, MessageType::Nak, cfg.server_ip);
                     r.opts_mut()
                         .insert(DhcpOption::Message(format!("{w} is not yours here")));
-                    let why = c.map_or_else(|| "no address is free".to_string(), |c| format!("its address is {c}"));
+                    let why = || c.map_or_else(|| "no address is free".to_string(), |c| format!("its address is {c}"));
                     Outcome {
                         reply: Some(r),
                         effect: Effect::None,
-                        note: format!("{who}: nak {w}: {why}"),
+                        note: note!(cfg, "{who}: nak {w}: {}", why()),
                     }
                 }
-                (None, _) => ignore(format!("{who}: request without an address")),
+                (None, _) => ignore(note!(cfg, "{who}: request without an address")),
             }
         }
         MessageType::Release => {
@@ -384,19 +414,19 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
                 Outcome {
                     reply: None,
                     effect: Effect::Release { ip, mac },
-                    note: format!("{who}: released {ip}"),
+                    note: note!(cfg, "{who}: released {ip}"),
                 }
             } else {
-                ignore(format!("{who}: release of {ip}, which it does not hold"))
+                ignore(note!(cfg, "{who}: release of {ip}, which it does not hold"))
             }
         }
         MessageType::Decline => match requested {
             Some(ip) if subnet.contains(ip) => Outcome {
                 reply: None,
                 effect: Effect::Decline { ip, mac },
-                note: format!("{who}: declined {ip} (in use on the wire)"),
+                note: note!(cfg, "{who}: declined {ip} (in use on the wire)"),
             },
-            _ => ignore(format!("{who}: decline without an address of ours")),
+            _ => ignore(note!(cfg, "{who}: decline without an address of ours")),
         },
         MessageType::Inform => {
             let mut r = reply_to(msg, MessageType::Ack, cfg.server_ip);
@@ -405,10 +435,10 @@ pub fn handle(cfg: &ServerConfig, msg: &Message, facts: &Facts, now: DateTime<Ut
             Outcome {
                 reply: Some(r),
                 effect: Effect::None,
-                note: format!("{who}: inform"),
+                note: note!(cfg, "{who}: inform"),
             }
         }
-        other => ignore(format!("{who}: {other:?} is not a client message")),
+        other => ignore(note!(cfg, "{who}: {other:?} is not a client message")),
     }
 }
 
@@ -419,26 +449,26 @@ fn proxy(
     client: Client,
     answer: &BootAnswer,
     mac: MacAddr,
-    who: &str,
+    who: Who<'_>,
 ) -> Outcome {
     if matches!(client, Client::Plain | Client::Unsupported { .. }) {
-        return ignore(format!("{who}: proxy mode answers boot clients only"));
+        return ignore(note!(cfg, "{who}: proxy mode answers boot clients only"));
     }
     let reply_kind = match kind {
         MessageType::Discover => MessageType::Offer,
         MessageType::Request | MessageType::Inform => MessageType::Ack,
-        _ => return ignore(format!("{who}: {kind:?} needs no proxy answer")),
+        _ => return ignore(note!(cfg, "{who}: {kind:?} needs no proxy answer")),
     };
     let mut r = reply_to(msg, reply_kind, cfg.server_ip);
     r.set_ciaddr(msg.ciaddr());
     let boot = add_boot(&mut r, cfg, client, answer, mac);
     if boot.is_none() {
-        return ignore(format!("{who}: nothing to boot"));
+        return ignore(note!(cfg, "{who}: nothing to boot"));
     }
     Outcome {
         reply: Some(r),
         effect: Effect::None,
-        note: format!("{who}: proxy {reply_kind:?}; {}", boot_note(answer, &boot)),
+        note: note!(cfg, "{who}: proxy {reply_kind:?}; {}", boot_note(answer, &boot)),
     }
 }
 
@@ -478,6 +508,7 @@ mod tests {
             http_base: "http://10.213.0.1:7070".into(),
             files: FirstStageFiles::default(),
             policy: BootPolicy { discovery },
+            notes: true,
         }
     }
 
@@ -551,6 +582,27 @@ mod tests {
         );
         assert!(o.reply.is_none(), "{}", o.note);
         assert!(o.note.contains("discovery is off"));
+    }
+
+    #[test]
+    fn without_notes_the_answer_is_the_same_and_the_note_empty() {
+        let s = subnet();
+        let now = Utc::now();
+        for kind in [MessageType::Discover, MessageType::Request, MessageType::Inform] {
+            let msg = pxe(request(kind), 0);
+            let with = handle(&cfg(Mode::Full, true), &msg, &facts(&s, None, None, &|_| true), now);
+            let mut quiet_cfg = cfg(Mode::Full, true);
+            quiet_cfg.notes = false;
+            let without = handle(&quiet_cfg, &msg, &facts(&s, None, None, &|_| true), now);
+            assert!(!with.note.is_empty(), "{kind:?}");
+            assert!(without.note.is_empty(), "{kind:?}: {}", without.note);
+            assert_eq!(with.effect, without.effect, "{kind:?}");
+            assert_eq!(
+                with.reply.map(|r| r.to_vec().unwrap()),
+                without.reply.map(|r| r.to_vec().unwrap()),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]
@@ -898,6 +950,7 @@ mod robustness {
             http_base: "http://10.0.0.1:7070".into(),
             files: FirstStageFiles::default(),
             policy: BootPolicy { discovery: true },
+            notes: true,
         };
         let facts = Facts {
             subnet: Some(&subnet),
