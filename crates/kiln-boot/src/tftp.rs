@@ -490,6 +490,11 @@ impl ReadTransfer {
 
     /// No ACK within the timeout.
     pub fn on_timeout(&mut self) -> Step {
+        // A timer that fires after the last ACK (found by the tftp_packet
+        // fuzz target: the window's size was computed below zero).
+        if self.base > self.last {
+            return Step::Done;
+        }
         if self.retries >= self.max_retries {
             return Step::GiveUp;
         }
@@ -501,6 +506,16 @@ impl ReadTransfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_after_the_last_ack_sends_nothing() {
+        // One block, no options: block 1, ACK 1, then the timer fires.
+        let mut t = ReadTransfer::new(100, 512, 1, false, 3);
+        assert!(matches!(t.start(), Step::Send { first: 1, count: 1 }));
+        assert!(matches!(t.on_ack(1), Step::Done));
+        assert!(matches!(t.on_timeout(), Step::Done));
+        assert!(matches!(t.on_ack(1), Step::Done));
+    }
 
     fn rrq(filename: &str, mode: Mode, options: &[(&'static str, &'static str)]) -> Vec<u8> {
         Packet::Rrq(Request {
