@@ -154,14 +154,51 @@ where
     Ok(results)
 }
 
-/// Prints the rows and fails when any host failed.
-fn finish(out: &mut Out, header: &[&str], results: Vec<HostResult>, rows: Vec<Vec<String>>) -> anyhow::Result<()> {
-    out.table(&results, header, rows)?;
-    let failed = results.iter().filter(|r| !r.ok).count();
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} machines failed", results.len());
+/// The table rows and JSON results, host by host.
+#[derive(Default)]
+struct Report {
+    rows: Vec<Vec<String>>,
+    json: Vec<HostResult>,
+}
+
+impl Report {
+    /// A host that answered: its table cells after the hostname.
+    fn answered(&mut self, host: String, cells: Vec<String>, result: &impl Serialize, ok: bool, error: Option<String>) {
+        self.rows.push(std::iter::once(host.clone()).chain(cells).collect());
+        self.json.push(HostResult {
+            hostname: host,
+            ok,
+            result: serde_json::to_value(result).ok(),
+            error,
+        });
     }
-    Ok(())
+
+    /// A host whose request failed: `blank` cells after the hostname, then
+    /// the error.
+    fn failed(&mut self, host: String, blank: Vec<String>, error: String) {
+        self.rows.push(
+            std::iter::once(host.clone())
+                .chain(blank)
+                .chain([error.clone()])
+                .collect(),
+        );
+        self.json.push(HostResult {
+            hostname: host,
+            ok: false,
+            result: None,
+            error: Some(error),
+        });
+    }
+
+    /// Prints the rows and fails when any host failed.
+    fn finish(self, out: &mut Out, header: &[&str]) -> anyhow::Result<()> {
+        out.table(&self.json, header, self.rows)?;
+        let failed = self.json.iter().filter(|r| !r.ok).count();
+        if failed > 0 {
+            anyhow::bail!("{failed} of {} machines failed", self.json.len());
+        }
+        Ok(())
+    }
 }
 
 pub async fn power(c: PowerCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
@@ -177,35 +214,17 @@ pub async fn power(c: PowerCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
         client.power(&host, action).await.map_err(|e| message(&e))
     })
     .await?;
-    let mut rows = vec![];
-    let mut json = vec![];
+    let mut report = Report::default();
     for (host, r) in results {
         match r {
             Ok(done) => {
-                rows.push(vec![
-                    host.clone(),
-                    format!("power {action}: done"),
-                    format!("{} ms", done.elapsed_ms),
-                ]);
-                json.push(HostResult {
-                    hostname: host,
-                    ok: true,
-                    result: serde_json::to_value(&done).ok(),
-                    error: None,
-                });
+                let cells = vec![format!("power {action}: done"), format!("{} ms", done.elapsed_ms)];
+                report.answered(host, cells, &done, true, None);
             }
-            Err(e) => {
-                rows.push(vec![host.clone(), "FAILED".into(), e.clone()]);
-                json.push(HostResult {
-                    hostname: host,
-                    ok: false,
-                    result: None,
-                    error: Some(e),
-                });
-            }
+            Err(e) => report.failed(host, vec!["FAILED".into()], e),
         }
     }
-    finish(out, &["HOSTNAME", "RESULT", "DETAIL"], json, rows)
+    report.finish(out, &["HOSTNAME", "RESULT", "DETAIL"])
 }
 
 async fn status(sel: Selector, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
@@ -213,22 +232,14 @@ async fn status(sel: Selector, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
         client.power_status(&host).await.map_err(|e| message(&e))
     })
     .await?;
-    let mut rows = vec![];
-    let mut json = vec![];
+    let mut report = Report::default();
     for (host, r) in results {
-        let (ok, power, detail, result) = match r {
-            Ok(s) => (true, s.state.to_string(), String::new(), serde_json::to_value(&s).ok()),
-            Err(e) => (false, "?".into(), e, None),
-        };
-        rows.push(vec![host.clone(), power, detail.clone()]);
-        json.push(HostResult {
-            hostname: host,
-            ok,
-            result,
-            error: (!ok).then_some(detail),
-        });
+        match r {
+            Ok(st) => report.answered(host, vec![st.state.to_string(), String::new()], &st, true, None),
+            Err(e) => report.failed(host, vec!["?".into()], e),
+        }
     }
-    finish(out, &["HOSTNAME", "POWER", "ERROR"], json, rows)
+    report.finish(out, &["HOSTNAME", "POWER", "ERROR"])
 }
 
 pub async fn bootdev(a: BootdevArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
@@ -247,35 +258,17 @@ pub async fn bootdev(a: BootdevArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result
         async move { client.set_boot_device(&host, &req).await.map_err(|e| message(&e)) }
     })
     .await?;
-    let mut rows = vec![];
-    let mut json = vec![];
+    let mut report = Report::default();
     for (host, r) in results {
         match r {
             Ok(done) => {
-                rows.push(vec![
-                    host.clone(),
-                    format!("{} ({when}{})", done.device, if done.uefi { ", UEFI" } else { "" }),
-                    String::new(),
-                ]);
-                json.push(HostResult {
-                    hostname: host,
-                    ok: true,
-                    result: serde_json::to_value(&done).ok(),
-                    error: None,
-                });
+                let next = format!("{} ({when}{})", done.device, if done.uefi { ", UEFI" } else { "" });
+                report.answered(host, vec![next, String::new()], &done, true, None);
             }
-            Err(e) => {
-                rows.push(vec![host.clone(), "FAILED".into(), e.clone()]);
-                json.push(HostResult {
-                    hostname: host,
-                    ok: false,
-                    result: None,
-                    error: Some(e),
-                });
-            }
+            Err(e) => report.failed(host, vec!["FAILED".into()], e),
         }
     }
-    finish(out, &["HOSTNAME", "NEXT BOOT", "ERROR"], json, rows)
+    report.finish(out, &["HOSTNAME", "NEXT BOOT", "ERROR"])
 }
 
 pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
@@ -284,14 +277,12 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
         client.bmc_check(&host).await.map_err(|e| message(&e))
     })
     .await?;
-    let mut rows = vec![];
-    let mut json = vec![];
+    let mut report = Report::default();
     let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
     for (host, r) in results {
         match r {
             Ok(c) => {
-                rows.push(vec![
-                    host.clone(),
+                let cells = vec![
                     format!("{} {}", c.driver, c.address),
                     yes(c.reachable),
                     yes(c.authenticated),
@@ -299,35 +290,13 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                     opt(&c.power),
                     opt(&c.uuid),
                     c.error.clone().unwrap_or_default(),
-                ]);
-                json.push(HostResult {
-                    hostname: host,
-                    ok: c.ok,
-                    error: c.error.clone(),
-                    result: serde_json::to_value(&c).ok(),
-                });
+                ];
+                report.answered(host, cells, &c, c.ok, c.error.clone());
             }
-            Err(e) => {
-                rows.push(vec![
-                    host.clone(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    e.clone(),
-                ]);
-                json.push(HostResult {
-                    hostname: host,
-                    ok: false,
-                    result: None,
-                    error: Some(e),
-                });
-            }
+            Err(e) => report.failed(host, vec!["-".into(); 6], e),
         }
     }
-    finish(
+    report.finish(
         out,
         &[
             "HOSTNAME",
@@ -339,7 +308,5 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             "UUID",
             "ERROR",
         ],
-        json,
-        rows,
     )
 }
