@@ -138,8 +138,9 @@ pub struct AddArgs {
     bmc: BmcArgs,
 }
 
+/// The selectors `machine list` and the BMC verbs share.
 #[derive(Debug, clap::Args)]
-pub struct ListArgs {
+pub struct MachineSelectors {
     /// Only machines with this tag (repeat: all of them).
     #[arg(long)]
     tag: Vec<Tag>,
@@ -151,6 +152,35 @@ pub struct ListArgs {
     state: Option<MachineState>,
     #[arg(long)]
     owner: Option<String>,
+}
+
+impl MachineSelectors {
+    /// Whether any selector was given.
+    pub fn any(&self) -> bool {
+        !self.tag.is_empty()
+            || self.rack.is_some()
+            || self.site.is_some()
+            || self.state.is_some()
+            || self.owner.is_some()
+    }
+
+    /// The API filter for these selectors (no search, default page).
+    pub fn filter(&self) -> MachineFilter {
+        MachineFilter {
+            tag: (!self.tag.is_empty()).then(|| self.tag.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
+            rack: self.rack.clone(),
+            site: self.site.clone(),
+            state: self.state,
+            owner: self.owner.clone(),
+            ..MachineFilter::default()
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    select: MachineSelectors,
     /// Hostname contains this.
     #[arg(long, short = 'q')]
     search: Option<String>,
@@ -257,14 +287,9 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
         }
         MachineCmd::List(a) => {
             let filter = MachineFilter {
-                tag: (!a.tag.is_empty()).then(|| a.tag.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
-                rack: a.rack,
-                site: a.site,
-                state: a.state,
-                owner: a.owner,
                 q: a.search,
                 limit: Some(a.limit),
-                cursor: None,
+                ..a.select.filter()
             };
             let client = ctx.client()?;
             let (machines, more) = if a.all {

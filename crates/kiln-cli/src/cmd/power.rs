@@ -9,57 +9,34 @@
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
 use kiln_client::{Client, ClientError};
-use kiln_types::Tag;
-use kiln_types::machine::{MachineFilter, MachineState};
 use kiln_types::power::{BootDevice, BootDeviceRequest, PowerAction};
 use serde::Serialize;
 
 use crate::Ctx;
+use crate::cmd::machine::MachineSelectors;
 use crate::output::{Out, opt};
+use kiln_types::machine::MachineFilter;
 
 /// Which machines: named hosts and/or the `machine list` filters.
 #[derive(Debug, clap::Args)]
 pub struct Selector {
     /// Hostnames or machine ids.
     hosts: Vec<String>,
-    /// Machines with this tag (repeat: all of them).
-    #[arg(long)]
-    tag: Vec<Tag>,
-    #[arg(long)]
-    rack: Option<String>,
-    #[arg(long)]
-    site: Option<String>,
-    #[arg(long)]
-    state: Option<MachineState>,
-    #[arg(long)]
-    owner: Option<String>,
+    #[command(flatten)]
+    select: MachineSelectors,
     /// Hosts asked at once.
     #[arg(long, default_value_t = 16)]
     parallel: usize,
 }
 
 impl Selector {
-    fn has_filter(&self) -> bool {
-        !self.tag.is_empty()
-            || self.rack.is_some()
-            || self.site.is_some()
-            || self.state.is_some()
-            || self.owner.is_some()
-    }
-
     /// The hosts to act on, named ones first, without duplicates.
     async fn resolve(&self, client: &Client) -> anyhow::Result<Vec<String>> {
         let mut hosts = self.hosts.clone();
-        if self.has_filter() {
+        if self.select.any() {
             let filter = MachineFilter {
-                tag: (!self.tag.is_empty())
-                    .then(|| self.tag.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
-                rack: self.rack.clone(),
-                site: self.site.clone(),
-                state: self.state,
-                owner: self.owner.clone(),
                 limit: Some(1000),
-                ..MachineFilter::default()
+                ..self.select.filter()
             };
             let found = client.list_all_machines(&filter).await?;
             if found.is_empty() && hosts.is_empty() {
