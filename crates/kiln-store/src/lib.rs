@@ -16,6 +16,7 @@
 
 mod catalog;
 mod events;
+mod jobs;
 mod leases;
 mod machines;
 mod org;
@@ -30,6 +31,7 @@ use kiln_types::error::ErrorDetail;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
+pub use jobs::{ArmRecord, JobControl, JobRecord, JobSave, LogLine, NewJob};
 pub use leases::{LeaseWrite, LoadedLeases};
 pub use machines::{NewMachine, SealedPassword};
 pub use org::TokenRecord;

@@ -300,7 +300,7 @@ fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
 }
 
 /// Marks the machines table changed, inside the change's transaction.
-async fn bump_machines_generation(conn: &mut AnyConnection) -> Result<()> {
+pub(crate) async fn bump_machines_generation(conn: &mut AnyConnection) -> Result<()> {
     sqlx::query::<Any>("UPDATE generations SET value = value + 1 WHERE name = 'machines'")
         .execute(&mut *conn)
         .await?;
@@ -903,6 +903,17 @@ impl Store {
             return Err(StoreError::Refused(format!(
                 "machine {} is protected: clear the flag first (kiln machine edit {} --protected false)",
                 machine.hostname, machine.hostname
+            )));
+        }
+        if let Some(row) = sqlx::query::<Any>("SELECT id FROM jobs WHERE machine_id = $1 AND finished_at IS NULL")
+            .bind(machine.id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            let job: String = row.try_get(0)?;
+            return Err(StoreError::Refused(format!(
+                "machine {} has an active job ({job}): cancel it first (kiln job cancel {job})",
+                machine.hostname
             )));
         }
         sqlx::query::<Any>("DELETE FROM machines WHERE id = $1")

@@ -79,3 +79,7 @@ uuid_id!(
     /// A post-install task.
     TaskId
 );
+uuid_id!(
+    /// A job (a durable workflow instance).
+    JobId
+);

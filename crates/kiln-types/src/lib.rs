@@ -9,6 +9,7 @@ pub mod event;
 pub mod fit;
 pub mod ids;
 pub mod install;
+pub mod job;
 pub mod lease;
 pub mod machine;
 pub mod page;
