@@ -485,31 +485,37 @@ impl Store {
     }
 
     /// Saves `job` (every field the engine changes) with its effects, if
-    /// `owner` still holds its lease. Returns the saved record (with the
-    /// flags operators set meanwhile), or `None` when the lease was lost —
-    /// then nothing was written.
+    /// `owner` still holds its lease. Returns the saved record, re-read, with
+    /// what others changed meanwhile (a reported stage, an operator's
+    /// cancel or pause: the engine never writes those), or `None` when the
+    /// lease was lost — then nothing was written.
+    ///
+    /// A job saved as waiting stays due at once if a stage was reported or
+    /// an operator acted since the engine read it (`job.stage` is what it
+    /// saw): a wake-up that lands while a step runs is never lost.
     pub async fn save_job(&self, owner: &str, job: &JobRecord, effects: JobSave) -> Result<Option<JobRecord>> {
         let mut tx = self.write_tx().await?;
+        let at = ts(now());
         let done = sqlx::query::<Any>(
             "UPDATE jobs SET state = $1, data = $2, step_index = $3, step_started_at = $4, step_attempts = $5, \
-             stage = $6, reason = $7, run_at = $8, lease_owner = $9, lease_expires = $10, updated_at = $11, \
-             finished_at = $12, cancel_requested = $13, pause_requested = $14 \
-             WHERE id = $15 AND lease_owner = $16",
+             reason = $6, \
+             run_at = CASE WHEN $1 = 'waiting' AND (stage <> $7 OR cancel_requested OR pause_requested) \
+                 THEN $8 ELSE $9 END, \
+             lease_owner = $10, lease_expires = $11, updated_at = $8, finished_at = $12 \
+             WHERE id = $13 AND lease_owner = $14",
         )
         .bind(job.state.as_str())
         .bind(job.data.to_string())
         .bind(i64::from(job.step_index))
         .bind(ts(job.step_started_at))
         .bind(i64::from(job.step_attempts))
-        .bind(i64::from(job.stage.0))
         .bind(job.reason.clone())
+        .bind(i64::from(job.stage.0))
+        .bind(at)
         .bind(job.run_at.map(ts))
         .bind(job.lease_owner.clone())
         .bind(job.lease_expires.map(ts))
-        .bind(ts(now()))
         .bind(job.finished_at.map(ts))
-        .bind(job.cancel_requested)
-        .bind(job.pause_requested)
         .bind(job.id.to_string())
         .bind(owner)
         .execute(&mut *tx)
@@ -685,6 +691,20 @@ impl Store {
         let job = load_job(&mut tx, id).await?;
         tx.commit().await?;
         Ok(job)
+    }
+
+    /// Appends notes to job `id`'s log outside a step (e.g. a failed
+    /// callback after the job ended).
+    pub async fn append_job_log(&self, id: JobId, lines: &[LogLine]) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        // Lock the job row first: log sequence numbers are per job.
+        sqlx::query::<Any>("UPDATE jobs SET updated_at = updated_at WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        append_log(&mut tx, id, lines).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The net-boot arm of `machine`, if a job set one.

@@ -81,7 +81,7 @@ impl std::fmt::Display for Stage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReimageRequest {
-    /// OS image: `name`, `name:version` or its id.
+    /// OS image: `name`, `name-version` or its id.
     pub os: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<StorageLayout>,

@@ -6,3 +6,8 @@
 //! engine commits that answer before the following step starts, so a server
 //! killed anywhere resumes the job at the step it was in, and a step that
 //! armed something is undone when the job fails or is cancelled.
+
+pub mod engine;
+pub mod reimage;
+
+pub use engine::{BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan, Outcome, job_view, steps};

@@ -1,0 +1,342 @@
+//! The reimage job (DESIGN.md, "Reimage, the main workflow"): each step is
+//! idempotent — run twice, it gives the same result — so the engine may run
+//! it again after any crash.
+//!
+//! BMC steps only set states (next boot device, power off, power on): a
+//! power *cycle* sent twice would reboot an installer mid-write, an *off*
+//! then *on* repeated is harmless. The net-boot arm lives from `arm` to the
+//! installer's first report (`wait_installer`), and [`undo`] removes it and
+//! sets the disk as boot device whenever the job ends early.
+
+use chrono::{DateTime, Duration, Utc};
+use kiln_store::{ArmRecord, StoreError};
+use kiln_types::fit::{layout_fits, os_image_fits};
+use kiln_types::job::{JobLogKind, ReimageSpec, Stage};
+use kiln_types::machine::MachineState;
+use serde::Deserialize;
+
+use crate::engine::{BmcAction, BmcError, Effects, Ending, Outcome, StepCx};
+
+pub const STEPS: &[&str] = &[
+    "validate",
+    "pre_hooks",
+    "arm",
+    "boot_network",
+    "power_off",
+    "power_on",
+    "wait_installer",
+    "wait_base_installed",
+    "wait_configured",
+    "wait_finishing",
+    "boot_disk",
+    "wait_first_boot",
+    "post_install",
+    "post_hooks",
+    "finish",
+];
+
+fn index(step: &str) -> u32 {
+    STEPS.iter().position(|s| *s == step).expect("a reimage step") as u32
+}
+
+/// How long each wait may take before the job fails (`[jobs.reimage]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReimageTimeouts {
+    /// Power on to stage 1 (the installer or agent started).
+    pub installer_start_secs: u64,
+    /// Stage 1 to 2 (the image or base system written).
+    pub base_installed_secs: u64,
+    /// Stage 2 to 3 (configuration written).
+    pub configured_secs: u64,
+    /// Stage 3 to 4 (finishing, about to reboot).
+    pub finishing_secs: u64,
+    /// Disk set as boot device to stage 5 (the new OS phoned home).
+    pub first_boot_secs: u64,
+    /// Pause before a BMC action that failed for a passing reason is tried
+    /// again.
+    pub bmc_retry_secs: u64,
+}
+
+impl Default for ReimageTimeouts {
+    fn default() -> Self {
+        ReimageTimeouts {
+            installer_start_secs: 15 * 60,
+            base_installed_secs: 60 * 60,
+            configured_secs: 30 * 60,
+            finishing_secs: 15 * 60,
+            first_boot_secs: 20 * 60,
+            bmc_retry_secs: 10,
+        }
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::seconds(n as i64)
+}
+
+/// Runs reimage step `step` of `cx.job`.
+pub async fn run_step<E: Effects>(step: &str, cx: &mut StepCx<'_, E>) -> Outcome {
+    let spec: ReimageSpec = match serde_json::from_value(cx.job.spec.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(format!(
+                "the job's stored request is unreadable ({e}); start a new reimage"
+            ));
+        }
+    };
+    let t = &cx.settings.reimage;
+    let skip_for_no_pxe = spec.no_pxe
+        && matches!(
+            step,
+            "arm"
+                | "boot_network"
+                | "power_off"
+                | "power_on"
+                | "wait_installer"
+                | "wait_base_installed"
+                | "wait_configured"
+                | "wait_finishing"
+                | "wait_first_boot"
+        );
+    if skip_for_no_pxe {
+        cx.log(JobLogKind::Note, "skipped: --no-pxe (the OS is already written)");
+        return Outcome::Next;
+    }
+    match step {
+        "validate" => validate(cx, &spec).await,
+        "pre_hooks" => hooks(cx, &spec, "pre_reimage").await,
+        "arm" => arm(cx, &spec).await,
+        "boot_network" => bmc(cx, BmcAction::BootNetworkOnce).await,
+        "power_off" => bmc(cx, BmcAction::PowerOff).await,
+        "power_on" => bmc(cx, BmcAction::PowerOn).await,
+        "wait_installer" => {
+            let out = wait_stage(cx, Stage::STARTED, t.installer_start_secs, INSTALLER_SILENT);
+            if out == Outcome::Next {
+                // Net boot is over: from now on the machine boots its disk.
+                cx.disarm();
+            }
+            out
+        }
+        "wait_base_installed" => wait_stage(cx, Stage::BASE_INSTALLED, t.base_installed_secs, INSTALL_STALLED),
+        "wait_configured" => wait_stage(cx, Stage::CONFIGURED, t.configured_secs, INSTALL_STALLED),
+        "wait_finishing" => wait_stage(cx, Stage::FINISHING, t.finishing_secs, INSTALL_STALLED),
+        "boot_disk" => bmc(cx, BmcAction::BootDisk).await,
+        "wait_first_boot" => wait_stage(cx, Stage::FIRST_BOOT, t.first_boot_secs, NEVER_PHONED_HOME),
+        "post_install" => match cx.effects.post_install(cx.job, &spec).await {
+            Ok(lines) => {
+                lines.into_iter().for_each(|l| cx.log(JobLogKind::Note, l));
+                Outcome::Next
+            }
+            Err(why) => fail(why),
+        },
+        "post_hooks" => hooks(cx, &spec, "post_reimage").await,
+        "finish" => {
+            cx.set_machine_state(MachineState::Deployed);
+            Outcome::Next
+        }
+        other => fail(format!("unknown step `{other}` (a newer server wrote this job?)")),
+    }
+}
+
+fn fail(reason: impl Into<String>) -> Outcome {
+    Outcome::Fail { reason: reason.into() }
+}
+
+const INSTALLER_SILENT: &str = "the installer did not start: no stage 1 report. Check that the machine \
+     net-boots (its console; `kiln boot explain HOST`) and that its BMC really powered it on";
+const INSTALL_STALLED: &str = "the install stalled. Look at the machine's console and the job log";
+const NEVER_PHONED_HOME: &str = "the new OS did not phone home (stage 5). Check that the machine boots \
+     its disk and reaches kiln over the network";
+
+async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Outcome {
+    let Some(id) = cx.job.machine_id else {
+        return fail("the machine was deleted");
+    };
+    let machine = match cx.store.get_machine(&id.to_string(), None).await {
+        Ok(m) => m,
+        Err(StoreError::NotFound { .. }) => return fail("the machine was deleted"),
+        Err(e) => return retry(cx, format!("reading the machine failed: {e}")),
+    };
+    if machine.protected {
+        return fail(format!(
+            "{} is protected: clear the flag first (`kiln machine edit {} --protected false`)",
+            machine.hostname, machine.hostname
+        ));
+    }
+    if machine.maintenance {
+        return fail(format!(
+            "{} is in maintenance ({}): clear it first",
+            machine.hostname,
+            machine.maintenance_reason.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    let image = match cx.store.get_os_image(&spec.os_image).await {
+        Ok(i) => i,
+        Err(e) => return fail(format!("OS image {}: {e}", spec.os_label)),
+    };
+    if let Err(why) = os_image_fits(&machine, &image) {
+        return fail(format!(
+            "{} does not fit {}: {}",
+            spec.os_label,
+            machine.hostname,
+            why.join("; ")
+        ));
+    }
+    if let Some(layout) = spec.layout
+        && let Err(why) = layout_fits(&machine, layout)
+    {
+        return fail(format!("layout {layout} does not fit {}: {why}", machine.hostname));
+    }
+    if !cx.data.contains_key("previous_state") {
+        cx.set("previous_state", machine.state.as_str());
+    }
+    if spec.no_pxe {
+        return Outcome::Next;
+    }
+    bmc(cx, BmcAction::Check).await
+}
+
+async fn hooks<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec, event: &'static str) -> Outcome {
+    if spec.no_hooks {
+        cx.log(JobLogKind::Note, "skipped: --no-hooks");
+        return Outcome::Next;
+    }
+    match cx.effects.run_hooks(event, cx.job).await {
+        Ok(lines) => {
+            lines.into_iter().for_each(|l| cx.log(JobLogKind::Note, l));
+            Outcome::Next
+        }
+        Err(why) => fail(why),
+    }
+}
+
+async fn arm<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Outcome {
+    let Some(machine_id) = cx.job.machine_id else {
+        return fail("the machine was deleted");
+    };
+    let image = match cx.store.get_os_image(&spec.os_image).await {
+        Ok(i) => i,
+        Err(e) => return fail(format!("OS image {}: {e}", spec.os_label)),
+    };
+    let plan = match cx.effects.netboot_plan(cx.job, spec, &image) {
+        Ok(p) => p,
+        Err(why) => return fail(why),
+    };
+    // Void by itself a while after the installer should have started, in
+    // case nothing disarms it (the job is stuck, the store lost a write).
+    let expires_at = cx.now + secs(cx.settings.reimage.installer_start_secs) + Duration::minutes(10);
+    cx.arm(ArmRecord {
+        machine_id,
+        job_id: cx.job.id,
+        kernel: plan.kernel,
+        initrds: plan.initrds,
+        cmdline: plan.cmdline,
+        expires_at,
+        consumed: false,
+    });
+    let was_deployed = cx.data.get("previous_state").and_then(|s| s.as_str()) == Some("deployed");
+    cx.set_machine_state(if was_deployed {
+        MachineState::Reimaging
+    } else {
+        MachineState::Deploying
+    });
+    cx.log(
+        JobLogKind::Note,
+        format!("armed until {}", expires_at.format("%H:%M:%S UTC")),
+    );
+    Outcome::Next
+}
+
+async fn bmc<E: Effects>(cx: &mut StepCx<'_, E>, action: BmcAction) -> Outcome {
+    let Some(machine) = cx.job.machine_id else {
+        return fail("the machine was deleted");
+    };
+    match cx.effects.bmc(machine, action).await {
+        Ok(()) => Outcome::Next,
+        Err(BmcError {
+            message,
+            retryable: true,
+        }) => retry(cx, format!("BMC: {message}")),
+        Err(BmcError { message, .. }) => fail(format!("BMC: {message}")),
+    }
+}
+
+fn retry<E>(cx: &StepCx<'_, E>, reason: String) -> Outcome {
+    Outcome::Retry {
+        after: std::time::Duration::from_secs(cx.settings.reimage.bmc_retry_secs),
+        reason,
+    }
+}
+
+/// Next once `stage` was reported; else wait until the step's deadline,
+/// then fail with `silent`.
+fn wait_stage<E>(cx: &mut StepCx<'_, E>, stage: Stage, timeout_secs: u64, silent: &str) -> Outcome {
+    if cx.job.stage >= stage {
+        return Outcome::Next;
+    }
+    let deadline: DateTime<Utc> = cx.job.step_started_at + secs(timeout_secs);
+    if cx.now >= deadline {
+        return fail(format!(
+            "no stage {stage} report within {}: {silent}",
+            human(timeout_secs)
+        ));
+    }
+    Outcome::Wait {
+        until: deadline,
+        reason: format!("waiting for stage {stage}"),
+    }
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// Leaves the machine safe after the job ended early: disarmed, booting its
+/// disk, and in a state that says what happened. Idempotent.
+pub async fn undo<E: Effects>(cx: &mut StepCx<'_, E>, ending: Ending) {
+    let step = cx.job.step_index;
+    let spec: Option<ReimageSpec> = serde_json::from_value(cx.job.spec.clone()).ok();
+    let no_pxe = spec.as_ref().is_some_and(|s| s.no_pxe);
+    if step >= index("arm") {
+        cx.disarm();
+    }
+    // From the moment "next boot: network" may have been sent until the
+    // disk was set back, the BMC may still point at the network.
+    if !no_pxe
+        && (index("boot_network")..=index("boot_disk")).contains(&step)
+        && let Some(machine) = cx.job.machine_id
+        && let Err(e) = cx.effects.bmc(machine, BmcAction::BootDisk).await
+    {
+        cx.log(
+            JobLogKind::Note,
+            format!(
+                "could not set the boot device back to disk ({}); the machine is disarmed, so a net boot \
+                 still gets its local disk",
+                e.message
+            ),
+        );
+    }
+    if step > index("arm") {
+        let previous = cx
+            .data
+            .get("previous_state")
+            .and_then(|s| s.as_str())
+            .and_then(|s| s.parse::<MachineState>().ok());
+        let disk_touched = cx.job.stage >= Stage::BASE_INSTALLED;
+        cx.set_machine_state(match (ending, previous) {
+            (Ending::Cancelled, Some(previous)) if !disk_touched => previous,
+            _ => MachineState::Failed,
+        });
+    }
+    if ending == Ending::Failed && !spec.as_ref().is_some_and(|s| s.no_hooks) {
+        match cx.effects.run_hooks("failure", cx.job).await {
+            Ok(lines) => lines.into_iter().for_each(|l| cx.log(JobLogKind::Note, l)),
+            Err(why) => cx.log(JobLogKind::Note, format!("failure hook: {why}")),
+        }
+    }
+}
