@@ -7,6 +7,7 @@ use kiln_types::auth::{Tenant, TenantCreate, TokenCreate, TokenCreated, TokenInf
 use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, OsImagePatch, Task, TaskCreate, TaskPatch};
 use kiln_types::error::ApiError;
 use kiln_types::event::{Event, EventFilter};
+use kiln_types::job::{Job, JobDetail, JobFilter, JobLogEntry, ReimageRequest, RetryRequest, StageReport};
 use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
 use kiln_types::page::Page;
 use kiln_types::power::{
@@ -412,4 +413,104 @@ impl Client {
     pub async fn list_events(&self, filter: &EventFilter) -> Result<Page<Event>> {
         self.get_q("/api/v1/events", filter).await
     }
+    // ---- jobs ----
+
+    /// Starts a reimage of machine `key`.
+    pub async fn reimage(&self, key: &str, req: &ReimageRequest) -> Result<Job> {
+        self.post(&format!("/api/v1/machines/{}/reimage", seg(key)), req).await
+    }
+
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        self.get_q("/api/v1/jobs", filter).await
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<JobDetail> {
+        self.get(&format!("/api/v1/jobs/{}", seg(id))).await
+    }
+
+    /// `cancel`, `pause` or `resume` job `id`.
+    pub async fn job_action(&self, id: &str, action: &str) -> Result<Job> {
+        self.call::<(), (), _>(Method::POST, &format!("/api/v1/jobs/{}/{action}", seg(id)), None, None)
+            .await
+    }
+
+    pub async fn retry_job(&self, id: &str, req: &RetryRequest) -> Result<Job> {
+        self.post(&format!("/api/v1/jobs/{}/retry", seg(id)), req).await
+    }
+
+    /// Reports stage `n` of job `id`; the client's token must be the job's.
+    pub async fn report_stage(&self, id: &str, n: u8, message: &str) -> Result<()> {
+        let body = StageReport {
+            message: message.to_string(),
+        };
+        self.call_text::<_, ()>(
+            Method::POST,
+            &format!("/api/v1/jobs/{}/stages/{n}", seg(id)),
+            None,
+            Some(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Follows job `id`'s event stream, calling `on_event` for each log line
+    /// and once for the end; returns the final job.
+    pub async fn watch_job(&self, id: &str, mut on_event: impl FnMut(&JobEvent)) -> Result<Job> {
+        let url = format!("{}/api/v1/jobs/{}/events", self.base, seg(id));
+        let mut req = self.http.get(&url).timeout(Duration::from_secs(24 * 3600));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req.send().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            let error = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| ApiError {
+                code: "http".into(),
+                message: status.to_string(),
+                details: vec![],
+            });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                error,
+            });
+        }
+        let mut buf = String::new();
+        let (mut event, mut data) = (String::new(), String::new());
+        while let Some(chunk) = resp.chunk().await.map_err(|e| ClientError::Decode(e.to_string()))? {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(nl) = buf.find('\n') {
+                let line: String = buf.drain(..=nl).collect();
+                let line = line.trim_end_matches(['\r', '\n']);
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                } else if line.is_empty() && !data.is_empty() {
+                    let decode = |e: serde_json::Error| ClientError::Decode(e.to_string());
+                    match event.as_str() {
+                        "end" => {
+                            let job: Job = serde_json::from_str(&data).map_err(decode)?;
+                            on_event(&JobEvent::End(job.clone()));
+                            return Ok(job);
+                        }
+                        _ => on_event(&JobEvent::Log(serde_json::from_str(&data).map_err(decode)?)),
+                    }
+                    event.clear();
+                    data.clear();
+                }
+            }
+        }
+        Err(ClientError::Decode("the event stream ended before the job did".into()))
+    }
+}
+
+/// What `watch_job` reports.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    Log(JobLogEntry),
+    End(Job),
 }

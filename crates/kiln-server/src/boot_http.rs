@@ -93,10 +93,21 @@ fn base_url(ctx: &BootContext, headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
-async fn answer_for(state: &AppState, machine: Option<&Machine>) -> BootAnswer {
-    // Armed jobs come with the job engine (issue 5); until then no machine
-    // is armed, so no installer is ever handed out.
-    decide(machine, None, state.boot.policy(), Utc::now())
+/// The decision for `machine` now, with the arm its job set, if any
+/// (URLs under `base`). A store error reads as "not armed": the machine
+/// boots its disk rather than an installer.
+async fn answer_for(state: &AppState, machine: Option<&Machine>, base: &str) -> BootAnswer {
+    let arm = match machine {
+        Some(m) => match state.store.netboot_arm(m.id).await {
+            Ok(arm) => arm.map(|a| crate::jobs::netboot_arm(&a, &state.secrets, base)),
+            Err(e) => {
+                tracing::error!(machine = %m.hostname, error = %e, "cannot read the net-boot arm; answering as unarmed");
+                None
+            }
+        },
+        None => None,
+    };
+    decide(machine, arm.as_ref(), state.boot.policy(), Utc::now())
 }
 
 /// Whether a firmware serial number names one machine: vendors fill the
@@ -143,8 +154,8 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
         Ok(m) => m,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let answer = answer_for(&state, machine.as_ref()).await;
     let base = base_url(&state.boot, &headers);
+    let answer = answer_for(&state, machine.as_ref(), &base).await;
     match render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base)) {
         Ok(script) => {
             let (uuid, serial) = (q.uuid.as_deref().unwrap_or(""), q.serial.as_deref().unwrap_or(""));
@@ -200,8 +211,8 @@ pub async fn explain(
         Ok(mac) => state.store.find_machine_by_nic(mac, None, None).await?,
         Err(_) => Some(state.store.get_machine(&q.target, None).await?),
     };
-    let answer = answer_for(&state, machine.as_ref()).await;
     let base = base_url(&state.boot, &headers);
+    let answer = answer_for(&state, machine.as_ref(), &base).await;
     let script = render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base))
         .map_err(|e| ApiError::bad_request(format!("the boot script cannot be rendered: {e}")))?;
     let kind = serde_json::to_value(&answer)

@@ -43,6 +43,11 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub bmc: Option<crate::bmc::BmcSettings>,
+    /// Jobs: concurrency, leases, reimage timeouts (file only: `[jobs]`,
+    /// `[jobs.reimage]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub jobs: Option<kiln_workflow::EngineSettings>,
 }
 
 /// `[boot]`: what booting machines are told, and where HTTP boot finds
@@ -178,6 +183,7 @@ impl Settings {
             dhcp: over.dhcp.or(self.dhcp),
             tftp: over.tftp.or(self.tftp),
             bmc: over.bmc.or(self.bmc),
+            jobs: over.jobs.or(self.jobs),
         }
     }
 }
@@ -194,6 +200,7 @@ pub struct Config {
     pub dhcp: Option<DhcpSettings>,
     pub tftp: Option<crate::tftp::TftpSettings>,
     pub bmc: crate::bmc::BmcSettings,
+    pub jobs: kiln_workflow::EngineSettings,
 }
 
 impl Config {
@@ -275,6 +282,7 @@ impl Config {
         bmc.validate().map_err(ConfigError::Bmc)?;
         Ok(Config {
             bmc,
+            jobs: s.jobs.unwrap_or_default(),
             boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,

@@ -474,6 +474,9 @@ async fn answer(service: &Service, cfg: &ServerConfig, socket: &Arc<UdpSocket>, 
             let facts = Facts {
                 subnet,
                 machine,
+                // The arm decides between an installer and the disk, which
+                // the HTTP script (`/boot/ipxe`) tells apart; DHCP answers a
+                // known machine with the same boot file either way.
                 arm: None,
                 lease: own.as_ref(),
                 is_free: &is_free,

@@ -10,6 +10,7 @@ pub mod boot_http;
 pub mod config;
 pub mod dhcp;
 pub mod error;
+pub mod jobs;
 pub mod secrets;
 pub mod tftp;
 
@@ -37,8 +38,10 @@ pub struct AppState {
     pub store: Store,
     pub secrets: SecretBox,
     pub boot: std::sync::Arc<boot_http::BootContext>,
-    /// Every BMC call goes through it (API, power sync, later the engine).
+    /// Every BMC call goes through it (API, power sync, the job engine).
     pub bmc: std::sync::Arc<bmc::BmcService>,
+    /// Runs jobs (`serve` starts its loop); the API wakes it.
+    pub engine: std::sync::Arc<jobs::Engine>,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -62,11 +65,14 @@ impl AppState {
             files: std::sync::Arc::new(files),
         });
         let bmc = std::sync::Arc::new(bmc::BmcService::new(store.clone(), secrets.clone(), config.bmc.clone()));
+        let effects = std::sync::Arc::new(jobs::ServerEffects::new(bmc.clone(), boot.clone()));
+        let engine = kiln_workflow::Engine::new(store.clone(), effects, config.jobs.clone(), jobs::server_name());
         Ok(AppState {
             store,
             secrets,
             boot,
             bmc,
+            engine,
         })
     }
 }
@@ -141,6 +147,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let (bmc, stop) = (state.bmc.clone(), shutdown.clone());
         services.spawn(async move { ("power sync", bmc::run_sync(bmc, stop).await) });
     }
+    let (engine, stop) = (state.engine.clone(), shutdown.clone());
+    services.spawn(async move { ("job engine", engine.run(stop).await) });
     let stop = shutdown.clone();
     services.spawn(async move { ("API", run(state, listener, stop).await) });
     let mut result = Ok(());

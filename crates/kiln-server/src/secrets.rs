@@ -46,6 +46,8 @@ pub enum SecretError {
 #[derive(Clone)]
 pub struct SecretBox {
     cipher: ChaCha20Poly1305,
+    /// For MACs (job tokens): derived from the key, never the key itself.
+    mac_key: [u8; 32],
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -99,9 +101,25 @@ impl SecretBox {
     }
 
     fn from_key(key: &[u8]) -> SecretBox {
+        use sha2::Digest;
+        let mac_key = sha2::Sha256::new()
+            .chain_update(b"kiln mac key\0")
+            .chain_update(key)
+            .finalize()
+            .into();
         SecretBox {
             cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
+            mac_key,
         }
+    }
+
+    /// HMAC-SHA256 of `msg` under the server's MAC key, URL-safe base64.
+    pub fn mac_b64(&self, msg: &[u8]) -> String {
+        use hmac::Mac;
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.mac_key).expect("HMAC takes any key length");
+        mac.update(msg);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
     pub fn seal(&self, secret: &Secret) -> Result<SealedPassword, SecretError> {

@@ -1,5 +1,5 @@
-//! A kiln server on 127.0.0.1:0 over a fresh test database, with an admin
-//! token ready, and `api_test!` to run one body against both backends.
+//! A kiln server (API and job engine) on 127.0.0.1:0 over a fresh test
+//! database, with an admin token ready, and `api_test!` to run one body against both backends.
 
 use std::future::Future;
 
@@ -23,6 +23,7 @@ pub struct TestServer {
     db: TestDb,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    engine: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl TestServer {
@@ -54,6 +55,7 @@ impl TestServer {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(kiln_server::run(state.clone(), listener, shutdown.clone()));
+        let engine = tokio::spawn(state.engine.clone().run(shutdown.clone()));
         TestServer {
             url,
             admin_token,
@@ -62,6 +64,7 @@ impl TestServer {
             db,
             shutdown,
             task,
+            engine,
         }
     }
 
@@ -78,6 +81,7 @@ impl TestServer {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+        let _ = self.engine.await;
         self.state.store.close().await;
         self.db.cleanup().await;
     }

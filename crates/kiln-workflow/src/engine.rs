@@ -113,7 +113,7 @@ pub trait Effects: Send + Sync + 'static {
 }
 
 /// Engine settings (`[jobs]` in the server's config).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
     /// Jobs this server runs at once.
@@ -236,6 +236,9 @@ pub struct Engine<E> {
     owner: String,
     wake: Notify,
     slots: Arc<Semaphore>,
+    /// Bumped on every change this server makes to a job (live views wait
+    /// on it).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl<E: Effects> Engine<E> {
@@ -248,6 +251,7 @@ impl<E: Effects> Engine<E> {
             owner,
             wake: Notify::new(),
             slots,
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -258,7 +262,18 @@ impl<E: Effects> Engine<E> {
     /// Look for due jobs now (after a stage report or operator action was
     /// committed).
     pub fn wake(&self) {
+        self.changed();
         self.wake.notify_one();
+    }
+
+    /// Says when this server changed a job (a step, a stage report, an
+    /// operator's action), for live views.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Claims and runs due jobs until `shutdown`. Jobs running then are
@@ -380,8 +395,9 @@ impl<E: Effects> Engine<E> {
     /// Saves `job` with `save`; `None` if this server lost the job.
     async fn save(&self, job: &JobRecord, save: JobSave) -> anyhow::Result<Option<JobRecord>> {
         let saved = self.store.save_job(&self.owner, job, save).await?;
-        if saved.is_none() {
-            tracing::warn!(job = %job.id, "job lease was taken over; stopping here");
+        match saved {
+            Some(_) => self.changed(),
+            None => tracing::warn!(job = %job.id, "job lease was taken over; stopping here"),
         }
         Ok(saved)
     }

@@ -5,6 +5,7 @@
 mod catalog;
 mod events;
 pub mod extract;
+mod jobs;
 mod machines;
 mod org;
 mod power;
@@ -33,6 +34,8 @@ pub use machines::MAX_BULK;
         catalog::create_task, catalog::list_tasks, catalog::get_task, catalog::update_task, catalog::delete_task,
         catalog::list_layouts,
         events::list, events::leases, crate::boot_http::explain,
+        jobs::reimage, jobs::list, jobs::get, jobs::cancel, jobs::pause, jobs::resume, jobs::retry,
+        jobs::report_stage, jobs::events,
     ),
     modifiers(&BearerAuth),
 )]
@@ -46,6 +49,15 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "job_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("the job's token, given to its agent or installer as `kiln.token`"))
+                    .build(),
+            ),
         );
     }
 }
@@ -107,4 +119,13 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/leases", get(events::leases))
         .route("/api/v1/boot/explain", get(crate::boot_http::explain))
+        .route("/api/v1/machines/{key}/reimage", post(jobs::reimage))
+        .route("/api/v1/jobs", get(jobs::list))
+        .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/pause", post(jobs::pause))
+        .route("/api/v1/jobs/{id}/resume", post(jobs::resume))
+        .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/api/v1/jobs/{id}/stages/{n}", post(jobs::report_stage))
+        .route("/api/v1/jobs/{id}/events", get(jobs::events))
 }

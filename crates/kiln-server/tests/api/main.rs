@@ -5,5 +5,6 @@ mod auth;
 mod bmc;
 mod boot;
 mod catalog;
+mod jobs;
 mod machines;
 mod openapi;

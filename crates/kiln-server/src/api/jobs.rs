@@ -1,0 +1,356 @@
+//! Jobs: `POST /api/v1/machines/{key}/reimage` starts one; `/api/v1/jobs…`
+//! lists, shows, streams and steers them; `POST /api/v1/jobs/{id}/stages/{n}`
+//! is how agents and installers report install stages.
+//!
+//! Roles: admins and operators on any machine; a tenant reimages, follows
+//! and cancels jobs of *its own* machines (another tenant's job is "not
+//! found"). Stage reports carry no API token but the job's own token (see
+//! `crate::jobs`), refused once the job ended.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use kiln_store::{JobControl, NewJob};
+use kiln_types::JobId;
+use kiln_types::error::ApiError as ErrorBody;
+use kiln_types::fit::{layout_fits, os_image_fits};
+use kiln_types::job::{
+    Job, JobDetail, JobFilter, JobKind, JobLogEntry, ReimageRequest, ReimageSpec, RetryRequest, Stage, StageReport,
+};
+use kiln_workflow::{job_view, steps};
+
+use super::extract::{ApiJson, ApiQuery, parse_json};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+
+fn job_id(s: &str) -> ApiResult<JobId> {
+    s.parse()
+        .map_err(|_| ApiError::not_found(format!("job `{s}` not found: job ids are UUIDs (see `kiln job list`)")))
+}
+
+/// The job, if `caller` may see it (a tenant sees its machines' jobs only).
+async fn visible_job(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<kiln_store::JobRecord> {
+    let job = state.store.get_job(id).await?;
+    if let Some(scope) = caller.scope() {
+        let owned = match job.machine_id {
+            Some(m) => state.store.get_machine(&m.to_string(), Some(scope)).await.is_ok(),
+            None => false,
+        };
+        if !owned {
+            return Err(ApiError::not_found(format!("job `{id}` not found")));
+        }
+    }
+    Ok(job)
+}
+
+/// Starts a reimage. The checks that can fail at once (the OS fits the
+/// hardware, the layout fits the disks, no other job runs) fail here, with
+/// every reason; the job's validate step checks again when it runs.
+#[utoipa::path(post, path = "/api/v1/machines/{key}/reimage", tag = "jobs",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    request_body = ReimageRequest,
+    responses((status = 201, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the machine has an active job, or is protected or in maintenance")),
+    security(("bearer" = [])))]
+pub async fn reimage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<ReimageRequest>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    let machine = state.store.get_machine(&key, caller.scope()).await?;
+    if machine.protected {
+        return Err(ApiError::refused(format!(
+            "{} is protected: it is never reinstalled until the flag is cleared",
+            machine.hostname
+        )));
+    }
+    if machine.maintenance {
+        return Err(ApiError::refused(format!(
+            "{} is in maintenance ({}): clear it first",
+            machine.hostname,
+            machine.maintenance_reason.as_deref().unwrap_or("no reason given")
+        )));
+    }
+    let image = state.store.get_os_image(&req.os).await?;
+    let mut why = os_image_fits(&machine, &image).err().unwrap_or_default();
+    if let Some(layout) = req.layout
+        && let Err(w) = layout_fits(&machine, layout)
+    {
+        why.push(format!("layout {layout}: {w}"));
+    }
+    if let Some(h) = &req.hostname
+        && *h != machine.hostname
+    {
+        why.push(format!(
+            "a reimage keeps the hostname ({}); rename the machine first (`kiln machine edit {} --hostname {h}`)",
+            machine.hostname, machine.hostname
+        ));
+    }
+    if !req.tasks.is_empty() || req.post_install_script.is_some() {
+        why.push("post-install tasks and scripts are not run by this server yet; leave them out".into());
+    }
+    if let Some(url) = &req.callback_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        why.push(format!("callback URL `{url}` must be an http:// or https:// URL"));
+    }
+    let root_password_hash = match (&req.root_password, &req.root_password_hash) {
+        (Some(_), Some(_)) => {
+            why.push("give root_password or root_password_hash, not both".into());
+            None
+        }
+        (Some(p), None) => match kiln_boot::password::hash_root_password(p) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                why.push(e);
+                None
+            }
+        },
+        (None, h) => h.clone(),
+    };
+    if !why.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{} cannot be reimaged with {}-{}: {}",
+            machine.hostname,
+            image.name,
+            image.version,
+            why.join("; ")
+        )));
+    }
+    let os_label = format!("{}-{}", image.name, image.version);
+    let spec = ReimageSpec {
+        os_image: image.id.to_string(),
+        os_label: os_label.clone(),
+        layout: req.layout,
+        hostname: machine.hostname.clone(),
+        ssh_keys: req.ssh_keys,
+        root_password_hash,
+        tasks: req.tasks,
+        post_install_script: req.post_install_script,
+        no_pxe: req.no_pxe,
+        no_hooks: req.no_hooks,
+    };
+    let job = state
+        .store
+        .create_job(
+            &caller.actor(),
+            NewJob {
+                kind: JobKind::Reimage,
+                machine_id: machine.id,
+                hostname: machine.hostname.to_string(),
+                os_label,
+                spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?,
+                ticket: req.ticket,
+                callback_url: req.callback_url,
+                first_step: 0,
+            },
+        )
+        .await?;
+    state.engine.wake();
+    Ok((StatusCode::CREATED, Json(job_view(&job))))
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(JobFilter),
+    responses((status = 200, body = Vec<Job>), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<JobFilter>,
+) -> ApiResult<Json<Vec<Job>>> {
+    let jobs = state.store.list_jobs(&filter).await?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        if caller.scope().is_some() && visible_job(&state, &caller, j.id).await.is_err() {
+            continue;
+        }
+        out.push(job_view(&j));
+    }
+    Ok(Json(out))
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<JobDetail>> {
+    let job = visible_job(&state, &caller, job_id(&id)?).await?;
+    let log = state.store.job_log(job.id, 0).await?;
+    Ok(Json(JobDetail {
+        job: job_view(&job),
+        log,
+    }))
+}
+
+async fn control(state: &AppState, caller: &Caller, id: &str, control: JobControl) -> ApiResult<Json<Job>> {
+    let job = visible_job(state, caller, job_id(id)?).await?;
+    let job = state.store.control_job(&caller.actor(), job.id, control).await?;
+    state.engine.wake();
+    Ok(Json(job_view(&job)))
+}
+
+/// Cancels a job at its next step boundary: what it armed is undone (the
+/// machine boots its disk), the machine's state says what happened.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    control(&state, &caller, &id, JobControl::Cancel).await
+}
+
+/// Pauses a job at its next step boundary (a running step finishes).
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/pause", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn pause(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    caller.require_operator()?;
+    control(&state, &caller, &id, JobControl::Pause).await
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/resume", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn resume(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    caller.require_operator()?;
+    control(&state, &caller, &id, JobControl::Resume).await
+}
+
+/// Runs a failed or cancelled job again, from the step it ended in or the
+/// one named.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    request_body = RetryRequest,
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RetryRequest>,
+) -> ApiResult<Json<Job>> {
+    caller.require_operator()?;
+    let job = visible_job(&state, &caller, job_id(&id)?).await?;
+    let names = steps(job.kind);
+    let step_index = match &req.from_step {
+        None => job.step_index.min(names.len().saturating_sub(1) as u32),
+        Some(name) => names.iter().position(|s| s == name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "no step `{name}` in a {} job; steps: {}",
+                job.kind,
+                names.join(", ")
+            ))
+        })? as u32,
+    };
+    control(&state, &caller, &id, JobControl::Retry { step_index }).await
+}
+
+/// An install stage from the job's agent or installer. Authenticated by
+/// the job's token (`Authorization: Bearer …`, given on the kernel command
+/// line as `kiln.token`). A stage lower than one already reported is
+/// logged and changes nothing.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/stages/{n}", tag = "jobs",
+    params(("id" = String, Path, description = "job id"), ("n" = u8, Path, description = "stage, 0 to 5")),
+    request_body(content = StageReport, description = "optional"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job has ended")),
+    security(("job_token" = [])))]
+pub async fn report_stage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, n)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<StatusCode> {
+    let id = job_id(&id)?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("a stage report needs the job's token: `Authorization: Bearer TOKEN`"))?;
+    if !state.secrets.check_job_token(id, token.trim()) {
+        return Err(ApiError::unauthorized(format!("that is not the token of job {id}")));
+    }
+    let stage = n
+        .parse::<u8>()
+        .map_err(|_| ApiError::bad_request(format!("stage `{n}` is not a number from 0 to 5")))
+        .and_then(|n| Stage::new(n).map_err(ApiError::bad_request))?;
+    let report: StageReport = if body.iter().all(u8::is_ascii_whitespace) {
+        StageReport::default()
+    } else {
+        parse_json(&body).map_err(ApiError::bad_request)?
+    };
+    let message = if report.message.trim().is_empty() {
+        stage.meaning().to_string()
+    } else {
+        report.message.chars().take(2000).collect()
+    };
+    state.store.report_stage(id, stage, &message).await?;
+    state.engine.wake();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The job's log as Server-Sent Events (`event: log`, data: a JobLogEntry),
+/// from the line after `Last-Event-ID` (or the start); an `event: end` with
+/// the final job follows once the job has ended.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, content_type = "text/event-stream", description = "log lines as they happen"),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let job = visible_job(&state, &caller, job_id(&id)?).await?;
+    let after: i64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stream = futures::stream::unfold(
+        (state, job.id, after, Vec::<JobLogEntry>::new(), false),
+        |(state, id, mut after, mut pending, done)| async move {
+            if done {
+                return None;
+            }
+            let mut changes = state.engine.changes();
+            loop {
+                if let Some(line) = (!pending.is_empty()).then(|| pending.remove(0)) {
+                    after = line.seq;
+                    let event = Event::default()
+                        .event("log")
+                        .id(line.seq.to_string())
+                        .json_data(&line)
+                        .unwrap_or_default();
+                    return Some((Ok(event), (state, id, after, pending, false)));
+                }
+                let job = state.store.get_job(id).await.ok()?;
+                pending = state.store.job_log(id, after).await.ok()?;
+                if !pending.is_empty() {
+                    continue;
+                }
+                if job.state.is_final() {
+                    let event = Event::default()
+                        .event("end")
+                        .json_data(job_view(&job))
+                        .unwrap_or_default();
+                    return Some((Ok(event), (state, id, after, pending, true)));
+                }
+                // Changes this server makes wake the stream at once; other
+                // servers' within a second.
+                let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

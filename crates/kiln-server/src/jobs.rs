@@ -1,0 +1,186 @@
+//! The server's side of jobs: the effects the engine's steps ask for (BMC
+//! calls through the BMC service, what a machine net-boots, hooks, tasks,
+//! the callback), the job tokens, and the net-boot arm as the boot decision
+//! sees it.
+//!
+//! Job tokens: an agent or installer reports stages with a token that is
+//! the HMAC of the job id under the server's secret key. Nothing about it is
+//! stored, every server sharing the key can check it, and it is refused as
+//! soon as the job has ended (the store refuses reports for ended jobs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_bmc::BmcErrorKind;
+use kiln_boot::decision::NetbootArm;
+use kiln_store::{Actor, ArmRecord, JobRecord};
+use kiln_types::catalog::{OsImage, OsKind};
+use kiln_types::job::{Job, ReimageSpec};
+use kiln_types::power::{BootDevice, PowerAction};
+use kiln_types::{JobId, MachineId};
+use kiln_workflow::{BmcAction, BmcError, Effects, NetbootPlan};
+
+use crate::bmc::{BmcCallError, BmcService, Op};
+use crate::boot_http::BootContext;
+use crate::secrets::SecretBox;
+
+/// The engine as this server runs it.
+pub type Engine = kiln_workflow::Engine<ServerEffects>;
+
+/// The effects of job steps, carried out by this server.
+#[derive(Debug)]
+pub struct ServerEffects {
+    pub bmc: Arc<BmcService>,
+    pub boot: Arc<BootContext>,
+    pub http: reqwest::Client,
+}
+
+impl ServerEffects {
+    pub fn new(bmc: Arc<BmcService>, boot: Arc<BootContext>) -> ServerEffects {
+        // One TLS provider for the process (ring), as for the BMC drivers.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("building the callback HTTP client");
+        ServerEffects { bmc, boot, http }
+    }
+}
+
+fn bmc_error(e: BmcCallError) -> BmcError {
+    let retryable = match &e {
+        BmcCallError::Busy { .. } | BmcCallError::Store(_) => true,
+        BmcCallError::Bmc(f) => {
+            !f.entered_maintenance
+                && matches!(
+                    f.kind,
+                    BmcErrorKind::Unreachable | BmcErrorKind::Timeout | BmcErrorKind::OutcomeUnknown
+                )
+        }
+        _ => false,
+    };
+    BmcError {
+        message: e.to_string(),
+        retryable,
+    }
+}
+
+impl Effects for ServerEffects {
+    async fn bmc(&self, machine: MachineId, action: BmcAction) -> Result<(), BmcError> {
+        // The next boot device is set for legacy BIOS; UEFI machines need
+        // the firmware kind in their inventory first (the agent reports it).
+        let op = match action {
+            // Reading the power state proves the BMC answers and takes
+            // kiln's credentials.
+            BmcAction::Check => Op::Status,
+            BmcAction::BootNetworkOnce => Op::BootDevice {
+                device: BootDevice::Network,
+                once: true,
+                uefi: false,
+            },
+            BmcAction::BootDisk => Op::BootDevice {
+                device: BootDevice::Disk,
+                once: false,
+                uefi: false,
+            },
+            BmcAction::PowerOff => Op::Power(PowerAction::Off),
+            BmcAction::PowerOn => Op::Power(PowerAction::On),
+        };
+        let actor = Actor::new("job engine");
+        self.bmc.call(&actor, machine, op).await.map(|_| ()).map_err(bmc_error)
+    }
+
+    fn netboot_plan(&self, job: &JobRecord, _spec: &ReimageSpec, image: &OsImage) -> Result<NetbootPlan, String> {
+        match image.kind {
+            OsKind::DiskImage => {
+                let s = &self.boot.settings;
+                let mut cmdline = s.agent_cmdline.clone();
+                cmdline.push("kiln.mode=deploy".into());
+                cmdline.push(format!("kiln.job={}", job.id));
+                Ok(NetbootPlan {
+                    kernel: s.agent_kernel.clone(),
+                    initrds: vec![s.agent_initrd.clone()],
+                    cmdline,
+                })
+            }
+            OsKind::Installer => Err(format!(
+                "{} {} is an installer image; kiln reimages with disk images only so far \
+                 (the installer path is issue 6)",
+                image.name, image.version
+            )),
+        }
+    }
+
+    async fn run_hooks(&self, _event: &'static str, _job: &JobRecord) -> Result<Vec<String>, String> {
+        // No hooks can be configured yet.
+        Ok(vec![])
+    }
+
+    async fn post_install(&self, _job: &JobRecord, _spec: &ReimageSpec) -> Result<Vec<String>, String> {
+        // The API refuses tasks and scripts until the task runner is wired.
+        Ok(vec![])
+    }
+
+    async fn callback(&self, url: &str, job: &Job) -> Result<(), String> {
+        let mut last = String::new();
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            match self.http.post(url).json(job).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) if r.status().is_client_error() => return Err(format!("answered {}", r.status())),
+                Ok(r) => last = format!("answered {}", r.status()),
+                Err(e) => last = e.without_url().to_string(),
+            }
+        }
+        Err(last)
+    }
+}
+
+const TOKEN_CONTEXT: &[u8] = b"kiln job token v1\0";
+
+impl SecretBox {
+    /// The token of job `id` (see the module doc).
+    pub fn job_token(&self, id: JobId) -> kiln_types::Secret {
+        let mut msg = TOKEN_CONTEXT.to_vec();
+        msg.extend_from_slice(id.to_string().as_bytes());
+        kiln_types::Secret::new(format!("kj_{}", self.mac_b64(&msg)))
+    }
+
+    /// Whether `token` is job `id`'s, compared in constant time.
+    pub fn check_job_token(&self, id: JobId, token: &str) -> bool {
+        let want = self.job_token(id);
+        let (a, b) = (want.expose().as_bytes(), token.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// The arm of `machine` as the boot decision takes it: artifact paths as
+/// URLs under `base`, the server's address and the job token added.
+pub fn netboot_arm(arm: &ArmRecord, secrets: &SecretBox, base: &str) -> NetbootArm {
+    let url = |path: &str| format!("{base}/boot/file/{}", path.trim_start_matches('/'));
+    let mut cmdline = arm.cmdline.clone();
+    cmdline.push(format!("kiln.server={base}"));
+    NetbootArm {
+        job_id: arm.job_id.to_string(),
+        machine_id: arm.machine_id,
+        token: secrets.job_token(arm.job_id),
+        kernel: url(&arm.kernel),
+        initrds: arm.initrds.iter().map(|i| url(i)).collect(),
+        cmdline,
+        expires_at: arm.expires_at,
+        consumed: arm.consumed,
+    }
+}
+
+/// A name for this server in job leases: host, process and a random part
+/// (two servers on one host, or one restarted, never share a name).
+pub fn server_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "kiln".into());
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    format!("{host}/{}/{}", std::process::id(), hex::encode(r))
+}

@@ -1,0 +1,351 @@
+//! Reimage jobs through the API with the real paths around them: the job
+//! engine running in the server, a simulated Redfish BMC (kiln-sim) driven
+//! by the BMC service, HTTP boot answering from the arm, and stage reports
+//! authenticated by the job token.
+
+use std::time::{Duration, Instant};
+
+use kiln_client::{Client, JobEvent};
+use kiln_server::Settings;
+use kiln_test_utils::{TestServer, api_test};
+use kiln_types::Secret;
+use kiln_types::auth::{Role, TenantCreate, TokenCreate};
+use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, StorageLayout};
+use kiln_types::job::{Job, JobFilter, JobLogKind, JobState, ReimageRequest, RetryRequest};
+use kiln_types::machine::{BmcDriver, BmcInput, Disk, Hardware, MachineCreate, MachinePatch, MachineState};
+
+const GIB: u64 = 1 << 30;
+const MAC: &str = "52:54:00:12:34:56";
+
+async fn sim() -> kiln_sim::Sim {
+    kiln_sim::start(kiln_sim::SimConfig {
+        bmcs: 1,
+        username: "admin".into(),
+        password: "rf-secret".into(),
+        ..kiln_sim::SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn machine(host: &str, mac: &str, bmc_url: &str) -> MachineCreate {
+    let mut m = MachineCreate::new(host.parse().unwrap());
+    m.state = MachineState::Deployed;
+    m.nics = vec![serde_json::from_value(serde_json::json!({ "mac": mac })).unwrap()];
+    m.bmc = Some(BmcInput {
+        driver: BmcDriver::Redfish,
+        address: bmc_url.into(),
+        username: Some("admin".into()),
+        password: Some(Secret::new("rf-secret")),
+    });
+    m.hardware = Some(Hardware {
+        arch: Some(Arch::X86_64),
+        memory_bytes: 8 * GIB,
+        disks: ["vda", "vdb"]
+            .iter()
+            .map(|n| Disk {
+                name: n.to_string(),
+                size_bytes: 100 * GIB,
+                rotational: false,
+                model: None,
+                serial: None,
+                by_id: None,
+            })
+            .collect(),
+        ..Default::default()
+    });
+    m
+}
+
+async fn catalog(admin: &Client) {
+    admin
+        .create_os_image(&OsImageCreate {
+            name: "debian".into(),
+            version: "12".into(),
+            arch: Arch::X86_64,
+            kind: OsKind::DiskImage,
+            tags: vec![PlatformTag::Bm],
+            min_ram_bytes: 2 * GIB,
+            min_disk_bytes: 20 * GIB,
+            source: "images/debian-12.raw.zst".into(),
+            sha256: Some("ab".repeat(32)),
+        })
+        .await
+        .unwrap();
+}
+
+fn request() -> ReimageRequest {
+    ReimageRequest {
+        os: "debian-12".into(),
+        layout: Some(StorageLayout::LvmRaid1),
+        hostname: None,
+        ssh_keys: vec![],
+        root_password: Some(Secret::new("canary-root-pw")),
+        root_password_hash: None,
+        tasks: vec![],
+        post_install_script: None,
+        callback_url: None,
+        ticket: Some("T42".into()),
+        no_pxe: false,
+        no_hooks: false,
+    }
+}
+
+/// Polls until `done` holds for job `id` (the engine runs in the server).
+async fn until(admin: &Client, id: &str, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = admin.get_job(id).await.unwrap().job;
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ipxe(srv: &TestServer, mac: &str) -> String {
+    reqwest::get(format!("{}/boot/ipxe?mac={mac}&platform=pcbios", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The `kiln.token=` argument of an iPXE script.
+fn token_in(script: &str) -> String {
+    script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kiln.token="))
+        .unwrap_or_else(|| panic!("no token in {script}"))
+        .to_string()
+}
+
+api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    catalog(&admin).await;
+    admin
+        .create_machine(&machine("web1", MAC, sim.bmc(0).url()))
+        .await
+        .unwrap();
+    // Before any job the machine boots its disk.
+    assert!(!ipxe(&srv, MAC).await.contains("kernel"));
+
+    let job = admin.reimage("web1", &request()).await.unwrap();
+    assert!(job.root_password_set);
+    let id = job.id.to_string();
+    let waiting = until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
+    assert_eq!(waiting.state, JobState::Waiting);
+    // The BMC was told: next boot network, once; then off and on. The
+    // simulated machine booted once, from the network (which consumed the
+    // one-time override).
+    let boots: Vec<String> = sim.bmc(0).boots().into_iter().map(|b| b.target).collect();
+    assert_eq!(boots, vec!["Pxe".to_string()]);
+    assert_eq!(sim.bmc(0).power(0), kiln_sim::Power::On);
+    let resets = sim.bmc(0).stats().resets;
+    assert!(
+        !resets.iter().any(|r| r.contains("Restart") || r == "PowerCycle"),
+        "{resets:?}"
+    );
+
+    // Armed: HTTP boot hands out the deploy agent with this job's token.
+    let script = ipxe(&srv, MAC).await;
+    assert!(
+        script.contains("/boot/file/") && script.contains("kiln.mode=deploy"),
+        "{script}"
+    );
+    assert!(script.contains(&format!("kiln.job={id}")), "{script}");
+    let token = token_in(&script);
+    let explained = admin.boot_explain("web1", None).await.unwrap();
+    assert_eq!(explained["answer"], "install");
+    assert!(!explained.to_string().contains(&token), "explain shows the token");
+
+    // Wrong tokens are refused: none, another's, an API token.
+    let agent = srv.client(Some(&token));
+    let e = srv.client(None).report_stage(&id, 1, "x").await.unwrap_err();
+    assert_eq!(e.status(), Some(401));
+    let e = srv
+        .client(Some("kj_not-the-token"))
+        .report_stage(&id, 1, "x")
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401));
+    let e = srv
+        .client(Some(&srv.admin_token))
+        .report_stage(&id, 1, "x")
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401));
+    let e = agent.report_stage(&id, 9, "x").await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+
+    agent.report_stage(&id, 1, "agent started").await.unwrap();
+    until(&admin, &id, "disarm", |j| j.step == "wait_base_installed").await;
+    // Disarmed: a second net boot gets the disk.
+    let script = ipxe(&srv, MAC).await;
+    assert!(!script.contains("kernel") && !script.contains("kiln.token"), "{script}");
+    for (n, what) in [
+        (2, "image written"),
+        (3, "configured"),
+        (4, "rebooting"),
+        (5, "hello from the new OS"),
+    ] {
+        agent.report_stage(&id, n, what).await.unwrap();
+    }
+    let done = until(&admin, &id, "the end", |j| j.state.is_final()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
+    let m = admin.get_machine("web1").await.unwrap();
+    assert_eq!(m.state, MachineState::Deployed);
+    let boots = sim.bmc(0).with(|b| b.systems[0].override_target.clone());
+    assert_eq!(boots, "Hdd", "the boot device is back on disk");
+    // Late reports are refused once the job ended.
+    let e = agent.report_stage(&id, 5, "again").await.unwrap_err();
+    assert_eq!(e.status(), Some(409));
+
+    let detail = admin.get_job(&id).await.unwrap();
+    let stages: Vec<u8> = detail.log.iter().filter_map(|l| l.stage.map(|s| s.0)).collect();
+    assert_eq!(stages, vec![1, 2, 3, 4, 5]);
+    // The root password is stored only as its hash, and shown nowhere.
+    let all = serde_json::to_string(&detail).unwrap();
+    assert!(!all.contains("canary-root-pw") && !all.contains("$6$"), "{all}");
+    let listed = admin
+        .list_jobs(&JobFilter {
+            machine: Some("web1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    sim.shutdown().await;
+});
+
+api_test!(
+    a_silent_installer_fails_the_job_and_leaves_the_disk,
+    settings = Settings {
+        jobs: Some(toml::from_str("[reimage]\ninstaller_start_secs = 1").unwrap()),
+        ..Settings::default()
+    },
+    |srv| {
+        let sim = sim().await;
+        let admin = srv.admin();
+        catalog(&admin).await;
+        admin
+            .create_machine(&machine("web2", MAC, sim.bmc(0).url()))
+            .await
+            .unwrap();
+        let id = admin.reimage("web2", &request()).await.unwrap().id.to_string();
+        // Follow it live: the stream ends with the failed job.
+        let mut lines = vec![];
+        let end = tokio::time::timeout(
+            Duration::from_secs(30),
+            admin.watch_job(&id, |e| {
+                if let JobEvent::Log(l) = e {
+                    lines.push(l.clone());
+                }
+            }),
+        )
+        .await
+        .expect("the stream ends with the job")
+        .unwrap();
+        assert_eq!(end.state, JobState::Failed);
+        let reason = end.reason.unwrap();
+        assert!(
+            reason.contains("wait_installer") && reason.contains("no stage 1"),
+            "{reason}"
+        );
+        assert!(lines.iter().any(|l| l.kind == JobLogKind::Failed), "{lines:?}");
+        assert!(lines.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(!ipxe(&srv, MAC).await.contains("kernel"), "left armed");
+        assert_eq!(admin.get_machine("web2").await.unwrap().state, MachineState::Failed);
+        let target = sim.bmc(0).with(|b| b.systems[0].override_target.clone());
+        assert_eq!(target, "Hdd", "the boot device is back on disk");
+        // Retry from the start: it runs again (and waits for the installer).
+        let again = admin
+            .retry_job(
+                &id,
+                &RetryRequest {
+                    from_step: Some("validate".into()),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.state, JobState::Queued);
+        until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
+        admin.job_action(&id, "cancel").await.unwrap();
+        let end = until(&admin, &id, "the cancel", |j| j.state.is_final()).await;
+        assert_eq!(end.state, JobState::Cancelled);
+        assert!(!ipxe(&srv, MAC).await.contains("kernel"), "left armed");
+        sim.shutdown().await;
+    }
+);
+
+api_test!(reimage_requests_are_checked_before_a_job_exists, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    catalog(&admin).await;
+    admin
+        .create_machine(&machine("web3", MAC, sim.bmc(0).url()))
+        .await
+        .unwrap();
+    let mut req = request();
+    req.layout = Some(StorageLayout::LvmRaid10);
+    let e = admin.reimage("web3", &req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("lvm_raid10"), "{e}");
+    let mut req = request();
+    req.os = "nope".into();
+    assert_eq!(admin.reimage("web3", &req).await.unwrap_err().status(), Some(404));
+    admin
+        .update_machine(
+            "web3",
+            &MachinePatch {
+                protected: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let e = admin.reimage("web3", &request()).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    admin
+        .update_machine(
+            "web3",
+            &MachinePatch {
+                protected: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let job = admin.reimage("web3", &request()).await.unwrap();
+    let e = admin.reimage("web3", &request()).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "one active job per machine: {e}");
+    assert!(e.to_string().contains(&job.id.to_string()), "{e}");
+
+    // A tenant sees only its own machines' jobs.
+    admin
+        .create_tenant(&TenantCreate {
+            name: "acme".into(),
+            description: None,
+        })
+        .await
+        .unwrap();
+    let t = admin
+        .create_token(&TokenCreate {
+            name: Some("acme-ci".into()),
+            role: Role::Tenant,
+            tenant: Some("acme".into()),
+        })
+        .await
+        .unwrap();
+    let tenant = srv.client(Some(&t.token));
+    assert_eq!(
+        tenant.get_job(&job.id.to_string()).await.unwrap_err().status(),
+        Some(404)
+    );
+    assert!(tenant.list_jobs(&JobFilter::default()).await.unwrap().is_empty());
+    admin.job_action(&job.id.to_string(), "cancel").await.unwrap();
+    sim.shutdown().await;
+});
