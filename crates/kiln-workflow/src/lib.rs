@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod hooks;
+pub mod post_install;
 pub mod process;
 pub mod reimage;
 
