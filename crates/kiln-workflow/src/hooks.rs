@@ -203,58 +203,75 @@ impl TryFrom<RawHook> for HookConfig {
     type Error = String;
 
     fn try_from(raw: RawHook) -> Result<HookConfig, String> {
+        let action = match (raw.webhook, raw.command) {
+            (Some(w), None) => HookAction::Webhook(w),
+            (None, Some(c)) => HookAction::Command(c),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "hook `{}`: has both [hooks.webhook] and [hooks.command]: a hook is one or the other",
+                    raw.name
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "hook `{}`: has neither [hooks.webhook] (url, secret) nor [hooks.command] (argv): add one",
+                    raw.name
+                ));
+            }
+        };
+        let hook = HookConfig {
+            name: raw.name,
+            events: raw.events,
+            timeout_secs: raw.timeout_secs,
+            required: raw.required,
+            action,
+        };
+        hook.validate()?;
+        Ok(hook)
+    }
+}
+
+impl HookConfig {
+    /// Every problem with this hook, in one message that names it. Loading
+    /// the config runs this; so does [`HookRunner::new`], for hooks built
+    /// in code.
+    pub fn validate(&self) -> Result<(), String> {
         let mut problems = vec![];
-        let name_ok = !raw.name.is_empty()
-            && raw.name.len() <= 64
-            && raw.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
         if !name_ok {
-            problems.push(format!("name `{}` must have 1 to 64 of A-Z a-z 0-9 . _ -", raw.name));
+            problems.push(format!("name `{}` must have 1 to 64 of A-Z a-z 0-9 . _ -", self.name));
         }
-        if raw.events.is_empty() {
+        if self.events.is_empty() {
             problems.push(format!(
                 "events is empty: list one or more of {}",
                 HookEvent::ALL.map(|e| format!("`{e}`")).join(", ")
             ));
         }
         let mut seen = HashSet::new();
-        for e in &raw.events {
+        for e in &self.events {
             if !seen.insert(e) {
                 problems.push(format!("event `{e}` is listed twice"));
             }
         }
-        if raw.timeout_secs == 0 || raw.timeout_secs > MAX_TIMEOUT_SECS {
+        if self.timeout_secs == 0 || self.timeout_secs > MAX_TIMEOUT_SECS {
             problems.push(format!(
                 "timeout_secs = {} is out of range: give 1 to {MAX_TIMEOUT_SECS} seconds",
-                raw.timeout_secs
+                self.timeout_secs
             ));
         }
-        let action = match (raw.webhook, raw.command) {
-            (Some(w), None) => {
-                problems.extend(check_webhook(&w));
-                Some(HookAction::Webhook(w))
-            }
-            (None, Some(c)) => {
-                problems.extend(check_command(&c));
-                Some(HookAction::Command(c))
-            }
-            (Some(_), Some(_)) => {
-                problems.push("has both [hooks.webhook] and [hooks.command]: a hook is one or the other".into());
-                None
-            }
-            (None, None) => {
-                problems.push("has neither [hooks.webhook] (url, secret) nor [hooks.command] (argv): add one".into());
-                None
-            }
-        };
-        match action {
-            Some(action) if problems.is_empty() => Ok(HookConfig {
-                name: raw.name,
-                events: raw.events,
-                timeout_secs: raw.timeout_secs,
-                required: raw.required,
-                action,
-            }),
-            _ => Err(format!("hook `{}`: {}", raw.name, problems.join("; "))),
+        match &self.action {
+            HookAction::Webhook(w) => problems.extend(check_webhook(w)),
+            HookAction::Command(c) => problems.extend(check_command(c)),
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("hook `{}`: {}", self.name, problems.join("; ")))
         }
     }
 }
@@ -337,6 +354,15 @@ pub enum HookKind {
     Command,
 }
 
+impl fmt::Display for HookKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HookKind::Webhook => "webhook",
+            HookKind::Command => "command",
+        })
+    }
+}
+
 /// What the job tells its hooks. The engine fills it; `stage` and `reason`
 /// where they mean something (the failed step and why, for `failure`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -405,8 +431,10 @@ pub struct HookOutcome {
     pub ok: bool,
     /// Whether a failure fails the job.
     pub required: bool,
-    /// HTTP attempts made, 1 for a command that ran; 0: not run at all
-    /// (a required hook before it failed).
+    /// Not run at all: a required `pre_reimage` hook before it failed.
+    #[serde(default)]
+    pub skipped: bool,
+    /// HTTP requests sent for a webhook; 1 for a command (0 when skipped).
     pub attempts: u32,
     pub duration_ms: u64,
     /// What happened, for a person: `200 OK`, `exited with code 2: …`.
@@ -418,15 +446,15 @@ pub struct HookOutcome {
 
 impl fmt::Display for HookOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let status = match (self.ok, self.attempts) {
+        let status = match (self.ok, self.skipped) {
             (true, _) => "ok",
-            (false, 0) => "not run",
-            (false, _) if self.required => "failed (required)",
-            (false, _) => "failed",
+            (false, true) => "not run",
+            (false, false) if self.required => "failed (required)",
+            (false, false) => "failed",
         };
         write!(
             f,
-            "{} hook `{}` ({:?}): {status} in {} ms: {}",
+            "{} hook `{}` ({}): {status} in {} ms: {}",
             self.event, self.hook, self.kind, self.duration_ms, self.message
         )
     }
@@ -437,7 +465,7 @@ impl fmt::Display for HookOutcome {
 pub fn job_failure_reason(outcomes: &[HookOutcome]) -> Option<String> {
     outcomes
         .iter()
-        .find(|o| o.required && !o.ok && o.attempts > 0)
+        .find(|o| o.required && !o.ok && !o.skipped)
         .map(|o| format!("required {} hook `{}` failed: {}", o.event, o.hook, o.message))
 }
 
@@ -446,6 +474,8 @@ pub fn job_failure_reason(outcomes: &[HookOutcome]) -> Option<String> {
 pub enum HookSetupError {
     #[error("two hooks are named `{0}`: hook names must be unique (they name the hook in job logs)")]
     DuplicateName(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("cannot set up the webhook HTTP client: {0}")]
     HttpClient(String),
 }
@@ -491,6 +521,7 @@ impl HookRunner {
     pub fn new(hooks: Vec<HookConfig>) -> Result<HookRunner, HookSetupError> {
         let mut names = HashSet::new();
         for h in &hooks {
+            h.validate().map_err(HookSetupError::Invalid)?;
             if !names.insert(h.name.as_str()) {
                 return Err(HookSetupError::DuplicateName(h.name.clone()));
             }
@@ -519,7 +550,7 @@ impl HookRunner {
 
     /// Runs every hook configured for `event`, in config order, and says
     /// how each went. After a required `pre_reimage` hook fails, the ones
-    /// after it are not run (outcomes with `attempts: 0`). Never fails as a
+    /// after it are not run (outcomes with `skipped: true`). Never fails as a
     /// whole: see [`job_failure_reason`].
     ///
     /// A webhook is retried, so a receiver may see one delivery more than
@@ -539,6 +570,7 @@ impl HookRunner {
                     kind: hook.kind(),
                     ok: false,
                     required,
+                    skipped: true,
                     attempts: 0,
                     duration_ms: 0,
                     message: format!("not run: the required hook `{failed}` before it failed"),
@@ -564,6 +596,7 @@ impl HookRunner {
                 kind: hook.kind(),
                 ok: run.ok,
                 required,
+                skipped: false,
                 attempts: run.attempts,
                 duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 message: run.message,
@@ -587,7 +620,7 @@ impl HookRunner {
     async fn post(&self, hook: &HookConfig, w: &WebhookConfig, body: &HookBody) -> RunResult {
         let bytes = match serde_json::to_vec(body) {
             Ok(b) => b,
-            Err(e) => return RunResult::failed(0, format!("cannot encode the body as JSON: {e}")),
+            Err(e) => return RunResult::failed(1, format!("cannot encode the body as JSON: {e}")),
         };
         let sig = signature(w.secret.expose().as_bytes(), &bytes);
         let shown_url = redact_url(&w.url);
@@ -681,15 +714,21 @@ impl RunResult {
 }
 
 async fn run_command(hook: &HookConfig, c: &CommandConfig, body: &HookBody) -> RunResult {
-    let mut spec = ProcessSpec::new(&c.argv[0], hook.timeout());
-    spec.args = c.argv[1..].to_vec();
+    // Validation guarantees a program; a failure here is still no panic.
+    let Some((program, args)) = c.argv.split_first() else {
+        return RunResult::failed(1, "command argv is empty".into());
+    };
+    let mut spec = ProcessSpec::new(program, hook.timeout());
+    spec.args = args.to_vec();
     spec.env = c.env.clone();
     spec.env.extend(kiln_env(body));
     spec.stdin = Some(serde_json::to_vec(body).unwrap_or_default());
     spec.output_limit = COMMAND_OUTPUT_LIMIT;
     let outcome = match process::run(&spec).await {
         Ok(o) => o,
-        Err(e) => return RunResult::failed(0, error_chain(&e)),
+        // Counts as an attempt: a required hook whose program is missing
+        // must fail the job.
+        Err(e) => return RunResult::failed(1, error_chain(&e)),
     };
     let tail = outcome.last_lines(QUOTED_LINES);
     let with_tail = |what: String| {
@@ -700,12 +739,12 @@ async fn run_command(hook: &HookConfig, c: &CommandConfig, body: &HookBody) -> R
         }
     };
     let message = match outcome.exit {
-        Exit::Code(0) => format!("`{}` exited with code 0", c.argv[0]),
+        Exit::Code(0) => format!("`{program}` exited with code 0"),
         Exit::TimedOut => with_tail(format!(
-            "`{}` still ran after {} s (timeout_secs): killed it and its process group",
-            c.argv[0], hook.timeout_secs
+            "`{program}` still ran after {} s (timeout_secs): killed it and its process group",
+            hook.timeout_secs
         )),
-        other => with_tail(format!("`{}` {other}", c.argv[0])),
+        other => with_tail(format!("`{program}` {other}")),
     };
     RunResult {
         ok: outcome.success(),
@@ -1012,6 +1051,23 @@ mod tests {
     }
 
     #[test]
+    fn hooks_built_in_code_are_validated_too() {
+        let hook = HookConfig {
+            name: "x".into(),
+            events: vec![HookEvent::Failure],
+            timeout_secs: 0,
+            required: None,
+            action: HookAction::Command(CommandConfig {
+                argv: vec![],
+                env: BTreeMap::new(),
+            }),
+        };
+        let err = HookRunner::new(vec![hook]).unwrap_err().to_string();
+        assert!(err.starts_with("hook `x`: timeout_secs = 0"), "{err}");
+        assert!(err.contains("argv is empty"), "{err}");
+    }
+
+    #[test]
     fn signatures_verify_only_with_the_right_secret_and_body() {
         let sig = signature(b"secret", b"{\"a\":1}");
         assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64);
@@ -1047,22 +1103,28 @@ mod tests {
 
     #[test]
     fn failure_reason_names_the_first_required_failure_that_ran() {
-        let o = |hook: &str, ok, required, attempts| HookOutcome {
+        let o = |hook: &str, ok, required, skipped| HookOutcome {
             hook: hook.into(),
             event: HookEvent::PreReimage,
             kind: HookKind::Command,
             ok,
             required,
-            attempts,
+            skipped,
+            attempts: if skipped { 0 } else { 1 },
             duration_ms: 1,
             message: "boom".into(),
             output: None,
         };
         assert_eq!(
-            job_failure_reason(&[o("a", true, true, 1), o("b", false, false, 1)]),
+            job_failure_reason(&[o("a", true, true, false), o("b", false, false, false)]),
             None
         );
-        let reason = job_failure_reason(&[o("a", false, false, 1), o("b", false, true, 1), o("c", false, true, 0)]);
+        // A skipped required hook is not the reason: the one that failed before it is.
+        let reason = job_failure_reason(&[
+            o("c", false, true, true),
+            o("a", false, false, false),
+            o("b", false, true, false),
+        ]);
         assert_eq!(reason.as_deref(), Some("required pre_reimage hook `b` failed: boom"));
     }
 }

@@ -397,15 +397,20 @@ async fn a_failing_command_reports_its_code_and_last_output() {
 #[tokio::test]
 async fn a_missing_program_is_a_clear_failure() {
     let r = runner(&command("x", r#"["failure"]"#, &["/nonexistent/depool"], 10, ""));
-    let o = &r.fire(HookEvent::Failure, &payload()).await[0];
-    assert!(!o.ok);
-    assert_eq!(o.attempts, 0);
+    let outcomes = r.fire(HookEvent::Failure, &payload()).await;
+    let o = &outcomes[0];
+    assert!(!o.ok && !o.skipped);
+    assert_eq!(o.attempts, 1);
     assert!(
         o.message.starts_with("cannot start `/nonexistent/depool`: "),
         "{}",
         o.message
     );
     assert!(o.message.contains("No such file or directory"), "{}", o.message);
+    // Required or not decides; a missing program is a failure like any other.
+    let r = runner(&command("x", r#"["pre_reimage"]"#, &["/nonexistent/depool"], 10, ""));
+    let outcomes = r.fire(HookEvent::PreReimage, &payload()).await;
+    assert!(job_failure_reason(&outcomes).unwrap().contains("cannot start"));
 }
 
 #[tokio::test]
@@ -507,8 +512,9 @@ async fn a_failed_required_pre_hook_stops_the_hooks_after_it() {
     let r = runner(&text);
     let outcomes = r.fire(HookEvent::PreReimage, &payload()).await;
     assert_eq!(outcomes.len(), 2);
-    assert!(!outcomes[0].ok && outcomes[0].attempts == 1);
-    assert!(!outcomes[1].ok && outcomes[1].attempts == 0);
+    assert!(!outcomes[0].ok && !outcomes[0].skipped && outcomes[0].attempts == 1);
+    assert!(!outcomes[1].ok && outcomes[1].skipped && outcomes[1].attempts == 0);
+    assert!(outcomes[1].to_string().contains("not run"), "{}", outcomes[1]);
     assert_eq!(
         outcomes[1].message,
         "not run: the required hook `silence` before it failed"
