@@ -148,7 +148,7 @@ impl fmt::Debug for WebhookConfig {
 }
 
 /// `[hooks.command]`: what to run.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {
     /// The program and its arguments, passed as they are (no shell, no
@@ -157,6 +157,15 @@ pub struct CommandConfig {
     /// Extra environment variables (not `KILN_*`).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for CommandConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandConfig")
+            .field("argv", &self.argv)
+            .field("env", &process::EnvNames(&self.env))
+            .finish()
+    }
 }
 
 /// What a hook does.
@@ -1032,6 +1041,18 @@ mod tests {
             assert!(!shown.contains(leak), "{leak} in {shown}");
         }
         assert!(shown.contains("https://relay.example/hook?[redacted]"), "{shown}");
+
+        let hooks = parse(
+            r#"
+            [[hooks]]
+            name = "t"
+            events = ["failure"]
+            command = { argv = ["/bin/true"], env = { JIRA_TOKEN = "canary-token" } }
+            "#,
+        )
+        .unwrap();
+        let shown = format!("{hooks:?}");
+        assert!(!shown.contains("canary") && shown.contains("JIRA_TOKEN"), "{shown}");
     }
 
     #[test]

@@ -53,7 +53,7 @@ fn default_output_limit() -> usize {
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 
 /// `[post_install]` in the server's config file (all keys optional).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostInstallSettings {
     /// The `ansible-playbook` program: a path, or a name looked up in PATH.
@@ -82,6 +82,20 @@ pub struct PostInstallSettings {
     /// `noexec` mount is fine.
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PostInstallSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostInstallSettings")
+            .field("ansible_playbook", &self.ansible_playbook)
+            .field("ansible_args", &self.ansible_args)
+            .field("inventory_vars", &self.inventory_vars)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("output_limit_bytes", &self.output_limit_bytes)
+            .field("env", &process::EnvNames(&self.env))
+            .field("work_dir", &self.work_dir)
+            .finish()
+    }
 }
 
 impl Default for PostInstallSettings {

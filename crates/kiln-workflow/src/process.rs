@@ -63,7 +63,7 @@ pub const KILL_GRACE: Duration = Duration::from_secs(3);
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// What to run and how.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProcessSpec {
     /// The program: a path, or a name looked up in the child's `PATH`.
     pub program: String,
@@ -79,6 +79,20 @@ pub struct ProcessSpec {
     pub timeout: Duration,
     /// How many bytes of output (the last ones) are kept.
     pub output_limit: usize,
+}
+
+impl fmt::Debug for ProcessSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessSpec")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &EnvNames(&self.env))
+            .field("current_dir", &self.current_dir)
+            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
+            .field("timeout", &self.timeout)
+            .field("output_limit", &self.output_limit)
+            .finish()
+    }
 }
 
 impl ProcessSpec {
@@ -234,6 +248,16 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Shows an environment table in `Debug` output with its names only: the
+/// values configured for hooks and tasks are often API tokens.
+pub struct EnvNames<'a>(pub &'a BTreeMap<String, String>);
+
+impl fmt::Debug for EnvNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.keys().map(|k| (k, "[redacted]"))).finish()
+    }
 }
 
 /// The last `limit` bytes written to it, and how many came before them.
