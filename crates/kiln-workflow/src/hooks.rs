@@ -41,8 +41,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use kiln_types::MachineId;
+use kiln_store::JobRecord;
 use kiln_types::secret::Secret;
+use kiln_types::{JobId, MachineId};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use uuid::Uuid;
@@ -67,6 +68,7 @@ pub const ENV_VARS: &[&str] = &[
     "KILN_HOSTNAME",
     "KILN_OS",
     "KILN_TICKET",
+    "KILN_STEP",
     "KILN_STAGE",
     "KILN_REASON",
 ];
@@ -86,7 +88,7 @@ pub enum HookEvent {
     PreReimage,
     /// After the new OS phoned home and the post-install tasks ran.
     PostReimage,
-    /// A job failed (or was cancelled) after its pre-reimage hooks ran.
+    /// A job failed, at whatever step.
     Failure,
 }
 
@@ -99,6 +101,19 @@ impl HookEvent {
             HookEvent::PostReimage => "post_reimage",
             HookEvent::Failure => "failure",
         }
+    }
+}
+
+impl std::str::FromStr for HookEvent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HookEvent, String> {
+        HookEvent::ALL.into_iter().find(|e| e.as_str() == s).ok_or_else(|| {
+            format!(
+                "unknown hook event `{s}`: one of {}",
+                HookEvent::ALL.map(|e| format!("`{e}`")).join(", ")
+            )
+        })
     }
 }
 
@@ -372,25 +387,52 @@ impl fmt::Display for HookKind {
     }
 }
 
-/// What the job tells its hooks. The engine fills it; `stage` and `reason`
-/// where they mean something (the failed step and why, for `failure`).
+/// What the job tells its hooks ([`HookPayload::from_job`] fills it from
+/// the stored job).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HookPayload {
-    pub job_id: Uuid,
-    pub machine_id: MachineId,
+    pub job_id: JobId,
+    /// `None` only when the machine was deleted while the job ran.
+    pub machine_id: Option<MachineId>,
     pub hostname: String,
-    /// The OS being installed, as `name-version` (e.g. `debian-12`).
+    /// The OS being installed, as the job names it (e.g. `debian 12`).
     #[serde(default)]
     pub os: Option<String>,
     #[serde(default)]
     pub ticket: Option<String>,
+    /// The step the job is in (for `failure`: the step that failed).
     #[serde(default)]
-    pub stage: Option<String>,
+    pub step: Option<String>,
+    /// The install stage the machine reported last (0–5).
+    #[serde(default)]
+    pub stage: Option<u8>,
+    /// Why the job is waiting or failed, when it says.
     #[serde(default)]
     pub reason: Option<String>,
     /// Anything else the job wants its hooks to see (a JSON object).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+}
+
+impl HookPayload {
+    /// The payload for a stored job: its ids, hostname, OS, ticket, current
+    /// step, install stage and reason.
+    pub fn from_job(job: &JobRecord) -> HookPayload {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        HookPayload {
+            job_id: job.id,
+            machine_id: job.machine_id,
+            hostname: job.hostname.clone(),
+            os: non_empty(&job.os_label),
+            ticket: job.ticket.clone(),
+            step: crate::engine::steps(job.kind)
+                .get(job.step_index as usize)
+                .map(|s| s.to_string()),
+            stage: Some(job.stage.0),
+            reason: job.reason.clone(),
+            details: serde_json::Value::Null,
+        }
+    }
 }
 
 /// The JSON a webhook receives (and a command reads on stdin): the event,
@@ -476,6 +518,20 @@ pub fn job_failure_reason(outcomes: &[HookOutcome]) -> Option<String> {
         .iter()
         .find(|o| o.required && !o.ok && !o.skipped)
         .map(|o| format!("required {} hook `{}` failed: {}", o.event, o.hook, o.message))
+}
+
+/// The job log's lines for some outcomes: one per hook, plus the output of
+/// a command that printed something and succeeded (a failure's last lines
+/// are already in its message).
+pub fn job_log_lines(outcomes: &[HookOutcome]) -> Vec<String> {
+    let mut lines = vec![];
+    for o in outcomes {
+        lines.push(o.to_string());
+        if let Some(output) = o.output.as_deref().filter(|out| o.ok && !out.trim().is_empty()) {
+            lines.push(format!("{} hook `{}` output:\n{}", o.event, o.hook, output.trim_end()));
+        }
+    }
+    lines
 }
 
 /// Errors building a [`HookRunner`].
@@ -626,6 +682,18 @@ impl HookRunner {
         outcomes
     }
 
+    /// [`fire`](Self::fire) for a stored job, answered the way the engine's
+    /// `Effects::run_hooks` wants it: one log line per hook, or the reason
+    /// the job must fail (the lines are then in the server's log only).
+    pub async fn run_for_job(&self, event: &str, job: &JobRecord) -> Result<Vec<String>, String> {
+        let event: HookEvent = event.parse()?;
+        let outcomes = self.fire(event, &HookPayload::from_job(job)).await;
+        match job_failure_reason(&outcomes) {
+            Some(reason) => Err(reason),
+            None => Ok(job_log_lines(&outcomes)),
+        }
+    }
+
     async fn post(&self, hook: &HookConfig, w: &WebhookConfig, body: &HookBody) -> RunResult {
         let bytes = match serde_json::to_vec(body) {
             Ok(b) => b,
@@ -772,11 +840,15 @@ fn kiln_env(body: &HookBody) -> BTreeMap<String, String> {
         ("KILN_HOOK", body.hook.clone()),
         ("KILN_DELIVERY", body.delivery.to_string()),
         ("KILN_JOB_ID", p.job_id.to_string()),
-        ("KILN_MACHINE_ID", p.machine_id.to_string()),
+        (
+            "KILN_MACHINE_ID",
+            p.machine_id.map(|m| m.to_string()).unwrap_or_default(),
+        ),
         ("KILN_HOSTNAME", p.hostname.clone()),
         ("KILN_OS", opt(&p.os)),
         ("KILN_TICKET", opt(&p.ticket)),
-        ("KILN_STAGE", opt(&p.stage)),
+        ("KILN_STEP", opt(&p.step)),
+        ("KILN_STAGE", p.stage.map(|s| s.to_string()).unwrap_or_default()),
         ("KILN_REASON", opt(&p.reason)),
     ]
     .into_iter()

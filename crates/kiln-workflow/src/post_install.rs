@@ -30,10 +30,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_types::MachineId;
+use kiln_store::JobRecord;
 use kiln_types::catalog::{Task, TaskKind};
+use kiln_types::{JobId, MachineId};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::process::{self, Exit, ProcessSpec};
 
@@ -158,6 +158,20 @@ pub struct PostInstallTask {
     pub content: String,
 }
 
+impl PostInstallTask {
+    /// The name a job's own `--post-install-script` runs under.
+    pub const JOB_SCRIPT_NAME: &'static str = "post-install-script";
+
+    /// A job's `--post-install-script`.
+    pub fn job_script(content: impl Into<String>) -> PostInstallTask {
+        PostInstallTask {
+            name: Self::JOB_SCRIPT_NAME.into(),
+            kind: TaskKind::Script,
+            content: content.into(),
+        }
+    }
+}
+
 impl From<&Task> for PostInstallTask {
     fn from(t: &Task) -> Self {
         PostInstallTask {
@@ -171,7 +185,7 @@ impl From<&Task> for PostInstallTask {
 /// The machine a task is for, and the job's fields it may use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTarget {
-    pub job_id: Uuid,
+    pub job_id: JobId,
     pub machine_id: MachineId,
     pub hostname: String,
     /// Where kiln reaches the new OS (its IP address, or a resolvable name).
@@ -179,6 +193,21 @@ pub struct TaskTarget {
     /// `name-version` of the installed OS.
     pub os: Option<String>,
     pub ticket: Option<String>,
+}
+
+impl TaskTarget {
+    /// The target of a stored job's tasks; `address` is where kiln reaches
+    /// the new OS (the machine's IP address, or its FQDN).
+    pub fn from_job(job: &JobRecord, address: impl Into<String>) -> Result<TaskTarget, String> {
+        Ok(TaskTarget {
+            job_id: job.id,
+            machine_id: job.machine_id.ok_or("the machine was deleted")?,
+            hostname: job.hostname.clone(),
+            address: address.into(),
+            os: (!job.os_label.is_empty()).then(|| job.os_label.clone()),
+            ticket: job.ticket.clone(),
+        })
+    }
 }
 
 /// How a task ended.
@@ -341,6 +370,25 @@ impl PostInstallRunner {
             tracing::warn!(task = %task.name, job = %target.job_id, "{}", done.summary());
         }
         done
+    }
+
+    /// Runs `tasks` in order, as the engine's `Effects::post_install` wants
+    /// it: the job log's lines (each task's summary and output), or why the
+    /// job fails — the first task that fails stops the rest, which may
+    /// depend on it.
+    pub async fn run_all(&self, tasks: &[PostInstallTask], target: &TaskTarget) -> Result<Vec<String>, String> {
+        let mut lines = vec![];
+        for task in tasks {
+            let outcome = self.run(task, target).await;
+            if !outcome.ok() {
+                return Err(outcome.summary());
+            }
+            lines.push(outcome.summary());
+            if !outcome.output.trim().is_empty() {
+                lines.push(format!("`{}` output:\n{}", outcome.task, outcome.output.trim_end()));
+            }
+        }
+        Ok(lines)
     }
 
     fn temp_dir(&self) -> Result<tempfile::TempDir, String> {

@@ -9,13 +9,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use kiln_types::MachineId;
+use kiln_store::JobRecord;
+use kiln_types::job::{JobKind, JobState, Stage};
+use kiln_types::{JobId, MachineId};
 use kiln_workflow::hooks::{
     HookBody, HookConfig, HookEvent, HookKind, HookPayload, HookRunner, RetryDelays, job_failure_reason,
     verify_signature,
 };
 use serde::Deserialize;
-use uuid::Uuid;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 
@@ -158,11 +159,12 @@ fn runner(toml_text: &str) -> HookRunner {
 
 fn payload() -> HookPayload {
     HookPayload {
-        job_id: Uuid::now_v7(),
-        machine_id: MachineId::new(),
+        job_id: JobId::new(),
+        machine_id: Some(MachineId::new()),
         hostname: "web01".into(),
         os: Some("debian-12".into()),
         ticket: Some("OPS-1234".into()),
+        step: None,
         stage: None,
         reason: None,
         details: serde_json::json!({"layout": "lvm"}),
@@ -346,11 +348,12 @@ async fn a_command_gets_the_job_in_its_environment_and_on_stdin() {
         "KILN_EVENT=pre_reimage".to_string(),
         "KILN_HOOK=depool".to_string(),
         format!("KILN_JOB_ID={}", p.job_id),
-        format!("KILN_MACHINE_ID={}", p.machine_id),
+        format!("KILN_MACHINE_ID={}", p.machine_id.unwrap()),
         "KILN_HOSTNAME=web01".to_string(),
         "KILN_OS=debian-12".to_string(),
         "KILN_TICKET=OPS-1234".to_string(),
         "KILN_REASON=reimage requested".to_string(),
+        "KILN_STEP=".to_string(),
         "KILN_STAGE=".to_string(),
         "SITE_VAR=from-config".to_string(),
     ] {
@@ -543,4 +546,86 @@ async fn a_post_hook_marked_required_fails_the_job() {
     // No hook for an event: nothing runs, nothing fails.
     assert!(r.fire(HookEvent::Failure, &payload()).await.is_empty());
     assert!(!r.has_hooks_for(HookEvent::Failure));
+}
+
+/// A stored job in the middle of its `pre_hooks` step.
+fn job_record() -> JobRecord {
+    let now = chrono::Utc::now();
+    JobRecord {
+        id: JobId::new(),
+        kind: JobKind::Reimage,
+        state: JobState::Running,
+        machine_id: Some(MachineId::new()),
+        hostname: "web02".into(),
+        os_label: "debian 12".into(),
+        spec: serde_json::json!({}),
+        data: serde_json::json!({}),
+        step_index: kiln_workflow::steps(JobKind::Reimage)
+            .iter()
+            .position(|s| *s == "pre_hooks")
+            .unwrap() as u32,
+        step_started_at: now,
+        step_attempts: 1,
+        stage: Stage::ACCEPTED,
+        reason: None,
+        ticket: Some("OPS-9".into()),
+        callback_url: None,
+        cancel_requested: false,
+        pause_requested: false,
+        run_at: None,
+        lease_owner: None,
+        lease_expires: None,
+        created_by: "test".into(),
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+    }
+}
+
+#[tokio::test]
+async fn run_for_job_answers_the_way_the_engine_asks() {
+    let rx = Receiver::start(SECRET, vec![]).await;
+    let text = [
+        webhook("ticket", &rx.url(), SECRET, 0, 5),
+        command(
+            "echo",
+            r#"["pre_reimage"]"#,
+            &["/bin/sh", "-c", "echo \"$KILN_STEP $KILN_STAGE $KILN_OS\""],
+            10,
+            "",
+        ),
+    ]
+    .concat();
+    let r = runner(&text);
+    let job = job_record();
+    let lines = r.run_for_job("pre_reimage", &job).await.unwrap();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("pre_reimage hook `ticket` (webhook): ok in "),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("pre_reimage hook `echo` (command): ok in "),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[2], "pre_reimage hook `echo` output:\npre_hooks 0 debian 12");
+    let body: HookBody = serde_json::from_slice(&rx.seen()[0].body).unwrap();
+    assert_eq!(body.payload, HookPayload::from_job(&job));
+    assert_eq!((body.payload.job_id, body.payload.machine_id), (job.id, job.machine_id));
+    assert_eq!(body.payload.step.as_deref(), Some("pre_hooks"));
+
+    let err = r.run_for_job("pre_install", &job).await.unwrap_err();
+    assert_eq!(
+        err,
+        "unknown hook event `pre_install`: one of `pre_reimage`, `post_reimage`, `failure`"
+    );
+
+    let failing = runner(&command("nope", r#"["pre_reimage"]"#, &["/bin/false"], 10, ""));
+    let err = failing.run_for_job("pre_reimage", &job).await.unwrap_err();
+    assert_eq!(
+        err,
+        "required pre_reimage hook `nope` failed: `/bin/false` exited with code 1 (no output)"
+    );
 }

@@ -6,14 +6,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kiln_types::MachineId;
 use kiln_types::catalog::TaskKind;
+use kiln_types::{JobId, MachineId};
 use kiln_workflow::post_install::{PostInstallRunner, PostInstallSettings, PostInstallTask, TaskResult, TaskTarget};
-use uuid::Uuid;
 
 fn target() -> TaskTarget {
     TaskTarget {
-        job_id: Uuid::now_v7(),
+        job_id: JobId::new(),
         machine_id: MachineId::new(),
         hostname: "web01".into(),
         address: "127.0.0.1".into(),
@@ -338,4 +337,29 @@ async fn a_playbook_with_bad_syntax_is_reported_as_such() {
     assert!(!o.ok());
     assert!(matches!(o.result, TaskResult::Failed { .. }), "{:?}", o.result);
     assert!(o.output.contains("nosuchmodule_xyz"), "{}", o.output);
+}
+
+#[tokio::test]
+async fn run_all_stops_at_the_first_failure_and_logs_each_task() {
+    let runner = runner(PostInstallSettings::default());
+    let t = target();
+    let tasks = [script("first", "echo one\n"), PostInstallTask::job_script("echo two\n")];
+    let lines = runner.run_all(&tasks, &t).await.unwrap();
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(lines[0].starts_with("post-install task `first` (script) succeeded in "));
+    assert_eq!(lines[1], "`first` output:\none");
+    assert!(lines[2].starts_with("post-install task `post-install-script` (script) succeeded in "));
+
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let tasks = [
+        script("breaks", "echo 'disk full' >&2; exit 1\n"),
+        script("after", &format!("touch {}\n", marker.display())),
+    ];
+    let err = runner.run_all(&tasks, &t).await.unwrap_err();
+    assert_eq!(
+        err,
+        "post-install task `breaks` (script) exited with code 1; last output:\ndisk full"
+    );
+    assert!(!marker.exists(), "a task ran after one failed");
 }
