@@ -8,6 +8,9 @@
 //! armed something is undone when the job fails or is cancelled.
 
 pub mod engine;
+pub mod hooks;
+pub mod post_install;
+pub mod process;
 pub mod reimage;
 
 pub use engine::{BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan, Outcome, job_view, steps};
