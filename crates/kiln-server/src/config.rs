@@ -48,6 +48,14 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub jobs: Option<kiln_workflow::EngineSettings>,
+    /// Hooks run around reimages (file only: `[[hooks]]`, docs/hooks.md).
+    #[arg(skip)]
+    #[serde(default)]
+    pub hooks: Option<Vec<kiln_workflow::hooks::HookConfig>>,
+    /// How post-install tasks run (file only: `[post_install]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub post_install: Option<kiln_workflow::post_install::PostInstallSettings>,
 }
 
 /// `[boot]`: what booting machines are told, and where HTTP boot finds
@@ -184,6 +192,8 @@ impl Settings {
             tftp: over.tftp.or(self.tftp),
             bmc: over.bmc.or(self.bmc),
             jobs: over.jobs.or(self.jobs),
+            hooks: over.hooks.or(self.hooks),
+            post_install: over.post_install.or(self.post_install),
         }
     }
 }
@@ -201,6 +211,8 @@ pub struct Config {
     pub tftp: Option<crate::tftp::TftpSettings>,
     pub bmc: crate::bmc::BmcSettings,
     pub jobs: kiln_workflow::EngineSettings,
+    pub hooks: Vec<kiln_workflow::hooks::HookConfig>,
+    pub post_install: kiln_workflow::post_install::PostInstallSettings,
 }
 
 impl Config {
@@ -232,6 +244,10 @@ pub enum ConfigError {
     Dhcp(String),
     #[error("[boot]: {0}")]
     Boot(String),
+    #[error("[[hooks]]: {0}")]
+    Hooks(String),
+    #[error("[post_install]: {0}")]
+    PostInstall(String),
     #[error("[bmc]: {0}")]
     Bmc(String),
     #[error(
@@ -280,9 +296,18 @@ impl Config {
         }
         let bmc = s.bmc.unwrap_or_default();
         bmc.validate().map_err(ConfigError::Bmc)?;
+        let hooks = s.hooks.unwrap_or_default();
+        kiln_workflow::hooks::HookRunner::new(hooks.clone()).map_err(|e| ConfigError::Hooks(e.to_string()))?;
+        let post_install = s.post_install.unwrap_or_default();
+        let problems = post_install.validate();
+        if !problems.is_empty() {
+            return Err(ConfigError::PostInstall(problems.join("; ")));
+        }
         Ok(Config {
             bmc,
             jobs: s.jobs.unwrap_or_default(),
+            hooks,
+            post_install,
             boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,

@@ -11,15 +11,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use kiln_bmc::BmcErrorKind;
 use kiln_boot::decision::NetbootArm;
-use kiln_store::{Actor, ArmRecord, JobRecord};
+use kiln_store::{Actor, ArmRecord, JobRecord, Store};
 use kiln_types::catalog::{OsImage, OsKind};
 use kiln_types::job::{Job, ReimageSpec};
 use kiln_types::power::{BootDevice, PowerAction};
 use kiln_types::{JobId, MachineId};
+use kiln_workflow::hooks::HookRunner;
+use kiln_workflow::post_install::{PostInstallRunner, PostInstallTask, TaskTarget};
 use kiln_workflow::{BmcAction, BmcError, Effects, NetbootPlan};
 
+use crate::Config;
 use crate::bmc::{BmcCallError, BmcService, Op};
 use crate::boot_http::BootContext;
 use crate::secrets::SecretBox;
@@ -30,20 +34,35 @@ pub type Engine = kiln_workflow::Engine<ServerEffects>;
 /// The effects of job steps, carried out by this server.
 #[derive(Debug)]
 pub struct ServerEffects {
-    pub bmc: Arc<BmcService>,
-    pub boot: Arc<BootContext>,
-    pub http: reqwest::Client,
+    store: Store,
+    bmc: Arc<BmcService>,
+    boot: Arc<BootContext>,
+    hooks: HookRunner,
+    tasks: PostInstallRunner,
+    http: reqwest::Client,
 }
 
 impl ServerEffects {
-    pub fn new(bmc: Arc<BmcService>, boot: Arc<BootContext>) -> ServerEffects {
+    pub fn new(
+        store: Store,
+        bmc: Arc<BmcService>,
+        boot: Arc<BootContext>,
+        config: &Config,
+    ) -> anyhow::Result<ServerEffects> {
         // One TLS provider for the process (ring), as for the BMC drivers.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .expect("building the callback HTTP client");
-        ServerEffects { bmc, boot, http }
+            .context("building the callback HTTP client")?;
+        Ok(ServerEffects {
+            store,
+            bmc,
+            boot,
+            hooks: HookRunner::new(config.hooks.clone()).context("[[hooks]]")?,
+            tasks: PostInstallRunner::new(config.post_install.clone()).context("[post_install]")?,
+            http,
+        })
     }
 }
 
@@ -111,14 +130,42 @@ impl Effects for ServerEffects {
         }
     }
 
-    async fn run_hooks(&self, _event: &'static str, _job: &JobRecord) -> Result<Vec<String>, String> {
-        // No hooks can be configured yet.
-        Ok(vec![])
+    async fn run_hooks(&self, event: &'static str, job: &JobRecord) -> Result<Vec<String>, String> {
+        self.hooks.run_for_job(event, job).await
     }
 
-    async fn post_install(&self, _job: &JobRecord, _spec: &ReimageSpec) -> Result<Vec<String>, String> {
-        // The API refuses tasks and scripts until the task runner is wired.
-        Ok(vec![])
+    async fn post_install(&self, job: &JobRecord, spec: &ReimageSpec) -> Result<Vec<String>, String> {
+        let mut tasks = Vec::with_capacity(spec.tasks.len() + 1);
+        for name in &spec.tasks {
+            let task = self
+                .store
+                .get_task(name)
+                .await
+                .map_err(|e| format!("task {name}: {e}"))?;
+            tasks.push(PostInstallTask::from(&task));
+        }
+        if let Some(script) = &spec.post_install_script {
+            tasks.push(PostInstallTask::job_script(script.clone()));
+        }
+        if tasks.is_empty() {
+            return Ok(vec![]);
+        }
+        // Where the new OS is reached: its address, else its name.
+        let machine = match job.machine_id {
+            Some(id) => self
+                .store
+                .get_machine(&id.to_string(), None)
+                .await
+                .map_err(|e| e.to_string())?,
+            None => return Err("the machine was deleted".into()),
+        };
+        let address = match (machine.ipv4, &machine.fqdn) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(fqdn)) => fqdn.to_string(),
+            (None, None) => machine.hostname.to_string(),
+        };
+        let target = TaskTarget::from_job(job, address)?;
+        self.tasks.run_all(&tasks, &target).await
     }
 
     async fn callback(&self, url: &str, job: &Job) -> Result<(), String> {

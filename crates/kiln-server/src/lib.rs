@@ -65,7 +65,12 @@ impl AppState {
             files: std::sync::Arc::new(files),
         });
         let bmc = std::sync::Arc::new(bmc::BmcService::new(store.clone(), secrets.clone(), config.bmc.clone()));
-        let effects = std::sync::Arc::new(jobs::ServerEffects::new(bmc.clone(), boot.clone()));
+        let effects = std::sync::Arc::new(jobs::ServerEffects::new(
+            store.clone(),
+            bmc.clone(),
+            boot.clone(),
+            config,
+        )?);
         let engine = kiln_workflow::Engine::new(store.clone(), effects, config.jobs.clone(), jobs::server_name());
         Ok(AppState {
             store,

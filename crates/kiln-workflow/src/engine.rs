@@ -562,7 +562,9 @@ impl<E: Effects> Engine<E> {
 
     /// Undoes what the job armed, then makes it final. The undo runs again
     /// if the server dies before the end is committed (it is idempotent).
-    async fn end(&self, job: JobRecord, ending: Ending, reason: String) -> anyhow::Result<()> {
+    async fn end(&self, mut job: JobRecord, ending: Ending, reason: String) -> anyhow::Result<()> {
+        // The undo (and the failure hooks it runs) sees why.
+        job.reason = Some(reason.clone());
         let mut cx = StepCx {
             job: &job,
             store: &self.store,

@@ -333,7 +333,10 @@ pub async fn undo<E: Effects>(cx: &mut StepCx<'_, E>, ending: Ending) {
             _ => MachineState::Failed,
         });
     }
-    if ending == Ending::Failed && !spec.as_ref().is_some_and(|s| s.no_hooks) {
+    // The failure hooks undo what the pre-reimage hooks did (a downtime, a
+    // depool): for a cancelled job too, once those ran.
+    let pre_hooks_ran = step > index("pre_hooks") || (ending == Ending::Failed && step == index("pre_hooks"));
+    if pre_hooks_ran && !spec.as_ref().is_some_and(|s| s.no_hooks) {
         match cx.effects.run_hooks("failure", cx.job).await {
             Ok(lines) => lines.into_iter().for_each(|l| cx.log(JobLogKind::Note, l)),
             Err(why) => cx.log(JobLogKind::Note, format!("failure hook: {why}")),

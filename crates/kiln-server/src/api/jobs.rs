@@ -93,8 +93,15 @@ pub async fn reimage(
             machine.hostname, machine.hostname
         ));
     }
-    if !req.tasks.is_empty() || req.post_install_script.is_some() {
-        why.push("post-install tasks and scripts are not run by this server yet; leave them out".into());
+    for name in &req.tasks {
+        match state.store.get_task(name).await {
+            Ok(task) => {
+                if let Err(w) = kiln_types::fit::task_fits(&machine, &task) {
+                    why.push(format!("task {name}: {w}"));
+                }
+            }
+            Err(e) => why.push(e.to_string()),
+        }
     }
     if let Some(url) = &req.callback_url
         && !(url.starts_with("http://") || url.starts_with("https://"))

@@ -349,3 +349,74 @@ api_test!(reimage_requests_are_checked_before_a_job_exists, |srv| {
     admin.job_action(&job.id.to_string(), "cancel").await.unwrap();
     sim.shutdown().await;
 });
+
+/// The config file's `[[hooks]]` and a catalog task, through a whole
+/// reimage: the hook sees each event, the task runs against the machine.
+fn hooks_settings(record: &std::path::Path) -> Settings {
+    let toml = format!(
+        r#"
+[[hooks]]
+name = "record"
+events = ["pre_reimage", "post_reimage", "failure"]
+[hooks.command]
+argv = ["/bin/sh", "-c", "echo \"$KILN_EVENT $KILN_HOSTNAME $KILN_TICKET\" >> {0}"]
+"#,
+        record.display()
+    );
+    let mut s: Settings = toml::from_str(&toml).unwrap();
+    s.jobs = None;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_and_post_install_tasks_run_around_a_reimage() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("hooks.log");
+    let task_out = dir.path().join("task.out");
+    kiln_test_utils::run_server_with(
+        kiln_test_utils::Backend::Sqlite,
+        hooks_settings(&record),
+        |srv| async move {
+            let sim = sim().await;
+            let admin = srv.admin();
+            catalog(&admin).await;
+            admin
+                .create_task(&kiln_types::catalog::TaskCreate {
+                    name: "motd".into(),
+                    kind: kiln_types::catalog::TaskKind::Script,
+                    tags: vec![],
+                    content: format!(
+                        "#!/bin/sh\necho \"motd for $KILN_HOSTNAME at $KILN_HOST\" > {}\n",
+                        task_out.display()
+                    ),
+                })
+                .await
+                .unwrap();
+            let mut m = machine("web4", MAC, sim.bmc(0).url());
+            m.ipv4 = Some("192.0.2.44".parse().unwrap());
+            admin.create_machine(&m).await.unwrap();
+            let mut req = request();
+            req.tasks = vec!["motd".into()];
+            let id = admin.reimage("web4", &req).await.unwrap().id.to_string();
+            until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
+            let agent = srv.client(Some(&token_in(&ipxe(&srv, MAC).await)));
+            for n in 1..=5 {
+                agent.report_stage(&id, n, "ok").await.unwrap();
+            }
+            let done = until(&admin, &id, "the end", |j| j.state.is_final()).await;
+            assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
+            let hooks = std::fs::read_to_string(&record).unwrap();
+            assert_eq!(hooks, "pre_reimage web4 T42\npost_reimage web4 T42\n");
+            let out = std::fs::read_to_string(&task_out).unwrap();
+            assert_eq!(out, "motd for web4 at 192.0.2.44\n");
+            let log = admin.get_job(&id).await.unwrap().log;
+            assert!(
+                log.iter()
+                    .any(|l| l.step.as_deref() == Some("post_install") && l.message.contains("motd")),
+                "{log:?}"
+            );
+            sim.shutdown().await;
+        },
+    )
+    .await;
+}
