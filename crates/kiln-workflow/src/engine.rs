@@ -142,7 +142,7 @@ impl Default for EngineSettings {
 
 impl EngineSettings {
     fn lease(&self) -> chrono::Duration {
-        chrono::Duration::seconds(self.lease_secs.max(3) as i64)
+        chrono::Duration::seconds(self.lease_secs.max(1) as i64)
     }
 }
 
@@ -239,6 +239,28 @@ pub struct Engine<E> {
     /// Bumped on every change this server makes to a job (live views wait
     /// on it).
     changes: tokio::sync::watch::Sender<u64>,
+    crash_at: Option<CrashPoint>,
+}
+
+/// Where the crash tests kill the server: `KILN_TEST_CRASH_AT=STEP:before`
+/// (the step ran, its answer is not committed) or `STEP:after` (just
+/// committed). The process sends itself SIGKILL there: no destructor, no
+/// flush, exactly like a power loss of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CrashPoint {
+    step: String,
+    after_commit: bool,
+}
+
+impl CrashPoint {
+    fn from_env() -> Option<CrashPoint> {
+        let spec = std::env::var("KILN_TEST_CRASH_AT").ok()?;
+        let (step, phase) = spec.split_once(':')?;
+        Some(CrashPoint {
+            step: step.to_string(),
+            after_commit: phase == "after",
+        })
+    }
 }
 
 impl<E: Effects> Engine<E> {
@@ -252,6 +274,7 @@ impl<E: Effects> Engine<E> {
             wake: Notify::new(),
             slots,
             changes: tokio::sync::watch::Sender::new(0),
+            crash_at: CrashPoint::from_env(),
         })
     }
 
@@ -392,6 +415,16 @@ impl<E: Effects> Engine<E> {
         }
     }
 
+    fn crash_point(&self, step: &str, after_commit: bool) {
+        if let Some(c) = &self.crash_at
+            && c.step == step
+            && c.after_commit == after_commit
+        {
+            tracing::warn!(step, after_commit, "KILN_TEST_CRASH_AT: killing this server");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// Saves `job` with `save`; `None` if this server lost the job.
     async fn save(&self, job: &JobRecord, save: JobSave) -> anyhow::Result<Option<JobRecord>> {
         let saved = self.store.save_job(&self.owner, job, save).await?;
@@ -466,6 +499,7 @@ impl<E: Effects> Engine<E> {
             let (data, mut save) = (cx.data, cx.save);
             let mut next = job.clone();
             next.data = serde_json::Value::Object(data);
+            self.crash_point(step, false);
             match outcome {
                 Outcome::Next => {
                     save.log.push(LogLine::new(JobLogKind::Step, Some(step), "done"));
@@ -485,6 +519,7 @@ impl<E: Effects> Engine<E> {
                     let Some(saved) = self.save(&next, save).await? else {
                         return Ok(());
                     };
+                    self.crash_point(step, true);
                     job = saved;
                 }
                 Outcome::Wait { until, reason } => {
@@ -495,6 +530,7 @@ impl<E: Effects> Engine<E> {
                     // A wait is not an attempt: only interrupted runs count.
                     next.step_attempts -= 1;
                     self.park(next, until, reason, save).await?;
+                    self.crash_point(step, true);
                     return Ok(());
                 }
                 Outcome::Retry { after, reason } => {
@@ -505,6 +541,7 @@ impl<E: Effects> Engine<E> {
                     ));
                     let until = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
                     self.park(next, until, reason, save).await?;
+                    self.crash_point(step, true);
                     return Ok(());
                 }
                 Outcome::Fail { reason } => {
