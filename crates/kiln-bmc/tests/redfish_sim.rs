@@ -174,6 +174,14 @@ async fn boot_override_once_is_consumed_by_the_next_boot() {
             ("Cd".to_string(), "Legacy".to_string())
         ]
     );
+
+    // UEFI HTTP boot: Redfish's `UefiHttp`, in UEFI mode.
+    d.set_boot_device(BootDevice::UefiHttp, BootPersistence::Once, BootFirmware::Uefi)
+        .await
+        .unwrap();
+    d.power(PowerAction::Cycle).await.unwrap();
+    let b = sim.bmc(0).boots().pop().unwrap();
+    assert_eq!((b.target.as_str(), b.mode.as_str()), ("UefiHttp", "UEFI"));
 }
 
 #[tokio::test]

@@ -347,6 +347,14 @@ api_test!(
             std::fs::read_to_string(dir.path().join("p3.boot")).unwrap(),
             "network once\n"
         );
+        // `http` is UEFI HTTP boot, UEFI implied.
+        let (code, out) = kiln(&srv, &t, &["bootdev", "http", "p1"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("uefi_http (until changed, UEFI)"), "{out}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("p1.boot")).unwrap(),
+            "uefi_http persistent\n"
+        );
         let (code, out) = kiln(&srv, &t, &["bmc", "check", "p1"]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("command"), "{out}");

@@ -645,6 +645,7 @@ async fn run_op(built: &Built, op: Op) -> Result<OpOutput, BmcError> {
                 BootDevice::Network => kiln_bmc::BootDevice::Network,
                 BootDevice::Disk => kiln_bmc::BootDevice::Disk,
                 BootDevice::Cdrom => kiln_bmc::BootDevice::Cdrom,
+                BootDevice::UefiHttp => kiln_bmc::BootDevice::UefiHttp,
             };
             let persistence = if once {
                 BootPersistence::Once

@@ -194,9 +194,18 @@ impl BmcDriver for IpmiDriver {
         persistence: BootPersistence,
         firmware: BootFirmware,
     ) -> BoxFuture<'_, Result<(), BmcError>> {
+        // Refused before any session: a device IPMI cannot name costs the
+        // BMC no login.
+        let Some(flags) = cmd::boot_flags(device, persistence, firmware) else {
+            return Box::pin(std::future::ready(Err(BmcError::Unsupported {
+                bmc: self.cfg.name.clone(),
+                what: "UEFI HTTP boot is unsupported by the ipmi driver (IPMI boot flags have no such device); \
+                       use the network device (PXE), or the redfish driver"
+                    .into(),
+            })));
+        };
         Box::pin(self.with_session(async move |s: &mut Session| {
             let step = "Set System Boot Options (boot flags)";
-            let flags = cmd::boot_flags(device, persistence, firmware);
             // Writing the same flags twice leaves the same flags: retryable.
             let r = s.call(step, &cmd::set_boot_flags(flags), Retry::Idempotent).await?;
             if r.completion != 0 {
@@ -246,6 +255,23 @@ mod tests {
         assert_eq!(resolve("::1").unwrap(), "[::1]:623".parse().unwrap());
         assert_eq!(resolve("localhost").unwrap().port(), 623);
         assert!(matches!(resolve("no such host.invalid"), Err(BmcError::Config { .. })));
+    }
+
+    #[tokio::test]
+    async fn uefi_http_is_refused_before_any_packet() {
+        // Nothing listens on a silent socket: had the driver sent anything,
+        // it would time out instead of answering at once.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let d = IpmiDriver::new(&silent.local_addr().unwrap().to_string(), "root", Password::new("pw")).unwrap();
+        let e = d
+            .set_boot_device(BootDevice::UefiHttp, BootPersistence::Once, BootFirmware::Uefi)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::BmcErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains("unsupported by the ipmi driver"), "{e}");
+        let mut buf = [0u8; 64];
+        silent.set_nonblocking(true).unwrap();
+        assert!(silent.recv(&mut buf).is_err(), "no packet reached the BMC");
     }
 
     #[test]

@@ -377,6 +377,22 @@ api_test!(
         assert_eq!(e.status(), Some(504), "{e}");
         assert!(took < Duration::from_millis(2800), "{took:?}");
         assert!(took >= Duration::from_millis(1500), "{took:?}");
+        // IPMI cannot name UEFI HTTP boot: 501 at once, nothing sent.
+        let start = Instant::now();
+        let e = admin
+            .set_boot_device(
+                "quiet1",
+                &BootDeviceRequest {
+                    device: BootDevice::UefiHttp,
+                    once: true,
+                    uefi: true,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(501), "{e}");
+        assert!(e.to_string().contains("unsupported by the ipmi driver"), "{e}");
+        assert!(start.elapsed() < Duration::from_millis(800), "{:?}", start.elapsed());
         // Nobody there at all: unreachable, at once.
         admin
             .create_machine(&with_bmc(
@@ -750,6 +766,24 @@ api_test!(redfish_bmcs_are_driven_through_the_api, |srv| {
     assert_eq!(admin.power_status("rf1").await.unwrap().state, PowerState::On);
     let ev = bmc_events(&srv, "rf1").await;
     assert!(ev.iter().any(|e| e.action == "bmc.power"), "{ev:?}");
+
+    // UEFI HTTP boot: Redfish's `UefiHttp`. Asked for without UEFI, it is
+    // refused before any BMC call.
+    let http = |uefi| BootDeviceRequest {
+        device: BootDevice::UefiHttp,
+        once: true,
+        uefi,
+    };
+    let before = sim.bmc(0).stats().requests;
+    let e = admin.set_boot_device("rf1", &http(false)).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("UEFI mode only"), "{e}");
+    assert_eq!(sim.bmc(0).stats().requests, before);
+    admin.set_boot_device("rf1", &http(true)).await.unwrap();
+    let target = sim
+        .bmc(0)
+        .with(|b| (b.systems[0].override_target.clone(), b.systems[0].override_mode.clone()));
+    assert_eq!(target, ("UefiHttp".to_string(), "UEFI".to_string()));
 });
 
 api_test!(machines_without_a_bmc_or_a_driver, |srv| {
