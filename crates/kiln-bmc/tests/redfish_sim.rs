@@ -421,6 +421,12 @@ async fn tls_is_verified_unless_the_bmc_is_marked_insecure() {
     let e = driver(c.clone()).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Config, "{e}");
     assert!(e.to_string().contains("certificate is not trusted"), "{e}");
+    // Named, so the operator knows which CA to fetch.
+    assert!(
+        e.to_string()
+            .contains("certificate subject CN=kiln-sim BMC, issued by CN=kiln-sim test CA, SHA-256 "),
+        "{e}"
+    );
     assert_eq!(sim.bmc(0).stats().requests, 0, "no request got through");
 
     c.insecure = true;
@@ -433,6 +439,7 @@ async fn tls_is_verified_unless_the_bmc_is_marked_insecure() {
     let e = driver(c).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Config, "{e}");
     assert!(e.to_string().contains("not trusted"), "{e}");
+    assert!(e.to_string().contains("subject CN=kiln-sim BMC"), "{e}");
 }
 
 #[tokio::test]
