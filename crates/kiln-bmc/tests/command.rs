@@ -29,6 +29,8 @@ fn machine() -> Machine {
         address: "pdu3 outlet 7; touch /tmp/pwned".into(),
         username: Some("ops".into()),
         password_set: true,
+        insecure: false,
+        ca_cert: None,
     });
     m
 }

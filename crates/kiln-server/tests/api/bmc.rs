@@ -152,10 +152,9 @@ impl Sim {
 fn with_bmc(host: &str, driver: BmcDriver, address: &str, password: Option<&str>) -> MachineCreate {
     let mut m = MachineCreate::new(host.parse().unwrap());
     m.bmc = Some(BmcInput {
-        driver,
-        address: address.into(),
         username: Some(USER.into()),
         password: password.map(Secret::new),
+        ..BmcInput::new(driver, address)
     });
     m
 }
@@ -784,6 +783,159 @@ api_test!(redfish_bmcs_are_driven_through_the_api, |srv| {
         .bmc(0)
         .with(|b| (b.systems[0].override_target.clone(), b.systems[0].override_mode.clone()));
     assert_eq!(target, ("UefiHttp".to_string(), "UEFI".to_string()));
+});
+
+/// An API error's message and every row detail, for matching.
+fn error_text(e: &kiln_client::ClientError) -> String {
+    match e {
+        kiln_client::ClientError::Api { error, .. } => std::iter::once(error.message.clone())
+            .chain(error.details.iter().map(|d| format!("{:?}: {}", d.field, d.message)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// A redfish machine on sim BMC `i` with these TLS settings.
+fn redfish_on(sim: &kiln_sim::Sim, host: &str, i: usize, insecure: bool, ca: Option<&str>) -> MachineCreate {
+    let mut m = with_bmc(host, BmcDriver::Redfish, sim.bmc(i).url(), Some(RF_CANARY));
+    let b = m.bmc.as_mut().unwrap();
+    b.insecure = insecure;
+    b.ca_cert = ca.map(str::to_string);
+    m
+}
+
+/// A canary Redfish password (the IPMI one is bound to ipmi_sim's users).
+const RF_CANARY: &str = "canary-Rf3-redfish-pw";
+
+async fn redfish_sim(bmcs: usize, tls: bool, spec: kiln_sim::BmcSpec) -> kiln_sim::Sim {
+    kiln_sim::start(kiln_sim::SimConfig {
+        bmcs,
+        tls,
+        username: USER.into(),
+        password: RF_CANARY.into(),
+        spec,
+        ..kiln_sim::SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+api_test!(redfish_tls_settings_come_from_the_inventory, |srv| {
+    let sim = redfish_sim(2, true, kiln_sim::BmcSpec::default()).await;
+    let ca = sim.ca_pem().unwrap().to_string();
+    let admin = srv.admin();
+
+    // The BMC's CA stored on the machine: verified, and it works.
+    admin
+        .create_machine(&redfish_on(&sim, "tls1", 0, false, Some(&ca)))
+        .await
+        .unwrap();
+    assert_eq!(admin.power_status("tls1").await.unwrap().state, PowerState::Off);
+    assert_eq!(
+        admin.get_machine("tls1").await.unwrap().bmc.unwrap().ca_cert,
+        Some(ca.clone())
+    );
+
+    // Without it: refused, naming the certificate; nothing got through.
+    admin
+        .create_machine(&redfish_on(&sim, "tls2", 1, false, None))
+        .await
+        .unwrap();
+    let e = admin.power("tls2", PowerAction::On).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("TLS certificate is not trusted"), "{text}");
+    assert!(
+        text.contains("certificate subject CN=kiln-sim BMC, issued by CN=kiln-sim test CA, SHA-256 "),
+        "{text}"
+    );
+    assert!(text.contains("mark this BMC insecure"), "says what to do: {text}");
+    assert_eq!(sim.bmc(1).stats().requests, 0);
+
+    // Marked insecure: it works, and the audit log shows the flag turned
+    // on, and every action taken under it.
+    let insecure = MachinePatch {
+        bmc: Some(Some(BmcInput {
+            username: Some(USER.into()),
+            insecure: true,
+            ..BmcInput::new(BmcDriver::Redfish, sim.bmc(1).url())
+        })),
+        ..MachinePatch::default()
+    };
+    let m = admin.update_machine("tls2", &insecure).await.unwrap();
+    let bmc = m.bmc.unwrap();
+    assert!(bmc.insecure && bmc.password_set, "the password was kept: {bmc:?}");
+    admin.power("tls2", PowerAction::On).await.unwrap();
+    assert_eq!(sim.bmc(1).power(0), kiln_sim::Power::On);
+    let update = admin
+        .list_events(&EventFilter {
+            target: Some("tls2".into()),
+            action: Some("machine.update".into()),
+            ..EventFilter::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(update[0].before.as_ref().unwrap()["bmc"]["insecure"], false);
+    assert_eq!(update[0].after.as_ref().unwrap()["bmc"]["insecure"], true);
+    assert_eq!(update[0].actor, "test-admin (admin)");
+    let calls = bmc_events(&srv, "tls2").await;
+    let after = |e: &kiln_types::event::Event| e.after.clone().unwrap();
+    assert_eq!(
+        calls
+            .iter()
+            .map(|e| after(e)["tls_insecure"].clone())
+            .collect::<Vec<_>>(),
+        [serde_json::Value::Bool(true), serde_json::Value::Null],
+        "the call made with checks on (refused) is not marked, the one without is: {calls:?}"
+    );
+    assert!(bmc_events(&srv, "tls1").await.is_empty(), "reads are not audited");
+
+    // At the edge: a certificate that does not parse, a key, the flag on a
+    // driver without TLS; on create and on update, nothing stored.
+    let junk = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+    let e = admin
+        .create_machine(&redfish_on(&sim, "tls3", 0, false, Some(junk)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        error_text(&e)
+            .contains("bmc.ca_cert: certificate 1 of the CA certificate text is not a usable X.509 certificate"),
+        "{}",
+        error_text(&e)
+    );
+    let key = format!("{ca}-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleQ==\n-----END PRIVATE KEY-----\n");
+    let e = admin
+        .create_machine(&redfish_on(&sim, "tls3", 0, false, Some(&key)))
+        .await
+        .unwrap_err();
+    assert!(error_text(&e).contains("holds a private key"), "{}", error_text(&e));
+    assert!(!error_text(&e).contains("c2VjcmV0"), "the key was quoted");
+    let mut ipmi = with_bmc("tls3", BmcDriver::Ipmi, "10.0.0.9", None);
+    ipmi.bmc.as_mut().unwrap().insecure = true;
+    let e = admin.create_machine(&ipmi).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        error_text(&e).contains("bmc.insecure applies to the redfish driver only"),
+        "{}",
+        error_text(&e)
+    );
+    assert_eq!(admin.get_machine("tls3").await.unwrap_err().status(), Some(404));
+    let bad_patch = MachinePatch {
+        bmc: Some(Some(BmcInput {
+            ca_cert: Some(junk.into()),
+            ..BmcInput::new(BmcDriver::Redfish, sim.bmc(1).url())
+        })),
+        ..MachinePatch::default()
+    };
+    let e = admin.update_machine("tls2", &bad_patch).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        admin.get_machine("tls2").await.unwrap().bmc.unwrap().insecure,
+        "unchanged"
+    );
 });
 
 api_test!(machines_without_a_bmc_or_a_driver, |srv| {
