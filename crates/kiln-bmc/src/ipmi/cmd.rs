@@ -1,6 +1,7 @@
 //! The IPMI commands kiln sends, as pure request builders and response
 //! readers: channel capabilities, session privilege, chassis status and
-//! control, the boot-flags parameter, and the system GUID.
+//! control, the boot-flags parameter, and the system GUID (FRU reads are
+//! in `fru.rs`).
 
 use super::codec::Request;
 use crate::{BootDevice, BootFirmware, BootPersistence, PowerAction, PowerState};

@@ -269,12 +269,13 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                     yes(c.authenticated),
                     opt(&c.cipher_suite),
                     opt(&c.power),
+                    opt(&c.serial),
                     opt(&c.uuid),
                     c.error.clone().unwrap_or_default(),
                 ];
                 report.answered(host, cells, &c, c.ok, c.error.clone());
             }
-            Err(e) => report.failed(host, vec!["-".into(); 6], e),
+            Err(e) => report.failed(host, vec!["-".into(); 7], e),
         }
     }
     report.finish(
@@ -286,6 +287,7 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             "AUTH",
             "SUITE",
             "POWER",
+            "SERIAL",
             "UUID",
             "ERROR",
         ],

@@ -67,6 +67,15 @@ esac
 exit 0
 "#;
 
+/// FRU device 0 of the simulated BMC: a common header and a product area
+/// (manufacturer, name, part, version, serial `SIM-SN-42`), checksums
+/// included; the driver reads the serial for `bmc check`.
+const FRU: &[u8] = &[
+    0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0xfe, // header: product area at 8
+    0x01, 0x04, 0x19, 0xc2, b'K', b'n', 0xc2, b'X', b'y', 0xc2, b'P', b'n', 0xc2, b'v', b'1', 0xc9, b'S', b'I', b'M',
+    b'-', b'S', b'N', b'-', b'4', b'2', 0xc1, 0x00, 0x00, 0x00, 0x00, 0x00, 0x17,
+];
+
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -100,9 +109,15 @@ impl Sim {
             ),
         )
         .unwrap();
+        std::fs::write(d.join("fru.bin"), FRU).unwrap();
         std::fs::write(
             d.join("sim.emu"),
-            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+            format!(
+                "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n\
+                 mc_add_fru_data 0x20 0 {} file 0 \"{}\"\nmc_enable 0x20\n",
+                FRU.len(),
+                d.join("fru.bin").display()
+            ),
         )
         .unwrap();
         std::fs::create_dir(d.join("state")).unwrap();
@@ -287,6 +302,7 @@ api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
     assert_eq!(c.cipher_suite, Some(3), "ipmi_sim has no suite 17");
     assert_eq!(c.power, Some(PowerState::On));
     assert_eq!(c.uuid.as_deref(), Some("4c616200-0000-4000-8000-000000000042"));
+    assert_eq!(c.serial.as_deref(), Some("SIM-SN-42"), "from the BMC's FRU data");
 
     // Every action is in the audit log with who and the result; reads are not.
     let events = bmc_events(&srv, "vm1").await;
