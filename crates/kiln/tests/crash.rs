@@ -120,6 +120,8 @@ fn machine(i: usize, bmc_url: &str) -> MachineCreate {
         address: bmc_url.into(),
         username: Some("admin".into()),
         password: Some(Secret::new("rf-secret")),
+        insecure: false,
+        ca_cert: None,
     });
     m.hardware = Some(Hardware {
         arch: Some(Arch::X86_64),

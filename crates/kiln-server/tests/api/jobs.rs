@@ -37,6 +37,8 @@ fn machine(host: &str, mac: &str, bmc_url: &str) -> MachineCreate {
         address: bmc_url.into(),
         username: Some("admin".into()),
         password: Some(Secret::new("rf-secret")),
+        insecure: false,
+        ca_cert: None,
     });
     m.hardware = Some(Hardware {
         arch: Some(Arch::X86_64),
