@@ -604,7 +604,7 @@ pub struct MachinePatch {
 }
 
 /// Filters for listing machines; all given filters must match.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct MachineFilter {

@@ -32,6 +32,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::reimage::{self, ReimageTimeouts};
+use crate::rollout;
 
 /// What a step says when it returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +109,11 @@ pub trait Effects: Send + Sync + 'static {
         spec: &ReimageSpec,
     ) -> impl Future<Output = Result<Vec<String>, String>> + Send;
 
+    /// A rollout's health check of a member whose reimage ended: `argv`
+    /// run with the machine's fields in its environment; `Err` says why it
+    /// did not pass.
+    fn health_check(&self, argv: &[String], job: &JobRecord) -> impl Future<Output = Result<(), String>> + Send;
+
     /// Tells the job's callback URL that the job ended.
     fn callback(&self, url: &str, job: &Job) -> impl Future<Output = Result<(), String>> + Send;
 }
@@ -150,6 +156,7 @@ impl EngineSettings {
 pub fn steps(kind: JobKind) -> &'static [&'static str] {
     match kind {
         JobKind::Reimage => reimage::STEPS,
+        JobKind::Rollout => rollout::STEPS,
     }
 }
 
@@ -495,6 +502,7 @@ impl<E: Effects> Engine<E> {
             };
             let outcome = match job.kind {
                 JobKind::Reimage => reimage::run_step(step, &mut cx).await,
+                JobKind::Rollout => rollout::run_step(step, &mut cx).await,
             };
             let (data, mut save) = (cx.data, cx.save);
             let mut next = job.clone();
@@ -592,7 +600,7 @@ impl<E: Effects> Engine<E> {
             )
             .await?
         {
-            self.notify_callback(&saved).await;
+            self.ended(&saved).await;
         }
         Ok(())
     }
@@ -613,6 +621,7 @@ impl<E: Effects> Engine<E> {
         };
         match job.kind {
             JobKind::Reimage => reimage::undo(&mut cx, ending).await,
+            JobKind::Rollout => rollout::undo(&mut cx, ending).await,
         }
         let (data, mut save) = (cx.data, cx.save);
         let mut last = job.clone();
@@ -632,9 +641,21 @@ impl<E: Effects> Engine<E> {
         };
         save.log.push(LogLine::new(kind, step_name(&job), reason));
         if let Some(saved) = self.save(&last, save).await? {
-            self.notify_callback(&saved).await;
+            self.ended(&saved).await;
         }
         Ok(())
+    }
+
+    /// After `job` ended: its rollout looks at once, and jobs the end made
+    /// due (an aborted rollout's cancelled members) run at once.
+    async fn ended(&self, job: &JobRecord) {
+        if let Some(parent) = job.parent_id
+            && let Err(e) = self.store.wake_job(parent).await
+        {
+            tracing::warn!(job = %job.id, error = %e, "could not wake the job's rollout; it looks again later");
+        }
+        self.wake.notify_one();
+        self.notify_callback(job).await;
     }
 
     async fn notify_callback(&self, job: &JobRecord) {

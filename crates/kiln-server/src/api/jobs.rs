@@ -150,7 +150,8 @@ pub async fn reimage(
             &caller.actor(),
             NewJob {
                 kind: JobKind::Reimage,
-                machine_id: machine.id,
+                machine_id: Some(machine.id),
+                parent_id: None,
                 hostname: machine.hostname.to_string(),
                 os_label,
                 spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?,

@@ -138,8 +138,14 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
     let job = admin.reimage("web1", &request()).await.unwrap();
     assert!(job.root_password_set);
     let id = job.id.to_string();
-    let waiting = until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
-    assert_eq!(waiting.state, JobState::Waiting);
+    let waiting = until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    assert_eq!(
+        waiting.reason.as_deref(),
+        Some("waiting for stage 1 (installer started)")
+    );
     // The BMC was told: next boot network, once; then off and on. The
     // simulated machine booted once, from the network (which consumed the
     // one-time override).
