@@ -668,12 +668,19 @@ impl Store {
     }
 
     /// Records stage `stage` of job `id` as reported by its agent or
-    /// installer. A report for an ended job is refused; a stage lower than
-    /// one already reported is logged but never moves the job back. Stage 1
+    /// installer. A stage lower than one already reported is logged but
+    /// never moves the job back; once the job has ended, a report of a stage
+    /// it reached is accepted as a retry and changes nothing, any other is
+    /// refused. Stage 1
     /// (installer started) consumes the net-boot arm at once. Wakes the job.
     pub async fn report_stage(&self, id: JobId, stage: Stage, message: &str) -> Result<JobRecord> {
         let mut tx = self.write_tx().await?;
         let job = load_job(&mut tx, id).await?;
+        if job.state.is_final() && stage <= job.stage {
+            // A retried report (the first-boot unit retries until it gets
+            // a 2xx): already counted, nothing to change.
+            return Ok(job);
+        }
         if job.state.is_final() {
             return Err(StoreError::Refused(format!(
                 "job {id} has ended ({}): it takes no more stage reports",

@@ -296,11 +296,16 @@ pub async fn retry(
 
 /// An install stage from the job's agent or installer. Authenticated by
 /// the job's token (`Authorization: Bearer …`, given on the kernel command
-/// line as `kiln.token`). A stage lower than one already reported is
-/// logged and changes nothing.
+/// line as `kiln.token`). The body is optional: a plain-text message, or
+/// JSON `{"message": …}` with `Content-Type: application/json`. A stage
+/// lower than one already reported is logged and changes nothing; a retry
+/// after the job ended is answered 204 too, any other report then 409.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/stages/{n}", tag = "jobs",
     params(("id" = String, Path, description = "job id"), ("n" = u8, Path, description = "stage, 0 to 5")),
-    request_body(content = StageReport, description = "optional"),
+    request_body(content(
+        (String = "text/plain"),
+        (StageReport = "application/json"),
+    ), description = "optional: a short message"),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "the job has ended")),
     security(("job_token" = [])))]
@@ -323,10 +328,17 @@ pub async fn report_stage(
         .parse::<u8>()
         .map_err(|_| ApiError::bad_request(format!("stage `{n}` is not a number from 0 to 5")))
         .and_then(|n| Stage::new(n).map_err(ApiError::bad_request))?;
-    let report: StageReport = if body.iter().all(u8::is_ascii_whitespace) {
-        StageReport::default()
-    } else {
+    // Installers send a plain-text line (or nothing); agents may send JSON.
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let report: StageReport = if is_json {
         parse_json(&body).map_err(ApiError::bad_request)?
+    } else {
+        StageReport {
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+        }
     };
     let message = if report.message.trim().is_empty() {
         stage.meaning().to_string()
