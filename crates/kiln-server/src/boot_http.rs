@@ -231,3 +231,86 @@ pub async fn explain(
         script,
     }))
 }
+
+/// `?token=` of `/boot/job/…`: installers fetch `preseed/url=` and `ks=`
+/// without headers, so the job token rides in the query (the request log
+/// records paths only).
+#[derive(Debug, Deserialize)]
+pub struct JobFileQuery {
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// `GET /boot/job/{id}/{preseed|kickstart|user-data|meta-data|ignition}?token=…`:
+/// the installer file of a running reimage, rendered from its OS image's
+/// template (or kiln's built-in one) with the machine and the job. Only with
+/// the job's token, only while the job runs.
+pub async fn job_file(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Path((id, file)): axum::extract::Path<(String, String)>,
+    Query(q): Query<JobFileQuery>,
+) -> Response {
+    use kiln_boot::templates::{InstallPlan, TemplateContext, TemplateKind};
+    let Some(kind) = TemplateKind::parse(&file) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no such file: a job serves preseed, kickstart, user-data, meta-data and ignition\n".into(),
+        );
+    };
+    let Ok(id) = id.parse::<kiln_types::JobId>() else {
+        return text(StatusCode::NOT_FOUND, "no such job\n".into());
+    };
+    if !q.token.as_deref().is_some_and(|t| state.secrets.check_job_token(id, t)) {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            format!("give job {id}'s token as ?token= (the kiln.token kernel argument)\n"),
+        );
+    }
+    let job = match state.store.get_job(id).await {
+        Ok(j) => j,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if job.state.is_final() {
+        return text(StatusCode::GONE, format!("job {id} has ended ({})\n", job.state));
+    }
+    let spec: kiln_types::job::ReimageSpec = match serde_json::from_value(job.spec.clone()) {
+        Ok(s) => s,
+        Err(_) => return text(StatusCode::NOT_FOUND, format!("job {id} is not a reimage\n")),
+    };
+    let Some(machine_id) = job.machine_id else {
+        return text(StatusCode::GONE, "the job's machine was deleted\n".into());
+    };
+    let machine_key = machine_id.to_string();
+    let (machine, image) = match tokio::try_join!(
+        state.store.get_machine(&machine_key, None),
+        state.store.get_os_image(&spec.os_image)
+    ) {
+        Ok(both) => both,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let plan = InstallPlan {
+        job_id: id.to_string(),
+        token: state.secrets.job_token(id),
+        hostname: Some(spec.hostname),
+        layout: spec.layout,
+        ssh_keys: spec.ssh_keys,
+        root_password_hash: spec.root_password_hash,
+        post_install_script: spec.post_install_script,
+    };
+    let base = base_url(&state.boot, &headers);
+    let rendered = TemplateContext::new(&machine, &image, &plan, &base).and_then(|ctx| {
+        kiln_boot::templates::render(kind, image.templates.get(kind.as_str()).map(String::as_str), &ctx)
+    });
+    match rendered {
+        Ok(body) => {
+            tracing::info!(job = %id, machine = %machine.hostname, file = kind.as_str(), "installer file");
+            text(StatusCode::OK, body)
+        }
+        Err(e) => {
+            // The message names the template and line, never a value.
+            tracing::warn!(job = %id, error = %e, "cannot render an installer file");
+            text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
+        }
+    }
+}

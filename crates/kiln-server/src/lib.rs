@@ -98,11 +98,15 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/boot/ipxe", get(boot_http::ipxe_script))
         .route("/boot/file/{*path}", get(boot_files::serve))
+        .route("/boot/job/{id}/{file}", get(boot_http::job_file))
         .fallback(|| async {
             ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)")
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(TraceLayer::new_for_http())
+        // Paths only: a query may hold a job token (`/boot/job/…?token=`).
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+            tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+        }))
         .with_state(state)
 }
 

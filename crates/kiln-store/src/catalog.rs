@@ -16,6 +16,10 @@ fn tags_json(tags: &[PlatformTag]) -> String {
     serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into())
 }
 
+fn templates_json(t: &std::collections::BTreeMap<String, String>) -> String {
+    serde_json::to_string(t).unwrap_or_else(|_| "{}".into())
+}
+
 fn parse_tags(s: &str) -> Result<Vec<PlatformTag>> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("tags `{s}`: {e}")))
 }
@@ -46,6 +50,8 @@ fn image_from_row(row: &AnyRow) -> Result<OsImage> {
         min_disk_bytes: row.try_get::<i64, _>("min_disk_bytes")? as u64,
         source: row.try_get("source")?,
         sha256: row.try_get("sha256")?,
+        templates: serde_json::from_str(&row.try_get::<String, _>("templates")?)
+            .map_err(|e| StoreError::Corrupt(format!("OS image templates: {e}")))?,
         created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
     })
 }
@@ -81,6 +87,7 @@ impl Store {
             min_disk_bytes: new.min_disk_bytes,
             source: new.source.trim().to_string(),
             sha256: new.sha256.as_ref().map(|h| h.to_ascii_lowercase()),
+            templates: new.templates.clone(),
             created_at: now(),
         };
         let mut tx = self.write_tx().await?;
@@ -98,8 +105,8 @@ impl Store {
             )));
         }
         sqlx::query::<Any>(
-            "INSERT INTO os_images (id, name, version, arch, kind, tags, min_ram_bytes, min_disk_bytes, source, sha256, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "INSERT INTO os_images (id, name, version, arch, kind, tags, min_ram_bytes, min_disk_bytes, source, sha256, \
+             created_at, templates) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(image.id.to_string())
         .bind(&image.name)
@@ -112,6 +119,7 @@ impl Store {
         .bind(&image.source)
         .bind(&image.sha256)
         .bind(ts(image.created_at))
+        .bind(templates_json(&image.templates))
         .execute(&mut *tx)
         .await?;
         record(
@@ -184,12 +192,13 @@ impl Store {
             min_disk_bytes: wanted.min_disk_bytes,
             source: wanted.source.trim().to_string(),
             sha256: wanted.sha256.map(|h| h.to_ascii_lowercase()),
+            templates: wanted.templates,
             ..before.clone()
         };
         let mut tx = self.write_tx().await?;
         sqlx::query::<Any>(
-            "UPDATE os_images SET kind = $2, tags = $3, min_ram_bytes = $4, min_disk_bytes = $5, source = $6, sha256 = $7 \
-             WHERE id = $1",
+            "UPDATE os_images SET kind = $2, tags = $3, min_ram_bytes = $4, min_disk_bytes = $5, source = $6, sha256 = $7, \
+             templates = $8 WHERE id = $1",
         )
         .bind(after.id.to_string())
         .bind(after.kind.as_str())
@@ -198,6 +207,7 @@ impl Store {
         .bind(i64::try_from(after.min_disk_bytes).unwrap_or(i64::MAX))
         .bind(&after.source)
         .bind(&after.sha256)
+        .bind(templates_json(&after.templates))
         .execute(&mut *tx)
         .await?;
         record(

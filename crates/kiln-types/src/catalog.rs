@@ -1,6 +1,8 @@
 //! The install catalog: OS images, post-install tasks and storage layouts
 //! with the disk rule each layout needs.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -144,7 +146,33 @@ pub struct OsImage {
     /// Lowercase hex SHA-256 of the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The operator's installer templates by kind (see [`TEMPLATE_KINDS`]);
+    /// kinds not given use kiln's built-in template.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub templates: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
+}
+
+/// The installer files a template makes, as `templates` keys.
+pub const TEMPLATE_KINDS: [&str; 5] = ["preseed", "kickstart", "user-data", "meta-data", "ignition"];
+
+/// Largest template source.
+const MAX_TEMPLATE: usize = 256 * 1024;
+
+fn template_problems(templates: &BTreeMap<String, String>) -> Vec<String> {
+    let mut problems = vec![];
+    for (kind, source) in templates {
+        if !TEMPLATE_KINDS.contains(&kind.as_str()) {
+            problems.push(format!(
+                "templates: `{kind}` is not a template kind; expected one of {}",
+                TEMPLATE_KINDS.join(", ")
+            ));
+        }
+        if source.len() > MAX_TEMPLATE {
+            problems.push(format!("templates.{kind}: longer than {} KiB", MAX_TEMPLATE / 1024));
+        }
+    }
+    problems
 }
 
 /// A new OS image for the catalog.
@@ -167,6 +195,10 @@ pub struct OsImageCreate {
     /// cannot verify.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Installer templates by kind (`preseed`, `kickstart`, `user-data`,
+    /// `meta-data`, `ignition`); the server checks that each compiles.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub templates: BTreeMap<String, String>,
 }
 
 fn default_arch() -> Arch {
@@ -208,6 +240,7 @@ impl OsImageCreate {
         if self.tags.contains(&PlatformTag::Vgpu) && self.tags.contains(&PlatformTag::Bm) {
             problems.push("tags `vgpu` and `bm` exclude each other: vGPUs live in VMs".into());
         }
+        problems.extend(template_problems(&self.templates));
         problems
     }
 }
@@ -228,6 +261,9 @@ pub struct OsImagePatch {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Replaces all templates (`{}` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub templates: Option<BTreeMap<String, String>>,
 }
 
 impl OsImagePatch {
@@ -243,6 +279,7 @@ impl OsImagePatch {
             min_disk_bytes: self.min_disk_bytes.unwrap_or(image.min_disk_bytes),
             source: self.source.clone().unwrap_or_else(|| image.source.clone()),
             sha256: self.sha256.clone().or_else(|| image.sha256.clone()),
+            templates: self.templates.clone().unwrap_or_else(|| image.templates.clone()),
         }
     }
 }
@@ -347,6 +384,7 @@ mod tests {
             min_disk_bytes: 0,
             source: "http://x/img.raw".into(),
             sha256: None,
+            templates: Default::default(),
         };
         assert!(img.validate()[0].contains("sha256 is required"));
         img.sha256 = Some("ab".into());

@@ -142,6 +142,7 @@ mod tests {
             min_disk_bytes: disk_gib * GIB,
             source: "x".into(),
             sha256: None,
+            templates: Default::default(),
             created_at: chrono::Utc::now(),
         }
     }

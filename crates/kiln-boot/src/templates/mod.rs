@@ -66,6 +66,12 @@ impl TemplateKind {
         TemplateKind::Ignition,
     ];
 
+    /// The kind named `s` (`preseed`, `kickstart`, `user-data`,
+    /// `meta-data`, `ignition`).
+    pub fn parse(s: &str) -> Option<TemplateKind> {
+        TemplateKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TemplateKind::Preseed => "preseed",

@@ -55,6 +55,7 @@ fn os(kind: OsKind) -> OsImage {
         min_disk_bytes: 0,
         source: "http://mirror/debian".into(),
         sha256: None,
+        templates: Default::default(),
         created_at: chrono::Utc::now(),
     }
 }

@@ -37,6 +37,10 @@ pub enum OsCmd {
         /// SHA-256 of the image (required for disk images).
         #[arg(long)]
         sha256: Option<String>,
+        /// An installer template of the image: KIND=FILE, KIND one of
+        /// preseed, kickstart, user-data, meta-data, ignition (repeatable).
+        #[arg(long = "template", value_name = "KIND=FILE", value_parser = parse_template)]
+        templates: Vec<(String, String)>,
     },
     /// Change an image; what is not given is kept (`--tag` replaces all tags).
     Edit {
@@ -53,6 +57,12 @@ pub enum OsCmd {
         source: Option<String>,
         #[arg(long)]
         sha256: Option<String>,
+        /// Replace the image's templates with these KIND=FILE (repeatable).
+        #[arg(long = "template", value_name = "KIND=FILE", value_parser = parse_template, conflicts_with = "no_templates")]
+        templates: Vec<(String, String)>,
+        /// Remove all the image's templates (kiln's built-in ones apply).
+        #[arg(long)]
+        no_templates: bool,
     },
     /// List OS images.
     List,
@@ -97,6 +107,21 @@ pub enum TaskCmd {
 }
 
 /// `8G`, `8GiB`, `512M`, `1T` or plain bytes; units are binary.
+/// `KIND=FILE` → (kind, the file's text).
+fn parse_template(s: &str) -> Result<(String, String), String> {
+    let (kind, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KIND=FILE (e.g. preseed=./preseed.cfg.j2)"))?;
+    if !kiln_types::catalog::TEMPLATE_KINDS.contains(&kind) {
+        return Err(format!(
+            "`{kind}` is not a template kind; expected one of {}",
+            kiln_types::catalog::TEMPLATE_KINDS.join(", ")
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read the {kind} template {file}: {e}"))?;
+    Ok((kind.to_string(), text))
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -139,6 +164,14 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                 ("min disk", human_bytes(i.min_disk_bytes)),
                 ("source", i.source.clone()),
                 ("sha256", opt(&i.sha256)),
+                (
+                    "templates",
+                    if i.templates.is_empty() {
+                        "built-in".into()
+                    } else {
+                        i.templates.keys().cloned().collect::<Vec<_>>().join(",")
+                    },
+                ),
                 ("id", i.id.to_string()),
             ],
         )
@@ -154,6 +187,7 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             min_disk,
             source,
             sha256,
+            templates,
         } => {
             let i = client
                 .create_os_image(&OsImageCreate {
@@ -166,6 +200,7 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                     min_disk_bytes: min_disk,
                     source,
                     sha256,
+                    templates: templates.into_iter().collect(),
                 })
                 .await?;
             show(&i, out)
@@ -178,6 +213,8 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             min_disk,
             source,
             sha256,
+            templates,
+            no_templates,
         } => {
             let patch = OsImagePatch {
                 kind,
@@ -186,6 +223,7 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                 min_disk_bytes: min_disk,
                 source,
                 sha256,
+                templates: (no_templates || !templates.is_empty()).then(|| templates.into_iter().collect()),
             };
             show(&client.update_os_image(&key, &patch).await?, out)
         }

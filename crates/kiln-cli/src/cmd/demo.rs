@@ -162,6 +162,7 @@ pub async fn seed_demo_fleet(store: &Store, per_rack: u32) -> anyhow::Result<usi
         min_disk_bytes: 20 * GIB,
         source: format!("http://images.example/{name}-{version}.raw.zst"),
         sha256: Some("0".repeat(64)),
+        templates: Default::default(),
     };
     store
         .create_os_image(

@@ -12,7 +12,7 @@ use kiln_types::error::ApiError as ErrorBody;
 use super::extract::ApiJson;
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 
 #[utoipa::path(post, path = "/api/v1/os-images", tag = "catalog", request_body = OsImageCreate,
     responses((status = 201, body = OsImage), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
@@ -22,10 +22,29 @@ pub async fn create_os_image(
     ApiJson(new): ApiJson<OsImageCreate>,
 ) -> ApiResult<(StatusCode, Json<OsImage>)> {
     caller.require_operator()?;
+    check_templates(&new.templates)?;
     Ok((
         StatusCode::CREATED,
         Json(s.store.create_os_image(&caller.actor(), &new).await?),
     ))
+}
+
+/// Each template must compile (a syntax error names its line), so that a
+/// broken one is refused now rather than when a machine installs.
+fn check_templates(templates: &std::collections::BTreeMap<String, String>) -> ApiResult<()> {
+    let mut why = vec![];
+    for (kind, source) in templates {
+        if let Some(k) = kiln_boot::templates::TemplateKind::parse(kind)
+            && let Err(e) = kiln_boot::templates::check(k, source)
+        {
+            why.push(e.to_string());
+        }
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(why.join("; ")))
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/os-images", tag = "catalog",
@@ -53,6 +72,9 @@ pub async fn update_os_image(
     ApiJson(patch): ApiJson<OsImagePatch>,
 ) -> ApiResult<Json<OsImage>> {
     caller.require_operator()?;
+    if let Some(t) = &patch.templates {
+        check_templates(t)?;
+    }
     Ok(Json(s.store.update_os_image(&caller.actor(), &key, &patch).await?))
 }
 

@@ -16,6 +16,7 @@ fn image(name: &str, tags: &[PlatformTag], min_ram_gib: u64) -> OsImageCreate {
         min_disk_bytes: 10 << 30,
         source: format!("http://images/{name}.raw"),
         sha256: Some("0".repeat(64)),
+        templates: Default::default(),
     }
 }
 

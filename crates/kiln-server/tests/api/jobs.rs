@@ -71,6 +71,7 @@ async fn catalog(admin: &Client) {
             min_disk_bytes: 20 * GIB,
             source: "images/debian-12.raw.zst".into(),
             sha256: Some("ab".repeat(32)),
+            templates: Default::default(),
         })
         .await
         .unwrap();
@@ -536,5 +537,72 @@ api_test!(a_rollout_over_a_tag_with_pause_and_resume, |srv| {
         "{r:?}"
     );
     assert_eq!(admin.list_rollouts().await.unwrap().len(), 1);
+    sim.shutdown().await;
+});
+
+api_test!(installer_files_are_served_to_the_job_token_only, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    // A template that does not compile is refused with its line.
+    let mut image = OsImageCreate {
+        name: "debian".into(),
+        version: "12".into(),
+        arch: Arch::X86_64,
+        kind: OsKind::DiskImage,
+        tags: vec![PlatformTag::Bm],
+        min_ram_bytes: 2 * GIB,
+        min_disk_bytes: 20 * GIB,
+        source: "images/debian-12.raw.zst".into(),
+        sha256: Some("ab".repeat(32)),
+        templates: [("meta-data".to_string(), "instance-id: {{ job.id \n".to_string())].into(),
+    };
+    let e = admin.create_os_image(&image).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("line 1"), "{e}");
+    image.templates = [(
+        "meta-data".to_string(),
+        "instance-id: {{ job.id }}\nlocal-hostname: {{ machine.hostname }}\n".to_string(),
+    )]
+    .into();
+    admin.create_os_image(&image).await.unwrap();
+    admin
+        .create_machine(&machine("web5", MAC, sim.bmc(0).url()))
+        .await
+        .unwrap();
+    let mut req = request();
+    req.layout = None;
+    let id = admin.reimage("web5", &req).await.unwrap().id.to_string();
+    until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
+    let token = token_in(&ipxe(&srv, MAC).await);
+    let get = |file: &str, token: Option<&str>| {
+        let url = match token {
+            Some(t) => format!("{}/boot/job/{id}/{file}?token={t}", srv.url),
+            None => format!("{}/boot/job/{id}/{file}", srv.url),
+        };
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // The operator's template, with the job's values.
+    let (status, meta) = get("meta-data", Some(&token)).await;
+    assert_eq!(status, 200, "{meta}");
+    assert!(meta.contains(&id) && meta.contains("web5"), "{meta}");
+    // kiln's built-in preseed reports stages to this job, with its token.
+    let (status, preseed) = get("preseed", Some(&token)).await;
+    assert_eq!(status, 200, "{preseed}");
+    assert!(preseed.contains(&format!("/api/v1/jobs/{id}/stages")), "{preseed}");
+    assert!(preseed.contains("web5"), "{preseed}");
+    let (status, user_data) = get("user-data", Some(&token)).await;
+    assert_eq!(status, 200, "{user_data}");
+    assert!(user_data.starts_with("#cloud-config"), "{user_data}");
+    // No token, a wrong one, an unknown file.
+    assert_eq!(get("preseed", None).await.0, 401);
+    assert_eq!(get("preseed", Some("kj_wrong")).await.0, 401);
+    assert_eq!(get("grub.cfg", Some(&token)).await.0, 404);
+    // Once the job ended, nothing.
+    admin.job_action(&id, "cancel").await.unwrap();
+    until(&admin, &id, "the cancel", |j| j.state.is_final()).await;
+    assert_eq!(get("preseed", Some(&token)).await.0, 410);
     sim.shutdown().await;
 });

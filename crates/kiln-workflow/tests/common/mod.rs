@@ -150,6 +150,7 @@ pub async fn setup(store: &Store, host: &str) -> (MachineId, OsImage) {
                     min_disk_bytes: 10 * GIB,
                     source: "images/debian-12.raw".into(),
                     sha256: Some("ab".repeat(32)),
+                    templates: Default::default(),
                 },
             )
             .await
