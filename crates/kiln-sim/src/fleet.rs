@@ -144,6 +144,12 @@ pub struct MachineSpec {
     /// before its MAC).
     pub circuit_id: Option<String>,
     pub remote_id: Option<String>,
+    /// The SMBIOS serial and UUID its BMC and firmware report (default: the
+    /// BMC's own, `SIM00000-1` and [`model::system_uuid`](crate::model::system_uuid)).
+    /// kiln's Redfish driver finds the system by them: set them to what
+    /// the inventory says.
+    pub serial: Option<String>,
+    pub uuid: Option<uuid::Uuid>,
     pub faults: MachineFaults,
 }
 
@@ -153,6 +159,8 @@ impl MachineSpec {
             mac,
             circuit_id: None,
             remote_id: None,
+            serial: None,
+            uuid: None,
             faults: MachineFaults::default(),
         }
     }
@@ -175,7 +183,7 @@ impl DhcpRelay {
     /// A `[[dhcp.subnet]]` of kiln's that contains the default relay
     /// address and has room for a large fleet.
     pub const DEFAULT_SUBNET: &'static str = "127.77.0.0/16";
-    pub const DEFAULT_POOL: [Ipv4Addr; 2] = [Ipv4Addr::new(127, 77, 1, 0), Ipv4Addr::new(127, 77, 255, 254)];
+    pub const DEFAULT_POOL: [Ipv4Addr; 2] = [Ipv4Addr::new(127, 77, 1, 1), Ipv4Addr::new(127, 77, 255, 254)];
 
     pub fn to(server: SocketAddr) -> DhcpRelay {
         DhcpRelay {
@@ -444,6 +452,15 @@ impl Fleet {
             .enumerate()
             .map(|(index, (spec, bmc))| {
                 bmc.set_faults(spec.faults.bmc.clone());
+                bmc.with(|b| {
+                    let sys = &mut b.systems[0];
+                    if let Some(serial) = &spec.serial {
+                        sys.serial = serial.clone();
+                    }
+                    if let Some(uuid) = spec.uuid {
+                        sys.uuid = uuid;
+                    }
+                });
                 SimMachine {
                     index,
                     bmc: bmc.clone(),
