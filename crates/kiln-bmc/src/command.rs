@@ -82,7 +82,7 @@ pub struct CommandTemplates {
     #[serde(default)]
     pub power_status: Option<Vec<String>>,
     /// Sets the next boot device: use `{device}` (`network`, `disk`,
-    /// `cdrom`), `{persistence}` (`once`, `persistent`) and `{firmware}`
+    /// `cdrom`, `uefi_http`), `{persistence}` (`once`, `persistent`) and `{firmware}`
     /// (`bios`, `uefi`).
     #[serde(default)]
     pub bootdev: Option<Vec<String>>,
@@ -513,6 +513,7 @@ impl BmcDriver for CommandDriver {
             BootDevice::Network => "network",
             BootDevice::Disk => "disk",
             BootDevice::Cdrom => "cdrom",
+            BootDevice::UefiHttp => "uefi_http",
         };
         let persistence = match persistence {
             BootPersistence::Once => "once",

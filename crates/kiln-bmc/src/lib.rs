@@ -91,6 +91,10 @@ pub enum BootDevice {
     Disk,
     /// The default CD/DVD drive.
     Cdrom,
+    /// UEFI HTTP boot: the firmware fetches its boot program over HTTP(S)
+    /// instead of TFTP. UEFI only; Redfish has it (`UefiHttp`), IPMI's boot
+    /// flags have no such device.
+    UefiHttp,
 }
 
 /// For the next boot only, or until changed.

@@ -29,6 +29,8 @@ fn machine() -> Machine {
         address: "pdu3 outlet 7; touch /tmp/pwned".into(),
         username: Some("ops".into()),
         password_set: true,
+        insecure: false,
+        ca_cert: None,
     });
     m
 }
@@ -110,6 +112,14 @@ async fn power_and_boot_through_a_script_with_values_as_whole_arguments() {
     assert_eq!(
         std::fs::read_to_string(state.join("boot")).unwrap(),
         "network once uefi\n"
+    );
+    // UEFI HTTP boot is passed through as a value; the program decides.
+    d.set_boot_device(BootDevice::UefiHttp, BootPersistence::Persistent, BootFirmware::Uefi)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(state.join("boot")).unwrap(),
+        "uefi_http persistent uefi\n"
     );
 
     // Not configured: unsupported, naming the key.

@@ -83,8 +83,52 @@ esac
 exit 0
 "#;
 
+/// A FRU area: version 1, its length, `header`, the fields as 8-bit
+/// text, the end marker, padding and the checksum (FRU spec §9–11). A
+/// one-character field cannot be written so: its type/length byte would be
+/// 0xc1, the end marker.
+fn fru_area(header: &[u8], fields: &[&str]) -> Vec<u8> {
+    let mut a = vec![0x01, 0x00];
+    a.extend_from_slice(header);
+    for f in fields {
+        a.push(0xc0 | f.len() as u8);
+        a.extend_from_slice(f.as_bytes());
+    }
+    a.push(0xc1);
+    while (a.len() + 1) % 8 != 0 {
+        a.push(0);
+    }
+    a[1] = ((a.len() + 1) / 8) as u8;
+    a.push(0u8.wrapping_sub(a.iter().fold(0u8, |s, b| s.wrapping_add(*b))));
+    a
+}
+
+/// A 256-byte FRU image with a board area (serial `board_serial`) and a
+/// product area (serial `product_serial`).
+fn fru_image(board_serial: &str, product_serial: &str) -> Vec<u8> {
+    let board = fru_area(&[25, 0, 0, 0], &["Acme", "X11-board", board_serial, "PN-1", ""]);
+    let product = fru_area(
+        &[25],
+        &["Acme", "Rack 740", "PN-9", "v1", product_serial, "asset-7", ""],
+    );
+    let mut header = vec![0x01, 0, 0, 1, (1 + board.len() / 8) as u8, 0, 0];
+    header.push(0u8.wrapping_sub(header.iter().fold(0u8, |s, b| s.wrapping_add(*b))));
+    let mut image = [header, board, product].concat();
+    image.resize(256, 0);
+    image
+}
+
+/// The FRU the default simulated BMC serves.
+const FRU_PRODUCT_SERIAL: &str = "SIM-SYS-0007";
+
 impl Sim {
     async fn start() -> Sim {
+        Sim::start_with_fru(&fru_image("SIM-BRD-0007", FRU_PRODUCT_SERIAL)).await
+    }
+
+    /// With `fru` as FRU device 0 of the BMC (served by ipmi_sim's own
+    /// Read FRU Data from a file).
+    async fn start_with_fru(fru: &[u8]) -> Sim {
         let bin = find_ipmi_sim();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -115,9 +159,16 @@ set_working_mc 0x20
             ),
         )
         .unwrap();
+        std::fs::write(d.join("fru.bin"), fru).unwrap();
+        // Device support 0x9f includes "FRU inventory device".
         std::fs::write(
             d.join("sim.emu"),
-            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+            format!(
+                "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n\
+                 mc_add_fru_data 0x20 0 {} file 0 \"{}\"\nmc_enable 0x20\n",
+                fru.len(),
+                d.join("fru.bin").display()
+            ),
         )
         .unwrap();
         std::fs::create_dir(d.join("state")).unwrap();
@@ -426,11 +477,27 @@ async fn next_boot_network_uefi_once_reads_back() {
 }
 
 #[tokio::test]
-async fn identity_is_the_system_guid() {
+async fn identity_is_the_system_guid_and_the_fru_serial() {
     let sim = Sim::start().await;
     let id = driver(sim.addr(), PASSWORD).identity().await.unwrap();
     assert_eq!(id.uuid, Some("4c616200-0000-4000-8000-000000000007".parse().unwrap()));
+    // The product area's serial, read 16 bytes at a time.
+    assert_eq!(id.serial.as_deref(), Some(FRU_PRODUCT_SERIAL));
+}
+
+#[tokio::test]
+async fn a_blank_product_serial_falls_back_to_the_board_and_a_broken_fru_to_none() {
+    let sim = Sim::start_with_fru(&fru_image("SIM-BRD-0008", "  ")).await;
+    let id = driver(sim.addr(), PASSWORD).identity().await.unwrap();
+    assert_eq!(id.serial.as_deref(), Some("SIM-BRD-0008"));
+    drop(sim);
+    // A FRU image with a broken header: no serial, the UUID still there.
+    let mut broken = fru_image("BRD", "SYS");
+    broken[7] ^= 0xff;
+    let sim = Sim::start_with_fru(&broken).await;
+    let id = driver(sim.addr(), PASSWORD).identity().await.unwrap();
     assert_eq!(id.serial, None);
+    assert!(id.uuid.is_some());
 }
 
 #[tokio::test]

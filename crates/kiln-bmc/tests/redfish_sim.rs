@@ -174,6 +174,14 @@ async fn boot_override_once_is_consumed_by_the_next_boot() {
             ("Cd".to_string(), "Legacy".to_string())
         ]
     );
+
+    // UEFI HTTP boot: Redfish's `UefiHttp`, in UEFI mode.
+    d.set_boot_device(BootDevice::UefiHttp, BootPersistence::Once, BootFirmware::Uefi)
+        .await
+        .unwrap();
+    d.power(PowerAction::Cycle).await.unwrap();
+    let b = sim.bmc(0).boots().pop().unwrap();
+    assert_eq!((b.target.as_str(), b.mode.as_str()), ("UefiHttp", "UEFI"));
 }
 
 #[tokio::test]
@@ -413,6 +421,12 @@ async fn tls_is_verified_unless_the_bmc_is_marked_insecure() {
     let e = driver(c.clone()).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Config, "{e}");
     assert!(e.to_string().contains("certificate is not trusted"), "{e}");
+    // Named, so the operator knows which CA to fetch.
+    assert!(
+        e.to_string()
+            .contains("certificate subject CN=kiln-sim BMC, issued by CN=kiln-sim test CA, SHA-256 "),
+        "{e}"
+    );
     assert_eq!(sim.bmc(0).stats().requests, 0, "no request got through");
 
     c.insecure = true;
@@ -425,6 +439,7 @@ async fn tls_is_verified_unless_the_bmc_is_marked_insecure() {
     let e = driver(c).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Config, "{e}");
     assert!(e.to_string().contains("not trusted"), "{e}");
+    assert!(e.to_string().contains("subject CN=kiln-sim BMC"), "{e}");
 }
 
 #[tokio::test]

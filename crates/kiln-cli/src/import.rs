@@ -5,9 +5,11 @@
 //!
 //! CSV: one row per machine with the columns in `CSV_COLUMNS`; `tags` holds
 //! tags separated by `;` or spaces. A machine with several NICs repeats its
-//! hostname on extra rows that fill only NIC columns.
+//! hostname on extra rows that fill only NIC columns. `bmc_ca_file` names a
+//! PEM file (relative to the CSV file's directory) whose text becomes the
+//! BMC's `ca_cert`: a certificate does not fit in a cell.
 //! YAML: a list of machines (or `machines:` with the list), each as the API's
-//! `MachineCreate`.
+//! `MachineCreate` (`bmc.ca_cert` as a block scalar, `|`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -50,7 +52,11 @@ pub const CSV_COLUMNS: &[&str] = &[
     "bmc_address",
     "bmc_user",
     "bmc_password",
+    "bmc_insecure",
+    "bmc_ca_file",
 ];
+/// The BMC columns besides `bmc_driver`.
+const BMC_COLUMNS: &[&str] = &["bmc_address", "bmc_user", "bmc_password", "bmc_insecure", "bmc_ca_file"];
 const NIC_COLUMNS: &[&str] = &["mac", "nic_name", "switch", "port", "vlan", "circuit_id", "remote_id"];
 
 /// A machine read from the file and the line it starts on.
@@ -136,7 +142,9 @@ fn csv_nic(cell: &dyn Fn(&str) -> Option<String>) -> Result<Option<Value>, Strin
     Ok(Some(Value::Object(nic)))
 }
 
-pub fn parse_csv(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
+/// Parses a CSV import; `base` is the directory `bmc_ca_file` paths are
+/// relative to (the CSV file's own).
+pub fn parse_csv(text: &str, base: &Path) -> Result<Vec<Parsed>, Vec<Problem>> {
     let mut rdr = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         // Comments are skipped below rather than by the reader, whose line
@@ -290,11 +298,34 @@ pub fn parse_csv(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
             if let Some(p) = cell("bmc_password") {
                 bmc.insert("password".into(), json!(p));
             }
+            if let Some(v) = cell("bmc_insecure") {
+                match parse_bool("bmc_insecure", &v) {
+                    Ok(b) => {
+                        bmc.insert("insecure".into(), json!(b));
+                    }
+                    Err(message) => {
+                        problems.push(Problem { line, message });
+                        bad = true;
+                    }
+                }
+            }
+            if let Some(f) = cell("bmc_ca_file") {
+                let path = base.join(&f);
+                match std::fs::read_to_string(&path) {
+                    Ok(pem) => {
+                        bmc.insert("ca_cert".into(), json!(pem));
+                    }
+                    Err(e) => {
+                        problems.push(Problem {
+                            line,
+                            message: format!("bmc_ca_file: cannot read {}: {e}", path.display()),
+                        });
+                        bad = true;
+                    }
+                }
+            }
             m.insert("bmc".into(), Value::Object(bmc));
-        } else if ["bmc_address", "bmc_user", "bmc_password"]
-            .iter()
-            .any(|c| cell(c).is_some())
-        {
+        } else if BMC_COLUMNS.iter().any(|c| cell(c).is_some()) {
             problems.push(Problem {
                 line,
                 message: "BMC columns are filled but `bmc_driver` is empty".into(),
@@ -414,8 +445,9 @@ pub fn parse_file(path: &Path, format: Option<ImportFormat>) -> anyhow::Result<R
         },
     };
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
     Ok(match format {
-        ImportFormat::Csv => parse_csv(&text),
+        ImportFormat::Csv => parse_csv(&text, base),
         ImportFormat::Yaml => parse_yaml(&text),
     })
 }
@@ -487,7 +519,7 @@ mod tests {
                     db1001,a1,db;bm,52:54:00:00:00:01,asw-a1,xe-0/0/1,ipmi,10.0.0.1\n\
                     db1001,,,52:54:00:00:00:02,asw-a1,xe-0/0/2,,\n\
                     db1002,a1,db,52:54:00:00:00:03,,,,\n";
-        let parsed = parse_csv(text).unwrap();
+        let parsed = parse_csv(text, Path::new(".")).unwrap();
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].line, 3);
         assert_eq!(parsed[0].spec.nics.len(), 2);
@@ -505,7 +537,7 @@ mod tests {
                     ok4,52:54:00:00:00:05,,99999,\n\
                     ok5,52:54:00:00:00:06,,,maybe\n\
                     ,52:54:00:00:00:07,,,\n";
-        let problems = parse_csv(text).unwrap_err();
+        let problems = parse_csv(text, Path::new(".")).unwrap_err();
         let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
         assert_eq!(lines, [3, 4, 5, 6, 7, 8], "{problems:#?}");
         assert!(problems[0].message.contains("invalid hostname `bad_host`"));
@@ -517,8 +549,37 @@ mod tests {
     }
 
     #[test]
+    fn csv_bmc_tls_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.path().join("site-ca.pem"), pem).unwrap();
+        let text = "hostname,bmc_driver,bmc_address,bmc_insecure,bmc_ca_file\n\
+                    rf1,redfish,https://10.0.0.1,,site-ca.pem\n\
+                    rf2,redfish,https://10.0.0.2,yes,\n\
+                    rf3,redfish,https://10.0.0.3,,missing.pem\n\
+                    ip1,ipmi,10.0.0.4,true,\n\
+                    ip2,,,,site-ca.pem\n";
+        let problems = parse_csv(text, dir.path()).unwrap_err();
+        let got: Vec<(usize, &str)> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert_eq!(got[0].0, 4);
+        assert!(
+            got[0].1.contains("bmc_ca_file: cannot read") && got[0].1.contains("missing.pem"),
+            "{got:?}"
+        );
+        assert_eq!(got[1].0, 5);
+        assert!(got[1].1.contains("applies to the redfish driver only"), "{got:?}");
+        assert_eq!(got[2], (6, "BMC columns are filled but `bmc_driver` is empty"));
+        let ok = parse_csv(&text.lines().take(3).collect::<Vec<_>>().join("\n"), dir.path()).unwrap();
+        let b0 = ok[0].spec.bmc.as_ref().unwrap();
+        assert_eq!((b0.insecure, b0.ca_cert.as_deref()), (false, Some(pem)));
+        let b1 = ok[1].spec.bmc.as_ref().unwrap();
+        assert_eq!((b1.insecure, b1.ca_cert.as_deref()), (true, None));
+    }
+
+    #[test]
     fn unknown_csv_columns_are_named() {
-        let problems = parse_csv("hostname,colour\nh1,red\n").unwrap_err();
+        let problems = parse_csv("hostname,colour\nh1,red\n", Path::new(".")).unwrap_err();
         assert!(problems[0].message.contains("unknown column `colour`"), "{problems:?}");
     }
 

@@ -267,6 +267,139 @@ api_test!(the_example_racks_import, |srv| {
     assert_eq!(gpu.items.len(), 2);
 });
 
+/// A self-signed test CA (P-256, valid until 2126), made with `openssl req
+/// -x509`; the server parses it, so it must be a real certificate.
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBjTCCATOgAwIBAgIUMwhF17kf44dJPGH+9Bb3aC0YABMwCgYIKoZIzj0EAwIw\n\
+GzEZMBcGA1UEAwwQa2lsbiBDTEkgdGVzdCBDQTAgFw0yNjEyMDUyMzA0NTNaGA8y\n\
+MTI2MTExMTIzMDQ1M1owGzEZMBcGA1UEAwwQa2lsbiBDTEkgdGVzdCBDQTBZMBMG\n\
+ByqGSM49AgEGCCqGSM49AwEHA0IABAN9HFtclcBWJ1wAkp2YChbGP//4TiS4yX7a\n\
+roVnCr/ehv/0Hs88H9F0VF+pPOrgtvXTiKO69/u4geQ//QdqcNSjUzBRMB0GA1Ud\n\
+DgQWBBSx35ccgfmPYVJxF6szxWL9veEVTzAfBgNVHSMEGDAWgBSx35ccgfmPYVJx\n\
+F6szxWL9veEVTzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIFlr\n\
+I/Z1EDQV4DkS7jcvWHDLO7o3h38qL5X1Mm6ppzHtAiEA9l3O6xDtFOd13dCfF8Lr\n\
+fVrp/kQLMpZVT6So47gbpg4=\n\
+-----END CERTIFICATE-----\n\
+";
+
+api_test!(machine_bmc_tls_flags, |srv| {
+    let t = srv.admin_token.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "site-ca.pem", TEST_CA);
+    let admin = srv.admin();
+    let bmc = async |host: &str| admin.get_machine(host).await.unwrap().bmc.unwrap();
+    let add = [
+        "machine",
+        "add",
+        "--hostname",
+        "rf1",
+        "--bmc-driver",
+        "redfish",
+        "--bmc-address",
+        "https://10.0.0.5",
+        "--bmc-user",
+        "admin",
+        "--bmc-password",
+        "pw",
+        "--bmc-ca-file",
+        &ca,
+    ];
+    let (code, out) = kiln(&srv, &t, &add).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(TLS checked against its own CA too)"), "{out}");
+    assert_eq!(bmc("rf1").await.ca_cert.as_deref(), Some(TEST_CA));
+    // Insecure and a CA together are refused: say which.
+    assert_eq!(kiln(&srv, &t, &["machine", "edit", "rf1", "--bmc-insecure"]).await.0, 1);
+    let (code, out) = kiln(
+        &srv,
+        &t,
+        &["machine", "edit", "rf1", "--bmc-insecure", "--bmc-ca-file", "-"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(TLS certificate NOT checked: insecure)"), "{out}");
+    let b = bmc("rf1").await;
+    assert!(
+        b.insecure && b.ca_cert.is_none() && b.password_set,
+        "user and password kept: {b:?}"
+    );
+    assert_eq!(b.username.as_deref(), Some("admin"));
+    // A new password (the whole BMC restated) keeps the TLS settings.
+    let (code, _) = kiln(
+        &srv,
+        &t,
+        &[
+            "machine",
+            "edit",
+            "rf1",
+            "--bmc-driver",
+            "redfish",
+            "--bmc-address",
+            "https://10.0.0.5",
+            "--bmc-password",
+            "pw2",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(bmc("rf1").await.insecure);
+    assert_eq!(
+        kiln(&srv, &t, &["machine", "edit", "rf1", "--bmc-insecure=false"])
+            .await
+            .0,
+        0
+    );
+    assert!(!bmc("rf1").await.insecure);
+    let events = srv
+        .admin()
+        .list_events(&kiln_types::event::EventFilter {
+            target: Some("rf1".into()),
+            action: Some("machine.update".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    let flags: Vec<(bool, bool)> = events
+        .iter()
+        .map(|e| {
+            let flag = |v: &Option<serde_json::Value>| v.as_ref().unwrap()["bmc"]["insecure"].as_bool().unwrap();
+            (flag(&e.before), flag(&e.after))
+        })
+        .collect();
+    assert_eq!(flags, [(true, false), (true, true), (false, true)], "newest first");
+    // Not for a driver without TLS, nor without a BMC at all.
+    let ipmi = [
+        "machine",
+        "add",
+        "--hostname",
+        "ip1",
+        "--bmc-driver",
+        "ipmi",
+        "--bmc-address",
+        "10.0.0.6",
+        "--bmc-insecure",
+    ];
+    assert_eq!(kiln(&srv, &t, &ipmi).await.0, 1);
+    assert_eq!(kiln(&srv, &t, &["machine", "add", "--hostname", "bare1"]).await.0, 0);
+    assert_eq!(
+        kiln(&srv, &t, &["machine", "edit", "bare1", "--bmc-ca-file", &ca])
+            .await
+            .0,
+        1
+    );
+    assert_eq!(
+        kiln(
+            &srv,
+            &t,
+            &["machine", "edit", "rf1", "--bmc-ca-file", "/nonexistent.pem"]
+        )
+        .await
+        .0,
+        1
+    );
+});
+
 /// A server whose command driver keeps each machine's power in the file
 /// named by its BMC address.
 fn pdu_settings() -> kiln_server::Settings {
@@ -346,6 +479,14 @@ api_test!(
         assert_eq!(
             std::fs::read_to_string(dir.path().join("p3.boot")).unwrap(),
             "network once\n"
+        );
+        // `http` is UEFI HTTP boot, UEFI implied.
+        let (code, out) = kiln(&srv, &t, &["bootdev", "http", "p1"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("uefi_http (until changed, UEFI)"), "{out}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("p1.boot")).unwrap(),
+            "uefi_http persistent\n"
         );
         let (code, out) = kiln(&srv, &t, &["bmc", "check", "p1"]).await;
         assert_eq!(code, 0, "{out}");

@@ -7,7 +7,9 @@ use kiln_types::auth::{Tenant, TenantCreate, TokenCreate, TokenCreated, TokenInf
 use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, OsImagePatch, Task, TaskCreate, TaskPatch};
 use kiln_types::error::ApiError;
 use kiln_types::event::{Event, EventFilter};
-use kiln_types::job::{Job, JobDetail, JobFilter, JobLogEntry, ReimageRequest, RetryRequest, StageReport};
+use kiln_types::job::{
+    Job, JobDetail, JobFilter, JobLogEntry, ReimageRequest, RetryRequest, Rollout, RolloutRequest, StageReport,
+};
 use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
 use kiln_types::page::Page;
 use kiln_types::power::{
@@ -505,6 +507,33 @@ impl Client {
             }
         }
         Err(ClientError::Decode("the event stream ended before the job did".into()))
+    }
+}
+
+impl Client {
+    // ---- rollouts ----
+
+    pub async fn create_rollout(&self, req: &RolloutRequest) -> Result<Rollout> {
+        self.post("/api/v1/rollouts", req).await
+    }
+
+    pub async fn list_rollouts(&self) -> Result<Vec<Rollout>> {
+        self.get("/api/v1/rollouts").await
+    }
+
+    pub async fn get_rollout(&self, id: &str) -> Result<Rollout> {
+        self.get(&format!("/api/v1/rollouts/{}", seg(id))).await
+    }
+
+    /// `pause`, `resume` or `abort` rollout `id`.
+    pub async fn rollout_action(&self, id: &str, action: &str) -> Result<Rollout> {
+        self.call::<(), (), _>(
+            Method::POST,
+            &format!("/api/v1/rollouts/{}/{action}", seg(id)),
+            None,
+            None,
+        )
+        .await
     }
 }
 

@@ -2,8 +2,10 @@
 //! here, for the API, the power sync and (later) the workflow engine.
 //!
 //! - **Driver by configuration**: the machine's `bmc.driver` picks IPMI
-//!   (`host` / `host:port`), Redfish (an `http(s)://` URL; TLS verified, the
-//!   system found by the machine's DMI UUID or serial) or the command driver (`[bmc.command]`).
+//!   (`host` / `host:port`), Redfish (an `http(s)://` URL; TLS verified
+//!   against the system's roots and the BMC's own `ca_cert`, unless the
+//!   BMC is marked `insecure`; the system found by the machine's DMI UUID
+//!   or serial) or the command driver (`[bmc.command]`).
 //! - **Deadlines**: a call has `deadline_secs` from the moment it is asked
 //!   for, waiting for its turn included; the driver gets what is left.
 //! - **Concurrency**: one call at a time per machine (a keyed lock; BMC
@@ -417,6 +419,11 @@ impl BmcService {
                 "address": bmc.address,
                 "elapsed_ms": elapsed.as_millis() as u64,
             });
+            if bmc.insecure {
+                // Every action taken without checking the BMC's certificate
+                // says so, not only the change that turned checking off.
+                detail["tls_insecure"] = true.into();
+            }
             match op {
                 Op::Power(a) => detail["action"] = serde_json::json!(a),
                 Op::BootDevice { device, once, uefi } => {
@@ -484,6 +491,10 @@ impl BmcService {
                 let dmi = machine.hardware.as_ref().and_then(|h| h.dmi.as_ref());
                 cfg.machine_uuid = dmi.and_then(|d| d.uuid.as_deref()).and_then(|u| u.parse().ok());
                 cfg.machine_serial = dmi.and_then(|d| d.serial.clone());
+                // The machine's own TLS settings; a call with `insecure` on
+                // says so in its audit event (see `call`).
+                cfg.insecure = bmc.insecure;
+                cfg.ca_pem = bmc.ca_cert.clone();
                 cfg.deadline = deadline.saturating_duration_since(tokio::time::Instant::now());
                 Ok(Built::Other(Box::new(RedfishDriver::new(cfg)?)))
             }
@@ -645,6 +656,7 @@ async fn run_op(built: &Built, op: Op) -> Result<OpOutput, BmcError> {
                 BootDevice::Network => kiln_bmc::BootDevice::Network,
                 BootDevice::Disk => kiln_bmc::BootDevice::Disk,
                 BootDevice::Cdrom => kiln_bmc::BootDevice::Cdrom,
+                BootDevice::UefiHttp => kiln_bmc::BootDevice::UefiHttp,
             };
             let persistence = if once {
                 BootPersistence::Once

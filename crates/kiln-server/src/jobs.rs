@@ -21,6 +21,7 @@ use kiln_types::power::{BootDevice, PowerAction};
 use kiln_types::{JobId, MachineId};
 use kiln_workflow::hooks::HookRunner;
 use kiln_workflow::post_install::{PostInstallRunner, PostInstallTask, TaskTarget};
+use kiln_workflow::process::{self, ProcessSpec};
 use kiln_workflow::{BmcAction, BmcError, Effects, NetbootPlan};
 
 use crate::Config;
@@ -150,22 +151,25 @@ impl Effects for ServerEffects {
         if tasks.is_empty() {
             return Ok(vec![]);
         }
-        // Where the new OS is reached: its address, else its name.
-        let machine = match job.machine_id {
-            Some(id) => self
-                .store
-                .get_machine(&id.to_string(), None)
-                .await
-                .map_err(|e| e.to_string())?,
-            None => return Err("the machine was deleted".into()),
-        };
-        let address = match (machine.ipv4, &machine.fqdn) {
-            (Some(ip), _) => ip.to_string(),
-            (None, Some(fqdn)) => fqdn.to_string(),
-            (None, None) => machine.hostname.to_string(),
-        };
-        let target = TaskTarget::from_job(job, address)?;
+        let target = TaskTarget::from_job(job, self.address_of(job).await?)?;
         self.tasks.run_all(&tasks, &target).await
+    }
+
+    async fn health_check(&self, argv: &[String], job: &JobRecord) -> Result<(), String> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err("the health check has no command".into());
+        };
+        let mut spec = ProcessSpec::new(program.clone(), Duration::from_secs(120));
+        spec.args = args.to_vec();
+        spec.env.insert("KILN_HOSTNAME".into(), job.hostname.clone());
+        spec.env.insert("KILN_HOST".into(), self.address_of(job).await?);
+        spec.env.insert("KILN_JOB_ID".into(), job.id.to_string());
+        let out = process::run(&spec).await.map_err(|e| e.to_string())?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(format!("`{}` {}: {}", spec.display_argv(), out.exit, out.last_lines(3)))
+        }
     }
 
     async fn callback(&self, url: &str, job: &Job) -> Result<(), String> {
@@ -182,6 +186,26 @@ impl Effects for ServerEffects {
             }
         }
         Err(last)
+    }
+}
+
+impl ServerEffects {
+    /// Where the job's machine (its new OS) is reached: its IPv4 address,
+    /// else its FQDN, else its hostname.
+    async fn address_of(&self, job: &JobRecord) -> Result<String, String> {
+        let machine = match job.machine_id {
+            Some(id) => self
+                .store
+                .get_machine(&id.to_string(), None)
+                .await
+                .map_err(|e| e.to_string())?,
+            None => return Err("the machine was deleted".into()),
+        };
+        Ok(match (machine.ipv4, &machine.fqdn) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(fqdn)) => fqdn.to_string(),
+            (None, None) => machine.hostname.to_string(),
+        })
     }
 }
 

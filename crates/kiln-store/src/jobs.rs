@@ -13,7 +13,7 @@
 //!   wakes a waiting job.
 
 use chrono::{DateTime, Duration, Utc};
-use kiln_types::job::{JobFilter, JobKind, JobLogEntry, JobLogKind, JobState, Stage};
+use kiln_types::job::{JobFilter, JobKind, JobLogEntry, JobLogKind, JobState, MemberState, RolloutMember, Stage};
 use kiln_types::machine::MachineState;
 use kiln_types::{JobId, MachineId};
 use sqlx::any::AnyRow;
@@ -29,6 +29,8 @@ pub struct JobRecord {
     pub kind: JobKind,
     pub state: JobState,
     pub machine_id: Option<MachineId>,
+    /// The rollout that started this job, if one did.
+    pub parent_id: Option<JobId>,
     pub hostname: String,
     pub os_label: String,
     /// What was asked (the job kind's spec type, as JSON).
@@ -59,7 +61,10 @@ pub struct JobRecord {
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub kind: JobKind,
-    pub machine_id: MachineId,
+    /// None for a job about no single machine (a rollout).
+    pub machine_id: Option<MachineId>,
+    pub parent_id: Option<JobId>,
+    /// The machine's hostname, or a rollout's name.
     pub hostname: String,
     pub os_label: String,
     pub spec: serde_json::Value,
@@ -124,7 +129,7 @@ pub enum JobControl {
     },
 }
 
-const JOB_COLUMNS: &str = "id, kind, state, machine_id, hostname, os_label, spec, data, step_index, step_started_at, \
+const JOB_COLUMNS: &str = "id, kind, state, machine_id, parent_id, hostname, os_label, spec, data, step_index, step_started_at, \
      step_attempts, stage, reason, ticket, callback_url, cancel_requested, pause_requested, run_at, lease_owner, \
      lease_expires, created_by, created_at, updated_at, finished_at";
 
@@ -155,6 +160,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
         kind: parse_col("job kind", &text("kind")?)?,
         state: parse_col("job state", &text("state")?)?,
         machine_id: opt("machine_id")?.map(|m| parse_col("machine id", &m)).transpose()?,
+        parent_id: opt("parent_id")?.map(|m| parse_col("job id", &m)).transpose()?,
         hostname: text("hostname")?,
         os_label: text("os_label")?,
         spec: json_col("job spec", &text("spec")?)?,
@@ -305,66 +311,187 @@ async fn write_arm(conn: &mut AnyConnection, machine: MachineId, arm: Option<&Ar
     crate::machines::bump_machines_generation(conn).await
 }
 
+/// Inserts a queued job (and its first log line and audit event).
+async fn insert_job(conn: &mut AnyConnection, actor: &Actor, new: &NewJob) -> Result<JobRecord> {
+    if let Some(machine) = new.machine_id
+        && let Some(row) =
+            sqlx::query::<Any>("SELECT id, kind, state FROM jobs WHERE machine_id = $1 AND finished_at IS NULL")
+                .bind(machine.to_string())
+                .fetch_optional(&mut *conn)
+                .await?
+    {
+        let (id, kind, state): (String, String, String) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        return Err(StoreError::Conflict(format!(
+            "{} already has an active job: {kind} {id}, {state}; cancel it (`kiln job cancel {id}`) or wait for it to end",
+            new.hostname
+        )));
+    }
+    let id = JobId::new();
+    let at = ts(now());
+    sqlx::query::<Any>(
+        "INSERT INTO jobs (id, kind, state, machine_id, parent_id, hostname, os_label, spec, data, step_index, \
+         step_started_at, step_attempts, stage, ticket, callback_url, cancel_requested, pause_requested, \
+         run_at, created_by, created_at, updated_at) \
+         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, '{}', $8, $9, 0, 0, $10, $11, FALSE, FALSE, $9, $12, $9, $9)",
+    )
+    .bind(id.to_string())
+    .bind(new.kind.as_str())
+    .bind(new.machine_id.map(|m| m.to_string()))
+    .bind(new.parent_id.map(|m| m.to_string()))
+    .bind(new.hostname.clone())
+    .bind(new.os_label.clone())
+    .bind(new.spec.to_string())
+    .bind(i64::from(new.first_step))
+    .bind(at.clone())
+    .bind(new.ticket.clone())
+    .bind(new.callback_url.clone())
+    .bind(actor.0.clone())
+    .execute(&mut *conn)
+    .await?;
+    let message = format!(
+        "{} of {} with {} requested by {}",
+        new.kind, new.hostname, new.os_label, actor.0
+    );
+    append_log(conn, id, &[LogLine::new(JobLogKind::Created, None, message)]).await?;
+    let (target_kind, target_id) = match new.machine_id {
+        Some(m) => ("machine", m.to_string()),
+        None => ("job", id.to_string()),
+    };
+    record(
+        conn,
+        actor,
+        Change {
+            action: "job.create",
+            target_kind,
+            target_id,
+            target_name: new.hostname.clone(),
+            before: None,
+            after: Some(serde_json::json!({
+                "job": id, "kind": new.kind, "os": new.os_label, "ticket": new.ticket, "parent": new.parent_id,
+            })),
+        },
+    )
+    .await?;
+    load_job(conn, id).await
+}
+
 impl Store {
     /// Creates a queued job for a machine that has no active job.
     pub async fn create_job(&self, actor: &Actor, new: NewJob) -> Result<JobRecord> {
         let mut tx = self.write_tx().await?;
-        if let Some(row) =
-            sqlx::query::<Any>("SELECT id, kind, state FROM jobs WHERE machine_id = $1 AND finished_at IS NULL")
-                .bind(new.machine_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?
-        {
-            let (id, kind, state): (String, String, String) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-            return Err(StoreError::Conflict(format!(
-                "{} already has an active job: {kind} {id}, {state}; cancel it (`kiln job cancel {id}`) or wait for it to end",
-                new.hostname
-            )));
-        }
-        let id = JobId::new();
-        let at = ts(now());
-        sqlx::query::<Any>(
-            "INSERT INTO jobs (id, kind, state, machine_id, hostname, os_label, spec, data, step_index, \
-             step_started_at, step_attempts, stage, ticket, callback_url, cancel_requested, pause_requested, \
-             run_at, created_by, created_at, updated_at) \
-             VALUES ($1, $2, 'queued', $3, $4, $5, $6, '{}', $7, $8, 0, 0, $9, $10, FALSE, FALSE, $8, $11, $8, $8)",
-        )
-        .bind(id.to_string())
-        .bind(new.kind.as_str())
-        .bind(new.machine_id.to_string())
-        .bind(new.hostname.clone())
-        .bind(new.os_label.clone())
-        .bind(new.spec.to_string())
-        .bind(i64::from(new.first_step))
-        .bind(at.clone())
-        .bind(new.ticket.clone())
-        .bind(new.callback_url.clone())
-        .bind(actor.0.clone())
-        .execute(&mut *tx)
-        .await?;
-        let message = format!(
-            "{} of {} with {} requested by {}",
-            new.kind, new.hostname, new.os_label, actor.0
-        );
-        append_log(&mut tx, id, &[LogLine::new(JobLogKind::Created, None, message)]).await?;
-        record(
-            &mut tx,
-            actor,
-            Change {
-                action: "job.create",
-                target_kind: "machine",
-                target_id: new.machine_id.to_string(),
-                target_name: new.hostname.clone(),
-                before: None,
-                after: Some(serde_json::json!({
-                    "job": id, "kind": new.kind, "os": new.os_label, "ticket": new.ticket,
-                })),
-            },
-        )
-        .await?;
-        let job = load_job(&mut tx, id).await?;
+        let job = insert_job(&mut tx, actor, &new).await?;
         tx.commit().await?;
         Ok(job)
+    }
+
+    /// Creates a rollout's job and its members (positions in `members`
+    /// order), all queued.
+    pub async fn create_rollout(
+        &self,
+        actor: &Actor,
+        new: NewJob,
+        members: &[(MachineId, String)],
+    ) -> Result<JobRecord> {
+        let mut tx = self.write_tx().await?;
+        let job = insert_job(&mut tx, actor, &new).await?;
+        let at = ts(now());
+        for (position, (machine, hostname)) in members.iter().enumerate() {
+            sqlx::query::<Any>(
+                "INSERT INTO rollout_members (rollout_id, position, machine_id, hostname, state, updated_at) \
+                 VALUES ($1, $2, $3, $4, 'pending', $5)",
+            )
+            .bind(job.id.to_string())
+            .bind(position as i64)
+            .bind(machine.to_string())
+            .bind(hostname.clone())
+            .bind(at.clone())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// The members of rollout `id`, in order.
+    pub async fn rollout_members(&self, id: JobId) -> Result<Vec<RolloutMember>> {
+        let rows = sqlx::query::<Any>(
+            "SELECT position, machine_id, hostname, state, job_id, message FROM rollout_members \
+             WHERE rollout_id = $1 ORDER BY position",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let opt = |c: &str| -> Result<Option<String>> { Ok(r.try_get::<Option<String>, _>(c)?) };
+                Ok(RolloutMember {
+                    position: r.try_get::<i64, _>("position")? as u32,
+                    hostname: r.try_get("hostname")?,
+                    machine_id: opt("machine_id")?.map(|m| parse_col("machine id", &m)).transpose()?,
+                    state: parse_col("member state", &r.try_get::<String, _>("state")?)?,
+                    job_id: opt("job_id")?.map(|m| parse_col("job id", &m)).transpose()?,
+                    message: opt("message")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts member `position` of rollout `rollout`: its reimage job is
+    /// created and recorded on the member in one transaction, so a crash
+    /// leaves no job the rollout does not know of.
+    pub async fn start_rollout_member(
+        &self,
+        actor: &Actor,
+        rollout: JobId,
+        position: u32,
+        new: NewJob,
+    ) -> Result<JobRecord> {
+        let mut tx = self.write_tx().await?;
+        let job = insert_job(&mut tx, actor, &new).await?;
+        sqlx::query::<Any>(
+            "UPDATE rollout_members SET state = 'running', job_id = $1, message = NULL, updated_at = $2 \
+             WHERE rollout_id = $3 AND position = $4",
+        )
+        .bind(job.id.to_string())
+        .bind(ts(now()))
+        .bind(rollout.to_string())
+        .bind(i64::from(position))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Sets member `position` of rollout `rollout` to `state`.
+    pub async fn set_rollout_member(
+        &self,
+        rollout: JobId,
+        position: u32,
+        state: MemberState,
+        message: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query::<Any>(
+            "UPDATE rollout_members SET state = $1, message = $2, updated_at = $3 \
+             WHERE rollout_id = $4 AND position = $5",
+        )
+        .bind(state.as_str())
+        .bind(message)
+        .bind(ts(now()))
+        .bind(rollout.to_string())
+        .bind(i64::from(position))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Makes waiting job `id` due now (a child ended: its parent looks).
+    pub async fn wake_job(&self, id: JobId) -> Result<()> {
+        sqlx::query::<Any>("UPDATE jobs SET run_at = $1 WHERE id = $2 AND state = 'waiting'")
+            .bind(ts(now()))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn get_job(&self, id: JobId) -> Result<JobRecord> {
@@ -541,12 +668,19 @@ impl Store {
     }
 
     /// Records stage `stage` of job `id` as reported by its agent or
-    /// installer. A report for an ended job is refused; a stage lower than
-    /// one already reported is logged but never moves the job back. Stage 1
+    /// installer. A stage lower than one already reported is logged but
+    /// never moves the job back; once the job has ended, a report of a stage
+    /// it reached is accepted as a retry and changes nothing, any other is
+    /// refused. Stage 1
     /// (installer started) consumes the net-boot arm at once. Wakes the job.
     pub async fn report_stage(&self, id: JobId, stage: Stage, message: &str) -> Result<JobRecord> {
         let mut tx = self.write_tx().await?;
         let job = load_job(&mut tx, id).await?;
+        if job.state.is_final() && stage <= job.stage {
+            // A retried report (the first-boot unit retries until it gets
+            // a 2xx): already counted, nothing to change.
+            return Ok(job);
+        }
         if job.state.is_final() {
             return Err(StoreError::Refused(format!(
                 "job {id} has ended ({}): it takes no more stage reports",

@@ -276,8 +276,9 @@ async fn find_conflicts(
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
-/// Binds a machine's 17 stored columns, from `id` to `hardware`, in table
-/// order: the shared part of its INSERT and UPDATE.
+/// Binds a machine's 19 stored columns — `id` to `hardware` in table
+/// order, then `bmc_insecure` and `bmc_ca_cert` (added by migration 0004) —
+/// the shared part of its INSERT and UPDATE.
 fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
     let s = &row.spec;
     Ok(q.bind(row.id.to_string())
@@ -296,7 +297,9 @@ fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
         .bind(row.sealed_password.as_ref().map(|p| p.0.clone()))
         .bind(s.ipv4.map(|ip| ip.to_string()))
         .bind(s.ipv6.map(|ip| ip.to_string()))
-        .bind(hardware_json(s)?))
+        .bind(hardware_json(s)?)
+        .bind(s.bmc.as_ref().is_some_and(|b| b.insecure))
+        .bind(s.bmc.as_ref().and_then(|b| b.ca_cert.clone())))
 }
 
 /// Marks the machines table changed, inside the change's transaction.
@@ -314,8 +317,8 @@ async fn insert_machines(conn: &mut AnyConnection, rows: &[Row_], at: &str) -> R
         let sql = format!(
             "INSERT INTO machines (id, hostname, fqdn, kind, state, owner_id, rack_id, protected, maintenance, \
              maintenance_reason, bmc_driver, bmc_address, bmc_username, bmc_password, ipv4, ipv6, hardware, \
-             created_at, updated_at) VALUES {}",
-            values(chunk.len(), 19)
+             bmc_insecure, bmc_ca_cert, created_at, updated_at) VALUES {}",
+            values(chunk.len(), 21)
         );
         let mut q = sqlx::query::<Any>(built(sql));
         for row in chunk {
@@ -402,6 +405,8 @@ fn machine_from_row(row: &AnyRow) -> Result<Machine> {
             address: opt("bmc_address")?.unwrap_or_default(),
             username: opt("bmc_username")?,
             password_set: opt("bmc_password")?.is_some(),
+            insecure: get_bool(row, "bmc_insecure")?,
+            ca_cert: opt("bmc_ca_cert")?,
         }),
         None => None,
     };
@@ -492,6 +497,8 @@ fn to_spec(m: &Machine) -> MachineCreate {
             address: b.address.clone(),
             username: b.username.clone(),
             password: None,
+            insecure: b.insecure,
+            ca_cert: b.ca_cert.clone(),
         }),
         nics: m.nics.clone(),
         ipv4: m.ipv4,
@@ -534,6 +541,8 @@ fn view(
             address: b.address.clone(),
             username: b.username.clone(),
             password_set: row.sealed_password.is_some(),
+            insecure: b.insecure,
+            ca_cert: b.ca_cert.clone(),
         }),
         nics: s.nics.clone(),
         ipv4: s.ipv4,
@@ -865,8 +874,8 @@ impl Store {
         let q = sqlx::query::<Any>(
             "UPDATE machines SET hostname = $2, fqdn = $3, kind = $4, state = $5, owner_id = $6, rack_id = $7, \
              protected = $8, maintenance = $9, maintenance_reason = $10, bmc_driver = $11, bmc_address = $12, \
-             bmc_username = $13, bmc_password = $14, ipv4 = $15, ipv6 = $16, hardware = $17, updated_at = $18 \
-             WHERE id = $1",
+             bmc_username = $13, bmc_password = $14, ipv4 = $15, ipv6 = $16, hardware = $17, bmc_insecure = $18, \
+             bmc_ca_cert = $19, updated_at = $20 WHERE id = $1",
         );
         bind_row(q, &row)?.bind(ts(updated_at)).execute(&mut *tx).await?;
         let tags: Vec<(MachineId, &Tag)> = unique_tags(&s.tags).map(|t| (row.id, t)).collect();

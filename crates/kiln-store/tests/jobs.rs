@@ -32,7 +32,8 @@ async fn machine(store: &Store, host: &str) -> MachineId {
 fn new_job(machine_id: MachineId, host: &str) -> NewJob {
     NewJob {
         kind: JobKind::Reimage,
-        machine_id,
+        machine_id: Some(machine_id),
+        parent_id: None,
         hostname: host.into(),
         os_label: "debian 12".into(),
         spec: serde_json::json!({ "os_label": "debian 12" }),

@@ -88,10 +88,8 @@ store_test!(machine_round_trip, |store| {
     m.spec.ipv4 = Some("10.0.0.1".parse().unwrap());
     m.spec.protected = true;
     m.spec.bmc = Some(BmcInput {
-        driver: BmcDriver::Ipmi,
-        address: "10.1.0.1".into(),
         username: Some("root".into()),
-        password: None,
+        ..BmcInput::new(BmcDriver::Ipmi, "10.1.0.1")
     });
     m.sealed_password = Some(SealedPassword("sealed-bytes".into()));
     m.spec.nics[0].switch = Some("asw-a1".into());
@@ -121,24 +119,14 @@ store_test!(uniqueness_is_reported_per_row, |store| {
     let mut a = machine("a1", "52:54:00:00:00:01");
     a.spec.nics[0].switch = Some("sw1".into());
     a.spec.nics[0].port = Some("p1".into());
-    a.spec.bmc = Some(BmcInput {
-        driver: BmcDriver::Ipmi,
-        address: "10.9.9.9".into(),
-        username: None,
-        password: None,
-    });
+    a.spec.bmc = Some(BmcInput::new(BmcDriver::Ipmi, "10.9.9.9"));
     store.create_machines(&actor(), vec![a]).await.unwrap();
 
     let mut dup_port = machine("b1", "52:54:00:00:00:02");
     dup_port.spec.nics[0].switch = Some("sw1".into());
     dup_port.spec.nics[0].port = Some("p1".into());
     let mut dup_bmc = machine("b2", "52:54:00:00:00:03");
-    dup_bmc.spec.bmc = Some(BmcInput {
-        driver: BmcDriver::Ipmi,
-        address: "10.9.9.9".into(),
-        username: None,
-        password: None,
-    });
+    dup_bmc.spec.bmc = Some(BmcInput::new(BmcDriver::Ipmi, "10.9.9.9"));
     let batch = vec![
         machine("a1", "52:54:00:00:00:09"), // hostname taken
         machine("b0", "52:54:00:00:00:01"), // MAC taken
@@ -502,6 +490,59 @@ store_test!(update_delete_and_audit, |store| {
         .execute(store.pool())
         .await;
     assert!(del.unwrap_err().to_string().contains("append-only"));
+});
+
+store_test!(bmc_tls_settings_round_trip_and_are_audited, |store| {
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let mut m = machine("rf1", "52:54:00:00:00:01");
+    m.spec.bmc = Some(BmcInput {
+        ca_cert: Some(PEM.into()),
+        ..BmcInput::new(BmcDriver::Redfish, "https://10.1.0.1")
+    });
+    m.sealed_password = Some(SealedPassword("sealed-bytes".into()));
+    let created = store.create_machines(&actor(), vec![m]).await.unwrap().remove(0);
+    let got = store.get_machine("rf1", None).await.unwrap();
+    assert_eq!(created, got);
+    let bmc = got.bmc.unwrap();
+    assert_eq!((bmc.insecure, bmc.ca_cert.as_deref()), (false, Some(PEM)));
+
+    // Turning checks off (and the CA out) is an update like any other: in
+    // the audit log with the flag before and after; the password is kept.
+    let patch: MachinePatch = serde_json::from_value(serde_json::json!({
+        "bmc": {"driver": "redfish", "address": "https://10.1.0.1", "insecure": true}
+    }))
+    .unwrap();
+    let after = store.update_machine(&actor(), "rf1", patch, None, None).await.unwrap();
+    let bmc = after.bmc.as_ref().unwrap();
+    assert!(bmc.insecure && bmc.ca_cert.is_none() && bmc.password_set, "{bmc:?}");
+    assert_eq!(after, store.get_machine("rf1", None).await.unwrap());
+    let ev = store
+        .list_events(&EventFilter {
+            target: Some("rf1".into()),
+            action: Some("machine.update".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    let (before, after) = (ev[0].before.as_ref().unwrap(), ev[0].after.as_ref().unwrap());
+    assert_eq!(before["bmc"]["insecure"], false);
+    assert_eq!(before["bmc"]["ca_cert"], PEM);
+    assert_eq!(after["bmc"]["insecure"], true);
+    assert!(after["bmc"].get("ca_cert").is_none(), "{after}");
+
+    // The store checks the settings against the driver too.
+    let patch: MachinePatch = serde_json::from_value(serde_json::json!({
+        "bmc": {"driver": "ipmi", "address": "10.1.0.1", "insecure": true}
+    }))
+    .unwrap();
+    let (_, rows) = rows_of(
+        store
+            .update_machine(&actor(), "rf1", patch, None, None)
+            .await
+            .unwrap_err(),
+    );
+    assert!(rows[0].1.contains("applies to the redfish driver only"), "{rows:?}");
 });
 
 store_test!(tokens_tenants_and_catalog, |store| {

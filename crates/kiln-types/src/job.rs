@@ -8,11 +8,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::catalog::StorageLayout;
 use crate::install::{CryptHash, SshPublicKey};
+use crate::machine::MachineFilter;
 use crate::{Hostname, JobId, MachineId, Secret, string_enum};
 
 string_enum!(
-    /// What a job does.
-    JobKind { Reimage = "reimage" }
+    /// What a job does. A rollout is the job that reimages a set of
+    /// machines, a few at a time, through reimage jobs of its own.
+    JobKind { Reimage = "reimage", Rollout = "rollout" }
 );
 
 string_enum!(
@@ -260,4 +262,83 @@ pub struct RetryRequest {
     /// Step name to start from (default: the step the job ended in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_step: Option<String>,
+}
+
+/// `POST /api/v1/rollouts`: reimage every machine `selector` picks, at most
+/// `concurrency` at a time, stopping once more than `max_failures` failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    /// Which machines (tag, rack, site, state, owner), resolved when the
+    /// rollout starts. Protected machines and machines in maintenance are
+    /// left out.
+    pub selector: MachineFilter,
+    /// What each machine gets (`hostname` must be absent: each keeps its own).
+    pub reimage: ReimageRequest,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Failed members tolerated; one more stops the rollout.
+    #[serde(default)]
+    pub max_failures: u32,
+    /// A command (argv) run on the kiln server after a member's reimage
+    /// ended; the member counts as done only if it exits 0. `KILN_HOSTNAME`,
+    /// `KILN_HOST` (its address), `KILN_JOB_ID` are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Vec<String>>,
+}
+
+fn default_concurrency() -> u32 {
+    1
+}
+
+/// A rollout as stored in its job's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    /// The selector, in words (`tag=db rack=a1`).
+    pub selector: String,
+    /// Each member's reimage, but for the hostname (set per member).
+    pub template: ReimageSpec,
+    pub callback_url: Option<String>,
+    pub ticket: Option<String>,
+    pub concurrency: u32,
+    pub max_failures: u32,
+    pub health_check: Option<Vec<String>>,
+}
+
+string_enum!(
+    /// Where a member of a rollout is.
+    MemberState {
+        Pending = "pending",
+        Running = "running",
+        Done = "done",
+        Failed = "failed",
+        /// Never started (the rollout stopped or was aborted first).
+        Skipped = "skipped",
+    }
+);
+
+/// One machine of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutMember {
+    pub position: u32,
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<MachineId>,
+    pub state: MemberState,
+    /// Its reimage job, once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A rollout: its controlling job (pause, resume and abort are that job's
+/// pause, resume and cancel) and its members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Rollout {
+    #[serde(flatten)]
+    pub job: Job,
+    pub concurrency: u32,
+    pub max_failures: u32,
+    pub members: Vec<RolloutMember>,
 }

@@ -90,11 +90,80 @@ pub struct BmcInput {
     /// Stored encrypted; on update, leave it out to keep the current one.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// Redfish over https only: accept the BMC's TLS certificate without
+    /// checking it. Explicit per BMC; every change of it is in the audit
+    /// log, and so is every BMC call made with it on.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Redfish over https only: CA certificate(s) in PEM to trust for this
+    /// BMC besides the system's, e.g. the site CA that signed the BMCs'
+    /// certificates. Certificates only, never a private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
+/// The most text `bmc.ca_cert` may hold: room for a chain of a few
+/// certificates, not for a bundle of every public CA.
+pub const MAX_CA_CERT_LEN: usize = 64 * 1024;
+
 impl BmcInput {
-    /// Checks the address against what the driver expects.
+    /// A BMC with just a driver and an address (no user, password or TLS
+    /// settings).
+    pub fn new(driver: BmcDriver, address: &str) -> Self {
+        BmcInput {
+            driver,
+            address: address.to_string(),
+            username: None,
+            password: None,
+            insecure: false,
+            ca_cert: None,
+        }
+    }
+
+    /// Checks the address against what the driver expects, and the TLS
+    /// settings against the driver and address. The CA certificate's shape
+    /// only (PEM with CERTIFICATE blocks and no key): the server parses
+    /// the certificates themselves.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_address()?;
+        self.validate_tls()
+    }
+
+    fn validate_tls(&self) -> Result<(), String> {
+        if !(self.insecure || self.ca_cert.is_some()) {
+            return Ok(());
+        }
+        let what = if self.insecure { "bmc.insecure" } else { "bmc.ca_cert" };
+        if self.driver != BmcDriver::Redfish {
+            // Refused rather than ignored: an operator who sets it expects it
+            // to do something, and the audit log would show a flag that
+            // changed nothing.
+            return Err(format!(
+                "{what} applies to the redfish driver only (it is about checking a BMC's TLS certificate, and \
+                 the {} driver makes no TLS connection): leave it out",
+                self.driver
+            ));
+        }
+        if !self.address.trim().starts_with("https://") {
+            return Err(format!(
+                "{what} needs an https:// address: `{}` has no TLS to check",
+                self.address.trim()
+            ));
+        }
+        if self.insecure && self.ca_cert.is_some() {
+            return Err(
+                "give bmc.ca_cert or bmc.insecure, not both: insecure checks no certificate, so the CA would be \
+                 ignored"
+                    .into(),
+            );
+        }
+        if let Some(pem) = &self.ca_cert {
+            check_pem_shape(pem)?;
+        }
+        Ok(())
+    }
+
+    fn validate_address(&self) -> Result<(), String> {
         let a = self.address.trim();
         if a.is_empty() {
             return Err("bmc.address is empty".into());
@@ -133,6 +202,34 @@ impl BmcInput {
     }
 }
 
+/// What `bmc.ca_cert` must look like before the server parses it: PEM
+/// text with at least one CERTIFICATE block and no private key.
+fn check_pem_shape(pem: &str) -> Result<(), String> {
+    if pem.len() > MAX_CA_CERT_LEN {
+        return Err(format!(
+            "bmc.ca_cert is {} bytes; the most is {MAX_CA_CERT_LEN}: give the CA that signed this BMC's \
+             certificate, not a bundle",
+            pem.len()
+        ));
+    }
+    if pem.contains("PRIVATE KEY-----") {
+        // Said without quoting the text: it is a secret.
+        return Err(
+            "bmc.ca_cert holds a private key: give only the CA's certificate (and treat that key as \
+                    exposed)"
+                .into(),
+        );
+    }
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(
+            "bmc.ca_cert is not a PEM certificate: it must hold a -----BEGIN CERTIFICATE----- block \
+                    (convert a DER file with `openssl x509 -inform der -in FILE`)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// BMC settings as shown: never the password, only whether one is stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Bmc {
@@ -141,6 +238,14 @@ pub struct Bmc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     pub password_set: bool,
+    /// TLS certificate checks are off for this BMC (redfish). Always
+    /// shown, so that an audit event's before/after shows it change.
+    #[serde(default)]
+    pub insecure: bool,
+    /// The CA certificate(s) (PEM) trusted for this BMC besides the
+    /// system's. Public, like any certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 /// A network interface and where it is plugged in.
@@ -499,7 +604,7 @@ pub struct MachinePatch {
 }
 
 /// Filters for listing machines; all given filters must match.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct MachineFilter {
@@ -568,12 +673,7 @@ mod tests {
 
     #[test]
     fn bmc_addresses() {
-        let bmc = |driver, address: &str| BmcInput {
-            driver,
-            address: address.into(),
-            username: None,
-            password: None,
-        };
+        let bmc = BmcInput::new;
         assert!(bmc(BmcDriver::Ipmi, "10.0.0.1").validate().is_ok());
         assert!(bmc(BmcDriver::Ipmi, "bmc1.example:623").validate().is_ok());
         assert!(bmc(BmcDriver::Ipmi, "10.0.0.1:0").validate().is_err());
@@ -584,6 +684,63 @@ mod tests {
                 .is_ok()
         );
         assert!(bmc(BmcDriver::Redfish, "10.0.0.1").validate().is_err());
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn bmc_tls_settings() {
+        let tls = |driver, address: &str, insecure: bool, ca: Option<&str>| {
+            BmcInput {
+                insecure,
+                ca_cert: ca.map(str::to_string),
+                ..BmcInput::new(driver, address)
+            }
+            .validate()
+        };
+        let rf = "https://10.0.0.1";
+        assert_eq!(tls(BmcDriver::Redfish, rf, true, None), Ok(()));
+        assert_eq!(tls(BmcDriver::Redfish, rf, false, Some(PEM)), Ok(()));
+        let cases = [
+            (
+                tls(BmcDriver::Ipmi, "10.0.0.1", true, None),
+                "applies to the redfish driver only",
+            ),
+            (
+                tls(BmcDriver::Command, "pdu-1", false, Some(PEM)),
+                "the command driver makes no TLS connection",
+            ),
+            (
+                tls(BmcDriver::Redfish, "http://10.0.0.1", true, None),
+                "needs an https:// address",
+            ),
+            (tls(BmcDriver::Redfish, rf, true, Some(PEM)), "not both"),
+            (
+                tls(BmcDriver::Redfish, rf, false, Some("MIIB")),
+                "not a PEM certificate",
+            ),
+            (
+                tls(
+                    BmcDriver::Redfish,
+                    rf,
+                    false,
+                    Some(&format!("{PEM}-----BEGIN PRIVATE KEY-----\nsecret\n")),
+                ),
+                "holds a private key",
+            ),
+            (
+                tls(BmcDriver::Redfish, rf, false, Some(&PEM.repeat(2000))),
+                "the most is 65536",
+            ),
+        ];
+        for (got, says) in cases {
+            let e = got.unwrap_err();
+            assert!(e.contains(says), "{e} does not say {says}");
+            assert!(!e.contains("secret"), "a key was quoted: {e}");
+        }
+        // Old clients' JSON has neither field: off and none.
+        let b: BmcInput = serde_json::from_str(r#"{"driver": "redfish", "address": "https://h"}"#).unwrap();
+        assert!(!b.insecure && b.ca_cert.is_none());
     }
 
     #[test]

@@ -20,8 +20,11 @@ string_enum!(
 );
 
 string_enum!(
-    /// Where a machine boots from next.
-    BootDevice { Network = "network", Disk = "disk", Cdrom = "cdrom" }
+    /// Where a machine boots from next. `uefi_http` is UEFI HTTP boot (the
+    /// firmware loads its boot program over HTTP(S)): UEFI only, and only
+    /// on drivers that can name it (redfish; the command driver passes it
+    /// on; IPMI cannot).
+    BootDevice { Network = "network", Disk = "disk", Cdrom = "cdrom", UefiHttp = "uefi_http" }
 );
 
 /// `POST /api/v1/machines/{key}/power`.
@@ -58,6 +61,16 @@ pub struct BootDeviceRequest {
     /// The override is for UEFI boot (default: legacy BIOS).
     #[serde(default)]
     pub uefi: bool,
+}
+
+impl BootDeviceRequest {
+    /// Checks what serde cannot: UEFI HTTP boot exists in UEFI mode only.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.device == BootDevice::UefiHttp && !self.uefi {
+            return Err("device uefi_http boots in UEFI mode only: set `uefi: true`".into());
+        }
+        Ok(())
+    }
 }
 
 /// The boot device the BMC accepted.

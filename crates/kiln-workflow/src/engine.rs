@@ -32,6 +32,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::reimage::{self, ReimageTimeouts};
+use crate::rollout;
 
 /// What a step says when it returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +109,11 @@ pub trait Effects: Send + Sync + 'static {
         spec: &ReimageSpec,
     ) -> impl Future<Output = Result<Vec<String>, String>> + Send;
 
+    /// A rollout's health check of a member whose reimage ended: `argv`
+    /// run with the machine's fields in its environment; `Err` says why it
+    /// did not pass.
+    fn health_check(&self, argv: &[String], job: &JobRecord) -> impl Future<Output = Result<(), String>> + Send;
+
     /// Tells the job's callback URL that the job ended.
     fn callback(&self, url: &str, job: &Job) -> impl Future<Output = Result<(), String>> + Send;
 }
@@ -142,7 +148,7 @@ impl Default for EngineSettings {
 
 impl EngineSettings {
     fn lease(&self) -> chrono::Duration {
-        chrono::Duration::seconds(self.lease_secs.max(3) as i64)
+        chrono::Duration::seconds(self.lease_secs.max(1) as i64)
     }
 }
 
@@ -150,6 +156,7 @@ impl EngineSettings {
 pub fn steps(kind: JobKind) -> &'static [&'static str] {
     match kind {
         JobKind::Reimage => reimage::STEPS,
+        JobKind::Rollout => rollout::STEPS,
     }
 }
 
@@ -239,6 +246,28 @@ pub struct Engine<E> {
     /// Bumped on every change this server makes to a job (live views wait
     /// on it).
     changes: tokio::sync::watch::Sender<u64>,
+    crash_at: Option<CrashPoint>,
+}
+
+/// Where the crash tests kill the server: `KILN_TEST_CRASH_AT=STEP:before`
+/// (the step ran, its answer is not committed) or `STEP:after` (just
+/// committed). The process sends itself SIGKILL there: no destructor, no
+/// flush, exactly like a power loss of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CrashPoint {
+    step: String,
+    after_commit: bool,
+}
+
+impl CrashPoint {
+    fn from_env() -> Option<CrashPoint> {
+        let spec = std::env::var("KILN_TEST_CRASH_AT").ok()?;
+        let (step, phase) = spec.split_once(':')?;
+        Some(CrashPoint {
+            step: step.to_string(),
+            after_commit: phase == "after",
+        })
+    }
 }
 
 impl<E: Effects> Engine<E> {
@@ -252,6 +281,7 @@ impl<E: Effects> Engine<E> {
             wake: Notify::new(),
             slots,
             changes: tokio::sync::watch::Sender::new(0),
+            crash_at: CrashPoint::from_env(),
         })
     }
 
@@ -392,6 +422,16 @@ impl<E: Effects> Engine<E> {
         }
     }
 
+    fn crash_point(&self, step: &str, after_commit: bool) {
+        if let Some(c) = &self.crash_at
+            && c.step == step
+            && c.after_commit == after_commit
+        {
+            tracing::warn!(step, after_commit, "KILN_TEST_CRASH_AT: killing this server");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// Saves `job` with `save`; `None` if this server lost the job.
     async fn save(&self, job: &JobRecord, save: JobSave) -> anyhow::Result<Option<JobRecord>> {
         let saved = self.store.save_job(&self.owner, job, save).await?;
@@ -462,10 +502,12 @@ impl<E: Effects> Engine<E> {
             };
             let outcome = match job.kind {
                 JobKind::Reimage => reimage::run_step(step, &mut cx).await,
+                JobKind::Rollout => rollout::run_step(step, &mut cx).await,
             };
             let (data, mut save) = (cx.data, cx.save);
             let mut next = job.clone();
             next.data = serde_json::Value::Object(data);
+            self.crash_point(step, false);
             match outcome {
                 Outcome::Next => {
                     save.log.push(LogLine::new(JobLogKind::Step, Some(step), "done"));
@@ -485,6 +527,7 @@ impl<E: Effects> Engine<E> {
                     let Some(saved) = self.save(&next, save).await? else {
                         return Ok(());
                     };
+                    self.crash_point(step, true);
                     job = saved;
                 }
                 Outcome::Wait { until, reason } => {
@@ -495,6 +538,7 @@ impl<E: Effects> Engine<E> {
                     // A wait is not an attempt: only interrupted runs count.
                     next.step_attempts -= 1;
                     self.park(next, until, reason, save).await?;
+                    self.crash_point(step, true);
                     return Ok(());
                 }
                 Outcome::Retry { after, reason } => {
@@ -505,6 +549,7 @@ impl<E: Effects> Engine<E> {
                     ));
                     let until = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
                     self.park(next, until, reason, save).await?;
+                    self.crash_point(step, true);
                     return Ok(());
                 }
                 Outcome::Fail { reason } => {
@@ -555,7 +600,7 @@ impl<E: Effects> Engine<E> {
             )
             .await?
         {
-            self.notify_callback(&saved).await;
+            self.ended(&saved).await;
         }
         Ok(())
     }
@@ -576,6 +621,7 @@ impl<E: Effects> Engine<E> {
         };
         match job.kind {
             JobKind::Reimage => reimage::undo(&mut cx, ending).await,
+            JobKind::Rollout => rollout::undo(&mut cx, ending).await,
         }
         let (data, mut save) = (cx.data, cx.save);
         let mut last = job.clone();
@@ -595,9 +641,21 @@ impl<E: Effects> Engine<E> {
         };
         save.log.push(LogLine::new(kind, step_name(&job), reason));
         if let Some(saved) = self.save(&last, save).await? {
-            self.notify_callback(&saved).await;
+            self.ended(&saved).await;
         }
         Ok(())
+    }
+
+    /// After `job` ended: its rollout looks at once, and jobs the end made
+    /// due (an aborted rollout's cancelled members) run at once.
+    async fn ended(&self, job: &JobRecord) {
+        if let Some(parent) = job.parent_id
+            && let Err(e) = self.store.wake_job(parent).await
+        {
+            tracing::warn!(job = %job.id, error = %e, "could not wake the job's rollout; it looks again later");
+        }
+        self.wake.notify_one();
+        self.notify_callback(job).await;
     }
 
     async fn notify_callback(&self, job: &JobRecord) {

@@ -12,5 +12,6 @@ pub mod hooks;
 pub mod post_install;
 pub mod process;
 pub mod reimage;
+pub mod rollout;
 
 pub use engine::{BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan, Outcome, job_view, steps};

@@ -1,6 +1,7 @@
 //! The IPMI commands kiln sends, as pure request builders and response
 //! readers: channel capabilities, session privilege, chassis status and
-//! control, the boot-flags parameter, and the system GUID.
+//! control, the boot-flags parameter, and the system GUID (FRU reads are
+//! in `fru.rs`).
 
 use super::codec::Request;
 use crate::{BootDevice, BootFirmware, BootPersistence, PowerAction, PowerState};
@@ -95,7 +96,11 @@ pub fn chassis_control(action: PowerAction) -> Request {
 ///   disk, 0101 default CD/DVD — giving 0x04, 0x08 and 0x14;
 /// - bytes 3–5: no further overrides (BIOS verbosity, console redirection,
 ///   mux and device instance all left to the firmware).
-pub fn boot_flags(device: BootDevice, persistence: BootPersistence, firmware: BootFirmware) -> [u8; 5] {
+///
+/// `None` for a device the selector cannot name: UEFI HTTP boot (the IPMI
+/// 2.0 table stops at PXE; what a BIOS does with "PXE" in UEFI mode is up
+/// to its own boot order).
+pub fn boot_flags(device: BootDevice, persistence: BootPersistence, firmware: BootFirmware) -> Option<[u8; 5]> {
     let mut b1 = 0x80;
     if persistence == BootPersistence::Persistent {
         b1 |= 0x40;
@@ -107,8 +112,9 @@ pub fn boot_flags(device: BootDevice, persistence: BootPersistence, firmware: Bo
         BootDevice::Network => 0x04,
         BootDevice::Disk => 0x08,
         BootDevice::Cdrom => 0x14,
+        BootDevice::UefiHttp => return None,
     };
-    [b1, b2, 0, 0, 0]
+    Some([b1, b2, 0, 0, 0])
 }
 
 /// Set System Boot Options, parameter 5 (parameter byte bit 7 clear: the
@@ -191,17 +197,14 @@ mod tests {
             (Cdrom, Persistent, Uefi, [0xe0, 0x14, 0, 0, 0]),
         ];
         for (d, p, f, want) in cases {
-            assert_eq!(boot_flags(d, p, f), want, "{d:?} {p:?} {f:?}");
+            assert_eq!(boot_flags(d, p, f), Some(want), "{d:?} {p:?} {f:?}");
         }
+        assert_eq!(boot_flags(UefiHttp, Once, Uefi), None, "no IPMI device selector");
     }
 
     #[test]
     fn set_boot_options_requests() {
-        let r = set_boot_flags(boot_flags(
-            BootDevice::Network,
-            BootPersistence::Once,
-            BootFirmware::Uefi,
-        ));
+        let r = set_boot_flags(boot_flags(BootDevice::Network, BootPersistence::Once, BootFirmware::Uefi).unwrap());
         assert_eq!((r.netfn, r.cmd), (0x00, 0x08));
         assert_eq!(r.data, vec![0x05, 0xa0, 0x04, 0, 0, 0]);
         // The whole IPMI message, checksums included.

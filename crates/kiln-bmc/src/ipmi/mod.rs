@@ -1,7 +1,7 @@
 //! The IPMI driver: IPMI 2.0 over LAN (RMCP+, "lanplus"), spoken natively.
 //!
-//! - `codec`, `crypto`, `suite`, `cmd`: pure functions from bytes to values
-//!   and back, table-tested;
+//! - `codec`, `crypto`, `suite`, `cmd`, `fru`: pure functions from bytes to
+//!   values and back, table-tested;
 //! - `client`: the thin async UDP session on tokio;
 //! - [`IpmiDriver`]: the [`BmcDriver`] for one BMC, opening a session per
 //!   call and closing it afterwards.
@@ -13,6 +13,7 @@ pub mod client;
 pub mod cmd;
 pub mod codec;
 pub mod crypto;
+pub mod fru;
 pub mod suite;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -127,6 +128,110 @@ impl IpmiDriver {
         .await
     }
 
+    /// The system's serial from FRU device 0: the product area's, else the
+    /// board area's. A BMC without FRU data, or with data kiln cannot read,
+    /// has no serial (`None`, logged) rather than a failed identity; only a
+    /// BMC that stops answering fails the call.
+    async fn fru_serial(&self, s: &mut Session) -> Result<Option<String>, BmcError> {
+        let step = "Get FRU Inventory Area Info";
+        let r = s
+            .call(step, &fru::get_area_info(fru::SYSTEM_FRU), Retry::Idempotent)
+            .await?;
+        if r.completion != 0 {
+            tracing::debug!(bmc = %self.cfg.name, cc = r.completion, "no FRU inventory: no serial");
+            return Ok(None);
+        }
+        let (size, by_words) = match fru::parse_area_info(&r.data) {
+            Ok(info) => info,
+            Err(e) => return Ok(self.no_serial(&e)),
+        };
+        if by_words {
+            return Ok(self.no_serial("the FRU device is word-addressed, which kiln does not read"));
+        }
+        let size = size.min(fru::MAX_FRU_SIZE);
+        let mut chunk = fru::READ_CHUNK;
+        let header = match self.read_fru(s, 0, 8, size, &mut chunk).await? {
+            Ok(h) => h,
+            Err(e) => return Ok(self.no_serial(&e)),
+        };
+        let header = match fru::parse_header(&header) {
+            Ok(h) => h,
+            Err(e) => return Ok(self.no_serial(&e)),
+        };
+        let areas: [(Option<usize>, fru::SerialOf); 2] =
+            [(header.product, fru::product_serial), (header.board, fru::board_serial)];
+        for (offset, serial_of) in areas {
+            let Some(offset) = offset else { continue };
+            let area = match self.read_fru(s, offset, 2, size, &mut chunk).await? {
+                Ok(first) => match fru::area_len(&first) {
+                    Ok(len) => self.read_fru(s, offset, len, size, &mut chunk).await?,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match area.and_then(|a| serial_of(&a)) {
+                Ok(Some(serial)) => return Ok(Some(serial)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.no_serial(&e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn no_serial(&self, why: &str) -> Option<String> {
+        tracing::debug!(bmc = %self.cfg.name, why, "FRU data unreadable: no serial");
+        None
+    }
+
+    /// `len` bytes of FRU device 0 from `offset`, `chunk` at a time (halved
+    /// when the BMC says that is too many). The outer error is the BMC not
+    /// answering; the inner one, data kiln cannot use.
+    async fn read_fru(
+        &self,
+        s: &mut Session,
+        offset: usize,
+        len: usize,
+        size: usize,
+        chunk: &mut u8,
+    ) -> Result<Result<Vec<u8>, String>, BmcError> {
+        let step = "Read FRU Data";
+        if offset + len > size {
+            return Ok(Err(format!(
+                "{len} bytes at {offset} run past the {size}-byte FRU image"
+            )));
+        }
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let at = offset + out.len();
+            let want = (*chunk as usize).min(len - out.len()) as u8;
+            let r = s
+                .call(
+                    step,
+                    &fru::read_data(fru::SYSTEM_FRU, at as u16, want),
+                    Retry::Idempotent,
+                )
+                .await?;
+            match r.completion {
+                0 => match fru::parse_read(&r.data) {
+                    Ok(d) => out.extend_from_slice(d),
+                    Err(e) => return Ok(Err(e)),
+                },
+                // Request or answer too long for this BMC: ask for less.
+                0xc7 | 0xc8 | 0xca if *chunk > 4 => *chunk /= 2,
+                cc => {
+                    return Ok(Err(format!(
+                        "{step} at {at}: completion code {cc:#04x} ({})",
+                        client::completion_name(cc)
+                    )));
+                }
+            }
+        }
+        out.truncate(len);
+        Ok(Ok(out))
+    }
+
     async fn chassis_status(&self, s: &mut Session) -> Result<PowerState, BmcError> {
         let step = "Get Chassis Status";
         let r = s.call(step, &cmd::get_chassis_status(), Retry::Idempotent).await?;
@@ -194,9 +299,18 @@ impl BmcDriver for IpmiDriver {
         persistence: BootPersistence,
         firmware: BootFirmware,
     ) -> BoxFuture<'_, Result<(), BmcError>> {
+        // Refused before any session: a device IPMI cannot name costs the
+        // BMC no login.
+        let Some(flags) = cmd::boot_flags(device, persistence, firmware) else {
+            return Box::pin(std::future::ready(Err(BmcError::Unsupported {
+                bmc: self.cfg.name.clone(),
+                what: "UEFI HTTP boot is unsupported by the ipmi driver (IPMI boot flags have no such device); \
+                       use the network device (PXE), or the redfish driver"
+                    .into(),
+            })));
+        };
         Box::pin(self.with_session(async move |s: &mut Session| {
             let step = "Set System Boot Options (boot flags)";
-            let flags = cmd::boot_flags(device, persistence, firmware);
             // Writing the same flags twice leaves the same flags: retryable.
             let r = s.call(step, &cmd::set_boot_flags(flags), Retry::Idempotent).await?;
             if r.completion != 0 {
@@ -218,8 +332,6 @@ impl BmcDriver for IpmiDriver {
         Box::pin(self.with_session(async |s: &mut Session| {
             let step = "Get System GUID";
             let r = s.call(step, &cmd::get_system_guid(), Retry::Idempotent).await?;
-            // IPMI has the serial only in FRU inventory data, which kiln does
-            // not read yet; the agent reports it from SMBIOS.
             let uuid = match r.completion {
                 0 => Some(cmd::parse_guid(&r.data).map_err(|detail| BmcError::Protocol {
                     bmc: self.cfg.name.clone(),
@@ -229,7 +341,9 @@ impl BmcDriver for IpmiDriver {
                 0xc1 | 0xd5 => None,
                 cc => return Err(self.failed(step, cc)),
             };
-            Ok(Identity { serial: None, uuid })
+            // IPMI has the serial only in the FRU inventory.
+            let serial = self.fru_serial(s).await?;
+            Ok(Identity { serial, uuid })
         }))
     }
 }
@@ -246,6 +360,23 @@ mod tests {
         assert_eq!(resolve("::1").unwrap(), "[::1]:623".parse().unwrap());
         assert_eq!(resolve("localhost").unwrap().port(), 623);
         assert!(matches!(resolve("no such host.invalid"), Err(BmcError::Config { .. })));
+    }
+
+    #[tokio::test]
+    async fn uefi_http_is_refused_before_any_packet() {
+        // Nothing listens on a silent socket: had the driver sent anything,
+        // it would time out instead of answering at once.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let d = IpmiDriver::new(&silent.local_addr().unwrap().to_string(), "root", Password::new("pw")).unwrap();
+        let e = d
+            .set_boot_device(BootDevice::UefiHttp, BootPersistence::Once, BootFirmware::Uefi)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::BmcErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains("unsupported by the ipmi driver"), "{e}");
+        let mut buf = [0u8; 64];
+        silent.set_nonblocking(true).unwrap();
+        assert!(silent.recv(&mut buf).is_err(), "no packet reached the BMC");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - `plan`: the decisions (address, which system, which `ResetType`s, the
 //!   boot override body), pure and table-tested;
 //! - `tls`: the HTTP clients (rustls on ring; verified, or per-BMC insecure);
+//! - `cert`: the BMC's CA certificates checked, a refused certificate named;
 //! - [`RedfishDriver`]: the [`BmcDriver`] for one BMC. Each call logs in (a
 //!   session, or basic auth when the service has none), does its requests
 //!   within one deadline and deletes its session again.
@@ -11,6 +12,7 @@
 //! Sessions, system discovery, the reset mapping and the retry rule are
 //! described in `docs/bmc.md`.
 
+pub mod cert;
 pub mod plan;
 pub mod tls;
 

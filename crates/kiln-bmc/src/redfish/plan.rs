@@ -304,6 +304,7 @@ pub fn boot_target(device: BootDevice) -> &'static str {
         BootDevice::Network => "Pxe",
         BootDevice::Disk => "Hdd",
         BootDevice::Cdrom => "Cd",
+        BootDevice::UefiHttp => "UefiHttp",
     }
 }
 
@@ -318,6 +319,11 @@ pub fn boot_patch(
     boot: Option<&Value>,
 ) -> Result<Value, String> {
     let target = boot_target(device);
+    if device == BootDevice::UefiHttp && firmware == BootFirmware::Bios {
+        // A legacy override to a UEFI-only device: some BMCs take it and the
+        // machine then boots from neither.
+        return Err("UefiHttp boots in UEFI mode only: set the override for UEFI".into());
+    }
     let enabled = match persistence {
         BootPersistence::Once => "Once",
         BootPersistence::Persistent => "Continuous",
@@ -620,6 +626,33 @@ mod tests {
             e,
             "BootSourceOverrideTarget Cd is not allowed; the system allows Pxe, Hdd"
         );
+        assert_eq!(
+            boot_patch(
+                BootDevice::UefiHttp,
+                BootPersistence::Once,
+                BootFirmware::Uefi,
+                Some(&with_mode)
+            ),
+            Ok(
+                json!({"Boot": {"BootSourceOverrideEnabled": "Once", "BootSourceOverrideTarget": "UefiHttp", "BootSourceOverrideMode": "UEFI"}})
+            )
+        );
+        let e = boot_patch(
+            BootDevice::UefiHttp,
+            BootPersistence::Once,
+            BootFirmware::Bios,
+            Some(&with_mode),
+        )
+        .unwrap_err();
+        assert!(e.contains("UEFI mode only"), "{e}");
+        let e = boot_patch(
+            BootDevice::UefiHttp,
+            BootPersistence::Once,
+            BootFirmware::Uefi,
+            Some(&limited),
+        )
+        .unwrap_err();
+        assert!(e.contains("UefiHttp is not allowed"), "{e}");
         let e = boot_patch(
             BootDevice::Network,
             BootPersistence::Once,

@@ -1,7 +1,8 @@
 //! The HTTP clients the Redfish driver uses: rustls on the ring provider
 //! (one provider for the whole workspace), certificates verified against
-//! the system's roots plus any CA given for the BMC, or — only when the
-//! machine's BMC says `insecure` — not verified at all.
+//! the system's roots plus any CA given for the BMC (a refused one named in
+//! the error), or — only when the machine's BMC says `insecure` — not
+//! verified at all.
 //!
 //! A client holds a connection pool and, when verifying, the loaded system
 //! roots, so one is built per distinct policy and shared by every driver.
@@ -12,9 +13,10 @@ use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
+
+use super::cert;
 
 /// How the driver treats the BMC's certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,20 +58,12 @@ fn make(policy: &TlsPolicy) -> Result<reqwest::Client, String> {
         TlsPolicy::Verify { extra_ca_pem } => {
             let extra: Vec<CertificateDer<'static>> = match extra_ca_pem {
                 None => vec![],
-                Some(pem) => {
-                    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| format!("the BMC's CA certificate is not valid PEM: {e}"))?;
-                    if certs.is_empty() {
-                        return Err("the BMC's CA certificate holds no CERTIFICATE block".into());
-                    }
-                    certs
-                }
+                Some(pem) => cert::parse_ca_pem(pem)?,
             };
             let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, p)
                 .map_err(|e| format!("cannot load the system's trusted certificates: {e}"))?;
             builder
-                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_custom_certificate_verifier(Arc::new(NamesUntrusted(verifier)))
                 .with_no_client_auth()
         }
     };
@@ -89,6 +83,74 @@ pub fn client(policy: &TlsPolicy) -> Result<reqwest::Client, String> {
     let c = make(policy)?;
     let mut map = clients.lock().unwrap_or_else(|e| e.into_inner());
     Ok(map.entry(policy.clone()).or_insert(c).clone())
+}
+
+/// The platform verifier, with a refused certificate named in the error:
+/// "UnknownIssuer" alone does not tell an operator which certificate (and
+/// so which CA) is meant.
+#[derive(Debug)]
+struct NamesUntrusted(rustls_platform_verifier::Verifier);
+
+/// A refused certificate: what it is, and why it was refused.
+#[derive(Debug)]
+struct Untrusted {
+    certificate: String,
+    cause: CertificateError,
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "certificate {}: {}", self.certificate, self.cause)
+    }
+}
+
+impl std::error::Error for Untrusted {}
+
+impl ServerCertVerifier for NamesUntrusted {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(cause) => {
+                    // Still an InvalidCertificate, so `describe` sees a
+                    // certificate problem.
+                    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Untrusted {
+                        certificate: cert::summary(end_entity),
+                        cause,
+                    }))))
+                }
+                other => other,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Accepts any certificate; still checks that the server signed the
@@ -140,13 +202,18 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> (String, bool) {
     let mut cert = false;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
+        let mut text = e.to_string();
         if let Some(r) = e.downcast_ref::<rustls::Error>() {
             cert |= matches!(
                 r,
                 rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
             );
+            // rustls shows an `Other` cause with `Debug`: use the named
+            // certificate's own text instead.
+            if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) = r {
+                text = format!("invalid peer certificate: {inner}");
+            }
         }
-        let text = e.to_string();
         if parts.last() != Some(&text) {
             parts.push(text);
         }

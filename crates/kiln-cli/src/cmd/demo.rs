@@ -381,6 +381,8 @@ async fn demo_reimages(
                 address: sim.bmc().url().to_string(),
                 username: Some("admin".into()),
                 password: Some(Secret::new(password)),
+                insecure: false,
+                ca_cert: None,
             })),
             ..Default::default()
         };

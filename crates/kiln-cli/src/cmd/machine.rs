@@ -55,6 +55,14 @@ pub struct BmcArgs {
     /// BMC password (or KILN_BMC_PASSWORD, which keeps it out of `ps`).
     #[arg(long, env = "KILN_BMC_PASSWORD", hide_env_values = true, requires = "bmc_driver")]
     bmc_password: Option<String>,
+    /// Redfish: accept the BMC's TLS certificate without checking it
+    /// (recorded in the audit log); `--bmc-insecure=false` checks it again.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    bmc_insecure: Option<bool>,
+    /// Redfish: a CA certificate file (PEM) to trust for this BMC, e.g. the
+    /// site CA that signed the BMCs' certificates; `-` removes it.
+    #[arg(long, value_name = "PATH")]
+    bmc_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -75,8 +83,15 @@ impl From<BmcDriverArg> for BmcDriver {
 }
 
 impl BmcArgs {
+    /// The BMC the flags describe, for `machine add`; TLS settings not
+    /// given are off.
     fn to_input(&self) -> anyhow::Result<Option<BmcInput>> {
-        let Some(driver) = self.bmc_driver else { return Ok(None) };
+        let Some(driver) = self.bmc_driver else {
+            if self.tls_given() {
+                anyhow::bail!("--bmc-insecure and --bmc-ca-file need --bmc-driver redfish and --bmc-address");
+            }
+            return Ok(None);
+        };
         let Some(address) = self.bmc_address.clone() else {
             anyhow::bail!("--bmc-driver needs --bmc-address");
         };
@@ -85,7 +100,63 @@ impl BmcArgs {
             address,
             username: self.bmc_user.clone(),
             password: self.bmc_password.clone().map(Secret::new),
+            insecure: self.bmc_insecure.unwrap_or(false),
+            ca_cert: self.ca_cert()?.flatten(),
         }))
+    }
+
+    fn tls_given(&self) -> bool {
+        self.bmc_insecure.is_some() || self.bmc_ca_file.is_some()
+    }
+
+    /// `--bmc-ca-file`: not given (`None`), `-` to remove (`Some(None)`),
+    /// or the file's PEM text.
+    fn ca_cert(&self) -> anyhow::Result<Option<Option<String>>> {
+        match &self.bmc_ca_file {
+            None => Ok(None),
+            Some(p) if p.as_os_str() == "-" => Ok(Some(None)),
+            Some(p) => std::fs::read_to_string(p)
+                .map(|pem| Some(Some(pem)))
+                .map_err(|e| anyhow::anyhow!("cannot read the BMC CA certificate {}: {e}", p.display())),
+        }
+    }
+
+    /// The BMC for `machine edit`: with `--bmc-driver`, the one the flags
+    /// describe; with only TLS flags, the current one with them changed.
+    /// TLS settings not given are kept while the BMC stays redfish (a new
+    /// password must not silently drop the BMC's CA).
+    fn to_patch(&self, current: Option<&Machine>) -> anyhow::Result<Option<BmcInput>> {
+        if self.bmc_driver.is_none() && !self.tls_given() {
+            return Ok(None);
+        }
+        let now = current.and_then(|m| m.bmc.as_ref());
+        let given = if self.bmc_driver.is_some() {
+            self.to_input()?
+        } else {
+            None
+        };
+        let mut bmc = match (given, now) {
+            (Some(b), _) => b,
+            (None, Some(b)) => BmcInput {
+                username: b.username.clone(),
+                ..BmcInput::new(b.driver, &b.address)
+            },
+            (None, None) => anyhow::bail!(
+                "{} has no BMC to change the TLS settings of: give --bmc-driver and --bmc-address",
+                current.map_or("the machine".into(), |m| m.hostname.to_string())
+            ),
+        };
+        if let Some(b) = now.filter(|b| b.driver == BmcDriver::Redfish && bmc.driver == BmcDriver::Redfish) {
+            bmc.insecure = b.insecure;
+            bmc.ca_cert = b.ca_cert.clone();
+        }
+        if let Some(i) = self.bmc_insecure {
+            bmc.insecure = i;
+        }
+        if let Some(ca) = self.ca_cert()? {
+            bmc.ca_cert = ca;
+        }
+        Ok(Some(bmc))
     }
 }
 
@@ -326,7 +397,9 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
         MachineCmd::Edit(a) => {
             let client = ctx.client()?;
             let needs_current =
-                !(a.add_tag.is_empty() && a.remove_tag.is_empty() && a.add_mac.is_empty() && a.remove_mac.is_empty());
+                !(a.add_tag.is_empty() && a.remove_tag.is_empty() && a.add_mac.is_empty() && a.remove_mac.is_empty())
+                    || a.bmc.bmc_driver.is_some()
+                    || a.bmc.tls_given();
             let current = if needs_current {
                 Some(client.get_machine(&a.host).await?)
             } else {
@@ -384,7 +457,7 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 protected: a.protected,
                 maintenance: a.maintenance,
                 maintenance_reason: a.reason.map(Some),
-                bmc: a.bmc.to_input()?.map(Some),
+                bmc: a.bmc.to_patch(current.as_ref())?.map(Some),
                 nics,
                 ipv4: a.ipv4.map(Some),
                 ipv6: a.ipv6.map(Some),
@@ -491,7 +564,13 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
             b.address,
             b.username.as_ref().map_or(String::new(), |u| format!(" user {u}")),
             if b.password_set { " (password set)" } else { "" }
-        )
+        ) + if b.insecure {
+            " (TLS certificate NOT checked: insecure)"
+        } else if b.ca_cert.is_some() {
+            " (TLS checked against its own CA too)"
+        } else {
+            ""
+        }
     });
     let hw = m.hardware.as_ref().map_or("- (not discovered yet)".to_string(), |h| {
         format!(

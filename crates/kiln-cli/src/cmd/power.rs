@@ -1,5 +1,5 @@
 //! `kiln power status|on|off|cycle|reset|soft-off HOST…`, `kiln bootdev
-//! pxe|disk|cdrom [--once] [--uefi] HOST…` and `kiln bmc check HOST…`.
+//! pxe|disk|cdrom|http [--once] [--uefi] HOST…` and `kiln bmc check HOST…`.
 //!
 //! Hosts are named, picked with the selectors of `machine list` (`--tag`,
 //! `--rack`, `--site`, `--state`, `--owner`), or both. Calls run several at
@@ -74,6 +74,8 @@ pub enum BootTarget {
     Pxe,
     Disk,
     Cdrom,
+    /// UEFI HTTP boot (implies --uefi; redfish and command drivers only).
+    Http,
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,9 +227,11 @@ pub async fn bootdev(a: BootdevArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result
             BootTarget::Pxe => BootDevice::Network,
             BootTarget::Disk => BootDevice::Disk,
             BootTarget::Cdrom => BootDevice::Cdrom,
+            BootTarget::Http => BootDevice::UefiHttp,
         },
         once: a.once,
-        uefi: a.uefi,
+        // UEFI HTTP boot exists in UEFI mode only: no need to say --uefi.
+        uefi: a.uefi || matches!(a.device, BootTarget::Http),
     };
     let when = if a.once { "next boot" } else { "until changed" };
     let results = each(ctx, &a.sel, |client, host| {
@@ -265,12 +269,13 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                     yes(c.authenticated),
                     opt(&c.cipher_suite),
                     opt(&c.power),
+                    opt(&c.serial),
                     opt(&c.uuid),
                     c.error.clone().unwrap_or_default(),
                 ];
                 report.answered(host, cells, &c, c.ok, c.error.clone());
             }
-            Err(e) => report.failed(host, vec!["-".into(); 6], e),
+            Err(e) => report.failed(host, vec!["-".into(); 7], e),
         }
     }
     report.finish(
@@ -282,6 +287,7 @@ pub async fn bmc(c: BmcCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             "AUTH",
             "SUITE",
             "POWER",
+            "SERIAL",
             "UUID",
             "ERROR",
         ],

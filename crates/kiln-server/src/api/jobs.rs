@@ -17,11 +17,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use kiln_store::{JobControl, NewJob};
 use kiln_types::JobId;
+use kiln_types::catalog::OsImage;
 use kiln_types::error::ApiError as ErrorBody;
 use kiln_types::fit::{layout_fits, os_image_fits};
+use kiln_types::install::CryptHash;
 use kiln_types::job::{
     Job, JobDetail, JobFilter, JobKind, JobLogEntry, ReimageRequest, ReimageSpec, RetryRequest, Stage, StageReport,
 };
+use kiln_types::machine::Machine;
 use kiln_workflow::{job_view, steps};
 
 use super::extract::{ApiJson, ApiQuery, parse_json};
@@ -47,6 +50,88 @@ async fn visible_job(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<
         }
     }
     Ok(job)
+}
+
+/// What is wrong with a reimage request whatever the machine; and the
+/// root password's hash (kiln keeps only that).
+pub(super) fn request_problems(req: &ReimageRequest) -> (Option<CryptHash>, Vec<String>) {
+    let mut why = vec![];
+    if let Some(url) = &req.callback_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        why.push(format!("callback URL `{url}` must be an http:// or https:// URL"));
+    }
+    let hash = match (&req.root_password, &req.root_password_hash) {
+        (Some(_), Some(_)) => {
+            why.push("give root_password or root_password_hash, not both".into());
+            None
+        }
+        (Some(p), None) => match kiln_boot::password::hash_root_password(p) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                why.push(e);
+                None
+            }
+        },
+        (None, h) => h.clone(),
+    };
+    (hash, why)
+}
+
+/// Why `image` (with the request's layout, hostname and tasks) does not fit
+/// `machine`, if it does not.
+pub(super) async fn machine_problems(
+    state: &AppState,
+    machine: &Machine,
+    image: &OsImage,
+    req: &ReimageRequest,
+) -> Vec<String> {
+    let mut why = os_image_fits(machine, image).err().unwrap_or_default();
+    if let Some(layout) = req.layout
+        && let Err(w) = layout_fits(machine, layout)
+    {
+        why.push(format!("layout {layout}: {w}"));
+    }
+    if let Some(h) = &req.hostname
+        && *h != machine.hostname
+    {
+        why.push(format!(
+            "a reimage keeps the hostname ({}); rename the machine first (`kiln machine edit {} --hostname {h}`)",
+            machine.hostname, machine.hostname
+        ));
+    }
+    for name in &req.tasks {
+        match state.store.get_task(name).await {
+            Ok(task) => {
+                if let Err(w) = kiln_types::fit::task_fits(machine, &task) {
+                    why.push(format!("task {name}: {w}"));
+                }
+            }
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    why
+}
+
+/// The stored form of a checked request for `machine`.
+pub(super) fn reimage_spec(
+    image: &OsImage,
+    machine: &Machine,
+    req: &ReimageRequest,
+    root_password_hash: Option<CryptHash>,
+) -> ReimageSpec {
+    ReimageSpec {
+        os_image: image.id.to_string(),
+        os_label: format!("{}-{}", image.name, image.version),
+        layout: req.layout,
+        hostname: machine.hostname.clone(),
+        ssh_keys: req.ssh_keys.clone(),
+        root_password_hash,
+        tasks: req.tasks.clone(),
+        post_install_script: req.post_install_script.clone(),
+        no_pxe: req.no_pxe,
+        no_hooks: req.no_hooks,
+    }
 }
 
 /// Starts a reimage. The checks that can fail at once (the OS fits the
@@ -79,49 +164,8 @@ pub async fn reimage(
         )));
     }
     let image = state.store.get_os_image(&req.os).await?;
-    let mut why = os_image_fits(&machine, &image).err().unwrap_or_default();
-    if let Some(layout) = req.layout
-        && let Err(w) = layout_fits(&machine, layout)
-    {
-        why.push(format!("layout {layout}: {w}"));
-    }
-    if let Some(h) = &req.hostname
-        && *h != machine.hostname
-    {
-        why.push(format!(
-            "a reimage keeps the hostname ({}); rename the machine first (`kiln machine edit {} --hostname {h}`)",
-            machine.hostname, machine.hostname
-        ));
-    }
-    for name in &req.tasks {
-        match state.store.get_task(name).await {
-            Ok(task) => {
-                if let Err(w) = kiln_types::fit::task_fits(&machine, &task) {
-                    why.push(format!("task {name}: {w}"));
-                }
-            }
-            Err(e) => why.push(e.to_string()),
-        }
-    }
-    if let Some(url) = &req.callback_url
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        why.push(format!("callback URL `{url}` must be an http:// or https:// URL"));
-    }
-    let root_password_hash = match (&req.root_password, &req.root_password_hash) {
-        (Some(_), Some(_)) => {
-            why.push("give root_password or root_password_hash, not both".into());
-            None
-        }
-        (Some(p), None) => match kiln_boot::password::hash_root_password(p) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                why.push(e);
-                None
-            }
-        },
-        (None, h) => h.clone(),
-    };
+    let (root_password_hash, mut why) = request_problems(&req);
+    why.extend(machine_problems(&state, &machine, &image, &req).await);
     if !why.is_empty() {
         return Err(ApiError::bad_request(format!(
             "{} cannot be reimaged with {}-{}: {}",
@@ -131,26 +175,16 @@ pub async fn reimage(
             why.join("; ")
         )));
     }
-    let os_label = format!("{}-{}", image.name, image.version);
-    let spec = ReimageSpec {
-        os_image: image.id.to_string(),
-        os_label: os_label.clone(),
-        layout: req.layout,
-        hostname: machine.hostname.clone(),
-        ssh_keys: req.ssh_keys,
-        root_password_hash,
-        tasks: req.tasks,
-        post_install_script: req.post_install_script,
-        no_pxe: req.no_pxe,
-        no_hooks: req.no_hooks,
-    };
+    let spec = reimage_spec(&image, &machine, &req, root_password_hash);
+    let os_label = spec.os_label.clone();
     let job = state
         .store
         .create_job(
             &caller.actor(),
             NewJob {
                 kind: JobKind::Reimage,
-                machine_id: machine.id,
+                machine_id: Some(machine.id),
+                parent_id: None,
                 hostname: machine.hostname.to_string(),
                 os_label,
                 spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?,
@@ -262,11 +296,16 @@ pub async fn retry(
 
 /// An install stage from the job's agent or installer. Authenticated by
 /// the job's token (`Authorization: Bearer …`, given on the kernel command
-/// line as `kiln.token`). A stage lower than one already reported is
-/// logged and changes nothing.
+/// line as `kiln.token`). The body is optional: a plain-text message, or
+/// JSON `{"message": …}` with `Content-Type: application/json`. A stage
+/// lower than one already reported is logged and changes nothing; a retry
+/// after the job ended is answered 204 too, any other report then 409.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/stages/{n}", tag = "jobs",
     params(("id" = String, Path, description = "job id"), ("n" = u8, Path, description = "stage, 0 to 5")),
-    request_body(content = StageReport, description = "optional"),
+    request_body(content(
+        (String = "text/plain"),
+        (StageReport = "application/json"),
+    ), description = "optional: a short message"),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "the job has ended")),
     security(("job_token" = [])))]
@@ -289,10 +328,17 @@ pub async fn report_stage(
         .parse::<u8>()
         .map_err(|_| ApiError::bad_request(format!("stage `{n}` is not a number from 0 to 5")))
         .and_then(|n| Stage::new(n).map_err(ApiError::bad_request))?;
-    let report: StageReport = if body.iter().all(u8::is_ascii_whitespace) {
-        StageReport::default()
-    } else {
+    // Installers send a plain-text line (or nothing); agents may send JSON.
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let report: StageReport = if is_json {
         parse_json(&body).map_err(ApiError::bad_request)?
+    } else {
+        StageReport {
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+        }
     };
     let message = if report.message.trim().is_empty() {
         stage.meaning().to_string()

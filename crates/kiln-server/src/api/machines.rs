@@ -9,7 +9,9 @@ use kiln_store::NewMachine;
 use kiln_types::catalog::StorageLayout;
 use kiln_types::error::{ApiError as ErrorBody, ErrorDetail};
 use kiln_types::fit;
-use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
+use kiln_types::machine::{
+    BmcInput, Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch,
+};
 use kiln_types::page::Page;
 
 use super::extract::{ApiJson, ApiQuery, parse_json};
@@ -20,9 +22,27 @@ use crate::error::{ApiError, ApiResult, rows_error};
 /// Most machines one bulk request may carry.
 pub const MAX_BULK: usize = 20_000;
 
+/// Parses the BMC's CA certificate(s), which `BmcInput::validate` checks
+/// only for shape: a bad certificate is refused here, with its number,
+/// rather than at the first BMC call.
+fn check_ca_cert(bmc: &BmcInput) -> Result<(), String> {
+    match &bmc.ca_cert {
+        Some(pem) => kiln_bmc::redfish::cert::parse_ca_pem(pem)
+            .map(|_| ())
+            .map_err(|e| format!("bmc.ca_cert: {e}")),
+        None => Ok(()),
+    }
+}
+
 /// Checks a request record and seals its BMC password.
 fn prepare(state: &AppState, index: Option<usize>, mut spec: MachineCreate) -> Result<NewMachine, Vec<ErrorDetail>> {
-    let problems = spec.validate();
+    let mut problems = spec.validate();
+    if problems.is_empty()
+        && let Some(bmc) = &spec.bmc
+        && let Err(e) = check_ca_cert(bmc)
+    {
+        problems.push(e);
+    }
     if !problems.is_empty() {
         return Err(problems
             .into_iter()
@@ -153,7 +173,7 @@ pub async fn update(
     state.store.get_machine(&key, caller.scope()).await?;
     caller.require_operator()?;
     if let Some(Some(bmc)) = &patch.bmc
-        && let Err(e) = bmc.validate()
+        && let Err(e) = bmc.validate().and_then(|()| check_ca_cert(bmc))
     {
         return Err(ApiError::bad_request(e));
     }

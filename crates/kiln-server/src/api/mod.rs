@@ -9,6 +9,7 @@ mod jobs;
 mod machines;
 mod org;
 mod power;
+mod rollouts;
 
 use axum::Router;
 use axum::routing::{delete, get, post, put};
@@ -36,6 +37,7 @@ pub use machines::MAX_BULK;
         events::list, events::leases, crate::boot_http::explain,
         jobs::reimage, jobs::list, jobs::get, jobs::cancel, jobs::pause, jobs::resume, jobs::retry,
         jobs::report_stage, jobs::events,
+        rollouts::create, rollouts::list, rollouts::get, rollouts::pause, rollouts::resume, rollouts::abort,
     ),
     modifiers(&BearerAuth),
 )]
@@ -128,4 +130,9 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/api/v1/jobs/{id}/stages/{n}", post(jobs::report_stage))
         .route("/api/v1/jobs/{id}/events", get(jobs::events))
+        .route("/api/v1/rollouts", post(rollouts::create).get(rollouts::list))
+        .route("/api/v1/rollouts/{id}", get(rollouts::get))
+        .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
 }

@@ -75,12 +75,15 @@ pub async fn power(
     }))
 }
 
-/// Sets the next boot device (until changed, or `once`).
+/// Sets the next boot device (until changed, or `once`). `uefi_http` needs
+/// `uefi: true`; a driver that cannot name a device answers 501.
 #[utoipa::path(put, path = "/api/v1/machines/{key}/bootdev", tag = "bmc",
     params(("key" = String, Path, description = "machine id or hostname")),
     request_body = BootDeviceRequest,
-    responses((status = 200, body = BootDeviceResult), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)),
+    responses((status = 200, body = BootDeviceResult), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 501, body = ErrorBody, description = "the driver cannot set this device (uefi_http on ipmi)"),
+        (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn bootdev(
     State(state): State<AppState>,
@@ -90,6 +93,7 @@ pub async fn bootdev(
 ) -> ApiResult<Json<BootDeviceResult>> {
     let machine = state.store.get_machine(&key, caller.scope()).await?;
     caller.require_operator()?;
+    req.validate().map_err(ApiError::bad_request)?;
     let start = Instant::now();
     let op = Op::BootDevice {
         device: req.device,

@@ -67,6 +67,15 @@ esac
 exit 0
 "#;
 
+/// FRU device 0 of the simulated BMC: a common header and a product area
+/// (manufacturer, name, part, version, serial `SIM-SN-42`), checksums
+/// included; the driver reads the serial for `bmc check`.
+const FRU: &[u8] = &[
+    0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0xfe, // header: product area at 8
+    0x01, 0x04, 0x19, 0xc2, b'K', b'n', 0xc2, b'X', b'y', 0xc2, b'P', b'n', 0xc2, b'v', b'1', 0xc9, b'S', b'I', b'M',
+    b'-', b'S', b'N', b'-', b'4', b'2', 0xc1, 0x00, 0x00, 0x00, 0x00, 0x00, 0x17,
+];
+
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -100,9 +109,15 @@ impl Sim {
             ),
         )
         .unwrap();
+        std::fs::write(d.join("fru.bin"), FRU).unwrap();
         std::fs::write(
             d.join("sim.emu"),
-            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+            format!(
+                "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n\
+                 mc_add_fru_data 0x20 0 {} file 0 \"{}\"\nmc_enable 0x20\n",
+                FRU.len(),
+                d.join("fru.bin").display()
+            ),
         )
         .unwrap();
         std::fs::create_dir(d.join("state")).unwrap();
@@ -152,10 +167,9 @@ impl Sim {
 fn with_bmc(host: &str, driver: BmcDriver, address: &str, password: Option<&str>) -> MachineCreate {
     let mut m = MachineCreate::new(host.parse().unwrap());
     m.bmc = Some(BmcInput {
-        driver,
-        address: address.into(),
         username: Some(USER.into()),
         password: password.map(Secret::new),
+        ..BmcInput::new(driver, address)
     });
     m
 }
@@ -172,33 +186,61 @@ async fn bmc_events(srv: &TestServer, host: &str) -> Vec<kiln_types::event::Even
         .items
 }
 
-/// Every text the database holds outside the sealed password column.
-async fn database_text(srv: &TestServer) -> String {
+/// Every text the database holds, table by table and column by column
+/// (the schema is read from the database, so a table added later is
+/// scanned too), except the sealed password column, which is checked to
+/// hold only sealed text without `canary`.
+async fn database_text(srv: &TestServer, canary: &str) -> String {
     let pool = srv.state.store.pool();
-    let mut all = String::new();
-    for row in sqlx::query("SELECT actor, action, target_name, before_json, after_json FROM events")
+    let columns_sql = match srv.state.store.backend() {
+        kiln_store::Backend::Sqlite => {
+            "SELECT m.name AS t, p.name AS c FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+             WHERE m.type = 'table'"
+        }
+        kiln_store::Backend::Postgres => {
+            "SELECT table_name::text AS t, column_name::text AS c FROM information_schema.columns \
+             WHERE table_schema = current_schema()"
+        }
+    };
+    let columns: Vec<(String, String)> = sqlx::query(columns_sql)
         .fetch_all(pool)
         .await
         .unwrap()
-    {
-        for i in 0..5 {
-            all.push_str(&row.try_get::<Option<String>, _>(i).unwrap().unwrap_or_default());
-        }
-    }
-    for row in sqlx::query(
-        "SELECT hostname, bmc_driver, bmc_address, bmc_username, maintenance_reason, bmc_password FROM machines",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    {
-        for i in 0..5 {
-            all.push_str(&row.try_get::<Option<String>, _>(i).unwrap().unwrap_or_default());
-        }
-        let sealed: Option<String> = row.try_get(5).unwrap();
-        if let Some(s) = sealed {
-            assert!(s.starts_with("v1:"), "the password column holds sealed text");
-            assert!(!s.contains(CANARY));
+        .iter()
+        .map(|r| (r.get::<String, _>("t"), r.get::<String, _>("c")))
+        .collect();
+    let tables: std::collections::BTreeSet<&str> = columns.iter().map(|(t, _)| t.as_str()).collect();
+    assert!(
+        ["machines", "events", "tokens"].iter().all(|t| tables.contains(t)),
+        "the scan sees the schema: {tables:?}"
+    );
+    let sqlite = srv.state.store.backend() == kiln_store::Backend::Sqlite;
+    let mut all = String::new();
+    for (t, c) in &columns {
+        // SQLite: the bytes as hex, whatever the value's type (a BLOB cast
+        // to TEXT need not be UTF-8); PostgreSQL: every type casts to text.
+        let sql = if sqlite {
+            format!("SELECT hex(CAST(\"{c}\" AS BLOB)) AS v FROM \"{t}\"")
+        } else {
+            format!("SELECT CAST(\"{c}\" AS TEXT) AS v FROM \"{t}\"")
+        };
+        for row in sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.unwrap() {
+            let v: String = row.try_get::<Option<String>, _>(0).unwrap().unwrap_or_default();
+            let v = if sqlite {
+                String::from_utf8_lossy(&hex::decode(&v).unwrap()).into_owned()
+            } else {
+                v
+            };
+            if (t.as_str(), c.as_str()) == ("machines", "bmc_password") {
+                assert!(
+                    v.is_empty() || v.starts_with("v1:"),
+                    "the password column holds sealed text"
+                );
+                assert!(!v.contains(canary));
+                continue;
+            }
+            all.push_str(&v);
+            all.push('\n');
         }
     }
     all
@@ -260,6 +302,7 @@ api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
     assert_eq!(c.cipher_suite, Some(3), "ipmi_sim has no suite 17");
     assert_eq!(c.power, Some(PowerState::On));
     assert_eq!(c.uuid.as_deref(), Some("4c616200-0000-4000-8000-000000000042"));
+    assert_eq!(c.serial.as_deref(), Some("SIM-SN-42"), "from the BMC's FRU data");
 
     // Every action is in the audit log with who and the result; reads are not.
     let events = bmc_events(&srv, "vm1").await;
@@ -289,7 +332,7 @@ api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
         admin.bmc_check("vm1").await.unwrap()
     );
     assert!(!shown.contains(CANARY));
-    assert!(!database_text(&srv).await.contains(CANARY));
+    assert!(!database_text(&srv, CANARY).await.contains(CANARY));
 });
 
 api_test!(ipmi_wrong_password_three_times_means_maintenance, |srv| {
@@ -377,6 +420,22 @@ api_test!(
         assert_eq!(e.status(), Some(504), "{e}");
         assert!(took < Duration::from_millis(2800), "{took:?}");
         assert!(took >= Duration::from_millis(1500), "{took:?}");
+        // IPMI cannot name UEFI HTTP boot: 501 at once, nothing sent.
+        let start = Instant::now();
+        let e = admin
+            .set_boot_device(
+                "quiet1",
+                &BootDeviceRequest {
+                    device: BootDevice::UefiHttp,
+                    once: true,
+                    uefi: true,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(501), "{e}");
+        assert!(e.to_string().contains("unsupported by the ipmi driver"), "{e}");
+        assert!(start.elapsed() < Duration::from_millis(800), "{:?}", start.elapsed());
         // Nobody there at all: unreachable, at once.
         admin
             .create_machine(&with_bmc(
@@ -512,7 +571,7 @@ api_test!(command_driver_power_and_boot, settings = pdu_settings(64, 10), |srv| 
     assert!(e.to_string().contains("power_reset"), "{e}");
     let c = admin.bmc_check("pdu1").await.unwrap();
     assert!(c.ok && c.cipher_suite.is_none() && c.uuid.is_none(), "{c:?}");
-    assert!(!database_text(&srv).await.contains(CANARY));
+    assert!(!database_text(&srv, CANARY).await.contains(CANARY));
 });
 
 api_test!(
@@ -750,6 +809,498 @@ api_test!(redfish_bmcs_are_driven_through_the_api, |srv| {
     assert_eq!(admin.power_status("rf1").await.unwrap().state, PowerState::On);
     let ev = bmc_events(&srv, "rf1").await;
     assert!(ev.iter().any(|e| e.action == "bmc.power"), "{ev:?}");
+
+    // UEFI HTTP boot: Redfish's `UefiHttp`. Asked for without UEFI, it is
+    // refused before any BMC call.
+    let http = |uefi| BootDeviceRequest {
+        device: BootDevice::UefiHttp,
+        once: true,
+        uefi,
+    };
+    let before = sim.bmc(0).stats().requests;
+    let e = admin.set_boot_device("rf1", &http(false)).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("UEFI mode only"), "{e}");
+    assert_eq!(sim.bmc(0).stats().requests, before);
+    admin.set_boot_device("rf1", &http(true)).await.unwrap();
+    let target = sim
+        .bmc(0)
+        .with(|b| (b.systems[0].override_target.clone(), b.systems[0].override_mode.clone()));
+    assert_eq!(target, ("UefiHttp".to_string(), "UEFI".to_string()));
+});
+
+/// An API error's message and every row detail, for matching.
+fn error_text(e: &kiln_client::ClientError) -> String {
+    match e {
+        kiln_client::ClientError::Api { error, .. } => std::iter::once(error.message.clone())
+            .chain(error.details.iter().map(|d| format!("{:?}: {}", d.field, d.message)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// A redfish machine on sim BMC `i` with these TLS settings.
+fn redfish_on(sim: &kiln_sim::Sim, host: &str, i: usize, insecure: bool, ca: Option<&str>) -> MachineCreate {
+    let mut m = with_bmc(host, BmcDriver::Redfish, sim.bmc(i).url(), Some(RF_CANARY));
+    let b = m.bmc.as_mut().unwrap();
+    b.insecure = insecure;
+    b.ca_cert = ca.map(str::to_string);
+    m
+}
+
+/// A canary Redfish password (the IPMI one is bound to ipmi_sim's users).
+const RF_CANARY: &str = "canary-Rf3-redfish-pw";
+
+async fn redfish_sim(bmcs: usize, tls: bool, spec: kiln_sim::BmcSpec) -> kiln_sim::Sim {
+    kiln_sim::start(kiln_sim::SimConfig {
+        bmcs,
+        tls,
+        username: USER.into(),
+        password: RF_CANARY.into(),
+        spec,
+        ..kiln_sim::SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+api_test!(redfish_tls_settings_come_from_the_inventory, |srv| {
+    let sim = redfish_sim(2, true, kiln_sim::BmcSpec::default()).await;
+    let ca = sim.ca_pem().unwrap().to_string();
+    let admin = srv.admin();
+
+    // The BMC's CA stored on the machine: verified, and it works.
+    admin
+        .create_machine(&redfish_on(&sim, "tls1", 0, false, Some(&ca)))
+        .await
+        .unwrap();
+    assert_eq!(admin.power_status("tls1").await.unwrap().state, PowerState::Off);
+    assert_eq!(
+        admin.get_machine("tls1").await.unwrap().bmc.unwrap().ca_cert,
+        Some(ca.clone())
+    );
+
+    // Without it: refused, naming the certificate; nothing got through.
+    admin
+        .create_machine(&redfish_on(&sim, "tls2", 1, false, None))
+        .await
+        .unwrap();
+    let e = admin.power("tls2", PowerAction::On).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("TLS certificate is not trusted"), "{text}");
+    assert!(
+        text.contains("certificate subject CN=kiln-sim BMC, issued by CN=kiln-sim test CA, SHA-256 "),
+        "{text}"
+    );
+    assert!(text.contains("mark this BMC insecure"), "says what to do: {text}");
+    assert_eq!(sim.bmc(1).stats().requests, 0);
+
+    // Marked insecure: it works, and the audit log shows the flag turned
+    // on, and every action taken under it.
+    let insecure = MachinePatch {
+        bmc: Some(Some(BmcInput {
+            username: Some(USER.into()),
+            insecure: true,
+            ..BmcInput::new(BmcDriver::Redfish, sim.bmc(1).url())
+        })),
+        ..MachinePatch::default()
+    };
+    let m = admin.update_machine("tls2", &insecure).await.unwrap();
+    let bmc = m.bmc.unwrap();
+    assert!(bmc.insecure && bmc.password_set, "the password was kept: {bmc:?}");
+    admin.power("tls2", PowerAction::On).await.unwrap();
+    assert_eq!(sim.bmc(1).power(0), kiln_sim::Power::On);
+    let update = admin
+        .list_events(&EventFilter {
+            target: Some("tls2".into()),
+            action: Some("machine.update".into()),
+            ..EventFilter::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(update[0].before.as_ref().unwrap()["bmc"]["insecure"], false);
+    assert_eq!(update[0].after.as_ref().unwrap()["bmc"]["insecure"], true);
+    assert_eq!(update[0].actor, "test-admin (admin)");
+    let calls = bmc_events(&srv, "tls2").await;
+    let after = |e: &kiln_types::event::Event| e.after.clone().unwrap();
+    assert_eq!(
+        calls
+            .iter()
+            .map(|e| after(e)["tls_insecure"].clone())
+            .collect::<Vec<_>>(),
+        [serde_json::Value::Bool(true), serde_json::Value::Null],
+        "the call made with checks on (refused) is not marked, the one without is: {calls:?}"
+    );
+    assert!(bmc_events(&srv, "tls1").await.is_empty(), "reads are not audited");
+
+    // At the edge: a certificate that does not parse, a key, the flag on a
+    // driver without TLS; on create and on update, nothing stored.
+    let junk = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+    let e = admin
+        .create_machine(&redfish_on(&sim, "tls3", 0, false, Some(junk)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        error_text(&e)
+            .contains("bmc.ca_cert: certificate 1 of the CA certificate text is not a usable X.509 certificate"),
+        "{}",
+        error_text(&e)
+    );
+    let key = format!("{ca}-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleQ==\n-----END PRIVATE KEY-----\n");
+    let e = admin
+        .create_machine(&redfish_on(&sim, "tls3", 0, false, Some(&key)))
+        .await
+        .unwrap_err();
+    assert!(error_text(&e).contains("holds a private key"), "{}", error_text(&e));
+    assert!(!error_text(&e).contains("c2VjcmV0"), "the key was quoted");
+    let mut ipmi = with_bmc("tls3", BmcDriver::Ipmi, "10.0.0.9", None);
+    ipmi.bmc.as_mut().unwrap().insecure = true;
+    let e = admin.create_machine(&ipmi).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        error_text(&e).contains("bmc.insecure applies to the redfish driver only"),
+        "{}",
+        error_text(&e)
+    );
+    assert_eq!(admin.get_machine("tls3").await.unwrap_err().status(), Some(404));
+    let bad_patch = MachinePatch {
+        bmc: Some(Some(BmcInput {
+            ca_cert: Some(junk.into()),
+            ..BmcInput::new(BmcDriver::Redfish, sim.bmc(1).url())
+        })),
+        ..MachinePatch::default()
+    };
+    let e = admin.update_machine("tls2", &bad_patch).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        admin.get_machine("tls2").await.unwrap().bmc.unwrap().insecure,
+        "unchanged"
+    );
+});
+
+// ---- kiln-sim's Redfish BMCs: the failure modes through the service ----
+
+fn sim_timing(deadline_secs: u64, max_concurrent: usize) -> Settings {
+    Settings {
+        bmc: Some(BmcSettings {
+            deadline_secs,
+            max_concurrent,
+            ..BmcSettings::default()
+        }),
+        ..Settings::default()
+    }
+}
+
+api_test!(
+    a_hanging_redfish_bmc_fails_at_the_deadline_and_frees_its_slots,
+    settings = sim_timing(2, 1),
+    |srv| {
+        let sim = redfish_sim(2, false, kiln_sim::BmcSpec::default()).await;
+        let admin = srv.admin();
+        for (host, i) in [("hang1", 0), ("ok1", 1)] {
+            admin
+                .create_machine(&redfish_on(&sim, host, i, false, None))
+                .await
+                .unwrap();
+        }
+        sim.bmc(0).set_faults(kiln_sim::Faults {
+            hang: true,
+            ..kiln_sim::Faults::default()
+        });
+        // The one global slot (max_concurrent 1) is held by the hanging
+        // call; a call to another BMC asked a second later waits for it
+        // and gets it when the deadline releases it.
+        let start = Instant::now();
+        let hung = tokio::spawn({
+            let a = admin.clone();
+            async move { a.power_status("hang1").await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let other = admin.power_status("ok1").await.unwrap();
+        assert_eq!(other.state, PowerState::Off);
+        let released = start.elapsed();
+        let e = hung.await.unwrap().unwrap_err();
+        assert_eq!(e.status(), Some(504), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("did not answer") && text.contains(sim.bmc(0).url()),
+            "{text}"
+        );
+        assert!(
+            released >= Duration::from_millis(1800) && released < Duration::from_millis(3500),
+            "the other call got the slot at the hanging call's deadline: {released:?}"
+        );
+        assert_eq!(srv.state.bmc.machines_in_flight(), 0, "no per-BMC lock left");
+        // A cycle whose action hangs: sent once, outcome unknown, not resent.
+        sim.bmc(0).set_faults(kiln_sim::Faults {
+            hang: true,
+            only_path: Some("ComputerSystem.Reset".into()),
+            ..kiln_sim::Faults::default()
+        });
+        let hung_before = sim.bmc(0).stats().hung;
+        let t = Instant::now();
+        let e = admin.power("hang1", PowerAction::Cycle).await.unwrap_err();
+        assert_eq!(e.status(), Some(504), "{e}");
+        assert!(e.to_string().contains("may or may not"), "{e}");
+        assert!(t.elapsed() < Duration::from_millis(3000), "{:?}", t.elapsed());
+        assert_eq!(sim.bmc(0).stats().hung - hung_before, 1, "the cycle was sent once");
+        // The BMC answers again: the next call is not held up by anything.
+        sim.bmc(0).set_faults(kiln_sim::Faults::default());
+        let t = Instant::now();
+        admin.power_status("hang1").await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(1000), "{:?}", t.elapsed());
+        let ev = bmc_events(&srv, "hang1").await;
+        assert_eq!(ev[0].after.as_ref().unwrap()["error_kind"], "OutcomeUnknown");
+        assert!(
+            !admin.get_machine("hang1").await.unwrap().maintenance,
+            "timeouts never count"
+        );
+    }
+);
+
+api_test!(redfish_5xx_bursts_retry_reads_but_not_a_cycle, |srv| {
+    let sim = redfish_sim(
+        1,
+        false,
+        kiln_sim::BmcSpec {
+            powered_on: true,
+            ..kiln_sim::BmcSpec::default()
+        },
+    )
+    .await;
+    let admin = srv.admin();
+    admin
+        .create_machine(&redfish_on(&sim, "burst1", 0, false, None))
+        .await
+        .unwrap();
+    let bmc = sim.bmc(0);
+    let burst = |n: u32, only: Option<&str>| kiln_sim::Faults {
+        error_burst: n,
+        only_path: only.map(str::to_string),
+        ..kiln_sim::Faults::default()
+    };
+    // A read through two 503s: retried, and it works.
+    bmc.set_faults(burst(2, None));
+    assert_eq!(admin.power_status("burst1").await.unwrap().state, PowerState::On);
+    assert_eq!(bmc.stats().injected_errors, 2);
+    // A 503 to the cycle: not sent again (it could reboot twice).
+    bmc.set_faults(burst(1, Some("ComputerSystem.Reset")));
+    let e = admin.power("burst1", PowerAction::Cycle).await.unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    assert!(e.to_string().contains("503"), "{e}");
+    let s = bmc.stats();
+    assert_eq!(s.injected_errors, 3, "one POST of the cycle");
+    assert!(s.resets.is_empty(), "and no second one: {:?}", s.resets);
+    // Power off sets a state: after a 503 the state shows it did not happen,
+    // so it is sent again, and it works.
+    bmc.set_faults(burst(1, Some("ComputerSystem.Reset")));
+    admin.power("burst1", PowerAction::Off).await.unwrap();
+    assert_eq!(bmc.stats().resets, ["ForceOff"]);
+    assert_eq!(bmc.power(0), kiln_sim::Power::Off);
+    // A burst longer than the tries: a clear error after exactly 3.
+    bmc.set_faults(burst(10, None));
+    let before = bmc.stats().injected_errors;
+    let e = admin.power_status("burst1").await.unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    assert!(e.to_string().contains("HTTP 503"), "{e}");
+    assert_eq!(bmc.stats().injected_errors - before, 3);
+    let ev = bmc_events(&srv, "burst1").await;
+    let kinds: Vec<&str> = ev
+        .iter()
+        .map(|e| e.after.as_ref().unwrap()["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["ok", "failed"], "off, then the cycle (reads are not audited)");
+    assert!(
+        !admin.get_machine("burst1").await.unwrap().maintenance,
+        "5xx never counts"
+    );
+});
+
+api_test!(redfish_401_three_times_means_maintenance, |srv| {
+    let sim = redfish_sim(1, false, kiln_sim::BmcSpec::default()).await;
+    let admin = srv.admin();
+    let mut m = redfish_on(&sim, "auth1", 0, false, None);
+    m.bmc.as_mut().unwrap().password = Some(Secret::new("wrong-canary-Qp4"));
+    admin.create_machine(&m).await.unwrap();
+    for i in 1..=3 {
+        let e = admin.power("auth1", PowerAction::On).await.unwrap_err();
+        assert_eq!(e.status(), Some(502), "{e}");
+        let text = e.to_string();
+        assert!(text.contains(&format!("refused user \"{USER}\"")), "{text}");
+        assert_eq!(text.contains("now in maintenance"), i == 3, "try {i}: {text}");
+        assert!(!text.contains("wrong-canary"), "{text}");
+    }
+    let s = sim.bmc(0).stats();
+    assert_eq!(s.unauthorized, 3, "one failed login per call, never retried");
+    assert!(s.resets.is_empty());
+    let m = admin.get_machine("auth1").await.unwrap();
+    let reason = m.maintenance_reason.unwrap_or_default();
+    assert!(m.maintenance && reason.starts_with(AUTH_MAINTENANCE_PREFIX), "{reason}");
+    assert!(
+        reason.contains("3 times in a row") && !reason.contains("wrong-canary"),
+        "{reason}"
+    );
+    // From now on nothing reaches the BMC.
+    let requests = sim.bmc(0).stats().requests;
+    for _ in 0..2 {
+        let e = admin.power_status("auth1").await.unwrap_err();
+        assert_eq!(e.status(), Some(409), "{e}");
+    }
+    assert_eq!(sim.bmc(0).stats().requests, requests);
+    assert!(!database_text(&srv, "wrong-canary-Qp4").await.contains("wrong-canary"));
+});
+
+/// The whole process's log, captured while a test asks for it: a global
+/// subscriber (so the server's tasks on every thread are seen) at TRACE,
+/// whose filter lets events through only while some test is capturing.
+mod log_capture {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::{Layer as _, filter};
+
+    static ON: AtomicUsize = AtomicUsize::new(0);
+    static TEXT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+
+    struct Sink;
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            TEXT.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Captures until the guard is dropped.
+    pub struct Capture;
+
+    pub fn start() -> Capture {
+        INSTALLED.get_or_init(|| {
+            let layer = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(|| Sink)
+                .with_filter(filter::filter_fn(|_| ON.load(Ordering::Relaxed) > 0));
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+                .expect("no other global subscriber in this test binary");
+        });
+        ON.fetch_add(1, Ordering::Relaxed);
+        Capture
+    }
+
+    impl Drop for Capture {
+        fn drop(&mut self) {
+            ON.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn text() -> String {
+        String::from_utf8_lossy(&TEXT.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+/// Every `/proc/PID/cmdline` on the machine.
+fn all_cmdlines() -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(raw) = std::fs::read(e.path().join("cmdline")) {
+            out.push_str(&String::from_utf8_lossy(&raw).replace('\0', " "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+api_test!(a_redfish_canary_password_shows_nowhere, |srv| {
+    let capture = log_capture::start();
+    // Verified TLS with the CA stored; one BMC with sessions (the password
+    // goes in a POST body), one with basic auth only (in a header); both
+    // slow enough to watch every process's arguments during a call.
+    let sim = redfish_sim(
+        2,
+        true,
+        kiln_sim::BmcSpec {
+            latency: Duration::from_millis(100),
+            ..kiln_sim::BmcSpec::default()
+        },
+    )
+    .await;
+    sim.bmc(1).with(|b| b.spec.sessions = false);
+    let ca = sim.ca_pem().unwrap().to_string();
+    let admin = srv.admin();
+    let mut shown: Vec<String> = vec![];
+    for (host, i) in [("canary1", 0), ("canary2", 1)] {
+        let m = admin
+            .create_machine(&redfish_on(&sim, host, i, false, Some(&ca)))
+            .await
+            .unwrap();
+        shown.push(format!("{m:?}"));
+        let call = tokio::spawn({
+            let a = admin.clone();
+            let host = host.to_string();
+            async move { a.power(&host, PowerAction::On).await }
+        });
+        let mut argv = String::new();
+        while !call.is_finished() {
+            argv.push_str(&all_cmdlines());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shown.push(format!("{:?}", call.await.unwrap().unwrap()));
+        assert!(
+            !argv.is_empty() && !argv.contains(RF_CANARY),
+            "a process has the password in its arguments"
+        );
+        shown.push(format!("{:?}", admin.power_status(host).await.unwrap()));
+        let boot = BootDeviceRequest {
+            device: BootDevice::Network,
+            once: true,
+            uefi: true,
+        };
+        shown.push(format!("{:?}", admin.set_boot_device(host, &boot).await.unwrap()));
+        shown.push(format!("{:?}", admin.bmc_check(host).await.unwrap()));
+        // An error too: its text comes from the driver.
+        sim.bmc(i).set_faults(kiln_sim::Faults {
+            error_burst: 10,
+            ..kiln_sim::Faults::default()
+        });
+        shown.push(admin.power(host, PowerAction::Off).await.unwrap_err().to_string());
+        sim.bmc(i).set_faults(kiln_sim::Faults::default());
+    }
+    assert!(sim.bmc(0).stats().sessions_created > 0 && sim.bmc(1).stats().sessions_created == 0);
+    shown.push(format!("{:?}", admin.list_machines(&Default::default()).await.unwrap()));
+    shown.push(format!(
+        "{:?}",
+        admin.list_events(&EventFilter::default()).await.unwrap()
+    ));
+    drop(capture);
+
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{RF_CANARY}"))
+    };
+    for text in &shown {
+        assert!(
+            !text.contains(RF_CANARY) && !text.contains(&basic),
+            "in an answer: {text}"
+        );
+    }
+    let db = database_text(&srv, RF_CANARY).await;
+    assert!(db.contains("bmc.power") && !db.contains(RF_CANARY) && !db.contains(&basic));
+    let log = log_capture::text();
+    assert!(
+        log.contains("BMC call") && log.contains("redfish"),
+        "the log was captured: {log}"
+    );
+    assert!(!log.contains(RF_CANARY), "the password reached the log");
+    assert!(!log.contains(&basic), "the basic-auth header reached the log");
 });
 
 api_test!(machines_without_a_bmc_or_a_driver, |srv| {

@@ -37,6 +37,8 @@ pub(crate) fn machine(host: &str, mac: &str, bmc_url: &str) -> MachineCreate {
         address: bmc_url.into(),
         username: Some("admin".into()),
         password: Some(Secret::new("rf-secret")),
+        insecure: false,
+        ca_cert: None,
     });
     m.hardware = Some(Hardware {
         arch: Some(Arch::X86_64),
@@ -136,8 +138,14 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
     let job = admin.reimage("web1", &request()).await.unwrap();
     assert!(job.root_password_set);
     let id = job.id.to_string();
-    let waiting = until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
-    assert_eq!(waiting.state, JobState::Waiting);
+    let waiting = until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    assert_eq!(
+        waiting.reason.as_deref(),
+        Some("waiting for stage 1 (installer started)")
+    );
     // The BMC was told: next boot network, once; then off and on. The
     // simulated machine booted once, from the network (which consumed the
     // one-time override).
@@ -200,13 +208,22 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
     assert_eq!(m.state, MachineState::Deployed);
     let boots = sim.bmc(0).with(|b| b.systems[0].override_target.clone());
     assert_eq!(boots, "Hdd", "the boot device is back on disk");
-    // Late reports are refused once the job ended.
-    let e = agent.report_stage(&id, 5, "again").await.unwrap_err();
-    assert_eq!(e.status(), Some(409));
+    // A retried report after the end is accepted and changes nothing.
+    agent.report_stage(&id, 5, "again").await.unwrap();
+    // Installers send plain text.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/jobs/{id}/stages/4", srv.url))
+        .bearer_auth(&token)
+        .header("content-type", "text/plain")
+        .body("late_command done")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
 
     let detail = admin.get_job(&id).await.unwrap();
     let stages: Vec<u8> = detail.log.iter().filter_map(|l| l.stage.map(|s| s.0)).collect();
-    assert_eq!(stages, vec![1, 2, 3, 4, 5]);
+    assert_eq!(stages, vec![1, 2, 3, 4, 5], "retries after the end are not logged");
     // The root password is stored only as its hash, and shown nowhere.
     let all = serde_json::to_string(&detail).unwrap();
     assert!(!all.contains("canary-root-pw") && !all.contains("$6$"), "{all}");
@@ -420,3 +437,104 @@ async fn hooks_and_post_install_tasks_run_around_a_reimage() {
     )
     .await;
 }
+
+/// Plays the agent and new OS of job `id` on the machine with `mac`.
+async fn play(srv: &TestServer, id: &str, mac: &str) {
+    let admin = srv.admin();
+    until(&admin, id, "the installer wait", |j| j.step == "wait_installer").await;
+    let agent = srv.client(Some(&token_in(&ipxe(srv, mac).await)));
+    for n in 1..=5 {
+        agent.report_stage(id, n, "ok").await.unwrap();
+    }
+    let done = until(&admin, id, "the end", |j| j.state.is_final()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
+}
+
+api_test!(a_rollout_over_a_tag_with_pause_and_resume, |srv| {
+    let sim = kiln_sim::start(kiln_sim::SimConfig {
+        bmcs: 4,
+        username: "admin".into(),
+        password: "rf-secret".into(),
+        ..kiln_sim::SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let admin = srv.admin();
+    catalog(&admin).await;
+    let macs: Vec<String> = (1..=4).map(|i| format!("52:54:00:00:0d:{i:02x}")).collect();
+    for i in 1..=4 {
+        let mut m = machine(&format!("db{i}"), &macs[i - 1], sim.bmc(i - 1).url());
+        m.tags = vec!["db".parse().unwrap()];
+        m.protected = i == 4;
+        admin.create_machine(&m).await.unwrap();
+    }
+    let mut reimage = request();
+    reimage.layout = None;
+    let req = kiln_types::job::RolloutRequest {
+        selector: kiln_types::machine::MachineFilter {
+            tag: Some("db".into()),
+            ..Default::default()
+        },
+        reimage,
+        concurrency: 2,
+        max_failures: 0,
+        health_check: Some(vec!["/bin/sh".into(), "-c".into(), "test -n \"$KILN_HOSTNAME\"".into()]),
+    };
+    let r = admin.create_rollout(&req).await.unwrap();
+    let id = r.job.id.to_string();
+    let hosts: Vec<&str> = r.members.iter().map(|m| m.hostname.as_str()).collect();
+    assert_eq!(hosts, ["db1", "db2", "db3"], "the protected machine is left out");
+    let log = admin.get_job(&id).await.unwrap().log;
+    assert!(
+        log.iter().any(|l| l.message.contains("left out: db4 (protected)")),
+        "{log:?}"
+    );
+
+    // Two start; pause; they finish; the third does not start.
+    let running = |r: &kiln_types::job::Rollout| {
+        r.members
+            .iter()
+            .filter(|m| m.state == kiln_types::job::MemberState::Running)
+            .count()
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut r = admin.get_rollout(&id).await.unwrap();
+    while running(&r) < 2 {
+        assert!(Instant::now() < end, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r = admin.get_rollout(&id).await.unwrap();
+    }
+    admin.rollout_action(&id, "pause").await.unwrap();
+    for (i, m) in r.members.iter().take(2).enumerate() {
+        play(&srv, &m.job_id.unwrap().to_string(), &macs[i]).await;
+    }
+    until(&admin, &id, "the pause", |j| j.state == JobState::Paused).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = admin.get_rollout(&id).await.unwrap();
+    assert_eq!(
+        r.members[2].state,
+        kiln_types::job::MemberState::Pending,
+        "paused: {r:?}"
+    );
+
+    admin.rollout_action(&id, "resume").await.unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let third = loop {
+        let r = admin.get_rollout(&id).await.unwrap();
+        if let Some(j) = r.members[2].job_id {
+            break j;
+        }
+        assert!(Instant::now() < end, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    play(&srv, &third.to_string(), &macs[2]).await;
+    let done = until(&admin, &id, "the rollout's end", |j| j.state.is_final()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
+    let r = admin.get_rollout(&id).await.unwrap();
+    assert!(
+        r.members.iter().all(|m| m.state == kiln_types::job::MemberState::Done),
+        "{r:?}"
+    );
+    assert_eq!(admin.list_rollouts().await.unwrap().len(), 1);
+    sim.shutdown().await;
+});

@@ -556,6 +556,7 @@ fn job_record() -> JobRecord {
         kind: JobKind::Reimage,
         state: JobState::Running,
         machine_id: Some(MachineId::new()),
+        parent_id: None,
         hostname: "web02".into(),
         os_label: "debian 12".into(),
         spec: serde_json::json!({}),
