@@ -495,3 +495,79 @@ api_test!(
         assert_eq!(code, 1, "no host named and no selector");
     }
 );
+
+/// Runs `kiln ARGS` with no server around it (`kiln demo` starts its own);
+/// returns (exit code, stdout).
+async fn kiln_alone(args: &[&str]) -> (i32, String) {
+    let buf = Buf::default();
+    let argv = std::iter::once("kiln")
+        .chain(args.iter().copied())
+        .map(str::to_string)
+        .collect();
+    let code = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        kiln_cli::run(argv, Box::new(buf.clone())),
+    )
+    .await
+    .expect("the command ends");
+    let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    (code, out)
+}
+
+/// The README's first command, shortened: the demo enrolls its fleet with
+/// simulated BMCs and reimages a few machines through the real DHCP, HTTP
+/// boot, BMC and stage-report paths; `--exit-when-done` ends it after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_simulated_machines_being_reimaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let data = data.to_str().unwrap();
+    let args = [
+        "demo",
+        "--data-dir",
+        data,
+        "--listen",
+        "127.0.0.1:0",
+        "--per-rack",
+        "3",
+        "--reimage",
+        "2",
+        "--stage-secs",
+        "0.2",
+        "--exit-when-done",
+    ];
+    let (code, out) = kiln_alone(&args).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(6 machines enrolled now)"), "{out}");
+    assert!(out.contains("export KILN_TOKEN=kiln_"), "{out}");
+    assert!(out.contains("kiln job watch "), "{out}");
+    assert_eq!(out.matches(" succeeded\n").count(), 2, "{out}");
+    assert!(out.contains("stage 5: hello from the new OS"), "{out}");
+    assert!(out.contains("the machine: DHCP lease 127.77."), "{out}");
+    assert!(out.contains("booted Pxe then Hdd"), "{out}");
+    assert!(out.contains("demo reimages done: 2 of 2 succeeded"), "{out}");
+
+    // Again on the same data directory: nothing enrolled twice, the BMCs
+    // re-enrolled on this run's ports, the same machines reimaged again.
+    let (code, out) = kiln_alone(&args).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(0 machines enrolled now)"), "{out}");
+    assert!(out.contains("demo reimages done: 2 of 2 succeeded"), "{out}");
+
+    // --seed-only enrolls and exits: no fleet, no reimage.
+    let fresh = dir.path().join("seeded");
+    let (code, out) = kiln_alone(&[
+        "demo",
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--per-rack",
+        "2",
+        "--seed-only",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("(4 machines enrolled now)") && !out.contains("reimaging"),
+        "{out}"
+    );
+}

@@ -144,6 +144,11 @@ pub struct DhcpSettings {
     pub mode: kiln_boot::dhcp::Mode,
     /// Interfaces to serve on, by name.
     pub interfaces: Vec<String>,
+    /// UDP port to listen on. Anything but 67 is for tests and the demo
+    /// (relays send to 67): with it kiln serves relays on loopback without
+    /// privileges.
+    #[serde(default = "default_dhcp_port")]
+    pub port: u16,
     /// First-stage file for BIOS PXE clients.
     #[serde(default = "default_bios_file")]
     pub bios_file: String,
@@ -152,6 +157,10 @@ pub struct DhcpSettings {
     pub uefi_file: String,
     #[serde(default, rename = "subnet")]
     pub subnets: Vec<kiln_boot::dhcp::Subnet>,
+}
+
+fn default_dhcp_port() -> u16 {
+    crate::dhcp::SERVER_PORT
 }
 
 fn default_bios_file() -> String {

@@ -1,9 +1,12 @@
 //! The DHCPv4 listener: thin I/O around `kiln_boot::dhcp::handle`.
 //!
 //! One UDP socket per configured interface, bound to that interface
-//! (SO_BINDTODEVICE) on port 67: the socket a packet arrives on says which
-//! interface it came in on, which is what IP_PKTINFO would tell a single
-//! wildcard socket, and replies leave through the same interface.
+//! (SO_BINDTODEVICE) on port 67 (`[dhcp] port`): the socket a packet
+//! arrives on says which interface it came in on, which is what IP_PKTINFO
+//! would tell a single wildcard socket, and replies leave through the same
+//! interface. Replies to a relay go to its port 67, or to the port it sent
+//! from when it asks so with RFC 8357's relay source port sub-option (how
+//! the simulated fleet's relay works unprivileged on loopback).
 //!
 //! No packet waits for the database. The facts a request needs — the
 //! machine (by option 82 or MAC), the client's lease, which pool addresses
@@ -263,7 +266,7 @@ fn interface_ipv4(name: &str) -> anyhow::Result<Ipv4Addr> {
     anyhow::bail!("interface `{name}` does not exist or has no IPv4 address: [dhcp] interfaces names it")
 }
 
-fn bind(interface: &str) -> anyhow::Result<UdpSocket> {
+fn bind(interface: &str, port: u16) -> anyhow::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
@@ -271,23 +274,72 @@ fn bind(interface: &str) -> anyhow::Result<UdpSocket> {
     s.bind_device(Some(interface.as_bytes()))
         .with_context(|| format!("binding a socket to interface `{interface}` (needs root or CAP_NET_RAW)"))?;
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT)).into())
+    s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())
         .with_context(|| {
-            format!("binding UDP port {SERVER_PORT} on `{interface}` (needs root or CAP_NET_BIND_SERVICE)")
+            format!("binding UDP port {port} on `{interface}` (below 1024: needs root or CAP_NET_BIND_SERVICE)")
         })?;
-    Ok(UdpSocket::from_std(s.into())?)
+    Ok(s.into())
+}
+
+/// A socket bound to one configured interface, ready to serve.
+#[derive(Debug)]
+pub struct BoundInterface {
+    pub interface: String,
+    /// The interface's address: the server identifier in replies.
+    pub ip: Ipv4Addr,
+    socket: std::net::UdpSocket,
+}
+
+impl BoundInterface {
+    /// Where requests reach this socket (`[dhcp] port` 0 binds any free
+    /// port: tests and the demo read it here).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddrV4> {
+        match self.socket.local_addr()? {
+            SocketAddr::V4(a) => Ok(SocketAddrV4::new(self.ip, a.port())),
+            SocketAddr::V6(a) => anyhow::bail!("the DHCP socket is bound to an IPv6 address {a}"),
+        }
+    }
+}
+
+/// Binds a socket on every interface `settings` names. Done before the
+/// listener starts so that a caller can learn the port and fail early.
+pub fn bind_interfaces(settings: &DhcpSettings) -> anyhow::Result<Vec<BoundInterface>> {
+    settings
+        .interfaces
+        .iter()
+        .map(|iface| {
+            Ok(BoundInterface {
+                interface: iface.clone(),
+                ip: interface_ipv4(iface)?,
+                socket: bind(iface, settings.port)?,
+            })
+        })
+        .collect()
 }
 
 /// Serves DHCP on every configured interface until `shutdown`.
+pub async fn run(
+    store: Store,
+    settings: DhcpSettings,
+    boot: BootSettings,
+    listen_port: u16,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let sockets = bind_interfaces(&settings)?;
+    run_on(store, settings, sockets, boot, listen_port, shutdown).await
+}
+
+/// Serves DHCP on `sockets` (from [`bind_interfaces`]) until `shutdown`.
 ///
 /// The listener runs on a thread of its own with a single-threaded runtime
 /// and a store pool of its own: a packet is received, answered and sent,
 /// and a batch of leases committed, without waking another thread but
 /// SQLite's (on the shared runtime tokio's workers handed the socket's task
 /// back and forth, bench/dhcp).
-pub async fn run(
+pub async fn run_on(
     store: Store,
     settings: DhcpSettings,
+    sockets: Vec<BoundInterface>,
     boot: BootSettings,
     listen_port: u16,
     shutdown: CancellationToken,
@@ -300,7 +352,7 @@ pub async fn run(
                 Ok(rt) => rt.block_on(async move {
                     // Connections belong to the runtime that opened them.
                     let store = store.with_own_pool(2).await.context("opening the store for DHCP")?;
-                    let r = serve(store.clone(), settings, boot, listen_port, shutdown).await;
+                    let r = serve(store.clone(), settings, sockets, boot, listen_port, shutdown).await;
                     store.close().await;
                     r
                 }),
@@ -315,6 +367,7 @@ pub async fn run(
 async fn serve(
     store: Store,
     settings: DhcpSettings,
+    sockets: Vec<BoundInterface>,
     boot: BootSettings,
     listen_port: u16,
     shutdown: CancellationToken,
@@ -338,10 +391,12 @@ async fn serve(
     });
     service.inventory().await.context("loading the inventory for DHCP")?;
     let mut tasks = tokio::task::JoinSet::new();
-    for iface in service.settings.interfaces.clone() {
-        let ip = interface_ipv4(&iface)?;
-        let socket = Arc::new(bind(&iface)?);
-        tracing::info!(interface = %iface, address = %ip, mode = ?service.settings.mode, "DHCP listening");
+    for bound in sockets {
+        let port = bound.local_addr()?.port();
+        // A tokio socket belongs to the runtime it is made in: this thread's.
+        let socket = Arc::new(UdpSocket::from_std(bound.socket)?);
+        let (iface, ip) = (bound.interface, bound.ip);
+        tracing::info!(interface = %iface, address = %ip, port, mode = ?service.settings.mode, "DHCP listening");
         tasks.spawn(serve_interface(service.clone(), iface, ip, socket, shutdown.clone()));
     }
     // The writer ends when every sender is gone: after the listeners (which
@@ -443,13 +498,36 @@ async fn serve_interface(
             tracing::debug!(%from, "ignoring a malformed DHCP packet");
             continue;
         };
-        if let Err(e) = answer(&service, &cfg, &socket, &msg).await {
+        if let Err(e) = answer(&service, &cfg, &socket, &msg, from).await {
             tracing::error!(interface = %iface, error = format!("{e:#}"), "DHCP request not answered");
         }
     }
 }
 
-async fn answer(service: &Service, cfg: &ServerConfig, socket: &Arc<UdpSocket>, msg: &Message) -> anyhow::Result<()> {
+/// Option 82 sub-option "relay source port" (RFC 8357 §5.1): the relay
+/// takes replies on the port its request came from, not on 67.
+const RELAY_SOURCE_PORT: u8 = 19;
+
+/// The port a relay takes replies on: the one it sent from if it says so
+/// (RFC 8357), else the DHCP server port (RFC 2131 §4.1).
+fn relay_reply_port(msg: &Message, from: SocketAddr) -> u16 {
+    use dhcproto::v4::relay::RelayCode;
+    use dhcproto::v4::{DhcpOption, OptionCode};
+    match msg.opts().get(OptionCode::RelayAgentInformation) {
+        Some(DhcpOption::RelayAgentInformation(info)) if info.get(RelayCode::Unknown(RELAY_SOURCE_PORT)).is_some() => {
+            from.port()
+        }
+        _ => SERVER_PORT,
+    }
+}
+
+async fn answer(
+    service: &Service,
+    cfg: &ServerConfig,
+    socket: &Arc<UdpSocket>,
+    msg: &Message,
+    from: SocketAddr,
+) -> anyhow::Result<()> {
     let Some((mac, circuit, remote)) = request_identity(msg) else {
         return Ok(());
     };
@@ -527,7 +605,7 @@ async fn answer(service: &Service, cfg: &ServerConfig, socket: &Arc<UdpSocket>, 
     let reply = match outcome.reply {
         Some(reply) => {
             let dest = if !giaddr.is_unspecified() {
-                SocketAddrV4::new(giaddr, SERVER_PORT)
+                SocketAddrV4::new(giaddr, relay_reply_port(msg, from))
             } else if !msg.ciaddr().is_unspecified() && !msg.flags().broadcast() {
                 SocketAddrV4::new(msg.ciaddr(), CLIENT_PORT)
             } else {
@@ -573,6 +651,28 @@ mod tests {
             domain: None,
             lease_time: 600,
         }
+    }
+
+    #[test]
+    fn a_relay_gets_its_reply_on_67_unless_it_names_its_source_port() {
+        use dhcproto::v4::relay::{RelayAgentInformation, RelayCode, RelayInfo, UnknownInfo};
+        use dhcproto::v4::{DhcpOption, Message};
+        let from: SocketAddr = "127.77.0.1:40000".parse().unwrap();
+        let mut msg = Message::default();
+        assert_eq!(relay_reply_port(&msg, from), SERVER_PORT);
+        let mut info = RelayAgentInformation::default();
+        info.insert(RelayInfo::AgentCircuitId(b"xe-0/0/1".to_vec()));
+        msg.opts_mut().insert(DhcpOption::RelayAgentInformation(info.clone()));
+        assert_eq!(relay_reply_port(&msg, from), SERVER_PORT, "option 82 alone");
+        info.insert(RelayInfo::Unknown(UnknownInfo::new(
+            RelayCode::Unknown(RELAY_SOURCE_PORT),
+            vec![],
+        )));
+        msg.opts_mut().insert(DhcpOption::RelayAgentInformation(info));
+        // Through the wire format, as a relay sends it.
+        let bytes = dhcproto::Encodable::to_vec(&msg).unwrap();
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(relay_reply_port(&decoded, from), 40000);
     }
 
     #[test]

@@ -125,28 +125,46 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
         .context("the API server failed")
 }
 
-/// Opens everything `config` names, binds its listen address and serves.
+/// Opens everything `config` names, binds its listen address (and DHCP's
+/// sockets) and serves.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = AppState::open(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let dhcp = match &config.dhcp {
+        Some(d) => dhcp::bind_interfaces(d).context("cannot start the DHCP service")?,
+        None => vec![],
+    };
+    serve_on(state, &config, listener, dhcp, shutdown).await
+}
+
+/// Runs every service `config` asks for on listeners bound beforehand —
+/// the API on `listener`, DHCP on `dhcp` (from [`dhcp::bind_interfaces`];
+/// empty: no DHCP) — until `shutdown` or until one of them fails.
+pub async fn serve_on(
+    state: AppState,
+    config: &Config,
+    listener: TcpListener,
+    dhcp: Vec<dhcp::BoundInterface>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let backend = match config.database_url {
         Some(_) => "postgresql",
         None => "sqlite",
     };
-    tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), backend, "kiln server started");
+    let api_addr = listener.local_addr()?;
+    tracing::info!(listen = %api_addr, data_dir = %config.data_dir.display(), backend, "kiln server started");
     // The API and the boot services live and die together: when one stops
     // (or fails), all stop.
     let mut services: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)> = tokio::task::JoinSet::new();
-    if let Some(dhcp) = config.dhcp.clone() {
-        let (store, boot, port, stop) = (
-            state.store.clone(),
-            config.boot.clone(),
-            config.listen.port(),
-            shutdown.clone(),
-        );
-        services.spawn(async move { ("DHCP", dhcp::run(store, dhcp, boot, port, stop).await) });
+    if let Some(settings) = config.dhcp.clone()
+        && !dhcp.is_empty()
+    {
+        let (store, boot, stop) = (state.store.clone(), config.boot.clone(), shutdown.clone());
+        // Boot file URLs name the port the API really listens on.
+        let port = api_addr.port();
+        services.spawn(async move { ("DHCP", dhcp::run_on(store, settings, dhcp, boot, port, stop).await) });
     }
     if let Some(t) = config.tftp.clone() {
         let stop = shutdown.clone();

@@ -11,6 +11,7 @@
 //! sessions, faults: 5xx bursts, no answer at all, 401), changed at run time
 //! through [`SimBmc`]. The `kiln-sim` binary runs the same fleet on its own.
 
+pub mod fleet;
 pub mod model;
 
 use std::convert::Infallible;
@@ -69,6 +70,10 @@ pub struct SimBmc {
     url: String,
     addr: SocketAddr,
     state: Arc<Mutex<Bmc>>,
+    /// Bumped after every request the BMC answered (and every reboot from
+    /// the OS): what a simulated machine waits on to see a power change or
+    /// a boot without polling ([`fleet`]).
+    changes: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 impl SimBmc {
@@ -87,10 +92,26 @@ impl SimBmc {
     }
 
     /// Runs `f` on the BMC's state (after completing due power changes).
+    /// Changes made here are not announced to [`SimBmc::subscribe`]rs:
+    /// they see them at their next wake-up.
     pub fn with<R>(&self, f: impl FnOnce(&mut Bmc) -> R) -> R {
         let mut b = self.lock();
         b.settle(Instant::now());
         f(&mut b)
+    }
+
+    /// A receiver that is marked changed after each request this BMC
+    /// answered and each [`SimBmc::reboot_from_os`]. Pending power changes
+    /// complete on their own time: wait for [`Bmc::next_change`] too.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    /// System `sys` restarts by itself (an installer at its end), booting
+    /// again at once as the boot override says.
+    pub fn reboot_from_os(&self, sys: usize) {
+        self.lock().reboot_from_os(Instant::now(), sys);
+        self.changes.send_replace(());
     }
 
     pub fn stats(&self) -> Stats {
@@ -159,6 +180,7 @@ impl Drop for Sim {
 
 struct Shared {
     state: Arc<Mutex<Bmc>>,
+    changes: Arc<tokio::sync::watch::Sender<()>>,
     username: String,
     password: String,
 }
@@ -190,8 +212,10 @@ pub async fn start(cfg: SimConfig) -> anyhow::Result<Sim> {
         })?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(Bmc::new(i, cfg.spec.clone())));
+        let changes = Arc::new(tokio::sync::watch::Sender::new(()));
         let shared = Arc::new(Shared {
             state: state.clone(),
+            changes: changes.clone(),
             username: cfg.username.clone(),
             password: cfg.password.clone(),
         });
@@ -210,6 +234,7 @@ pub async fn start(cfg: SimConfig) -> anyhow::Result<Sim> {
             url: format!("{scheme}://{host}:{}", addr.port()),
             addr,
             state,
+            changes,
         });
     }
     Ok(Sim {
@@ -343,6 +368,7 @@ async fn answer(
             &body,
         )
     };
+    shared.changes.send_replace(());
     let mut resp = Response::builder().status(a.status).header("OData-Version", "4.0");
     if a.status == 401 {
         resp = resp.header("WWW-Authenticate", "Basic realm=\"kiln-sim\"");

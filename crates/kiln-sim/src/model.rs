@@ -216,23 +216,28 @@ impl Bmc {
             }
             s.pending = None;
             if to == Power::On && s.power == Power::Off {
-                let target = if s.override_enabled == "Disabled" {
-                    "Hdd".to_string()
-                } else {
-                    s.override_target.clone()
-                };
-                self.boots.push(Boot {
-                    system: i,
-                    target,
-                    mode: s.override_mode.clone(),
-                });
-                if s.override_enabled == "Once" {
-                    s.override_enabled = "Disabled".into();
-                    s.override_target = "None".into();
-                    s.version += 1;
-                }
+                self.boots.push(boot(i, s));
             }
             s.power = to;
+        }
+    }
+
+    /// The earliest pending power change, if any: when [`Bmc::settle`]
+    /// next has something to do (whoever simulates what a boot does wakes
+    /// up then).
+    pub fn next_change(&self) -> Option<Instant> {
+        self.systems.iter().filter_map(|s| s.pending.map(|(_, at)| at)).min()
+    }
+
+    /// The system restarts by itself, as an installer does at its end: it
+    /// stays on and boots again at once, from where the override says (a
+    /// `Once` override is consumed). Not a BMC action: `stats.resets` does
+    /// not count it. A system that is off does nothing.
+    pub fn reboot_from_os(&mut self, now: Instant, sys: usize) {
+        self.settle(now);
+        let Some(s) = self.systems.get_mut(sys) else { return };
+        if s.power == Power::On && s.pending.is_none() {
+            self.boots.push(boot(sys, s));
         }
     }
 
@@ -450,6 +455,26 @@ impl Bmc {
         };
         self.settle(now);
         Answer::empty(204)
+    }
+}
+
+/// The boot system `i` makes now: from its override target if one is set,
+/// else from its disk; a `Once` override is consumed.
+fn boot(i: usize, s: &mut System) -> Boot {
+    let target = if s.override_enabled == "Disabled" {
+        "Hdd".to_string()
+    } else {
+        s.override_target.clone()
+    };
+    if s.override_enabled == "Once" {
+        s.override_enabled = "Disabled".into();
+        s.override_target = "None".into();
+        s.version += 1;
+    }
+    Boot {
+        system: i,
+        target,
+        mode: s.override_mode.clone(),
     }
 }
 
@@ -707,6 +732,40 @@ mod tests {
         );
         assert_eq!(fresh.status, 204);
         assert!(b.stats.resets.is_empty());
+    }
+
+    #[test]
+    fn a_reboot_from_the_os_boots_again_without_a_bmc_reset() {
+        let t0 = Instant::now();
+        let mut b = Bmc::new(
+            0,
+            BmcSpec {
+                power_delay: Duration::from_secs(2),
+                ..Default::default()
+            },
+        );
+        b.reboot_from_os(t0, 0);
+        assert!(b.boots.is_empty(), "a system that is off does not reboot");
+        call(
+            &mut b,
+            t0,
+            "PATCH",
+            "/redfish/v1/Systems/1",
+            json!({"Boot": {"BootSourceOverrideEnabled": "Once", "BootSourceOverrideTarget": "Pxe"}}),
+        );
+        call(
+            &mut b,
+            t0,
+            "POST",
+            "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset",
+            json!({"ResetType": "On"}),
+        );
+        assert_eq!(b.next_change(), Some(t0 + Duration::from_secs(2)));
+        b.reboot_from_os(t0 + Duration::from_secs(2), 0);
+        assert_eq!(b.next_change(), None);
+        let targets: Vec<&str> = b.boots.iter().map(|b| b.target.as_str()).collect();
+        assert_eq!(targets, ["Pxe", "Hdd"], "the once override went with the first boot");
+        assert_eq!(b.stats.resets, vec!["On"]);
     }
 
     #[test]

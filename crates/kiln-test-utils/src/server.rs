@@ -1,5 +1,6 @@
-//! A kiln server (API and job engine) on 127.0.0.1:0 over a fresh test
-//! database, with an admin token ready, and `api_test!` to run one body against both backends.
+//! A kiln server (API and job engine, and DHCP when the settings have a
+//! `[dhcp]`) on 127.0.0.1:0 over a fresh test database, with an admin token
+//! ready, and `api_test!` to run one body against both backends.
 
 use std::future::Future;
 
@@ -20,10 +21,14 @@ pub struct TestServer {
     pub admin_token: String,
     pub state: AppState,
     pub config: Config,
+    /// Where DHCP listens, when the settings have a `[dhcp]` (give it
+    /// `port = 0` and `interfaces = ["lo"]`: no privileges needed).
+    pub dhcp_addr: Option<std::net::SocketAddrV4>,
     db: TestDb,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     engine: tokio::task::JoinHandle<anyhow::Result<()>>,
+    dhcp: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestServer {
@@ -54,6 +59,23 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding port 0");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
+        let (dhcp_addr, dhcp) = match config.dhcp.clone() {
+            Some(settings) => {
+                let sockets = kiln_server::dhcp::bind_interfaces(&settings).expect("binding the DHCP sockets");
+                let addr = sockets[0].local_addr().expect("the DHCP socket's address");
+                let port = listener.local_addr().unwrap().port();
+                let task = tokio::spawn(kiln_server::dhcp::run_on(
+                    state.store.clone(),
+                    settings,
+                    sockets,
+                    config.boot.clone(),
+                    port,
+                    shutdown.clone(),
+                ));
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
+        };
         let task = tokio::spawn(kiln_server::run(state.clone(), listener, shutdown.clone()));
         let engine = tokio::spawn(state.engine.clone().run(shutdown.clone()));
         TestServer {
@@ -61,10 +83,12 @@ impl TestServer {
             admin_token,
             state,
             config,
+            dhcp_addr,
             db,
             shutdown,
             task,
             engine,
+            dhcp,
         }
     }
 
@@ -82,6 +106,9 @@ impl TestServer {
         self.shutdown.cancel();
         let _ = self.task.await;
         let _ = self.engine.await;
+        if let Some(dhcp) = self.dhcp {
+            let _ = dhcp.await;
+        }
         self.state.store.close().await;
         self.db.cleanup().await;
     }

@@ -28,7 +28,7 @@ async fn sim() -> kiln_sim::Sim {
     .unwrap()
 }
 
-fn machine(host: &str, mac: &str, bmc_url: &str) -> MachineCreate {
+pub(crate) fn machine(host: &str, mac: &str, bmc_url: &str) -> MachineCreate {
     let mut m = MachineCreate::new(host.parse().unwrap());
     m.state = MachineState::Deployed;
     m.nics = vec![serde_json::from_value(serde_json::json!({ "mac": mac })).unwrap()];
@@ -59,7 +59,7 @@ fn machine(host: &str, mac: &str, bmc_url: &str) -> MachineCreate {
     m
 }
 
-async fn catalog(admin: &Client) {
+pub(crate) async fn catalog(admin: &Client) {
     admin
         .create_os_image(&OsImageCreate {
             name: "debian".into(),
@@ -77,7 +77,7 @@ async fn catalog(admin: &Client) {
         .unwrap();
 }
 
-fn request() -> ReimageRequest {
+pub(crate) fn request() -> ReimageRequest {
     ReimageRequest {
         os: "debian-12".into(),
         layout: Some(StorageLayout::LvmRaid1),
@@ -95,7 +95,7 @@ fn request() -> ReimageRequest {
 }
 
 /// Polls until `done` holds for job `id` (the engine runs in the server).
-async fn until(admin: &Client, id: &str, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+pub(crate) async fn until(admin: &Client, id: &str, what: &str, done: impl Fn(&Job) -> bool) -> Job {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let job = admin.get_job(id).await.unwrap().job;
@@ -107,7 +107,7 @@ async fn until(admin: &Client, id: &str, what: &str, done: impl Fn(&Job) -> bool
     }
 }
 
-async fn ipxe(srv: &TestServer, mac: &str) -> String {
+pub(crate) async fn ipxe(srv: &TestServer, mac: &str) -> String {
     reqwest::get(format!("{}/boot/ipxe?mac={mac}&platform=pcbios", srv.url))
         .await
         .unwrap()

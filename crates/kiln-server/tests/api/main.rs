@@ -5,6 +5,7 @@ mod auth;
 mod bmc;
 mod boot;
 mod catalog;
+mod fleet;
 mod jobs;
 mod machines;
 mod openapi;
