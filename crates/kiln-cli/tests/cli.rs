@@ -84,10 +84,7 @@ api_test!(import_a_rack_all_or_nothing, |srv| {
     let (code, _) = kiln(&srv, &t, &["machine", "import", &clash]).await;
     assert_eq!(code, 1);
     let ctx = kiln_cli::Ctx::new(Some(srv.url.clone()), Some(t.clone()));
-    let mut sink = kiln_cli::output::Out {
-        format: kiln_cli::output::Format::Table,
-        w: Box::new(Buf::default()),
-    };
+    let mut sink = kiln_cli::output::Out::new(kiln_cli::output::Format::Table, Box::new(Buf::default()));
     let err = kiln_cli::import::run(std::path::Path::new(&clash), None, false, &ctx, &mut sink)
         .await
         .unwrap_err()
