@@ -108,8 +108,9 @@ pub async fn watch(client: &Client, jobs: Vec<Job>, out: &mut Out) -> anyhow::Re
                 let now = Utc::now();
                 match update {
                     Update::Log(entry) => {
-                        progress[i].apply(&entry);
-                        screen.log(&progress, i, &entry, now)?;
+                        if progress[i].apply(&entry) {
+                            screen.log(&progress, i, &entry, now)?;
+                        }
                     }
                     Update::End(job) => {
                         progress[i].end(job.clone());
@@ -226,6 +227,8 @@ pub struct Progress {
     state: JobState,
     /// Why the current step is being tried again, if it is.
     retrying: Option<String>,
+    /// The step whose start was shown last.
+    started: Option<String>,
     ended: bool,
     lost: Option<String>,
 }
@@ -237,16 +240,18 @@ impl Progress {
             stage: (job.stage > Stage::ACCEPTED).then_some(job.stage),
             state: job.state,
             retrying: None,
+            started: None,
             ended: false,
             lost: None,
             job,
         }
     }
 
-    /// Takes one log line into account. The stream starts with the whole
-    /// log, so replaying old lines must leave the same picture as living
-    /// through them: the stage only goes up, the state follows the lines.
-    pub fn apply(&mut self, entry: &JobLogEntry) {
+    /// Takes one log line into account, and says whether it tells anything
+    /// new. The stream starts with the whole log, so replaying old lines
+    /// must leave the same picture as living through them: the stage only
+    /// goes up, the state follows the lines.
+    pub fn apply(&mut self, entry: &JobLogEntry) -> bool {
         if let Some(step) = &entry.step {
             self.step.clone_from(step);
         }
@@ -255,6 +260,14 @@ impl Progress {
             JobLogKind::Step => {
                 self.state = JobState::Running;
                 self.retrying = None;
+                // The engine logs a waiting step's start again each time a
+                // stage report or a deadline wakes it: that is no news.
+                if entry.message == "started" {
+                    if self.started.as_deref() == entry.step.as_deref() {
+                        return false;
+                    }
+                    self.started.clone_from(&entry.step);
+                }
             }
             JobLogKind::Wait => {
                 self.state = JobState::Waiting;
@@ -277,6 +290,7 @@ impl Progress {
             // the engine's own lines follow when it acts on it.
             JobLogKind::Operator | JobLogKind::Note => {}
         }
+        true
     }
 
     /// The job ended: its final record is the truth from here on.
@@ -319,7 +333,7 @@ impl Progress {
                 let _ = write!(line, "paused at step {}", self.step);
             }
             JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
-                line.push_str(&self.ending());
+                line.push_str(&self.ending(now));
                 return line;
             }
         }
@@ -328,9 +342,11 @@ impl Progress {
     }
 
     /// How the job ended, in a few words: `succeeded in 4m02s`, `failed
-    /// after 15m00s at step wait_installer`.
-    fn ending(&self) -> String {
-        let took = human_duration(self.job.finished_at.unwrap_or(self.job.updated_at) - self.job.created_at);
+    /// after 15m00s at step wait_installer`. Until the final record is in
+    /// (the log line of the end comes just before it), `now` stands in for
+    /// the end.
+    fn ending(&self, now: DateTime<Utc>) -> String {
+        let took = human_duration(self.job.finished_at.unwrap_or(now) - self.job.created_at);
         match self.state {
             JobState::Succeeded => format!("succeeded in {took}"),
             state => format!("{state} after {took} at step {}", self.step),
@@ -369,7 +385,7 @@ pub fn human_duration(d: chrono::TimeDelta) -> String {
 
 /// What a log line says as a line of its own (without time and host), or
 /// `None` for lines the next one makes redundant (a step's "done" is
-/// followed by the next step) and for the end, which [`end_text`] tells.
+/// followed by the next step, a success by the end's line).
 pub fn log_text(entry: &JobLogEntry, steps: &[String]) -> Option<String> {
     let step = entry.step.as_deref().unwrap_or("-");
     Some(match entry.kind {
@@ -394,18 +410,41 @@ pub fn log_text(entry: &JobLogEntry, steps: &[String]) -> Option<String> {
         JobLogKind::Paused => format!("paused at step {step}"),
         JobLogKind::Created | JobLogKind::Operator => entry.message.clone(),
         JobLogKind::Note => format!("note: {}", entry.message),
-        JobLogKind::Failed | JobLogKind::Cancelled | JobLogKind::Succeeded => return None,
+        // Printed as they come, not only at the end: a retried job's log
+        // holds the earlier failure that made someone retry it.
+        JobLogKind::Failed | JobLogKind::Cancelled => {
+            // The engine's reasons start with the step, named already.
+            let why = entry
+                .message
+                .strip_prefix(&format!("step {step}: "))
+                .unwrap_or(&entry.message);
+            format!("{} at step {step}: {why}", entry.kind)
+        }
+        JobLogKind::Succeeded => return None,
     })
 }
 
-/// The last line about a job: how it ended, and why when it did not succeed.
+/// The last plain line about a job: how it ended (the reason came in the
+/// line before), and where to look when it did not succeed.
+pub fn end_line(p: &Progress) -> String {
+    if p.lost.is_some() || p.state == JobState::Succeeded {
+        return end_text(p);
+    }
+    format!("{} (`kiln job show {}`)", p.ending(Utc::now()), p.job.id)
+}
+
+/// How a job ended, and why when it did not succeed.
 pub fn end_text(p: &Progress) -> String {
     if let Some(lost) = &p.lost {
         return format!("not followed any more (job {}): {lost}", p.job.id);
     }
     match &p.job.reason {
-        Some(why) if p.state != JobState::Succeeded => format!("{}: {why}", p.ending()),
-        _ => p.ending(),
+        Some(why) if p.state != JobState::Succeeded => {
+            // The engine's reasons start with the step, which the ending names.
+            let why = why.strip_prefix(&format!("step {}: ", p.step)).unwrap_or(why);
+            format!("{}: {why}", p.ending(Utc::now()))
+        }
+        _ => p.ending(Utc::now()),
     }
 }
 
@@ -418,6 +457,8 @@ struct Screen<'a> {
     host_width: usize,
     /// Live lines on the screen now, below the cursor's line start.
     drawn: usize,
+    /// What they say (most events change nothing on screen: no redraw).
+    shown: Vec<String>,
 }
 
 impl<'a> Screen<'a> {
@@ -431,6 +472,7 @@ impl<'a> Screen<'a> {
             live,
             host_width,
             drawn: 0,
+            shown: vec![],
         }
     }
 
@@ -442,13 +484,20 @@ impl<'a> Screen<'a> {
         let (width, height) = terminal_size::terminal_size()
             .map(|(w, h)| (usize::from(w.0), usize::from(h.0)))
             .unwrap_or((100, 40));
-        let lines = live_lines(jobs, self.host_width, now, height.saturating_sub(2).max(3));
+        // A line that wraps would throw the cursor arithmetic off.
+        let lines: Vec<String> = live_lines(jobs, self.host_width, now, height.saturating_sub(2).max(3))
+            .iter()
+            .map(|l| clip(l, width.saturating_sub(1)))
+            .collect();
+        if self.drawn == lines.len() && lines == self.shown {
+            return Ok(());
+        }
         self.clear()?;
         for line in &lines {
-            // A line that wraps would throw the cursor arithmetic off.
-            writeln!(self.out.w, "{}", clip(line, width.saturating_sub(1)))?;
+            writeln!(self.out.w, "{line}")?;
         }
         self.drawn = lines.len();
+        self.shown = lines;
         self.out.w.flush()?;
         Ok(())
     }
@@ -500,7 +549,7 @@ impl<'a> Screen<'a> {
         }
         let p = &jobs[i];
         let at = p.job.finished_at.filter(|_| p.lost.is_none()).unwrap_or(now);
-        self.plain(&p.job.hostname, at, &end_text(p))
+        self.plain(&p.job.hostname, at, &end_line(p))
     }
 
     fn plain(&mut self, host: &str, at: DateTime<Utc>, text: &str) -> anyhow::Result<()> {
@@ -691,8 +740,25 @@ mod tests {
         );
         assert_eq!(
             end_text(&p),
-            "failed after 30m00s at step wait_first_boot: step wait_first_boot: no stage 5 report within 20m"
+            "failed after 30m00s at step wait_first_boot: no stage 5 report within 20m"
         );
+    }
+
+    #[test]
+    fn a_step_woken_again_is_not_news() {
+        let mut p = Progress::new(job("web1"));
+        let start = entry(1, JobLogKind::Step, Some("wait_installer"), None, "started");
+        assert!(p.apply(&start));
+        assert!(p.apply(&entry(2, JobLogKind::Stage, None, Some(1), "agent started")));
+        assert!(!p.apply(&start));
+        assert!(p.apply(&entry(3, JobLogKind::Step, Some("wait_installer"), None, "done")));
+        assert!(p.apply(&entry(
+            4,
+            JobLogKind::Step,
+            Some("wait_base_installed"),
+            None,
+            "started"
+        )));
     }
 
     #[test]
@@ -723,7 +789,11 @@ mod tests {
             .as_deref(),
             Some("wait_installer: waiting for stage 1")
         );
-        assert_eq!(text(&entry(6, JobLogKind::Failed, Some("arm"), None, "boom")), None);
+        assert_eq!(
+            text(&entry(6, JobLogKind::Failed, Some("arm"), None, "step arm: boom")).as_deref(),
+            Some("failed at step arm: boom")
+        );
+        assert_eq!(text(&entry(7, JobLogKind::Succeeded, None, None, "done")), None);
     }
 
     #[test]
@@ -777,6 +847,8 @@ mod tests {
         let e = entry(2, JobLogKind::Stage, None, Some(2), "written");
         jobs[1].apply(&e);
         screen.log(&jobs, 1, &e, later(2)).unwrap();
+        // Nothing changed on screen: nothing is written.
+        screen.draw(&jobs, later(2)).unwrap();
         let op = entry(3, JobLogKind::Operator, None, None, "pause requested by admin");
         screen.log(&jobs, 0, &op, later(3)).unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();

@@ -172,18 +172,15 @@ pub async fn run(a: ReimageArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()>
     .collect()
     .await;
 
-    let refused: Vec<&Started> = started.iter().filter(|s| !s.ok).collect();
+    let refused: Vec<String> = started.iter().filter(|s| !s.ok).map(Started::why).collect();
     let refusal = match refused.as_slice() {
         [] => None,
-        [one] => Some(format!("{}: {}", one.hostname, one.error.as_deref().unwrap_or("?"))),
+        [one] => Some(one.clone()),
         many => Some(format!(
             "{} of {} machines were not reimaged: {}",
             many.len(),
             started.len(),
-            many.iter()
-                .map(|s| format!("{}: {}", s.hostname, s.error.as_deref().unwrap_or("?")))
-                .collect::<Vec<_>>()
-                .join("; ")
+            many.join("; ")
         )),
     };
     // A lone host that was refused: the error says it all, a table of one
@@ -227,6 +224,19 @@ pub async fn run(a: ReimageArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()>
         (None, result) => result,
         (Some(r), Ok(())) => Err(anyhow::anyhow!(r)),
         (Some(r), Err(e)) => Err(anyhow::anyhow!("{r}; {e}")),
+    }
+}
+
+impl Started {
+    /// Why the host was refused, naming it (the API's message often does
+    /// already: `web1 already has an active job …`).
+    fn why(&self) -> String {
+        let error = self.error.as_deref().unwrap_or("refused");
+        if error.starts_with(&self.hostname) {
+            error.to_string()
+        } else {
+            format!("{}: {error}", self.hostname)
+        }
     }
 }
 
