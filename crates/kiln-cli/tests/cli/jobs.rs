@@ -171,7 +171,7 @@ api_test!(a_reimage_watched_to_the_end_while_the_installer_reports, |srv| {
         (2, "image written"),
         (3, "configured"),
         (4, "rebooting"),
-        (5, "hello from the new OS"),
+        (5, "hello from the new OS — ✓"),
     ] {
         installer.report_stage(&id, n, what).await.unwrap();
     }
@@ -189,7 +189,7 @@ api_test!(a_reimage_watched_to_the_end_while_the_installer_reports, |srv| {
         "web1  stage 1/5 installer started: agent started",
         "web1  step wait_finishing (10/15)",
         "web1  stage 3/5 configured",
-        "web1  stage 5/5 first boot of the new OS: hello from the new OS",
+        "web1  stage 5/5 first boot of the new OS: hello from the new OS — ✓",
         "web1  succeeded in",
     ] {
         assert!(out.contains(line), "no `{line}` in:\n{out}");
@@ -215,6 +215,20 @@ api_test!(a_reimage_watched_to_the_end_while_the_installer_reports, |srv| {
     let stages: Vec<u8> = detail.log.iter().filter_map(|l| l.stage.map(|s| s.0)).collect();
     assert_eq!(stages, [1, 2, 3, 4, 5]);
     assert!(!json.contains("canary-root-pw") && !json.contains("$6$"), "{json}");
+
+    // A watcher that lost its connection picks up after the last line it saw.
+    let mut seqs = vec![];
+    let end = admin
+        .watch_job_after(&id, 5, |e| {
+            if let kiln_client::JobEvent::Log(l) = e {
+                seqs.push(l.seq);
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(end.state, JobState::Succeeded);
+    assert_eq!(seqs.first(), Some(&6));
+    assert_eq!(seqs.last(), detail.log.last().map(|l| &l.seq));
 
     let (_, listed) = kiln(&srv, &t, &["job", "list", "--machine", "web1"]).await;
     assert!(listed.contains(&id) && listed.contains("succeeded"), "{listed}");
