@@ -53,10 +53,10 @@ async fn fleet(srv: &TestServer, bmcs: usize) -> kiln_sim::Sim {
         &sha,
     ];
     assert_eq!(kiln(srv, t, &add_os).await.0, 0);
-    for i in 0..bmcs {
+    for (i, mac) in MACS.iter().enumerate().take(bmcs) {
         let mut m = MachineCreate::new(format!("web{}", i + 1).parse().unwrap());
         m.state = MachineState::Deployed;
-        m.nics = vec![serde_json::from_value(serde_json::json!({ "mac": MACS[i] })).unwrap()];
+        m.nics = vec![serde_json::from_value(serde_json::json!({ "mac": mac })).unwrap()];
         m.bmc = Some(BmcInput {
             driver: BmcDriver::Redfish,
             address: sim.bmc(i).url().into(),
@@ -379,7 +379,7 @@ api_test!(
         );
         assert!(out.contains("retried from step"), "{out}");
         assert!(
-            out.contains(&format!("web1  failed after ")) && out.contains(&format!("(`kiln job show {id}`)")),
+            out.contains("web1  failed after ") && out.contains(&format!("(`kiln job show {id}`)")),
             "{out}"
         );
         sim.shutdown().await;
