@@ -5,6 +5,7 @@
 mod cmd;
 pub mod import;
 pub mod output;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,11 @@ pub enum Command {
     /// BMC diagnostics: `kiln bmc check HOST…`.
     #[command(subcommand)]
     Bmc(cmd::power::BmcCmd),
+    /// Reinstall machines: one job per host, followed live with --watch.
+    Reimage(cmd::reimage::ReimageArgs),
+    /// Jobs (reimages): list, show, watch, cancel, pause, resume, retry.
+    #[command(subcommand)]
+    Job(cmd::job::JobCmd),
     /// DHCP leases.
     Leases {
         /// Include expired leases.
@@ -163,8 +169,22 @@ impl Ctx {
 }
 
 /// Runs the CLI with `args` (including the program name), writing results
-/// to `w`. Returns the process exit code.
+/// to `w`, which is taken not to be a terminal (progress comes as plain
+/// lines). Returns the process exit code.
 pub async fn run(args: Vec<String>, w: Box<dyn std::io::Write + Send>) -> i32 {
+    run_on(args, w, false).await
+}
+
+/// Runs the CLI on the process's stdout; when that is a terminal, job
+/// progress is redrawn in place.
+pub async fn run_stdout(args: Vec<String>) -> i32 {
+    use std::io::IsTerminal;
+    let stdout = std::io::stdout();
+    let terminal = stdout.is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb");
+    run_on(args, Box::new(stdout), terminal).await
+}
+
+async fn run_on(args: Vec<String>, w: Box<dyn std::io::Write + Send>, terminal: bool) -> i32 {
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -172,7 +192,11 @@ pub async fn run(args: Vec<String>, w: Box<dyn std::io::Write + Send>) -> i32 {
             return e.exit_code();
         }
     };
-    let mut out = Out { format: cli.output, w };
+    let mut out = Out {
+        format: cli.output,
+        w,
+        terminal,
+    };
     let ctx = Ctx {
         url: cli.url.clone(),
         token: cli.token.clone(),
@@ -181,6 +205,11 @@ pub async fn run(args: Vec<String>, w: Box<dyn std::io::Write + Send>) -> i32 {
         Ok(()) => 0,
         // `kiln machine list -o json | head` closed the pipe: not an error.
         Err(e) if is_broken_pipe(&e) => 0,
+        // Ctrl-C while watching: the jobs go on, say how to follow them again.
+        Err(e) if e.is::<watch::StoppedWatching>() => {
+            eprintln!("{e}");
+            130
+        }
         Err(e) => {
             report(&e);
             1
@@ -218,7 +247,9 @@ pub fn report(e: &anyhow::Error) {
     }
 }
 
-async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
+/// Runs one parsed command (what [`run`] does after parsing; tests call it to
+/// see the error a verb returns).
+pub async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
     match command {
         Command::Server(args) => cmd::server::run(args).await,
         Command::Demo(args) => cmd::demo::run(args, out).await,
@@ -236,6 +267,8 @@ async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
         Command::Power(c) => cmd::power::power(c, ctx, out).await,
         Command::Bootdev(a) => cmd::power::bootdev(a, ctx, out).await,
         Command::Bmc(c) => cmd::power::bmc(c, ctx, out).await,
+        Command::Reimage(a) => cmd::reimage::run(a, ctx, out).await,
+        Command::Job(c) => cmd::job::run(c, ctx, out).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
             Ok(())

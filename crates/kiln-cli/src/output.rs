@@ -16,6 +16,9 @@ pub enum Format {
 pub struct Out {
     pub format: Format,
     pub w: Box<dyn Write + Send>,
+    /// `w` is a terminal: progress may be redrawn in place. Otherwise (a
+    /// pipe, a file, a CI log, a test buffer) it is appended line by line.
+    pub terminal: bool,
 }
 
 impl std::fmt::Debug for Out {
@@ -25,6 +28,15 @@ impl std::fmt::Debug for Out {
 }
 
 impl Out {
+    /// Output that is not a terminal.
+    pub fn new(format: Format, w: Box<dyn Write + Send>) -> Out {
+        Out {
+            format,
+            w,
+            terminal: false,
+        }
+    }
+
     pub fn line(&mut self, text: impl AsRef<str>) -> anyhow::Result<()> {
         writeln!(self.w, "{}", text.as_ref())?;
         Ok(())

@@ -457,11 +457,21 @@ impl Client {
 
     /// Follows job `id`'s event stream, calling `on_event` for each log line
     /// and once for the end; returns the final job.
-    pub async fn watch_job(&self, id: &str, mut on_event: impl FnMut(&JobEvent)) -> Result<Job> {
+    pub async fn watch_job(&self, id: &str, on_event: impl FnMut(&JobEvent)) -> Result<Job> {
+        self.watch_job_after(id, 0, on_event).await
+    }
+
+    /// [`Client::watch_job`] from the log line after `after_seq` (0: from
+    /// the start): how a watcher whose connection broke picks up again
+    /// without seeing a line twice.
+    pub async fn watch_job_after(&self, id: &str, after_seq: i64, mut on_event: impl FnMut(&JobEvent)) -> Result<Job> {
         let url = format!("{}/api/v1/jobs/{}/events", self.base, seg(id));
         let mut req = self.http.get(&url).timeout(Duration::from_secs(24 * 3600));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
+        }
+        if after_seq > 0 {
+            req = req.header("Last-Event-ID", after_seq.to_string());
         }
         let mut resp = req.send().await.map_err(|source| ClientError::Connect {
             url: self.base.clone(),
@@ -480,12 +490,15 @@ impl Client {
                 error,
             });
         }
-        let mut buf = String::new();
+        // Bytes, not text, until a whole line is in: a chunk may end inside
+        // a multi-byte character of a stage message.
+        let mut buf: Vec<u8> = Vec::new();
         let (mut event, mut data) = (String::new(), String::new());
         while let Some(chunk) = resp.chunk().await.map_err(|e| ClientError::Decode(e.to_string()))? {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(nl) = buf.find('\n') {
-                let line: String = buf.drain(..=nl).collect();
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let raw: Vec<u8> = buf.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&raw);
                 let line = line.trim_end_matches(['\r', '\n']);
                 if let Some(v) = line.strip_prefix("event:") {
                     event = v.trim().to_string();

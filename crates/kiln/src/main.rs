@@ -5,6 +5,6 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     kiln_client::install_tls_provider();
-    let code = kiln_cli::run(std::env::args().collect(), Box::new(std::io::stdout())).await;
+    let code = kiln_cli::run_stdout(std::env::args().collect()).await;
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -215,12 +215,16 @@ pub struct MachineSelectors {
     /// Only machines with this tag (repeat: all of them).
     #[arg(long)]
     tag: Vec<Tag>,
+    /// Only machines in this rack.
     #[arg(long)]
     rack: Option<String>,
+    /// Only machines at this site.
     #[arg(long)]
     site: Option<String>,
+    /// Only machines in this state (new, ready, deployed, failed, …).
     #[arg(long)]
     state: Option<MachineState>,
+    /// Only machines of this tenant.
     #[arg(long)]
     owner: Option<String>,
 }
@@ -246,6 +250,33 @@ impl MachineSelectors {
             ..MachineFilter::default()
         }
     }
+}
+
+/// The hosts to act on: the `named` ones first, then those the selectors
+/// match, without duplicates. Fails when this comes to no host at all.
+pub async fn resolve_hosts(
+    client: &kiln_client::Client,
+    named: &[String],
+    select: &MachineSelectors,
+) -> anyhow::Result<Vec<String>> {
+    let mut hosts = named.to_vec();
+    if select.any() {
+        let filter = MachineFilter {
+            limit: Some(1000),
+            ..select.filter()
+        };
+        let found = client.list_all_machines(&filter).await?;
+        if found.is_empty() && hosts.is_empty() {
+            anyhow::bail!("no machine matches the selectors");
+        }
+        hosts.extend(found.into_iter().map(|m| m.hostname.to_string()));
+    }
+    if hosts.is_empty() {
+        anyhow::bail!("name at least one host, or select machines with --tag, --rack, --site, --state or --owner");
+    }
+    let mut seen = std::collections::HashSet::new();
+    hosts.retain(|h| seen.insert(h.clone()));
+    Ok(hosts)
 }
 
 #[derive(Debug, clap::Args)]

@@ -8,14 +8,14 @@
 
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
-use kiln_client::{Client, ClientError};
+use kiln_client::Client;
 use kiln_types::power::{BootDevice, BootDeviceRequest, PowerAction};
 use serde::Serialize;
 
 use crate::Ctx;
-use crate::cmd::machine::MachineSelectors;
+use crate::cmd::error_message as message;
+use crate::cmd::machine::{MachineSelectors, resolve_hosts};
 use crate::output::{Out, opt};
-use kiln_types::machine::MachineFilter;
 
 /// Which machines: named hosts and/or the `machine list` filters.
 #[derive(Debug, clap::Args)]
@@ -30,26 +30,8 @@ pub struct Selector {
 }
 
 impl Selector {
-    /// The hosts to act on, named ones first, without duplicates.
     async fn resolve(&self, client: &Client) -> anyhow::Result<Vec<String>> {
-        let mut hosts = self.hosts.clone();
-        if self.select.any() {
-            let filter = MachineFilter {
-                limit: Some(1000),
-                ..self.select.filter()
-            };
-            let found = client.list_all_machines(&filter).await?;
-            if found.is_empty() && hosts.is_empty() {
-                anyhow::bail!("no machine matches the selectors");
-            }
-            hosts.extend(found.into_iter().map(|m| m.hostname.to_string()));
-        }
-        if hosts.is_empty() {
-            anyhow::bail!("name at least one host, or select machines with --tag, --rack, --site, --state or --owner");
-        }
-        let mut seen = std::collections::HashSet::new();
-        hosts.retain(|h| seen.insert(h.clone()));
-        Ok(hosts)
+        resolve_hosts(client, &self.hosts, &self.select).await
     }
 }
 
@@ -106,13 +88,6 @@ struct HostResult {
     result: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-}
-
-fn message(e: &ClientError) -> String {
-    match e {
-        ClientError::Api { error, .. } => error.message.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Runs `f` on every selected host, `parallel` at a time, in host order.

@@ -1,13 +1,17 @@
 //! The CLI verbs, driven in-process against a real server on both backends.
+//! One binary; a module per area beyond the first ones here.
+
+mod jobs;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use clap::Parser;
 use kiln_test_utils::{TestServer, api_test};
 use kiln_types::machine::{Machine, MachineFilter};
 
 #[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Buf(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Buf {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -20,7 +24,7 @@ impl Write for Buf {
 }
 
 /// Runs `kiln ARGS` against `srv` with `token`; returns (exit code, stdout).
-async fn kiln(srv: &TestServer, token: &str, args: &[&str]) -> (i32, String) {
+pub(crate) async fn kiln(srv: &TestServer, token: &str, args: &[&str]) -> (i32, String) {
     let buf = Buf::default();
     let mut argv = vec![
         "kiln".to_string(),
@@ -35,7 +39,21 @@ async fn kiln(srv: &TestServer, token: &str, args: &[&str]) -> (i32, String) {
     (code, out)
 }
 
-fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+/// Runs `kiln ARGS` against `srv` and returns the error the verb failed
+/// with, as the user sees it on stderr (`kiln_cli::run` prints it there).
+pub(crate) async fn kiln_error(srv: &TestServer, token: &str, args: &[&str]) -> String {
+    let mut argv = vec!["kiln", "--url", &srv.url, "--token", token];
+    argv.extend(args);
+    let cli = kiln_cli::Cli::try_parse_from(argv).expect("the arguments parse");
+    let ctx = kiln_cli::Ctx::new(Some(srv.url.clone()), Some(token.to_string()));
+    let mut out = kiln_cli::output::Out::new(cli.output, Box::new(Buf::default()));
+    match kiln_cli::dispatch(cli.command, &ctx, &mut out).await {
+        Ok(()) => panic!("kiln {args:?} succeeded"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+pub(crate) fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p.display().to_string()
@@ -84,10 +102,7 @@ api_test!(import_a_rack_all_or_nothing, |srv| {
     let (code, _) = kiln(&srv, &t, &["machine", "import", &clash]).await;
     assert_eq!(code, 1);
     let ctx = kiln_cli::Ctx::new(Some(srv.url.clone()), Some(t.clone()));
-    let mut sink = kiln_cli::output::Out {
-        format: kiln_cli::output::Format::Table,
-        w: Box::new(Buf::default()),
-    };
+    let mut sink = kiln_cli::output::Out::new(kiln_cli::output::Format::Table, Box::new(Buf::default()));
     let err = kiln_cli::import::run(std::path::Path::new(&clash), None, false, &ctx, &mut sink)
         .await
         .unwrap_err()
