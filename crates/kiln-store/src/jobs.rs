@@ -123,9 +123,13 @@ pub enum JobControl {
     Cancel,
     Pause,
     Resume,
-    /// Run a failed or cancelled job again from this step.
+    /// Run a failed or cancelled job again from this step (named `step`,
+    /// for the log), with its highest stage set back to `stage` (0 when
+    /// the install is run again: the old stages must not count).
     Retry {
         step_index: u32,
+        step: &'static str,
+        stage: Stage,
     },
 }
 
@@ -763,7 +767,11 @@ impl Store {
                     job.state
                 )));
             }
-            JobControl::Retry { step_index } => {
+            JobControl::Retry {
+                step_index,
+                step,
+                stage,
+            } => {
                 if let Some(machine) = job.machine_id
                     && let Some(row) =
                         sqlx::query::<Any>("SELECT id FROM jobs WHERE machine_id = $1 AND finished_at IS NULL")
@@ -780,14 +788,15 @@ impl Store {
                 sqlx::query::<Any>(
                     "UPDATE jobs SET state = 'queued', step_index = $1, step_started_at = $2, step_attempts = 0, \
                      reason = NULL, finished_at = NULL, cancel_requested = FALSE, pause_requested = FALSE, \
-                     run_at = $2, lease_owner = NULL, lease_expires = NULL, updated_at = $2 WHERE id = $3",
+                     run_at = $2, lease_owner = NULL, lease_expires = NULL, updated_at = $2, stage = $4 WHERE id = $3",
                 )
                 .bind(i64::from(step_index))
                 .bind(at.clone())
                 .bind(id.to_string())
+                .bind(i64::from(stage.0))
                 .execute(&mut *tx)
                 .await?;
-                ("", format!("retried from step {} by {}", step_index + 1, actor.0))
+                ("", format!("retried from step {step} by {}", actor.0))
             }
         };
         if !sql.is_empty() {

@@ -231,7 +231,15 @@ store_test!(operators_cancel_pause_resume_retry, |store| {
     let m = machine(&store, "db5").await;
     let job = store.create_job(&actor(), new_job(m, "db5")).await.unwrap();
     let err = store
-        .control_job(&actor(), job.id, JobControl::Retry { step_index: 0 })
+        .control_job(
+            &actor(),
+            job.id,
+            JobControl::Retry {
+                step_index: 0,
+                step: "validate",
+                stage: Stage(0),
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Refused(_)), "{err}");
@@ -261,7 +269,15 @@ store_test!(operators_cancel_pause_resume_retry, |store| {
     // A new job may start now; while it runs, the old one cannot be retried.
     let second = store.create_job(&actor(), new_job(m, "db5")).await.unwrap();
     let err = store
-        .control_job(&actor(), job.id, JobControl::Retry { step_index: 2 })
+        .control_job(
+            &actor(),
+            job.id,
+            JobControl::Retry {
+                step_index: 2,
+                step: "arm",
+                stage: Stage(0),
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
@@ -276,7 +292,15 @@ store_test!(operators_cancel_pause_resume_retry, |store| {
     s.finished_at = Some(Utc::now());
     store.save_job("s", &s, JobSave::default()).await.unwrap().unwrap();
     let retried = store
-        .control_job(&actor(), job.id, JobControl::Retry { step_index: 2 })
+        .control_job(
+            &actor(),
+            job.id,
+            JobControl::Retry {
+                step_index: 2,
+                step: "arm",
+                stage: Stage(0),
+            },
+        )
         .await
         .unwrap();
     assert_eq!((retried.state, retried.step_index), (JobState::Queued, 2));

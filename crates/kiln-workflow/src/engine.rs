@@ -160,6 +160,21 @@ pub fn steps(kind: JobKind) -> &'static [&'static str] {
     }
 }
 
+/// Where a retry of a job that ended in step `ended_in` starts (`from`, if
+/// the operator named a step, else the kind's choice), and the stage it
+/// starts with.
+pub fn retry_plan(
+    kind: JobKind,
+    ended_in: u32,
+    from: Option<u32>,
+    stage: kiln_types::job::Stage,
+) -> (u32, kiln_types::job::Stage) {
+    match kind {
+        JobKind::Reimage => reimage::retry_plan(ended_in, from, stage),
+        JobKind::Rollout => (from.unwrap_or(0), stage),
+    }
+}
+
 /// The API view of a stored job.
 pub fn job_view(r: &JobRecord) -> Job {
     let steps = steps(r.kind);
@@ -481,10 +496,12 @@ impl<E: Effects> Engine<E> {
                 return self.end(job, Ending::Failed, reason).await;
             }
             // The attempt is on record before anything happens.
+            // A waiting step runs again on each wake-up; it "started" once.
+            let entering = job.step_attempts == 0 && job.state != JobState::Waiting;
             job.state = JobState::Running;
             job.step_attempts += 1;
             let mut save = JobSave::default();
-            if job.step_attempts == 1 {
+            if entering {
                 save.log.push(LogLine::new(JobLogKind::Step, Some(step), "started"));
             }
             let Some(saved) = self.save(&job, save).await? else {

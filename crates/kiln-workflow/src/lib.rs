@@ -14,4 +14,6 @@ pub mod process;
 pub mod reimage;
 pub mod rollout;
 
-pub use engine::{BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan, Outcome, job_view, steps};
+pub use engine::{
+    BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan, Outcome, job_view, retry_plan, steps,
+};

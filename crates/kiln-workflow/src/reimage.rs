@@ -71,6 +71,30 @@ impl Default for ReimageTimeouts {
     }
 }
 
+/// Where a retry starts and with which stage. A job that ended anywhere
+/// in the net boot and install (`arm` to `wait_finishing`) was disarmed and
+/// its boot device set back to disk by the undo, so by default it starts
+/// again at `arm`; elsewhere it starts at the step it ended in. A retry that
+/// runs the installer again forgets the stages reported before, or the
+/// waits would pass at once on the old ones.
+pub fn retry_plan(ended_in: u32, from: Option<u32>, stage: Stage) -> (u32, Stage) {
+    let last = STEPS.len() as u32 - 1;
+    let from = from.unwrap_or_else(|| {
+        let ended_in = ended_in.min(last);
+        if (index("arm")..=index("wait_finishing")).contains(&ended_in) {
+            index("arm")
+        } else {
+            ended_in
+        }
+    });
+    let stage = if from <= index("wait_installer") {
+        Stage::ACCEPTED
+    } else {
+        stage
+    };
+    (from.min(last), stage)
+}
+
 fn secs(n: u64) -> Duration {
     Duration::seconds(n as i64)
 }

@@ -285,3 +285,50 @@ store_test!(a_step_interrupted_too_often_fails_the_job, |store| {
     assert!(job.reason.unwrap().contains("ran 5 times"));
     assert!(store.netboot_arm(m).await.unwrap().is_none());
 });
+
+store_test!(a_retry_after_the_install_started_runs_the_install_again, |store| {
+    // Cancelled while the agent was writing (stage 3 reported).
+    let target = STEPS.iter().position(|s| *s == "wait_finishing").unwrap();
+    let (id, m, fx) = job_at(&store, "again", target).await;
+    assert_eq!(store.get_job(id).await.unwrap().stage, Stage(3));
+    store
+        .control_job(&actor(), id, kiln_store::JobControl::Cancel)
+        .await
+        .unwrap();
+    let engine = engine(&store, fx.clone(), "s1");
+    engine.run_due_once().await.unwrap();
+    let ended = store.get_job(id).await.unwrap();
+    assert_eq!(ended.state, JobState::Cancelled);
+    // The default retry starts at `arm` and forgets the old stages.
+    let (from, stage) = kiln_workflow::retry_plan(ended.kind, ended.step_index, None, ended.stage);
+    assert_eq!((STEPS[from as usize], stage), ("arm", Stage(0)));
+    store
+        .control_job(
+            &actor(),
+            id,
+            kiln_store::JobControl::Retry {
+                step_index: from,
+                step: STEPS[from as usize],
+                stage,
+            },
+        )
+        .await
+        .unwrap();
+    engine.run_due_once().await.unwrap();
+    let job = store.get_job(id).await.unwrap();
+    assert_eq!(
+        (STEPS[job.step_index as usize], job.state, job.stage),
+        ("wait_installer", JobState::Waiting, Stage(0)),
+        "it waits for the new installer"
+    );
+    assert!(store.netboot_arm(m).await.unwrap().is_some(), "armed again");
+    // "started" is logged once per step, not on every wake-up.
+    store.report_stage(id, Stage(0), "noise").await.unwrap();
+    engine.run_due_once().await.unwrap();
+    let log = store.job_log(id, 0).await.unwrap();
+    let starts = log
+        .iter()
+        .filter(|l| l.step.as_deref() == Some("wait_installer") && l.message == "started")
+        .count();
+    assert_eq!(starts, 2, "once per run of the step: {log:#?}");
+});

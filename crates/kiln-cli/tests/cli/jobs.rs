@@ -62,6 +62,8 @@ async fn fleet(srv: &TestServer, bmcs: usize) -> kiln_sim::Sim {
             address: sim.bmc(i).url().into(),
             username: Some("admin".into()),
             password: Some(Secret::new("rf-secret")),
+            insecure: false,
+            ca_cert: None,
         });
         m.hardware = Some(Hardware {
             arch: Some(Arch::X86_64),

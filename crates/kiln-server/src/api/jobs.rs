@@ -264,8 +264,10 @@ pub async fn resume(State(state): State<AppState>, caller: Caller, Path(id): Pat
     control(&state, &caller, &id, JobControl::Resume).await
 }
 
-/// Runs a failed or cancelled job again, from the step it ended in or the
-/// one named.
+/// Runs a failed or cancelled job again, from the step named or the one
+/// the job's kind picks (a reimage that ended during its net boot or
+/// install starts again at `arm`). A retry that runs the installer again
+/// forgets the stages reported before.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
     params(("id" = String, Path, description = "job id")),
     request_body = RetryRequest,
@@ -281,17 +283,29 @@ pub async fn retry(
     caller.require_operator()?;
     let job = visible_job(&state, &caller, job_id(&id)?).await?;
     let names = steps(job.kind);
-    let step_index = match &req.from_step {
-        None => job.step_index.min(names.len().saturating_sub(1) as u32),
-        Some(name) => names.iter().position(|s| s == name).ok_or_else(|| {
+    let from = match &req.from_step {
+        None => None,
+        Some(name) => Some(names.iter().position(|s| s == name).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "no step `{name}` in a {} job; steps: {}",
                 job.kind,
                 names.join(", ")
             ))
-        })? as u32,
+        })? as u32),
     };
-    control(&state, &caller, &id, JobControl::Retry { step_index }).await
+    let (step_index, stage) = kiln_workflow::retry_plan(job.kind, job.step_index, from, job.stage);
+    let step = names[step_index as usize];
+    control(
+        &state,
+        &caller,
+        &id,
+        JobControl::Retry {
+            step_index,
+            step,
+            stage,
+        },
+    )
+    .await
 }
 
 /// An install stage from the job's agent or installer. Authenticated by
