@@ -93,6 +93,10 @@ pub enum Command {
     /// Jobs (reimages): list, show, watch, cancel, pause, resume, retry.
     #[command(subcommand)]
     Job(cmd::job::JobCmd),
+    /// Reimage a selection a few at a time: start, list, show, watch,
+    /// pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(cmd::rollout::RolloutCmd),
     /// DHCP leases.
     Leases {
         /// Include expired leases.
@@ -269,6 +273,7 @@ pub async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Res
         Command::Bmc(c) => cmd::power::bmc(c, ctx, out).await,
         Command::Reimage(a) => cmd::reimage::run(a, ctx, out).await,
         Command::Job(c) => cmd::job::run(c, ctx, out).await,
+        Command::Rollout(c) => cmd::rollout::run(c, ctx, out).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
             Ok(())

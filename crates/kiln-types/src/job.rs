@@ -116,6 +116,11 @@ pub struct ReimageRequest {
     /// Do not run the configured pre/post hooks.
     #[serde(default)]
     pub no_hooks: bool,
+    /// A new machine, never installed: the checks that need its hardware
+    /// inventory are skipped while it has none, and so are the pre-reimage
+    /// hooks (it is in no monitoring or load balancer yet).
+    #[serde(default)]
+    pub new: bool,
 }
 
 /// What a reimage job was asked to do, as stored (no plaintext secret).
@@ -140,6 +145,8 @@ pub struct ReimageSpec {
     pub no_pxe: bool,
     #[serde(default)]
     pub no_hooks: bool,
+    #[serde(default)]
+    pub new: bool,
 }
 
 impl std::fmt::Debug for ReimageSpec {
@@ -152,6 +159,7 @@ impl std::fmt::Debug for ReimageSpec {
             .field("tasks", &self.tasks)
             .field("no_pxe", &self.no_pxe)
             .field("no_hooks", &self.no_hooks)
+            .field("new", &self.new)
             .finish_non_exhaustive()
     }
 }

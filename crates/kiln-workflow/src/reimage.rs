@@ -199,7 +199,9 @@ async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Out
         Ok(i) => i,
         Err(e) => return fail(format!("OS image {}: {e}", spec.os_label)),
     };
-    if let Err(why) = os_image_fits(&machine, &image) {
+    // `--new` without an inventory: nothing to check the image against yet.
+    let unchecked = spec.new && machine.hardware.is_none();
+    if !unchecked && let Err(why) = os_image_fits(&machine, &image) {
         return fail(format!(
             "{} does not fit {}: {}",
             spec.os_label,
@@ -208,6 +210,7 @@ async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Out
         ));
     }
     if let Some(layout) = spec.layout
+        && !unchecked
         && let Err(why) = layout_fits(&machine, layout)
     {
         return fail(format!("layout {layout} does not fit {}: {why}", machine.hostname));
@@ -224,6 +227,13 @@ async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Out
 async fn hooks<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec, event: &'static str) -> Outcome {
     if spec.no_hooks {
         cx.log(JobLogKind::Note, "skipped: --no-hooks");
+        return Outcome::Next;
+    }
+    if spec.new && event == "pre_reimage" {
+        cx.log(
+            JobLogKind::Note,
+            "skipped: --new (the machine is in no monitoring or pool yet)",
+        );
         return Outcome::Next;
     }
     match cx.effects.run_hooks(event, cx.job).await {

@@ -153,6 +153,7 @@ fn request() -> ReimageRequest {
         ticket: None,
         no_pxe: false,
         no_hooks: false,
+        new: false,
     }
 }
 

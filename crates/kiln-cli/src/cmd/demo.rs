@@ -562,5 +562,6 @@ fn demo_request() -> ReimageRequest {
         ticket: Some("DEMO".into()),
         no_pxe: false,
         no_hooks: false,
+        new: false,
     }
 }

@@ -7,6 +7,7 @@ pub mod machine;
 pub mod org;
 pub mod power;
 pub mod reimage;
+pub mod rollout;
 pub mod server;
 
 use kiln_client::ClientError;

@@ -43,7 +43,19 @@ pub struct ReimageArgs {
     /// Hostnames or machine ids to reimage (or pick them with the selectors
     /// below).
     hosts: Vec<String>,
+    #[command(flatten)]
+    install: InstallArgs,
+    /// Follow the jobs live until they end; exit 1 unless all succeed.
+    #[arg(long)]
+    watch: bool,
 
+    #[command(flatten, next_help_heading = "Selecting machines")]
+    select: MachineSelectors,
+}
+
+/// What each machine gets: shared by `kiln reimage` and `kiln rollout start`.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
     /// OS image: NAME, NAME-VERSION or its id (`kiln os list`; `kiln
     /// machine offer HOST` lists those that fit).
     #[arg(long, value_name = "OS", help_heading = "Install")]
@@ -59,6 +71,10 @@ pub struct ReimageArgs {
     /// boot the disk and go on with the post-install work.
     #[arg(long, help_heading = "Install")]
     no_pxe: bool,
+    /// A new machine, never installed: skip the checks that need its
+    /// hardware inventory while it has none, and the pre-reimage hooks.
+    #[arg(long, help_heading = "Install")]
+    new: bool,
 
     /// SSH public key for root, or @FILE for every key in FILE (repeat for
     /// more).
@@ -104,12 +120,6 @@ pub struct ReimageArgs {
     /// audit log).
     #[arg(long, short = 't', value_name = "TICKET")]
     ticket: Option<String>,
-    /// Follow the jobs live until they end; exit 1 unless all succeed.
-    #[arg(long)]
-    watch: bool,
-
-    #[command(flatten, next_help_heading = "Selecting machines")]
-    select: MachineSelectors,
 }
 
 /// One host's row: its job, or why none was started.
@@ -124,19 +134,11 @@ struct Started {
 }
 
 pub async fn run(a: ReimageArgs, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
-    let request = a.request()?;
-    let password = match (&a.root_password, &a.root_password_file) {
-        (Some(dash), _) if dash != "-" => anyhow::bail!(
-            "--root-password takes `-` (then the password is asked for, or read from stdin), not the \
-             password itself: every user can read command lines in `ps`; or use --root-password-file FILE"
-        ),
-        (Some(_), _) => Some(read_password(None).await?),
-        (None, Some(file)) => Some(read_password(Some(file)).await?),
-        (None, None) => None,
-    };
+    let request = a.install.request()?;
+    let password = a.install.password().await?;
     let client = ctx.client()?;
     let hosts = resolve_hosts(&client, &a.hosts, &a.select).await?;
-    if a.hostname.is_some() && hosts.len() > 1 {
+    if a.install.hostname.is_some() && hosts.len() > 1 {
         anyhow::bail!("--hostname is for one machine; {} were named or selected", hosts.len());
     }
     let mut requests = Vec::with_capacity(hosts.len());
@@ -261,10 +263,24 @@ fn print_table(started: &[Started], out: &mut Out) -> anyhow::Result<()> {
     out.table(started, &["HOSTNAME", "JOB", "STATE", "ERROR"], rows)
 }
 
-impl ReimageArgs {
+impl InstallArgs {
+    /// The root password, if one is to be set (asked for, or read from a
+    /// file or stdin); never taken from the command line.
+    pub async fn password(&self) -> anyhow::Result<Option<Secret>> {
+        Ok(match (&self.root_password, &self.root_password_file) {
+            (Some(dash), _) if dash != "-" => anyhow::bail!(
+                "--root-password takes `-` (then the password is asked for, or read from stdin), not the \
+                 password itself: every user can read command lines in `ps`; or use --root-password-file FILE"
+            ),
+            (Some(_), _) => Some(read_password(None).await?),
+            (None, Some(file)) => Some(read_password(Some(file)).await?),
+            (None, None) => None,
+        })
+    }
+
     /// The request every host gets (without the root password, which is
     /// hashed per host), from the arguments and the files they name.
-    fn request(&self) -> anyhow::Result<ReimageRequest> {
+    pub fn request(&self) -> anyhow::Result<ReimageRequest> {
         let mut ssh_keys = vec![];
         for arg in &self.ssh_keys {
             ssh_keys.extend(ssh_keys_from(arg)?);
@@ -293,6 +309,7 @@ impl ReimageArgs {
             ticket: self.ticket.clone(),
             no_pxe: self.no_pxe,
             no_hooks: self.no_hooks,
+            new: self.new,
         })
     }
 }

@@ -387,3 +387,82 @@ api_test!(
         sim.shutdown().await;
     }
 );
+
+api_test!(a_rollout_started_paused_and_aborted_from_the_cli, |srv| {
+    let sim = fleet(&srv, 2).await;
+    let t = &srv.admin_token;
+    let admin = srv.admin();
+    let (code, _) = kiln(
+        &srv,
+        t,
+        &["rollout", "start", "--selector", "color=red", "--os", "debian-12"],
+    )
+    .await;
+    assert_ne!(code, 0, "an unknown selector is refused");
+    let (code, out) = kiln(
+        &srv,
+        t,
+        &[
+            "--output",
+            "json",
+            "rollout",
+            "start",
+            "--selector",
+            "state=deployed",
+            "--os",
+            "debian-12",
+            "--concurrency",
+            "1",
+            "--health-check",
+            "test -n \"$KILN_HOST\"",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let r: kiln_types::job::Rollout = serde_json::from_str(&out).unwrap();
+    let id = r.job.id.to_string();
+    let hosts: Vec<&str> = r.members.iter().map(|m| m.hostname.as_str()).collect();
+    assert_eq!(hosts, ["web1", "web2"]);
+    // One member at a time: web1 starts, web2 waits.
+    let end = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let r = admin.get_rollout(&id).await.unwrap();
+        if let Some(j) = r.members[0].job_id {
+            break j.to_string();
+        }
+        assert!(Instant::now() < end, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    until(&admin, &first, "web1's installer wait", |j| j.step == "wait_installer").await;
+    let (code, out) = kiln(&srv, t, &["rollout", "pause", &id]).await;
+    assert_eq!(code, 0, "{out}");
+    until(&admin, &id, "the pause", |j| j.state == JobState::Paused).await;
+    let (code, out) = kiln(&srv, t, &["rollout", "show", &id]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("paused") && out.contains("1 running") && out.contains("1 pending"),
+        "{out}"
+    );
+    // The stop button: web1's reimage is cancelled and disarmed, web2 skipped.
+    let (code, out) = kiln(&srv, t, &["rollout", "abort", &id]).await;
+    assert_eq!(code, 0, "{out}");
+    until(&admin, &id, "the abort", |j| j.state.is_final()).await;
+    until(&admin, &first, "web1's cancel", |j| j.state.is_final()).await;
+    let (code, out) = kiln(&srv, t, &["rollout", "show", &id]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("cancelled") && out.contains("skipped"), "{out}");
+    let script = reqwest::get(format!("{}/boot/ipxe?mac={}&platform=pcbios", srv.url, MACS[0]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!script.contains("kiln.token"), "web1 left armed: {script}");
+    let (code, out) = kiln(&srv, t, &["rollout", "list"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&id) && out.contains("state=deployed"), "{out}");
+    // Watching an ended rollout reports how it ended.
+    let (code, _) = kiln(&srv, t, &["rollout", "watch", &id]).await;
+    assert_ne!(code, 0, "an aborted rollout is not a success");
+    sim.shutdown().await;
+});

@@ -86,8 +86,16 @@ pub(super) async fn machine_problems(
     image: &OsImage,
     req: &ReimageRequest,
 ) -> Vec<String> {
-    let mut why = os_image_fits(machine, image).err().unwrap_or_default();
+    // A new machine without an inventory yet cannot be checked against
+    // the image and layout; its agent's inventory comes with the install.
+    let unchecked = req.new && machine.hardware.is_none();
+    let mut why = if unchecked {
+        vec![]
+    } else {
+        os_image_fits(machine, image).err().unwrap_or_default()
+    };
     if let Some(layout) = req.layout
+        && !unchecked
         && let Err(w) = layout_fits(machine, layout)
     {
         why.push(format!("layout {layout}: {w}"));
@@ -131,6 +139,7 @@ pub(super) fn reimage_spec(
         post_install_script: req.post_install_script.clone(),
         no_pxe: req.no_pxe,
         no_hooks: req.no_hooks,
+        new: req.new,
     }
 }
 

@@ -91,6 +91,7 @@ pub(crate) fn request() -> ReimageRequest {
         ticket: Some("T42".into()),
         no_pxe: false,
         no_hooks: false,
+        new: false,
     }
 }
 
@@ -604,5 +605,41 @@ api_test!(installer_files_are_served_to_the_job_token_only, |srv| {
     admin.job_action(&id, "cancel").await.unwrap();
     until(&admin, &id, "the cancel", |j| j.state.is_final()).await;
     assert_eq!(get("preseed", Some(&token)).await.0, 410);
+    sim.shutdown().await;
+});
+
+api_test!(a_new_machine_without_an_inventory_is_reimaged_with_new, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    catalog(&admin).await;
+    let mut m = machine("fresh1", MAC, sim.bmc(0).url());
+    m.hardware = None;
+    m.state = MachineState::New;
+    admin.create_machine(&m).await.unwrap();
+    let mut req = request();
+    req.layout = None;
+    let e = admin.reimage("fresh1", &req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("no hardware inventory"), "{e}");
+    req.new = true;
+    let id = admin.reimage("fresh1", &req).await.unwrap().id.to_string();
+    until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    assert_eq!(
+        admin.get_machine("fresh1").await.unwrap().state,
+        MachineState::Deploying
+    );
+    let log = admin.get_job(&id).await.unwrap().log;
+    assert!(log.iter().any(|l| l.message.contains("skipped: --new")), "{log:?}");
+    admin.job_action(&id, "cancel").await.unwrap();
+    let end = until(&admin, &id, "the cancel", |j| j.state.is_final()).await;
+    assert_eq!(end.state, JobState::Cancelled);
+    assert_eq!(
+        admin.get_machine("fresh1").await.unwrap().state,
+        MachineState::New,
+        "back where it was"
+    );
     sim.shutdown().await;
 });

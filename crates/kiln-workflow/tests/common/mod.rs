@@ -171,6 +171,7 @@ pub fn spec(image: &OsImage, host: &str, no_pxe: bool) -> ReimageSpec {
         post_install_script: None,
         no_pxe,
         no_hooks: false,
+        new: false,
     }
 }
 
