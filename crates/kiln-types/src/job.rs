@@ -87,7 +87,8 @@ pub struct ReimageRequest {
     pub os: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<StorageLayout>,
-    /// A new hostname for the machine (default: its current one).
+    /// The new OS's hostname (default: the machine's); the machine is
+    /// renamed when the reimage succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<Hostname>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -155,10 +155,7 @@ pub async fn run_step<E: Effects>(step: &str, cx: &mut StepCx<'_, E>) -> Outcome
             Err(why) => fail(why),
         },
         "post_hooks" => hooks(cx, &spec, "post_reimage").await,
-        "finish" => {
-            cx.set_machine_state(MachineState::Deployed);
-            Outcome::Next
-        }
+        "finish" => finish(cx, &spec).await,
         other => fail(format!("unknown step `{other}` (a newer server wrote this job?)")),
     }
 }
@@ -222,6 +219,41 @@ async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Out
         return Outcome::Next;
     }
     bmc(cx, BmcAction::Check).await
+}
+
+/// The machine takes the new OS's hostname (if the reimage gave one) and
+/// is `deployed`. Renaming again to the same name changes nothing.
+async fn finish<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Outcome {
+    let Some(id) = cx.job.machine_id else {
+        return fail("the machine was deleted");
+    };
+    let machine = match cx.store.get_machine(&id.to_string(), None).await {
+        Ok(m) => m,
+        Err(e) => return retry(cx, format!("reading the machine failed: {e}")),
+    };
+    if machine.hostname != spec.hostname {
+        let patch = kiln_types::machine::MachinePatch {
+            hostname: Some(spec.hostname.clone()),
+            ..Default::default()
+        };
+        let actor = kiln_store::Actor::new(format!("job {}", cx.job.id));
+        if let Err(e) = cx
+            .store
+            .update_machine(&actor, &id.to_string(), patch, None, None)
+            .await
+        {
+            return fail(format!(
+                "renaming {} to {} failed: {e}",
+                machine.hostname, spec.hostname
+            ));
+        }
+        cx.log(
+            JobLogKind::Note,
+            format!("renamed {} to {}", machine.hostname, spec.hostname),
+        );
+    }
+    cx.set_machine_state(MachineState::Deployed);
+    Outcome::Next
 }
 
 async fn hooks<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec, event: &'static str) -> Outcome {

@@ -63,8 +63,8 @@ pub struct InstallArgs {
     /// Storage layout (`kiln layouts`).
     #[arg(long, value_name = "LAYOUT", help_heading = "Install")]
     layout: Option<StorageLayout>,
-    /// The machine's hostname; a reimage keeps it (rename with `kiln
-    /// machine edit HOST --hostname NEW` first). One host only.
+    /// The new OS's hostname; the machine is renamed when the reimage
+    /// succeeds. One host only.
     #[arg(long, value_name = "NAME", help_heading = "Install")]
     hostname: Option<Hostname>,
     /// The OS is already written: skip the net boot and the install stages,

@@ -102,11 +102,10 @@ pub(super) async fn machine_problems(
     }
     if let Some(h) = &req.hostname
         && *h != machine.hostname
+        && let Ok(other) = state.store.get_machine(h.as_str(), None).await
+        && other.id != machine.id
     {
-        why.push(format!(
-            "a reimage keeps the hostname ({}); rename the machine first (`kiln machine edit {} --hostname {h}`)",
-            machine.hostname, machine.hostname
-        ));
+        why.push(format!("hostname {h} belongs to another machine ({})", other.id));
     }
     for name in &req.tasks {
         match state.store.get_task(name).await {
@@ -132,7 +131,7 @@ pub(super) fn reimage_spec(
         os_image: image.id.to_string(),
         os_label: format!("{}-{}", image.name, image.version),
         layout: req.layout,
-        hostname: machine.hostname.clone(),
+        hostname: req.hostname.clone().unwrap_or_else(|| machine.hostname.clone()),
         ssh_keys: req.ssh_keys.clone(),
         root_password_hash,
         tasks: req.tasks.clone(),

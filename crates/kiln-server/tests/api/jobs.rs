@@ -643,3 +643,56 @@ api_test!(a_new_machine_without_an_inventory_is_reimaged_with_new, |srv| {
     );
     sim.shutdown().await;
 });
+
+api_test!(
+    a_reimage_with_a_new_hostname_renames_the_machine_when_it_succeeds,
+    |srv| {
+        let sim = kiln_sim::start(kiln_sim::SimConfig {
+            bmcs: 2,
+            username: "admin".into(),
+            password: "rf-secret".into(),
+            ..kiln_sim::SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let admin = srv.admin();
+        catalog(&admin).await;
+        admin
+            .create_machine(&machine("old1", MAC, sim.bmc(0).url()))
+            .await
+            .unwrap();
+        admin
+            .create_machine(&machine("taken1", "52:54:00:99:99:01", sim.bmc(1).url()))
+            .await
+            .unwrap();
+        let mut req = request();
+        req.hostname = Some("taken1".parse().unwrap());
+        let e = admin.reimage("old1", &req).await.unwrap_err();
+        assert_eq!(e.status(), Some(400));
+        assert!(e.to_string().contains("belongs to another machine"), "{e}");
+        req.hostname = Some("new1".parse().unwrap());
+        let id = admin.reimage("old1", &req).await.unwrap().id.to_string();
+        until(&admin, &id, "the installer wait", |j| j.step == "wait_installer").await;
+        // The new OS is told its new name; the inventory keeps the old one
+        // until the reimage succeeded.
+        let token = token_in(&ipxe(&srv, MAC).await);
+        let meta = reqwest::get(format!("{}/boot/job/{id}/meta-data?token={token}", srv.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(meta.contains("new1"), "{meta}");
+        assert!(admin.get_machine("old1").await.is_ok());
+        let agent = srv.client(Some(&token));
+        for n in 1..=5 {
+            agent.report_stage(&id, n, "ok").await.unwrap();
+        }
+        let done = until(&admin, &id, "the end", |j| j.state.is_final()).await;
+        assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
+        let m = admin.get_machine("new1").await.unwrap();
+        assert_eq!(m.state, MachineState::Deployed);
+        assert_eq!(admin.get_machine("old1").await.unwrap_err().status(), Some(404));
+        sim.shutdown().await;
+    }
+);
