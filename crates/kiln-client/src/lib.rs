@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use kiln_types::agent::{DeployPlan, DiscoveryReport, DiscoveryResult};
 use kiln_types::auth::{Tenant, TenantCreate, TokenCreate, TokenCreated, TokenInfo, WhoAmI};
 use kiln_types::catalog::{LayoutInfo, OsImage, OsImageCreate, OsImagePatch, Task, TaskCreate, TaskPatch};
 use kiln_types::error::ApiError;
@@ -524,6 +525,18 @@ impl Client {
 }
 
 impl Client {
+    // ---- the agent's calls (with a discovery or job token) ----
+
+    /// Discovery mode's report; the client's token is the discovery token.
+    pub async fn report_discovery(&self, report: &DiscoveryReport) -> Result<DiscoveryResult> {
+        self.post("/api/v1/discovery", report).await
+    }
+
+    /// Deploy mode's instructions; the client's token is the job's.
+    pub async fn deploy_plan(&self, job: &str) -> Result<DeployPlan> {
+        self.get(&format!("/api/v1/jobs/{}/plan", seg(job))).await
+    }
+
     // ---- rollouts ----
 
     pub async fn create_rollout(&self, req: &RolloutRequest) -> Result<Rollout> {

@@ -41,11 +41,14 @@ impl BootContext {
         }
     }
 
-    /// The discovery agent's boot, with URLs under `base`.
-    fn agent(&self, base: &str) -> AgentBoot {
+    /// The discovery agent's boot for the machine booting from `mac`, with
+    /// URLs under `base` and the token its report must carry.
+    fn agent(&self, base: &str, mac: MacAddr, secrets: &crate::secrets::SecretBox) -> AgentBoot {
         let mut cmdline = self.settings.agent_cmdline.clone();
         cmdline.push(format!("kiln.server={base}"));
         cmdline.push("kiln.mode=discover".into());
+        cmdline.push(format!("BOOTIF={mac}"));
+        cmdline.push(format!("kiln.token={}", secrets.discovery_token(mac).expose()));
         AgentBoot {
             kernel: format!("{base}/boot/file/{}", self.settings.agent_kernel),
             initrd: format!("{base}/boot/file/{}", self.settings.agent_initrd),
@@ -156,7 +159,11 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
     };
     let base = base_url(&state.boot, &headers);
     let answer = answer_for(&state, machine.as_ref(), &base).await;
-    match render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base)) {
+    match render(
+        &answer,
+        firmware(q.platform.as_deref()),
+        &state.boot.agent(&base, mac, &state.secrets),
+    ) {
         Ok(script) => {
             let (uuid, serial) = (q.uuid.as_deref().unwrap_or(""), q.serial.as_deref().unwrap_or(""));
             tracing::info!(%mac, uuid, serial, reason = answer.reason(), "ipxe script");
@@ -213,16 +220,41 @@ pub async fn explain(
     };
     let base = base_url(&state.boot, &headers);
     let answer = answer_for(&state, machine.as_ref(), &base).await;
-    let script = render(&answer, firmware(q.platform.as_deref()), &state.boot.agent(&base))
-        .map_err(|e| ApiError::bad_request(format!("the boot script cannot be rendered: {e}")))?;
+    // The discovery token is made for the MAC asked about (or any of the
+    // machine's); it is redacted below anyway.
+    let mac = q
+        .target
+        .parse::<MacAddr>()
+        .ok()
+        .or_else(|| machine.as_ref().and_then(|m| m.nics.first().map(|n| n.mac)))
+        .unwrap_or_else(|| "00:00:00:00:00:00".parse().expect("a MAC"));
+    let script = render(
+        &answer,
+        firmware(q.platform.as_deref()),
+        &state.boot.agent(&base, mac, &state.secrets),
+    )
+    .map_err(|e| ApiError::bad_request(format!("the boot script cannot be rendered: {e}")))?;
     let kind = serde_json::to_value(&answer)
         .ok()
         .and_then(|v| v.get("answer").and_then(|a| a.as_str()).map(str::to_string))
         .unwrap_or_default();
-    let script = match &answer {
-        BootAnswer::Install { token, .. } => script.replace(token.expose(), "[redacted]"),
-        _ => script,
-    };
+    // Tokens (a job's, or a discovery token) are not for the operator's eyes.
+    let script = script
+        .split('\n')
+        .map(|line| {
+            line.split(' ')
+                .map(|w| {
+                    if w.starts_with("kiln.token=") {
+                        "kiln.token=[redacted]"
+                    } else {
+                        w
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     Ok(Json(BootExplain {
         target: q.target,
         machine: machine.map(|m| m.hostname.to_string()),

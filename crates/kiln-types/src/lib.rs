@@ -2,6 +2,7 @@
 //! request/response shapes of the REST API. The server, the CLI, the client
 //! and (later) the agent all compile against this crate and nothing heavier.
 
+pub mod agent;
 pub mod auth;
 pub mod catalog;
 pub mod error;

@@ -2,6 +2,7 @@
 //! from the handlers' annotations (committed as `openapi/kiln.json`; a test
 //! fails when the two differ).
 
+mod agent;
 mod catalog;
 mod events;
 pub mod extract;
@@ -37,6 +38,7 @@ pub use machines::MAX_BULK;
         events::list, events::leases, crate::boot_http::explain,
         jobs::reimage, jobs::list, jobs::get, jobs::cancel, jobs::pause, jobs::resume, jobs::retry,
         jobs::report_stage, jobs::events,
+        agent::plan, agent::discovery,
         rollouts::create, rollouts::list, rollouts::get, rollouts::pause, rollouts::resume, rollouts::abort,
     ),
     modifiers(&BearerAuth),
@@ -51,6 +53,17 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "discovery_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "the discovery token HTTP boot gives a discovery agent as `kiln.token`",
+                    ))
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "job_token",
@@ -130,6 +143,8 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/api/v1/jobs/{id}/stages/{n}", post(jobs::report_stage))
         .route("/api/v1/jobs/{id}/events", get(jobs::events))
+        .route("/api/v1/jobs/{id}/plan", get(agent::plan))
+        .route("/api/v1/discovery", post(agent::discovery))
         .route("/api/v1/rollouts", post(rollouts::create).get(rollouts::list))
         .route("/api/v1/rollouts/{id}", get(rollouts::get))
         .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))

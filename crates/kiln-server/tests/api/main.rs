@@ -1,6 +1,7 @@
 //! In-process HTTP tests of the REST API, one module per resource, each
 //! body run against a server on SQLite and one on PostgreSQL.
 
+mod agent;
 mod auth;
 mod bmc;
 mod boot;
