@@ -1,0 +1,3 @@
+//! `kiln-agent`: the ramdisk's agent binary.
+
+fn main() {}
