@@ -4,7 +4,11 @@
 //! Each module decides from plain data and leaves I/O at its edges:
 //!
 //! - [`cmdline`]: the `kiln.*` words of the kernel command line.
+//! - [`inventory`]: discovery's report, read from `/proc`, `/sys` and `/dev`.
+//! - [`lldp`]: the switch and port a NIC is cabled to, from an LLDP frame.
 //!
 //! See `docs/agent.md` for what is built and what comes next.
 
 pub mod cmdline;
+pub mod inventory;
+pub mod lldp;
