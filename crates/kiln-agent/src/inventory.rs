@@ -526,7 +526,7 @@ mod tests {
         assert_eq!((inv.cpu.sockets, inv.cpu.cores, inv.cpu.threads), (2, 4, 8));
         assert_eq!(hw.cpu_cores, 4);
         // Three of four 32 GiB blocks online.
-        assert_eq!(hw.memory_bytes, 3 * 32 << 30);
+        assert_eq!(hw.memory_bytes, 3 * (32 << 30));
 
         let names: Vec<&str> = hw.disks.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["nvme0n1", "sda", "sdb"], "sdc is removable, nvme0c0n1 hidden");
