@@ -6,9 +6,12 @@
 //! - [`cmdline`]: the `kiln.*` words of the kernel command line.
 //! - [`inventory`]: discovery's report, read from `/proc`, `/sys` and `/dev`.
 //! - [`lldp`]: the switch and port a NIC is cabled to, from an LLDP frame.
+//! - [`identity`]: is this machine the one the job is for? Checked before
+//!   anything is written.
 //!
 //! See `docs/agent.md` for what is built and what comes next.
 
 pub mod cmdline;
+pub mod identity;
 pub mod inventory;
 pub mod lldp;
