@@ -8,10 +8,13 @@
 //! - [`lldp`]: the switch and port a NIC is cabled to, from an LLDP frame.
 //! - [`identity`]: is this machine the one the job is for? Checked before
 //!   anything is written.
+//! - [`layout`]: a storage layout made concrete for the machine's disks,
+//!   with the commands that apply it.
 //!
 //! See `docs/agent.md` for what is built and what comes next.
 
 pub mod cmdline;
 pub mod identity;
 pub mod inventory;
+pub mod layout;
 pub mod lldp;
