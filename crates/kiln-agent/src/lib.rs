@@ -10,11 +10,14 @@
 //!   anything is written.
 //! - [`layout`]: a storage layout made concrete for the machine's disks,
 //!   with the commands that apply it.
+//! - [`image`]: streams an image (raw, zstd, qcow2) onto a disk, checks its
+//!   SHA-256, and leaves a disk it failed to write unbootable.
 //!
 //! See `docs/agent.md` for what is built and what comes next.
 
 pub mod cmdline;
 pub mod identity;
+pub mod image;
 pub mod inventory;
 pub mod layout;
 pub mod lldp;
