@@ -494,7 +494,7 @@ mod tests {
         let names: Vec<&str> = hw.disks.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["vda", "vdb"]);
         let vda = &hw.disks[0];
-        assert_eq!(vda.size_bytes, 2 * 1024 * 1024 * 1024);
+        assert_eq!(vda.size_bytes, 8 << 30);
         assert_eq!(vda.serial.as_deref(), Some("kiln-disk-1"));
         assert_eq!(vda.by_id.as_deref(), Some("/dev/disk/by-id/virtio-kiln-disk-1"));
         assert!(vda.rotational);

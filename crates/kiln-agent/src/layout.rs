@@ -73,7 +73,7 @@ impl LayoutOptions {
             boot_bytes: GIB,
             swap_bytes: 0,
             root_bytes: None,
-            min_root_bytes: 4 * GIB,
+            min_root_bytes: 2 * GIB,
             root: RootSource::Image,
             volume_group: "vg0".into(),
             pair_tolerance_percent: 3,
@@ -274,15 +274,26 @@ pub struct LayoutPlan {
     pub commands: Vec<Command>,
 }
 
+/// A size for people: `1 MiB`, `512 MiB`, `7.0 GiB`, `1.8 TiB`.
+fn human(bytes: u64) -> String {
+    const TIB: u64 = 1 << 40;
+    if bytes >= TIB {
+        format!("{:.1} TiB", bytes as f64 / TIB as f64)
+    } else if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
 impl fmt::Display for LayoutPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let gib = |b: u64| b as f64 / GIB as f64;
         writeln!(f, "layout {} ({} boot)", self.layout, self.firmware_name())?;
         for d in &self.disks {
             let spare = if d.spare { ", spare" } else { "" };
-            writeln!(f, "disk {} ({:.1} GiB{spare})", d.device, gib(d.size_bytes))?;
+            writeln!(f, "disk {} ({}{spare})", d.device, human(d.size_bytes))?;
             for p in &d.partitions {
-                writeln!(f, "  {} {:?} {:.2} GiB", p.device, p.kind, gib(p.size_bytes))?;
+                writeln!(f, "  {} {:?} {}", p.device, p.kind, human(p.size_bytes))?;
             }
         }
         for a in &self.arrays {
@@ -293,23 +304,27 @@ impl fmt::Display for LayoutPlan {
             };
             writeln!(
                 f,
-                "{} {:?} of {}{spares}: {:.1} GiB",
+                "{} {:?} of {}{spares}: {}",
                 a.device,
                 a.level,
                 a.members.join(" "),
-                gib(a.size_bytes)
+                human(a.size_bytes)
             )?;
         }
         if let Some(vg) = &self.volume_group {
             writeln!(
                 f,
-                "vg {} on {}: {:.1} GiB",
+                "vg {} on {}: {}",
                 vg.name,
                 vg.physical_volumes.join(" "),
-                gib(vg.size_bytes)
+                human(vg.size_bytes)
             )?;
         }
-        writeln!(f, "root {} ({:.1} GiB)", self.root_device, gib(self.root_bytes))
+        for lv in &self.logical_volumes {
+            let size = lv.size_bytes.map_or_else(|| "the rest".to_string(), human);
+            writeln!(f, "lv {}: {size}", lv.device)?;
+        }
+        writeln!(f, "root {} ({})", self.root_device, human(self.root_bytes))
     }
 }
 

@@ -12,12 +12,16 @@
 //!   with the commands that apply it.
 //! - [`image`]: streams an image (raw, zstd, qcow2) onto a disk, checks its
 //!   SHA-256, and leaves a disk it failed to write unbootable.
+//! - [`deploy`]: deploy mode's checks and plan, before its first write.
+//! - [`server`]: what the agent needs from the server, as data and a trait.
 //!
 //! See `docs/agent.md` for what is built and what comes next.
 
 pub mod cmdline;
+pub mod deploy;
 pub mod identity;
 pub mod image;
 pub mod inventory;
 pub mod layout;
 pub mod lldp;
+pub mod server;
