@@ -1,8 +1,10 @@
 //! The kernel command line the ramdisk was booted with: which server to talk
 //! to, in which mode, for which job, with which token.
 //!
-//! The server's iPXE script puts `kiln.server=URL kiln.mode=discover|deploy
-//! kiln.job=ID kiln.token=TOKEN` on the kernel's command line; the agent
+//! The server puts `kiln.server=URL kiln.mode=discover|deploy kiln.job=ID
+//! kiln.token=TOKEN` on the kernel's command line (`kiln-server`'s
+//! `boot_http.rs` for discovery, `jobs.rs` and the iPXE script for a
+//! deploy); the agent
 //! reads `/proc/cmdline` and keeps only the `kiln.*` words. Everything else
 //! (`console=`, `initrd=`, `BOOT_IMAGE=`, …) belongs to the kernel and is
 //! ignored. The token never shows itself: [`Cmdline`]'s `Debug` redacts it.
