@@ -119,9 +119,14 @@ fn main() {
     };
     if let Err(e) = result {
         // `kiln-agent plan | head` closing the pipe is not worth a word.
-        if e.downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-        {
+        let broken_pipe = e.chain().any(|c| {
+            let kind = c.downcast_ref::<io::Error>().map(io::Error::kind).or_else(|| {
+                c.downcast_ref::<serde_json::Error>()
+                    .and_then(serde_json::Error::io_error_kind)
+            });
+            kind == Some(io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
             std::process::exit(1);
         }
         eprintln!("kiln-agent: {e:#}");
