@@ -1,0 +1,27 @@
+//! kiln's agent: the program the net-booted ramdisk runs on a machine.
+//!
+//! This crate is its pure, tested core; `main.rs` is a thin shell over it.
+//! Each module decides from plain data and leaves I/O at its edges:
+//!
+//! - [`cmdline`]: the `kiln.*` words of the kernel command line.
+//! - [`inventory`]: discovery's report, read from `/proc`, `/sys` and `/dev`.
+//! - [`lldp`]: the switch and port a NIC is cabled to, from an LLDP frame.
+//! - [`identity`]: is this machine the one the job is for? Checked before
+//!   anything is written.
+//! - [`layout`]: a storage layout made concrete for the machine's disks,
+//!   with the commands that apply it.
+//! - [`image`]: streams an image (raw, zstd, qcow2) onto a disk, checks its
+//!   SHA-256, and leaves a disk it failed to write unbootable.
+//! - [`deploy`]: deploy mode's checks and plan, before its first write.
+//! - [`server`]: what the agent needs from the server, as data and a trait.
+//!
+//! See `docs/agent.md` for what is built and what comes next.
+
+pub mod cmdline;
+pub mod deploy;
+pub mod identity;
+pub mod image;
+pub mod inventory;
+pub mod layout;
+pub mod lldp;
+pub mod server;

@@ -1,0 +1,270 @@
+//! `kiln-agent`: the ramdisk's agent binary, and a tool to try its parts
+//! by hand. Argument parsing and I/O glue only; the decisions are in the
+//! library.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use kiln_agent::cmdline::{Cmdline, Mode};
+use kiln_agent::image::{ExpectedImage, ImageFormat, Progress, Sha256, SyncOnFlush, WriteOptions, write_image};
+use kiln_agent::inventory::{self, Inventory};
+use kiln_agent::layout::{self, LayoutOptions};
+use kiln_types::catalog::StorageLayout;
+
+#[derive(Parser)]
+#[command(name = "kiln-agent", version, about = "kiln's agent for the net-booted ramdisk")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What the ramdisk's init runs: reads the kernel command line and acts
+    /// on its kiln.mode.
+    Run {
+        /// The kernel command line to read.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// Where /proc, /sys and /dev are.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Prints the machine's inventory as JSON.
+    Inventory {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Prints the plan and commands for a storage layout on this machine's
+    /// disks. Runs nothing.
+    Plan {
+        /// flat, lvm, lvm_raid0, lvm_raid1, lvm_raid10, lvm_raid10s, lvm_hba.
+        #[arg(long)]
+        layout: StorageLayout,
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Disks to use, in order (default: all the inventory shows).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Swap size (`4G`, `512M`).
+        #[arg(long, value_parser = parse_size)]
+        swap: Option<u64>,
+        /// Root size (default: all the space left).
+        #[arg(long, value_parser = parse_size)]
+        root_size: Option<u64>,
+        /// The plan as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes an image file to a disk (or file), checking format and
+    /// SHA-256; a failed write leaves the target unbootable.
+    WriteImage {
+        /// The image file, or `-` for standard input.
+        source: PathBuf,
+        /// The disk (or file) to write.
+        target: PathBuf,
+        /// raw, raw+zstd or qcow2.
+        #[arg(long)]
+        format: ImageFormat,
+        /// The image file's SHA-256 (64 hex digits).
+        #[arg(long)]
+        sha256: Sha256,
+        /// The target reads as zeros already: skip writing zeros.
+        #[arg(long)]
+        zeroed: bool,
+    },
+}
+
+/// `4G`, `512M`, `100K` (powers of 1024) or a number of bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (number, shift) = match text.trim().to_ascii_uppercase() {
+        t if t.ends_with('T') => (t[..t.len() - 1].to_string(), 40),
+        t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 30),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 20),
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 10),
+        t => (t, 0),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{text}` is not a size: give bytes or a number with K, M, G or T"))
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Run { cmdline, root } => run(&cmdline, &root),
+        Command::Inventory { root } => collect(&root).and_then(|inv| print_json(&inv)),
+        Command::Plan {
+            layout,
+            root,
+            disks,
+            swap,
+            root_size,
+            json,
+        } => plan(layout, &root, &disks, swap, root_size, json),
+        Command::WriteImage {
+            source,
+            target,
+            format,
+            sha256,
+            zeroed,
+        } => write(&source, &target, format, sha256, zeroed),
+    };
+    if let Err(e) = result {
+        // `kiln-agent plan | head` closing the pipe is not worth a word.
+        let broken_pipe = e.chain().any(|c| {
+            let kind = c.downcast_ref::<io::Error>().map(io::Error::kind).or_else(|| {
+                c.downcast_ref::<serde_json::Error>()
+                    .and_then(serde_json::Error::io_error_kind)
+            });
+            kind == Some(io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(1);
+        }
+        eprintln!("kiln-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn collect(root: &Path) -> Result<Inventory> {
+    Ok(inventory::collect(root)?)
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn run(cmdline: &Path, root: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(cmdline).with_context(|| format!("cannot read {}", cmdline.display()))?;
+    let cmdline = Cmdline::parse(&text)?;
+    eprintln!("kiln-agent: {cmdline:?}");
+    match cmdline.mode {
+        Mode::Discover => {
+            let inventory = collect(root)?;
+            print_json(&inventory)?;
+            bail!("reporting the inventory to {} is not built yet", cmdline.server)
+        }
+        Mode::Deploy => bail!("deploy mode is not built yet"),
+    }
+}
+
+fn plan(
+    layout: StorageLayout,
+    root: &Path,
+    names: &[String],
+    swap: Option<u64>,
+    root_size: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let inventory = collect(root)?;
+    let disks = if names.is_empty() {
+        inventory.hardware.disks.clone()
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                let found = inventory.hardware.disks.iter().find(|d| d.name == *n);
+                found.cloned().with_context(|| format!("no disk {n} in the inventory"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut options = LayoutOptions::new(inventory.firmware);
+    options.swap_bytes = swap.unwrap_or(0);
+    options.root_bytes = root_size;
+    let plan = layout::plan(layout, &disks, inventory.hardware.raid_controller.is_some(), &options)?;
+    if json {
+        return print_json(&plan);
+    }
+    // Written, not print!ed: a closed pipe (`| head`) is an error to
+    // report, not a panic.
+    let mut out = io::stdout().lock();
+    write!(out, "{plan}")?;
+    writeln!(out, "commands:")?;
+    for c in &plan.commands {
+        writeln!(out, "  {c}")?;
+    }
+    Ok(())
+}
+
+fn write(source: &Path, target: &Path, format: ImageFormat, sha256: Sha256, zeroed: bool) -> Result<()> {
+    let (reader, file_bytes): (Box<dyn Read>, Option<u64>) = if source == Path::new("-") {
+        (Box::new(io::stdin().lock()), None)
+    } else {
+        let file = File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+        let len = file.metadata()?.len();
+        (Box::new(file), Some(len))
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(target)
+        .with_context(|| format!("cannot open {}", target.display()))?;
+    // A block device has a size to respect; a file grows.
+    let target_bytes = if file.metadata()?.file_type().is_block_device() {
+        Some(file.seek(SeekFrom::End(0))?)
+    } else {
+        None
+    };
+    let expected = ExpectedImage {
+        format,
+        sha256,
+        file_bytes,
+    };
+    let options = WriteOptions {
+        target_bytes,
+        target_is_zeroed: zeroed,
+        progress_every: Duration::from_secs(1),
+        ..WriteOptions::default()
+    };
+    let tty = io::stderr().is_terminal();
+    let mut show = |p: &Progress| {
+        let percent = p.percent().map(|x| format!(" {x:.0}%")).unwrap_or_default();
+        let line = format!(
+            "{:.1} MiB written, {:.1} MiB/s{percent}",
+            p.written_bytes as f64 / 1048576.0,
+            p.rate_bytes_per_sec() / 1048576.0
+        );
+        if tty && !p.done {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{}{line}", if tty { "\r" } else { "" });
+        }
+    };
+    let mut device = SyncOnFlush(file);
+    let report = write_image(reader, &mut device, &expected, &options, &mut show)?;
+    eprintln!(
+        "wrote {} ({} bytes of {}, sha256 {}) in {:.1}s",
+        target.display(),
+        report.image_bytes,
+        report.format,
+        report.sha256,
+        report.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("4GB").is_err());
+        assert!(parse_size("99999999T").is_err());
+    }
+}
