@@ -588,11 +588,18 @@ impl Store {
         Ok(jobs)
     }
 
-    /// When the next job falls due (for the engine's sleep), if any does.
+    /// When the next job can be claimed (for the engine's sleep), if any
+    /// can: its `run_at`, or the end of the lease that holds it if that is
+    /// later. A job running a step is due but leased: counting its `run_at`
+    /// made an engine with any job running look again every few
+    /// milliseconds, a claim transaction each time.
     pub async fn next_job_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let row = sqlx::query::<Any>("SELECT MIN(run_at) FROM jobs WHERE run_at IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query::<Any>(
+            "SELECT MIN(CASE WHEN lease_expires > run_at THEN lease_expires ELSE run_at END) \
+             FROM jobs WHERE run_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         row.try_get::<Option<String>, _>(0)?
             .as_deref()
             .map(parse_ts)

@@ -341,6 +341,14 @@ fn split(job: &JobDetail, m: &SimMachine, fleet_t0: DateTime<Utc>, d: &Durations
     }
 }
 
+/// The steps of a reimage, in order (from the first job's view).
+fn step_order(details: &[(usize, JobDetail)]) -> Vec<&str> {
+    details
+        .first()
+        .map(|(_, d)| d.job.steps.iter().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     kiln_client::install_tls_provider();
@@ -573,6 +581,30 @@ async fn main() -> anyhow::Result<()> {
             machines_off_script += 1;
         }
     }
+    // How long each step took, first start to done (waits included).
+    let mut steps: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for (_, d) in &details {
+        let mut started: std::collections::HashMap<&str, DateTime<Utc>> = Default::default();
+        for l in d.log.iter().filter(|l| l.kind == JobLogKind::Step) {
+            let Some(step) = l.step.as_deref() else { continue };
+            match l.message.as_str() {
+                "started" => {
+                    started.entry(step).or_insert(l.at);
+                }
+                "done" => {
+                    if let Some(s) = started.get(step) {
+                        steps.entry(step.to_string()).or_default().push(secs(l.at - *s));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let order: Vec<&str> = step_order(&details);
+    let step_secs: serde_json::Map<String, serde_json::Value> = order
+        .iter()
+        .filter_map(|s| steps.get_mut(*s).map(|v| (s.to_string(), serde_json::json!(percentiles(v)))))
+        .collect();
     let exceeded = overshoot.iter().filter(|o| **o > 2.0).count();
     let [dur_p50, dur_p99, dur_max] = percentiles(&mut durations_s);
     let [over_p50, over_p99, over_max] = percentiles(&mut overshoot);
@@ -620,6 +652,7 @@ async fn main() -> anyhow::Result<()> {
             "machine": pct(&mut machine),
             "tail": pct(&mut tail),
         },
+        "step_secs": step_secs,
         "server_log_lines": log_lines,
         "server_log_warnings": warn_lines,
     });
