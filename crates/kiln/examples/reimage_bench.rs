@@ -210,6 +210,22 @@ fn cpu_split(pid: &str) -> anyhow::Result<[f64; 2]> {
     ])
 }
 
+/// CPU seconds the whole machine spent busy (all CPUs; user, nice,
+/// system, irq, softirq) and stolen by the hypervisor, from /proc/stat.
+fn machine_busy() -> anyhow::Result<[f64; 2]> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("an empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let field = |i: usize| cpu.get(i).copied().unwrap_or(0) as f64 / TICKS_PER_SEC;
+    Ok([field(0) + field(1) + field(2) + field(5) + field(6), field(7)])
+}
+
 /// A `/proc/PID/status` line's value in MiB (`VmHWM`, `VmRSS`).
 fn status_mib(pid: &str, key: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -223,6 +239,32 @@ fn status_mib(pid: &str, key: &str) -> anyhow::Result<f64> {
         .context("a status line without a value")?
         .parse()?;
     Ok(kib / 1024.0)
+}
+
+/// The PostgreSQL backends serving database `db` (their process titles
+/// name it), with their CPU seconds so far.
+fn pg_backends(db: &str) -> std::collections::HashMap<u32, f64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let title = String::from_utf8_lossy(&cmdline);
+        // "postgres: USER DB HOST(PORT) STATE"
+        if title.starts_with("postgres: ") && title.split_whitespace().nth(2) == Some(db)
+            && let Ok(cpu) = cpu_secs(&pid.to_string())
+        {
+            out.insert(pid, cpu);
+        }
+    }
+    out
+}
+
+/// CPU the backends in `after` used since `before` (a backend that
+/// started in between counts from zero; one that ended is not seen).
+fn pg_cpu_since(before: &std::collections::HashMap<u32, f64>, after: &std::collections::HashMap<u32, f64>) -> f64 {
+    after.iter().map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0)).sum()
 }
 
 fn request() -> ReimageRequest {
@@ -470,7 +512,14 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("resetting the server's VmHWM")?;
     let split0 = cpu_split(&pid)?;
     let cpu0 = split0[0] + split0[1];
+    let pg_db = args
+        .database_url
+        .as_deref()
+        .and_then(|u| u.rsplit('/').next())
+        .map(|d| d.split('?').next().unwrap_or(d).to_string());
+    let pg0 = pg_db.as_deref().map(pg_backends).unwrap_or_default();
     let self_cpu0 = cpu_secs("self")?;
+    let busy0 = machine_busy()?;
     let t0 = Utc::now();
     let started = Instant::now();
     let slots = Arc::new(Semaphore::new(args.start_concurrency.max(1)));
@@ -514,9 +563,15 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let split1 = cpu_split(&pid)?;
+    let self_cpu = cpu_secs("self")? - self_cpu0;
+    let busy1 = machine_busy()?;
     let cpu = split1[0] + split1[1] - cpu0;
     let (cpu_user, cpu_sys) = (split1[0] - split0[0], split1[1] - split0[1]);
-    let self_cpu = cpu_secs("self")? - self_cpu0;
+    let pg_cpu = pg_db.as_deref().map(|db| pg_cpu_since(&pg0, &pg_backends(db)));
+    // Everything else that ran on the machine meanwhile (other work, the
+    // kernel's own threads).
+    let others_cpu = (busy1[0] - busy0[0]) - cpu - self_cpu - pg_cpu.unwrap_or(0.0);
+    let steal = busy1[1] - busy0[1];
     let hwm = status_mib(&pid, "VmHWM")?;
     let observed_secs = started.elapsed().as_secs_f64();
 
@@ -601,9 +656,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let order: Vec<&str> = step_order(&details);
-    let step_secs: serde_json::Map<String, serde_json::Value> = order
+    // In step order: [name, [p50, p99, max]].
+    let step_secs: Vec<serde_json::Value> = order
         .iter()
-        .filter_map(|s| steps.get_mut(*s).map(|v| (s.to_string(), serde_json::json!(percentiles(v)))))
+        .filter_map(|s| steps.get_mut(*s).map(|v| serde_json::json!([s, percentiles(v)])))
         .collect();
     let exceeded = overshoot.iter().filter(|o| **o > 2.0).count();
     let [dur_p50, dur_p99, dur_max] = percentiles(&mut durations_s);
@@ -640,6 +696,10 @@ async fn main() -> anyhow::Result<()> {
         "server_cpu_sys_secs": cpu_sys,
         "cpu_ms_per_reimage": cpu * 1000.0 / n as f64,
         "driver_cpu_secs": self_cpu,
+        "postgres_cpu_secs": pg_cpu,
+        "others_cpu_secs": others_cpu,
+        "steal_secs": steal,
+        "postgres_cpu_ms_per_reimage": pg_cpu.map(|c| c * 1000.0 / n as f64),
         "server_rss_before_mib": rss_before,
         "server_hwm_enroll_mib": enroll_hwm,
         "server_hwm_reimage_mib": hwm,
