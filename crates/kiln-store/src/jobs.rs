@@ -463,6 +463,7 @@ impl Store {
         state: MemberState,
         message: Option<&str>,
     ) -> Result<()> {
+        let _turn = self.write_turn().await?;
         sqlx::query::<Any>(
             "UPDATE rollout_members SET state = $1, message = $2, updated_at = $3 \
              WHERE rollout_id = $4 AND position = $5",
@@ -479,6 +480,7 @@ impl Store {
 
     /// Makes waiting job `id` due now (a child ended: its parent looks).
     pub async fn wake_job(&self, id: JobId) -> Result<()> {
+        let _turn = self.write_turn().await?;
         sqlx::query::<Any>("UPDATE jobs SET run_at = $1 WHERE id = $2 AND state = 'waiting'")
             .bind(ts(now()))
             .bind(id.to_string())
@@ -603,6 +605,7 @@ impl Store {
     /// Extends `owner`'s lease on job `id`; false if it is no longer
     /// `owner`'s (taken over after it expired).
     pub async fn renew_job_lease(&self, id: JobId, owner: &str, until: DateTime<Utc>) -> Result<bool> {
+        let _turn = self.write_turn().await?;
         let done = sqlx::query::<Any>("UPDATE jobs SET lease_expires = $1 WHERE id = $2 AND lease_owner = $3")
             .bind(ts(until))
             .bind(id.to_string())
@@ -635,22 +638,22 @@ impl Store {
              WHERE id = $13 AND lease_owner = $14 RETURNING {JOB_COLUMNS}"
         );
         let saved = sqlx::query::<Any>(built(sql))
-        .bind(job.state.as_str())
-        .bind(job.data.to_string())
-        .bind(i64::from(job.step_index))
-        .bind(ts(job.step_started_at))
-        .bind(i64::from(job.step_attempts))
-        .bind(job.reason.clone())
-        .bind(i64::from(job.stage.0))
-        .bind(at)
-        .bind(job.run_at.map(ts))
-        .bind(job.lease_owner.clone())
-        .bind(job.lease_expires.map(ts))
-        .bind(job.finished_at.map(ts))
-        .bind(job.id.to_string())
-        .bind(owner)
-        .fetch_optional(&mut *tx)
-        .await?;
+            .bind(job.state.as_str())
+            .bind(job.data.to_string())
+            .bind(i64::from(job.step_index))
+            .bind(ts(job.step_started_at))
+            .bind(i64::from(job.step_attempts))
+            .bind(job.reason.clone())
+            .bind(i64::from(job.stage.0))
+            .bind(at)
+            .bind(job.run_at.map(ts))
+            .bind(job.lease_owner.clone())
+            .bind(job.lease_expires.map(ts))
+            .bind(job.finished_at.map(ts))
+            .bind(job.id.to_string())
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(saved) = saved else {
             return Ok(None);
         };
@@ -699,7 +702,8 @@ impl Store {
         };
         // The row as updated comes back with the update (nothing below
         // writes it).
-        let sql = format!("UPDATE jobs SET stage = $1, run_at = $2, updated_at = $3 WHERE id = $4 RETURNING {JOB_COLUMNS}");
+        let sql =
+            format!("UPDATE jobs SET stage = $1, run_at = $2, updated_at = $3 WHERE id = $4 RETURNING {JOB_COLUMNS}");
         let updated = sqlx::query::<Any>(built(sql))
             .bind(i64::from(job.stage.max(stage).0))
             .bind(run_at)
