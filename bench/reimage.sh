@@ -173,7 +173,8 @@ for r in runs:
                  f"kiln server {r['server_cpu_secs']:.1f} s (user {r['server_cpu_user_secs']:.1f}, system {r['server_cpu_sys_secs']:.1f}), "
                  f"fleet and driver {r['driver_cpu_secs']:.1f} s"
                  + (f", PostgreSQL {r['postgres_cpu_secs']:.1f} s" if r.get('postgres_cpu_secs') is not None else "")
-                 + f", other processes {r['others_cpu_secs']:.1f} s, stolen by the hypervisor {r['steal_secs']:.1f} s.")
+                 + f", everything else {r['others_cpu_secs']:.1f} s (of which softirq, where the kernel processes "
+                 f"loopback packets for any process, {r['softirq_secs']:.1f} s), stolen by the hypervisor {r['steal_secs']:.1f} s.")
 lines.append("")
 lines.append("Where each job's time beyond the floor went (p50 / p99 / max, seconds): **queue** = job created to its first "
              "step; **BMC path** = job created to the machine's network boot, less the two power delays (validate with a "

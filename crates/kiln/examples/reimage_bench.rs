@@ -170,9 +170,7 @@ impl Server {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -211,8 +209,10 @@ fn cpu_split(pid: &str) -> anyhow::Result<[f64; 2]> {
 }
 
 /// CPU seconds the whole machine spent busy (all CPUs; user, nice,
-/// system, irq, softirq) and stolen by the hypervisor, from /proc/stat.
-fn machine_busy() -> anyhow::Result<[f64; 2]> {
+/// system, irq, softirq), stolen by the hypervisor, and in softirq (where
+/// loopback packets are processed, whichever process sent them), from
+/// /proc/stat.
+fn machine_busy() -> anyhow::Result<[f64; 3]> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let cpu: Vec<u64> = stat
         .lines()
@@ -223,7 +223,7 @@ fn machine_busy() -> anyhow::Result<[f64; 2]> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     let field = |i: usize| cpu.get(i).copied().unwrap_or(0) as f64 / TICKS_PER_SEC;
-    Ok([field(0) + field(1) + field(2) + field(5) + field(6), field(7)])
+    Ok([field(0) + field(1) + field(2) + field(5) + field(6), field(7), field(6)])
 }
 
 /// A `/proc/PID/status` line's value in MiB (`VmHWM`, `VmRSS`).
@@ -245,14 +245,21 @@ fn status_mib(pid: &str, key: &str) -> anyhow::Result<f64> {
 /// name it), with their CPU seconds so far.
 fn pg_backends(db: &str) -> std::collections::HashMap<u32, f64> {
     let mut out = std::collections::HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Some(pid) = name.to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let title = String::from_utf8_lossy(&cmdline);
-        // "postgres: USER DB HOST(PORT) STATE"
-        if title.starts_with("postgres: ") && title.split_whitespace().nth(2) == Some(db)
+        // "postgres: [CLUSTER: ]USER DB HOST(PORT) STATE"
+        if title.starts_with("postgres: ")
+            && title.split(['\0', ' ']).any(|w| w == db)
             && let Ok(cpu) = cpu_secs(&pid.to_string())
         {
             out.insert(pid, cpu);
@@ -264,7 +271,10 @@ fn pg_backends(db: &str) -> std::collections::HashMap<u32, f64> {
 /// CPU the backends in `after` used since `before` (a backend that
 /// started in between counts from zero; one that ended is not seen).
 fn pg_cpu_since(before: &std::collections::HashMap<u32, f64>, after: &std::collections::HashMap<u32, f64>) -> f64 {
-    after.iter().map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0)).sum()
+    after
+        .iter()
+        .map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 fn request() -> ReimageRequest {
@@ -288,7 +298,11 @@ fn request() -> ReimageRequest {
 /// reports (the Redfish driver finds its system by it) and its BMC.
 fn enrollment(m: &SimMachine, password: &str, ca: Option<&str>) -> anyhow::Result<MachineCreate> {
     let i = m.index();
-    let mac = m.mac().to_string().parse().map_err(|e| anyhow::anyhow!("MAC {}: {e}", m.mac()))?;
+    let mac = m
+        .mac()
+        .to_string()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("MAC {}: {e}", m.mac()))?;
     let mut c = MachineCreate::new(host(i).parse().map_err(|e| anyhow::anyhow!("hostname: {e}"))?);
     c.state = MachineState::Deployed;
     c.nics = vec![Nic {
@@ -396,7 +410,11 @@ async fn main() -> anyhow::Result<()> {
     kiln_client::install_tls_provider();
     let args = Args::parse();
     let n = args.machines as usize;
-    let backend = if args.database_url.is_some() { "postgres" } else { "sqlite" };
+    let backend = if args.database_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
     let label = args.label.clone().unwrap_or_else(|| backend.to_string());
     let tmp = tempfile::Builder::new().prefix("kiln-reimage-bench-").tempdir()?;
     let dir = match &args.work_dir {
@@ -572,6 +590,7 @@ async fn main() -> anyhow::Result<()> {
     // kernel's own threads).
     let others_cpu = (busy1[0] - busy0[0]) - cpu - self_cpu - pg_cpu.unwrap_or(0.0);
     let steal = busy1[1] - busy0[1];
+    let softirq = busy1[2] - busy0[2];
     let hwm = status_mib(&pid, "VmHWM")?;
     let observed_secs = started.elapsed().as_secs_f64();
 
@@ -699,6 +718,7 @@ async fn main() -> anyhow::Result<()> {
         "postgres_cpu_secs": pg_cpu,
         "others_cpu_secs": others_cpu,
         "steal_secs": steal,
+        "softirq_secs": softirq,
         "postgres_cpu_ms_per_reimage": pg_cpu.map(|c| c * 1000.0 / n as f64),
         "server_rss_before_mib": rss_before,
         "server_hwm_enroll_mib": enroll_hwm,
@@ -732,7 +752,10 @@ async fn main() -> anyhow::Result<()> {
     }
     fleet.shutdown().await;
     if timed_out {
-        bail!("[{label}] jobs were still active {} s past the floor", args.timeout_secs);
+        bail!(
+            "[{label}] jobs were still active {} s past the floor",
+            args.timeout_secs
+        );
     }
     Ok(())
 }
