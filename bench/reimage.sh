@@ -8,6 +8,7 @@
 #   bash bench/reimage.sh --write           # … and records it in BENCHMARKS.md
 #   bash bench/reimage.sh --machines 200    # fewer machines
 #   bash bench/reimage.sh --backends sqlite # one backend
+#   bash bench/reimage.sh --kiln PATH       # another kiln binary as the server (A/B runs)
 #
 # Each backend gets a fresh `kiln server` process (release build): SQLite in
 # a temporary data directory, PostgreSQL in a database made for the run and
@@ -30,6 +31,7 @@ power_delay_ms=1000
 bmc_max_concurrent=1024
 backends="sqlite postgres"
 write=0
+kiln=target/release/kiln
 while [[ $# -gt 0 ]]; do
     case $1 in
         --machines) machines=$2; shift 2 ;;
@@ -37,6 +39,7 @@ while [[ $# -gt 0 ]]; do
         --power-delay-ms) power_delay_ms=$2; shift 2 ;;
         --bmc-max-concurrent) bmc_max_concurrent=$2; shift 2 ;;
         --backends) backends=$2; shift 2 ;;
+        --kiln) kiln=$2; shift 2 ;;
         --write) write=1; shift ;;
         *) echo "bench/reimage.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -48,6 +51,7 @@ command_line="bash bench/reimage.sh"
 [[ $power_delay_ms != 1000 ]] && command_line+=" --power-delay-ms $power_delay_ms"
 [[ $bmc_max_concurrent != 1024 ]] && command_line+=" --bmc-max-concurrent $bmc_max_concurrent"
 [[ $backends != "sqlite postgres" ]] && command_line+=" --backends \"$backends\""
+[[ $kiln != target/release/kiln ]] && command_line+=" --kiln $kiln"
 [[ $write == 1 ]] && command_line+=" --write"
 
 # The driver holds one listening socket per BMC and a connection per
@@ -76,7 +80,7 @@ trap cleanup EXIT
 load_start=$(cut -d' ' -f1 /proc/loadavg)
 pg_version=""
 for backend in $backends; do
-    args=(--machines "$machines" --stage-secs "$stage_secs" --power-delay-ms "$power_delay_ms"
+    args=(--kiln "$kiln" --machines "$machines" --stage-secs "$stage_secs" --power-delay-ms "$power_delay_ms"
           --bmc-max-concurrent "$bmc_max_concurrent" --json "$tmp/$backend.json" --work-dir "$tmp/$backend")
     case $backend in
         sqlite) ;;
@@ -173,8 +177,11 @@ for r in runs:
                  f"kiln server {r['server_cpu_secs']:.1f} s (user {r['server_cpu_user_secs']:.1f}, system {r['server_cpu_sys_secs']:.1f}), "
                  f"fleet and driver {r['driver_cpu_secs']:.1f} s"
                  + (f", PostgreSQL {r['postgres_cpu_secs']:.1f} s" if r.get('postgres_cpu_secs') is not None else "")
-                 + f", everything else {r['others_cpu_secs']:.1f} s (of which softirq, where the kernel processes "
+                 + f", everything else {max(0.0, r['others_cpu_secs']):.1f} s (of which softirq, where the kernel processes "
                  f"loopback packets for any process, {r['softirq_secs']:.1f} s), stolen by the hypervisor {r['steal_secs']:.1f} s.")
+lines.append("")
+lines.append("(\"Everything else\" is the machine's busy time from /proc/stat less the processes above; the two "
+             "counters disagree by up to about a second.)")
 lines.append("")
 lines.append("Where each job's time beyond the floor went (p50 / p99 / max, seconds): **queue** = job created to its first "
              "step; **BMC path** = job created to the machine's network boot, less the two power delays (validate with a "
