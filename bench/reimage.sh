@@ -179,6 +179,8 @@ for r in runs:
                  + (f", PostgreSQL {r['postgres_cpu_secs']:.1f} s" if r.get('postgres_cpu_secs') is not None else "")
                  + f", everything else {max(0.0, r['others_cpu_secs']):.1f} s (of which softirq, where the kernel processes "
                  f"loopback packets for any process, {r['softirq_secs']:.1f} s), stolen by the hypervisor {r['steal_secs']:.1f} s.")
+lines.append(f"- Each machine's BMC answered {r0['bmc_requests_per_machine']:.0f} requests in "
+             f"{r0['bmc_sessions_per_machine']:.0f} Redfish sessions (one per BMC call) during its reimage.")
 lines.append("")
 lines.append("(\"Everything else\" is the machine's busy time from /proc/stat less the processes above; the two "
              "counters disagree by up to about a second.)")

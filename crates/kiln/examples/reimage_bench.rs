@@ -37,6 +37,9 @@
 //! floor plus `--timeout-secs`. The server is stopped by its PID (SIGTERM,
 //! then SIGKILL) however the run ends.
 
+// serde_json::json! of the results nests deeper than the default allows.
+#![recursion_limit = "256"]
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -680,6 +683,13 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .filter_map(|s| steps.get_mut(*s).map(|v| serde_json::json!([s, percentiles(v)])))
         .collect();
+    // What the BMCs were asked, per machine (every request and session).
+    let (mut bmc_requests, mut bmc_sessions) = (0u64, 0u64);
+    for m in fleet.machines() {
+        let st = m.bmc().stats();
+        bmc_requests += st.requests;
+        bmc_sessions += st.sessions_created;
+    }
     let exceeded = overshoot.iter().filter(|o| **o > 2.0).count();
     let [dur_p50, dur_p99, dur_max] = percentiles(&mut durations_s);
     let [over_p50, over_p99, over_max] = percentiles(&mut overshoot);
@@ -733,6 +743,8 @@ async fn main() -> anyhow::Result<()> {
             "tail": pct(&mut tail),
         },
         "step_secs": step_secs,
+        "bmc_requests_per_machine": bmc_requests as f64 / n as f64,
+        "bmc_sessions_per_machine": bmc_sessions as f64 / n as f64,
         "server_log_lines": log_lines,
         "server_log_warnings": warn_lines,
     });
