@@ -695,6 +695,12 @@ async fn main() -> anyhow::Result<()> {
     let [over_p50, over_p99, over_max] = percentiles(&mut overshoot);
     let pct = |v: &mut Vec<f64>| percentiles(v).to_vec();
     let log_lines = server_log.lines().count();
+    // kiln logs every DHCP request it answers: two per machine when no
+    // client had to ask again.
+    let dhcp_answers = server_log
+        .lines()
+        .filter(|l| l.contains("kiln_server::dhcp") && (l.contains("): offer ") || l.contains("): ack ")))
+        .count();
     let warn_lines = server_log
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
@@ -746,6 +752,7 @@ async fn main() -> anyhow::Result<()> {
         "bmc_requests_per_machine": bmc_requests as f64 / n as f64,
         "bmc_sessions_per_machine": bmc_sessions as f64 / n as f64,
         "server_log_lines": log_lines,
+        "dhcp_answers_per_machine": dhcp_answers as f64 / n as f64,
         "server_log_warnings": warn_lines,
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
