@@ -177,8 +177,8 @@ for r in runs:
                  f"kiln server {r['server_cpu_secs']:.1f} s (user {r['server_cpu_user_secs']:.1f}, system {r['server_cpu_sys_secs']:.1f}), "
                  f"fleet and driver {r['driver_cpu_secs']:.1f} s"
                  + (f", PostgreSQL {r['postgres_cpu_secs']:.1f} s" if r.get('postgres_cpu_secs') is not None else "")
-                 + f", everything else {max(0.0, r['others_cpu_secs']):.1f} s (of which softirq, where the kernel processes "
-                 f"loopback packets for any process, {r['softirq_secs']:.1f} s), stolen by the hypervisor {r['steal_secs']:.1f} s.")
+                 + f", everything else {max(0.0, r['others_cpu_secs']):.1f} s, stolen by the hypervisor {r['steal_secs']:.1f} s; "
+                 f"softirq (the kernel's loopback packet processing for all of them) {r['softirq_secs']:.1f} s.")
 lines.append(f"- Each machine's BMC answered {r0['bmc_requests_per_machine']:.0f} requests in "
              f"{r0['bmc_sessions_per_machine']:.0f} Redfish sessions (one per BMC call) during its reimage. "
              "DHCP offers and acks kiln sent per machine (2 when no client had to ask again): "
