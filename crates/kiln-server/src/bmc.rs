@@ -331,7 +331,7 @@ impl BmcService {
             };
         // Read under the lock: a call that queued behind the failure that
         // put the machine in maintenance must see it.
-        let machine = self.store.get_machine(&id.to_string(), None).await?;
+        let (machine, sealed) = self.store.machine_with_bmc_password(id).await?;
         let Some(bmc) = machine.bmc.clone() else {
             return Err(BmcCallError::NoBmc(machine.hostname.to_string()));
         };
@@ -346,7 +346,7 @@ impl BmcService {
                 reason: reason.clone(),
             });
         }
-        let password = match self.store.machine_bmc_password(id).await? {
+        let password = match sealed {
             Some(sealed) => Some(self.secrets.open(&sealed).map_err(|err| BmcCallError::Secret {
                 hostname: machine.hostname.to_string(),
                 err,

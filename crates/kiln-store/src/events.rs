@@ -143,6 +143,7 @@ impl Store {
         target_name: String,
         detail: serde_json::Value,
     ) -> Result<()> {
+        let _turn = self.write_turn().await?;
         let mut conn = self.pool.acquire().await?;
         record(
             &mut conn,

@@ -219,24 +219,17 @@ async fn load_job(conn: &mut AnyConnection, id: JobId) -> Result<JobRecord> {
     }
 }
 
-/// Appends log lines to job `id`. Callers hold the job row locked (they
-/// updated it first in the same transaction), so `seq` cannot race.
+/// Appends log lines to job `id`, each numbered next in one statement.
+/// Callers hold the job row locked (they updated it first in the same
+/// transaction), so `seq` cannot race.
 async fn append_log(conn: &mut AnyConnection, id: JobId, lines: &[LogLine]) -> Result<()> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let next: i64 = sqlx::query::<Any>("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_log WHERE job_id = $1")
-        .bind(id.to_string())
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
     let at = ts(now());
-    for (i, line) in lines.iter().enumerate() {
+    for line in lines {
         sqlx::query::<Any>(
-            "INSERT INTO job_log (job_id, seq, at, kind, step, stage, message) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO job_log (job_id, seq, at, kind, step, stage, message) \
+             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM job_log WHERE job_id = $1",
         )
         .bind(id.to_string())
-        .bind(next + i as i64)
         .bind(at.clone())
         .bind(line.kind.as_str())
         .bind(line.step.clone())
@@ -474,6 +467,7 @@ impl Store {
         state: MemberState,
         message: Option<&str>,
     ) -> Result<()> {
+        let _turn = self.write_turn().await?;
         sqlx::query::<Any>(
             "UPDATE rollout_members SET state = $1, message = $2, updated_at = $3 \
              WHERE rollout_id = $4 AND position = $5",
@@ -490,6 +484,7 @@ impl Store {
 
     /// Makes waiting job `id` due now (a child ended: its parent looks).
     pub async fn wake_job(&self, id: JobId) -> Result<()> {
+        let _turn = self.write_turn().await?;
         sqlx::query::<Any>("UPDATE jobs SET run_at = $1 WHERE id = $2 AND state = 'waiting'")
             .bind(ts(now()))
             .bind(id.to_string())
@@ -579,24 +574,32 @@ impl Store {
             .map(|r| r.try_get(0))
             .collect::<Result<_, _>>()?;
         let mut jobs = Vec::with_capacity(ids.len());
+        let sql = format!("UPDATE jobs SET lease_owner = $1, lease_expires = $2 WHERE id = $3 RETURNING {JOB_COLUMNS}");
         for id in ids {
-            sqlx::query::<Any>("UPDATE jobs SET lease_owner = $1, lease_expires = $2 WHERE id = $3")
+            let row = sqlx::query::<Any>(built(sql.clone()))
                 .bind(owner)
                 .bind(ts(at + lease))
-                .bind(id.clone())
-                .execute(&mut *tx)
+                .bind(id)
+                .fetch_one(&mut *tx)
                 .await?;
-            jobs.push(load_job(&mut tx, parse_col("job id", &id)?).await?);
+            jobs.push(job_from_row(&row)?);
         }
         tx.commit().await?;
         Ok(jobs)
     }
 
-    /// When the next job falls due (for the engine's sleep), if any does.
+    /// When the next job can be claimed (for the engine's sleep), if any
+    /// can: its `run_at`, or the end of the lease that holds it if that is
+    /// later. A job running a step is due but leased: counting its `run_at`
+    /// made an engine with any job running look again every few
+    /// milliseconds, a claim transaction each time.
     pub async fn next_job_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let row = sqlx::query::<Any>("SELECT MIN(run_at) FROM jobs WHERE run_at IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query::<Any>(
+            "SELECT MIN(CASE WHEN lease_expires > run_at THEN lease_expires ELSE run_at END) \
+             FROM jobs WHERE run_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         row.try_get::<Option<String>, _>(0)?
             .as_deref()
             .map(parse_ts)
@@ -606,6 +609,7 @@ impl Store {
     /// Extends `owner`'s lease on job `id`; false if it is no longer
     /// `owner`'s (taken over after it expired).
     pub async fn renew_job_lease(&self, id: JobId, owner: &str, until: DateTime<Utc>) -> Result<bool> {
+        let _turn = self.write_turn().await?;
         let done = sqlx::query::<Any>("UPDATE jobs SET lease_expires = $1 WHERE id = $2 AND lease_owner = $3")
             .bind(ts(until))
             .bind(id.to_string())
@@ -627,33 +631,37 @@ impl Store {
     pub async fn save_job(&self, owner: &str, job: &JobRecord, effects: JobSave) -> Result<Option<JobRecord>> {
         let mut tx = self.write_tx().await?;
         let at = ts(now());
-        let done = sqlx::query::<Any>(
+        // The row as saved comes back with the update: nothing else in this
+        // transaction writes it, so it is what a re-read at the end would give.
+        let sql = format!(
             "UPDATE jobs SET state = $1, data = $2, step_index = $3, step_started_at = $4, step_attempts = $5, \
              reason = $6, \
              run_at = CASE WHEN $1 = 'waiting' AND (stage <> $7 OR cancel_requested OR pause_requested) \
                  THEN $8 ELSE $9 END, \
              lease_owner = $10, lease_expires = $11, updated_at = $8, finished_at = $12 \
-             WHERE id = $13 AND lease_owner = $14",
-        )
-        .bind(job.state.as_str())
-        .bind(job.data.to_string())
-        .bind(i64::from(job.step_index))
-        .bind(ts(job.step_started_at))
-        .bind(i64::from(job.step_attempts))
-        .bind(job.reason.clone())
-        .bind(i64::from(job.stage.0))
-        .bind(at)
-        .bind(job.run_at.map(ts))
-        .bind(job.lease_owner.clone())
-        .bind(job.lease_expires.map(ts))
-        .bind(job.finished_at.map(ts))
-        .bind(job.id.to_string())
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
+             WHERE id = $13 AND lease_owner = $14 RETURNING {JOB_COLUMNS}"
+        );
+        let saved = sqlx::query::<Any>(built(sql))
+            .bind(job.state.as_str())
+            .bind(job.data.to_string())
+            .bind(i64::from(job.step_index))
+            .bind(ts(job.step_started_at))
+            .bind(i64::from(job.step_attempts))
+            .bind(job.reason.clone())
+            .bind(i64::from(job.stage.0))
+            .bind(at)
+            .bind(job.run_at.map(ts))
+            .bind(job.lease_owner.clone())
+            .bind(job.lease_expires.map(ts))
+            .bind(job.finished_at.map(ts))
+            .bind(job.id.to_string())
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(saved) = saved else {
             return Ok(None);
-        }
+        };
+        let saved = job_from_row(&saved)?;
         append_log(&mut tx, job.id, &effects.log).await?;
         let actor = Actor::new(format!("job {}", job.id));
         if let (Some(state), Some(machine)) = (effects.machine_state, job.machine_id) {
@@ -663,7 +671,6 @@ impl Store {
             write_arm(&mut tx, machine, arm.as_ref()).await?;
             self.note_machine_change();
         }
-        let saved = load_job(&mut tx, job.id).await?;
         tx.commit().await?;
         if effects.machine_state.is_some() {
             self.note_machine_change();
@@ -697,13 +704,18 @@ impl Store {
             JobState::Paused => None,
             _ => Some(ts(at)),
         };
-        sqlx::query::<Any>("UPDATE jobs SET stage = $1, run_at = $2, updated_at = $3 WHERE id = $4")
+        // The row as updated comes back with the update (nothing below
+        // writes it).
+        let sql =
+            format!("UPDATE jobs SET stage = $1, run_at = $2, updated_at = $3 WHERE id = $4 RETURNING {JOB_COLUMNS}");
+        let updated = sqlx::query::<Any>(built(sql))
             .bind(i64::from(job.stage.max(stage).0))
             .bind(run_at)
             .bind(ts(at))
             .bind(id.to_string())
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let updated = job_from_row(&updated)?;
         let mut line = LogLine::new(JobLogKind::Stage, None, message.to_string());
         line.stage = Some(stage);
         if stage < job.stage {
@@ -725,9 +737,8 @@ impl Store {
                 self.note_machine_change();
             }
         }
-        let job = load_job(&mut tx, id).await?;
         tx.commit().await?;
-        Ok(job)
+        Ok(updated)
     }
 
     /// An operator's cancel, pause, resume or retry. Cancel and pause are

@@ -644,8 +644,15 @@ impl Store {
 
     /// The sealed BMC password of a machine, for the BMC drivers.
     pub async fn machine_bmc_password(&self, id: MachineId) -> Result<Option<SealedPassword>> {
+        Ok(self.machine_with_bmc_password(id).await?.1)
+    }
+
+    /// A machine and its sealed BMC password, read together (one read
+    /// where a BMC call needs both).
+    pub async fn machine_with_bmc_password(&self, id: MachineId) -> Result<(Machine, Option<SealedPassword>)> {
         let mut conn = self.pool.acquire().await?;
-        Ok(load(&mut conn, self.backend, &id.to_string(), None).await?.1)
+        let (machine, sealed, _) = load(&mut conn, self.backend, &id.to_string(), None).await?;
+        Ok((machine, sealed))
     }
 
     /// Machines matching `filter` (within `scope`), by hostname, one page.

@@ -595,7 +595,15 @@ impl<E: Effects> Engine<E> {
         job.reason = Some(reason);
         job.lease_owner = None;
         job.lease_expires = None;
-        self.save(&job, save).await?;
+        // The claim loop sleeps until the next job it knows of can be
+        // claimed, at most a poll interval: one parked due sooner (a stage
+        // reported while the step ran, a short retry) must not wait for it.
+        let soon = Utc::now() + chrono::Duration::milliseconds(self.settings.poll_interval_ms as i64);
+        if let Some(saved) = self.save(&job, save).await?
+            && saved.run_at.is_some_and(|at| at <= soon)
+        {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
