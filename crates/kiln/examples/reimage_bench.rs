@@ -294,6 +294,7 @@ fn request() -> ReimageRequest {
         ticket: Some("BENCH".into()),
         no_pxe: false,
         no_hooks: false,
+        new: false,
     }
 }
 
