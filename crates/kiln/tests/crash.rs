@@ -26,12 +26,20 @@ use kiln_workflow::reimage::STEPS;
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 const GIB: u64 = 1 << 30;
 
+/// A free port for a server, outside the kernel's ephemeral range: the
+/// simulated BMCs these tests start beside it take ports the kernel picks
+/// (32768 and up), and one of them could take a port picked that way
+/// between the check here and the server's bind.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() % 5000) as u16;
+    loop {
+        let port = 20_000 + (seed + NEXT.fetch_add(7, Ordering::Relaxed)) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A `kiln server` process, killed (SIGKILL) when dropped.
@@ -84,14 +92,16 @@ async fn start(dir: &Path, cfg: &(PathBuf, String), crash_at: Option<&str>) -> S
         child: cmd.spawn().unwrap(),
         url: cfg.1.clone(),
     };
+    let mut server = server;
     let probe = Client::new(&server.url, None);
-    let end = Instant::now() + Duration::from_secs(20);
+    // Generous: CI runs the crash tests beside other test binaries.
+    let end = Instant::now() + Duration::from_secs(60);
     while probe.healthz().await.is_err() {
-        assert!(
-            Instant::now() < end,
-            "kiln server did not come up; see {}",
-            dir.join("server.log").display()
-        );
+        let log = || std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        if let Some(status) = server.child.try_wait().unwrap() {
+            panic!("kiln server exited ({status}) before it answered; its log:\n{}", log());
+        }
+        assert!(Instant::now() < end, "kiln server did not come up in 60 s; its log:\n{}", log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server
