@@ -101,7 +101,11 @@ async fn start(dir: &Path, cfg: &(PathBuf, String), crash_at: Option<&str>) -> S
         if let Some(status) = server.child.try_wait().unwrap() {
             panic!("kiln server exited ({status}) before it answered; its log:\n{}", log());
         }
-        assert!(Instant::now() < end, "kiln server did not come up in 60 s; its log:\n{}", log());
+        assert!(
+            Instant::now() < end,
+            "kiln server did not come up in 60 s; its log:\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server
