@@ -28,6 +28,16 @@ pub fn new_token() -> (String, String) {
     (token, hash)
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header: an API token, or
+/// the job or discovery token an agent sends.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -75,16 +85,12 @@ impl Caller {
 }
 
 pub async fn authenticate(store: &Store, parts: &Parts) -> ApiResult<Caller> {
-    let value = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
-        ApiError::unauthorized(
+    if !parts.headers.contains_key(header::AUTHORIZATION) {
+        return Err(ApiError::unauthorized(
             "missing bearer token: send `Authorization: Bearer TOKEN` (kiln token create makes one; the CLI reads KILN_TOKEN)",
-        )
-    })?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
+        ));
+    }
+    let token = bearer_token(&parts.headers)
         .ok_or_else(|| ApiError::unauthorized("the Authorization header is not `Bearer TOKEN`"))?;
     let record = store
         .token_by_hash(&hash_token(token))

@@ -85,7 +85,7 @@ fn text(status: StatusCode, body: String) -> Response {
 }
 
 /// The base URL machines use: configured, or the Host they asked.
-fn base_url(ctx: &BootContext, headers: &HeaderMap) -> String {
+pub(crate) fn base_url(ctx: &BootContext, headers: &HeaderMap) -> String {
     if let Some(b) = &ctx.settings.http_base {
         return b.trim_end_matches('/').to_string();
     }

@@ -20,6 +20,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row};
 
 use crate::events::{Change, record};
+use crate::machines::get_bool;
 use crate::{Actor, Backend, Params, Result, Store, StoreError, built, now, page_limit, parse_col, parse_ts, ts};
 
 /// A job as stored: the API view plus what only the engine reads.
@@ -136,13 +137,6 @@ pub enum JobControl {
 const JOB_COLUMNS: &str = "id, kind, state, machine_id, parent_id, hostname, os_label, spec, data, step_index, step_started_at, \
      step_attempts, stage, reason, ticket, callback_url, cancel_requested, pause_requested, run_at, lease_owner, \
      lease_expires, created_by, created_at, updated_at, finished_at";
-
-fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
-    match row.try_get::<bool, _>(col) {
-        Ok(b) => Ok(b),
-        Err(_) => Ok(row.try_get::<i64, _>(col)? != 0),
-    }
-}
 
 fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>> {
     row.try_get::<Option<String>, _>(col)?
@@ -282,8 +276,9 @@ async fn set_machine_state(
     .await
 }
 
-/// Arms or disarms `machine`'s next net boot. Arms feed the DHCP
-/// listener's in-memory inventory, so they count as a machine change.
+/// Arms or disarms `machine`'s next net boot. Not a machine change for
+/// the DHCP listener's inventory: it answers a known machine with the same
+/// boot file armed or not (HTTP boot reads the arm from the store).
 async fn write_arm(conn: &mut AnyConnection, machine: MachineId, arm: Option<&ArmRecord>) -> Result<()> {
     sqlx::query::<Any>("DELETE FROM netboot_arms WHERE machine_id = $1")
         .bind(machine.to_string())
@@ -305,7 +300,7 @@ async fn write_arm(conn: &mut AnyConnection, machine: MachineId, arm: Option<&Ar
         .execute(&mut *conn)
         .await?;
     }
-    crate::machines::bump_machines_generation(conn).await
+    Ok(())
 }
 
 /// Inserts a queued job (and its first log line and audit event).
@@ -669,7 +664,6 @@ impl Store {
         }
         if let (Some(arm), Some(machine)) = (effects.arm, job.machine_id) {
             write_arm(&mut tx, machine, arm.as_ref()).await?;
-            self.note_machine_change();
         }
         tx.commit().await?;
         if effects.machine_state.is_some() {
@@ -725,17 +719,13 @@ impl Store {
         if stage >= Stage::STARTED
             && let Some(machine) = job.machine_id
         {
-            let consumed = sqlx::query::<Any>(
+            sqlx::query::<Any>(
                 "UPDATE netboot_arms SET consumed = TRUE WHERE machine_id = $1 AND job_id = $2 AND consumed = FALSE",
             )
             .bind(machine.to_string())
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
-            if consumed.rows_affected() > 0 {
-                crate::machines::bump_machines_generation(&mut tx).await?;
-                self.note_machine_change();
-            }
         }
         tx.commit().await?;
         Ok(updated)

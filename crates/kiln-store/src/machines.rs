@@ -438,7 +438,7 @@ fn machine_from_row(row: &AnyRow) -> Result<Machine> {
 
 /// A flag column: BOOLEAN on PostgreSQL, INTEGER 0/1 on SQLite (whose
 /// BOOLEAN the `Any` driver cannot decode).
-fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
+pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
     match row.try_get::<bool, _>(col) {
         Ok(b) => Ok(b),
         Err(_) => Ok(row.try_get::<i64, _>(col)? != 0),

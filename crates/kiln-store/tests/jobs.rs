@@ -165,7 +165,7 @@ store_test!(a_save_carries_log_machine_state_and_arm, |store| {
     assert_eq!(store.netboot_arm(m).await.unwrap().unwrap(), arm_like(&store, m).await);
     assert!(
         store.machines_generation().await.unwrap() > gen_before,
-        "the DHCP inventory must reload"
+        "the state change reloads the DHCP inventory"
     );
     assert_eq!(store.netboot_arms().await.unwrap().len(), 1);
     // Disarm.

@@ -6,7 +6,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use kiln_store::{Actor, NewMachine, StoreError};
 use kiln_types::agent::{DeployPlan, DiscoveryReport, DiscoveryResult, ExpectedIdentity, ImageFormat, ImageSource};
 use kiln_types::catalog::StorageLayout;
@@ -17,27 +17,9 @@ use kiln_types::{JobId, MacAddr};
 
 use super::extract::ApiJson;
 use crate::AppState;
+use crate::auth::bearer_token;
+use crate::boot_http::base_url;
 use crate::error::{ApiError, ApiResult};
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
-/// The base URL the agent reached the server at (its files are there too).
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
-    if let Some(b) = &state.boot.settings.http_base {
-        return b.trim_end_matches('/').to_string();
-    }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1");
-    format!("http://{host}")
-}
 
 /// The deploy plan of reimage job `id`, for its agent.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/plan", tag = "agent",
@@ -53,7 +35,7 @@ pub async fn plan(
     let id: JobId = id
         .parse()
         .map_err(|_| ApiError::not_found(format!("job `{id}` not found")))?;
-    let token = bearer(&headers)
+    let token = bearer_token(&headers)
         .ok_or_else(|| ApiError::unauthorized("the plan needs the job's token: `Authorization: Bearer TOKEN`"))?;
     if !state.secrets.check_job_token(id, token) {
         return Err(ApiError::unauthorized(format!("that is not the token of job {id}")));
@@ -78,7 +60,7 @@ pub async fn plan(
             spec.os_label
         ))
     })?;
-    let base = base_url(&state, &headers);
+    let base = base_url(&state.boot, &headers);
     let url = if image.source.starts_with("http://") || image.source.starts_with("https://") {
         image.source.clone()
     } else {
@@ -124,7 +106,7 @@ pub async fn discovery(
     headers: HeaderMap,
     ApiJson(report): ApiJson<DiscoveryReport>,
 ) -> ApiResult<Json<DiscoveryResult>> {
-    let token = bearer(&headers).ok_or_else(|| {
+    let token = bearer_token(&headers).ok_or_else(|| {
         ApiError::unauthorized("a discovery report needs the discovery token from the kernel command line")
     })?;
     if !state.secrets.check_discovery_token(report.boot_mac, token) {

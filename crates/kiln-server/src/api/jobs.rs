@@ -338,12 +338,9 @@ pub async fn report_stage(
     body: axum::body::Bytes,
 ) -> ApiResult<StatusCode> {
     let id = job_id(&id)?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let token = crate::auth::bearer_token(&headers)
         .ok_or_else(|| ApiError::unauthorized("a stage report needs the job's token: `Authorization: Bearer TOKEN`"))?;
-    if !state.secrets.check_job_token(id, token.trim()) {
+    if !state.secrets.check_job_token(id, token) {
         return Err(ApiError::unauthorized(format!("that is not the token of job {id}")));
     }
     let stage = n
