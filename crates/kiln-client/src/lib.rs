@@ -456,6 +456,22 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Reports that job `id`'s install cannot go on; the client's token
+    /// must be the job's.
+    pub async fn report_failure(&self, id: &str, message: &str) -> Result<()> {
+        let body = StageReport {
+            message: message.to_string(),
+        };
+        self.call_text::<_, ()>(
+            Method::POST,
+            &format!("/api/v1/jobs/{}/failure", seg(id)),
+            None,
+            Some(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Follows job `id`'s event stream, calling `on_event` for each log line
     /// and once for the end; returns the final job.
     pub async fn watch_job(&self, id: &str, on_event: impl FnMut(&JobEvent)) -> Result<Job> {

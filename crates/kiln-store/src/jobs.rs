@@ -48,6 +48,9 @@ pub struct JobRecord {
     pub ticket: Option<String>,
     pub callback_url: Option<String>,
     pub cancel_requested: bool,
+    /// What the job's agent or installer reported when it gave up; the
+    /// engine ends the job as failed with it.
+    pub failure_reported: Option<String>,
     pub pause_requested: bool,
     pub run_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<String>,
@@ -135,8 +138,8 @@ pub enum JobControl {
 }
 
 const JOB_COLUMNS: &str = "id, kind, state, machine_id, parent_id, hostname, os_label, spec, data, step_index, step_started_at, \
-     step_attempts, stage, reason, ticket, callback_url, cancel_requested, pause_requested, run_at, lease_owner, \
-     lease_expires, created_by, created_at, updated_at, finished_at";
+     step_attempts, stage, reason, ticket, callback_url, cancel_requested, failure_reported, pause_requested, run_at, \
+     lease_owner, lease_expires, created_by, created_at, updated_at, finished_at";
 
 fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>> {
     row.try_get::<Option<String>, _>(col)?
@@ -171,6 +174,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
         ticket: opt("ticket")?,
         callback_url: opt("callback_url")?,
         cancel_requested: get_bool(row, "cancel_requested")?,
+        failure_reported: opt("failure_reported")?,
         pause_requested: get_bool(row, "pause_requested")?,
         run_at: opt_ts(row, "run_at")?,
         lease_owner: opt("lease_owner")?,
@@ -631,7 +635,7 @@ impl Store {
         let sql = format!(
             "UPDATE jobs SET state = $1, data = $2, step_index = $3, step_started_at = $4, step_attempts = $5, \
              reason = $6, \
-             run_at = CASE WHEN $1 = 'waiting' AND (stage <> $7 OR cancel_requested OR pause_requested) \
+             run_at = CASE WHEN $1 = 'waiting' AND (stage <> $7 OR cancel_requested OR pause_requested OR failure_reported IS NOT NULL) \
                  THEN $8 ELSE $9 END, \
              lease_owner = $10, lease_expires = $11, updated_at = $8, finished_at = $12 \
              WHERE id = $13 AND lease_owner = $14 RETURNING {JOB_COLUMNS}"
@@ -731,6 +735,42 @@ impl Store {
         Ok(updated)
     }
 
+    /// The job's agent or installer gave up (`message` says why). The job
+    /// is woken and the engine ends it as failed, running its undo. The
+    /// first report counts; a report after the job ended changes nothing
+    /// (an agent retrying a report that got through).
+    pub async fn report_failure(&self, id: JobId, message: &str) -> Result<JobRecord> {
+        let mut tx = self.write_tx().await?;
+        let job = load_job(&mut tx, id).await?;
+        if job.state.is_final() || job.failure_reported.is_some() {
+            return Ok(job);
+        }
+        let at = now();
+        let run_at = match job.state {
+            JobState::Paused => None,
+            _ => Some(ts(at)),
+        };
+        let sql = format!(
+            "UPDATE jobs SET failure_reported = $1, run_at = $2, updated_at = $3 WHERE id = $4 RETURNING {JOB_COLUMNS}"
+        );
+        let updated = sqlx::query::<Any>(built(sql))
+            .bind(message)
+            .bind(run_at)
+            .bind(ts(at))
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let updated = job_from_row(&updated)?;
+        let line = LogLine::new(
+            JobLogKind::Note,
+            None,
+            format!("the machine reported a failure: {message}"),
+        );
+        append_log(&mut tx, id, &[line]).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
     /// An operator's cancel, pause, resume or retry. Cancel and pause are
     /// requests the engine carries out at the job's next step boundary (a
     /// cancel undoes what the job armed); the job is woken for them.
@@ -789,6 +829,7 @@ impl Store {
                 sqlx::query::<Any>(
                     "UPDATE jobs SET state = 'queued', step_index = $1, step_started_at = $2, step_attempts = 0, \
                      reason = NULL, finished_at = NULL, cancel_requested = FALSE, pause_requested = FALSE, \
+                     failure_reported = NULL, \
                      run_at = $2, lease_owner = NULL, lease_expires = NULL, updated_at = $2, stage = $4 WHERE id = $3",
                 )
                 .bind(i64::from(step_index))

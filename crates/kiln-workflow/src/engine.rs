@@ -466,6 +466,10 @@ impl<E: Effects> Engine<E> {
                     .end(job, Ending::Cancelled, "cancelled by an operator".into())
                     .await;
             }
+            if let Some(why) = job.failure_reported.clone() {
+                let reason = format!("the machine reported a failure: {why}");
+                return self.end(job, Ending::Failed, reason).await;
+            }
             if job.pause_requested {
                 job.state = JobState::Paused;
                 job.run_at = None;

@@ -338,35 +338,72 @@ pub async fn report_stage(
     body: axum::body::Bytes,
 ) -> ApiResult<StatusCode> {
     let id = job_id(&id)?;
-    let token = crate::auth::bearer_token(&headers)
-        .ok_or_else(|| ApiError::unauthorized("a stage report needs the job's token: `Authorization: Bearer TOKEN`"))?;
-    if !state.secrets.check_job_token(id, token) {
-        return Err(ApiError::unauthorized(format!("that is not the token of job {id}")));
-    }
+    check_job_token(&state, &headers, id, "a stage report")?;
     let stage = n
         .parse::<u8>()
         .map_err(|_| ApiError::bad_request(format!("stage `{n}` is not a number from 0 to 5")))
         .and_then(|n| Stage::new(n).map_err(ApiError::bad_request))?;
-    // Installers send a plain-text line (or nothing); agents may send JSON.
+    let message = report_message(&headers, &body)?.unwrap_or_else(|| stage.meaning().to_string());
+    state.store.report_stage(id, stage, &message).await?;
+    state.engine.wake();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The job's agent or installer gave up: the job fails with this message
+/// as its reason, and its undo runs (nothing stays armed; the machine is
+/// set to boot its disk). Authenticated and shaped like a stage report;
+/// the first report counts, and one after the job ended is answered 204.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/failure", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    request_body(content(
+        (String = "text/plain"),
+        (StageReport = "application/json"),
+    ), description = "why the install cannot go on, in words an operator can act on"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("job_token" = [])))]
+pub async fn report_failure(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<StatusCode> {
+    let id = job_id(&id)?;
+    check_job_token(&state, &headers, id, "a failure report")?;
+    let message = report_message(&headers, &body)?
+        .ok_or_else(|| ApiError::bad_request("a failure report needs a message saying what went wrong"))?;
+    state.store.report_failure(id, &message).await?;
+    state.engine.wake();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses a report (`what`) without job `id`'s token.
+fn check_job_token(state: &AppState, headers: &HeaderMap, id: JobId, what: &str) -> ApiResult<()> {
+    let token = crate::auth::bearer_token(headers).ok_or_else(|| {
+        ApiError::unauthorized(format!("{what} needs the job's token: `Authorization: Bearer TOKEN`"))
+    })?;
+    if !state.secrets.check_job_token(id, token) {
+        return Err(ApiError::unauthorized(format!("that is not the token of job {id}")));
+    }
+    Ok(())
+}
+
+/// A report's message: installers send a plain-text line (or nothing),
+/// agents may send JSON `{"message": …}`. `None` when it is empty; cut
+/// to 2,000 characters.
+fn report_message(headers: &HeaderMap, body: &[u8]) -> ApiResult<Option<String>> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let report: StageReport = if is_json {
-        parse_json(&body).map_err(ApiError::bad_request)?
+        parse_json(body).map_err(ApiError::bad_request)?
     } else {
         StageReport {
-            message: String::from_utf8_lossy(&body).trim().to_string(),
+            message: String::from_utf8_lossy(body).trim().to_string(),
         }
     };
-    let message = if report.message.trim().is_empty() {
-        stage.meaning().to_string()
-    } else {
-        report.message.chars().take(2000).collect()
-    };
-    state.store.report_stage(id, stage, &message).await?;
-    state.engine.wake();
-    Ok(StatusCode::NO_CONTENT)
+    let message = report.message.trim();
+    Ok((!message.is_empty()).then(|| message.chars().take(2000).collect()))
 }
 
 /// The job's log as Server-Sent Events (`event: log`, data: a JobLogEntry),

@@ -37,7 +37,7 @@ pub use machines::MAX_BULK;
         catalog::list_layouts,
         events::list, events::leases, crate::boot_http::explain,
         jobs::reimage, jobs::list, jobs::get, jobs::cancel, jobs::pause, jobs::resume, jobs::retry,
-        jobs::report_stage, jobs::events,
+        jobs::report_stage, jobs::report_failure, jobs::events,
         agent::plan, agent::discovery,
         rollouts::create, rollouts::list, rollouts::get, rollouts::pause, rollouts::resume, rollouts::abort,
     ),
@@ -142,6 +142,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/api/v1/jobs/{id}/stages/{n}", post(jobs::report_stage))
+        .route("/api/v1/jobs/{id}/failure", post(jobs::report_failure))
         .route("/api/v1/jobs/{id}/events", get(jobs::events))
         .route("/api/v1/jobs/{id}/plan", get(agent::plan))
         .route("/api/v1/discovery", post(agent::discovery))

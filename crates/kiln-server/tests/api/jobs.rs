@@ -240,6 +240,56 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
     sim.shutdown().await;
 });
 
+api_test!(an_agent_that_gives_up_fails_the_job_and_disarms, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    catalog(&admin).await;
+    admin
+        .create_machine(&machine("web1", MAC, sim.bmc(0).url()))
+        .await
+        .unwrap();
+    let id = admin.reimage("web1", &request()).await.unwrap().id.to_string();
+    until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    let token = token_in(&ipxe(&srv, MAC).await);
+    let agent = srv.client(Some(&token));
+    // Only the job's token, and only with a reason.
+    let e = srv
+        .client(Some("kj_not-the-token"))
+        .report_failure(&id, "x")
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401));
+    let e = agent.report_failure(&id, "  ").await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert_eq!(admin.get_job(&id).await.unwrap().job.state, JobState::Waiting);
+
+    agent
+        .report_failure(&id, "identity check refused: serial SIM0 expected, OTHER found")
+        .await
+        .unwrap();
+    let done = until(&admin, &id, "the failure", |j| j.state.is_final()).await;
+    assert_eq!(done.state, JobState::Failed);
+    let reason = done.reason.unwrap_or_default();
+    assert!(
+        reason.contains("the machine reported a failure: identity check refused"),
+        "{reason}"
+    );
+    // Undone: not armed, and the disk is the boot device again.
+    assert!(!ipxe(&srv, MAC).await.contains("kernel"));
+    let target = sim.bmc(0).with(|b| b.systems[0].override_target.clone());
+    assert_eq!(target, "Hdd");
+    // A retried report after the end changes nothing.
+    agent.report_failure(&id, "again").await.unwrap();
+    assert_eq!(
+        admin.get_job(&id).await.unwrap().job.reason.as_deref(),
+        Some(reason.as_str())
+    );
+    sim.shutdown().await;
+});
+
 api_test!(
     a_silent_installer_fails_the_job_and_leaves_the_disk,
     settings = Settings {

@@ -572,6 +572,7 @@ fn job_record() -> JobRecord {
         ticket: Some("OPS-9".into()),
         callback_url: None,
         cancel_requested: false,
+        failure_reported: None,
         pause_requested: false,
         run_at: None,
         lease_owner: None,
