@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use kiln_types::{JobId, Secret};
+use kiln_types::{JobId, MacAddr, Secret};
 
 /// What the agent was booted to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,9 +40,12 @@ pub struct Cmdline {
     pub mode: Mode,
     /// The job this boot belongs to; always present in deploy mode.
     pub job: Option<JobId>,
-    /// The job's token (deploy), or the site's enrolment token (discover);
-    /// always present in deploy mode.
+    /// The job's token (deploy), or the discovery token of the boot NIC
+    /// (discover); always present in deploy mode.
     pub token: Option<Secret>,
+    /// The NIC the machine booted from (`BOOTIF=`, as kiln and pxelinux
+    /// write it: `52:54:00:12:34:56` or `01-52-54-00-12-34-56`), if given.
+    pub boot_mac: Option<MacAddr>,
 }
 
 // By hand so the token cannot leak through `{:?}` in a log line or a panic.
@@ -53,6 +56,7 @@ impl fmt::Debug for Cmdline {
             .field("mode", &self.mode)
             .field("job", &self.job)
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("boot_mac", &self.boot_mac)
             .finish()
     }
 }
@@ -73,6 +77,8 @@ pub enum CmdlineError {
     BadMode(String),
     #[error("kiln.job `{0}` is not a job id: expected a UUID")]
     BadJob(String),
+    #[error("BOOTIF `{0}` is not a MAC address: expected 52:54:00:12:34:56 or 01-52-54-00-12-34-56")]
+    BadBootIf(String),
     #[error("the kernel command line has an unclosed double quote")]
     UnclosedQuote,
 }
@@ -121,7 +127,12 @@ impl Cmdline {
     pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
         let mut found: BTreeMap<&'static str, String> = BTreeMap::new();
         let mut unknown = vec![];
+        let mut boot_mac = None;
         for word in words(line)? {
+            if let Some(value) = word.strip_prefix("BOOTIF=") {
+                boot_mac = Some(parse_bootif(value)?);
+                continue;
+            }
             let Some(rest) = word.strip_prefix("kiln.") else {
                 continue;
             };
@@ -180,8 +191,18 @@ impl Cmdline {
             mode,
             job,
             token,
+            boot_mac,
         })
     }
+}
+
+/// `BOOTIF`'s MAC; pxelinux prefixes the ARP hardware type (`01-`).
+fn parse_bootif(value: &str) -> Result<MacAddr, CmdlineError> {
+    let mac = match value.split('-').count() {
+        7 => value.split_once('-').map_or(value, |(_, rest)| rest),
+        _ => value,
+    };
+    mac.parse().map_err(|_| CmdlineError::BadBootIf(value.to_string()))
 }
 
 /// Checks the server URL's shape and drops a trailing `/`, so paths can be
@@ -223,6 +244,19 @@ mod tests {
         let c = Cmdline::parse("kiln.server=https://kiln.example kiln.mode=discover").unwrap();
         assert_eq!(c.mode, Mode::Discover);
         assert!(c.job.is_none() && c.token.is_none());
+    }
+
+    #[test]
+    fn bootif_in_both_spellings() {
+        let base = "kiln.server=http://h kiln.mode=discover";
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        for bootif in ["52:54:00:12:34:56", "01-52-54-00-12-34-56", "52-54-00-12-34-56"] {
+            let c = Cmdline::parse(&format!("{base} BOOTIF={bootif}")).unwrap();
+            assert_eq!(c.boot_mac, Some(mac), "{bootif}");
+        }
+        assert_eq!(Cmdline::parse(base).unwrap().boot_mac, None);
+        let e = Cmdline::parse(&format!("{base} BOOTIF=01-52-54")).unwrap_err();
+        assert!(e.to_string().contains("BOOTIF `01-52-54`"), "{e}");
     }
 
     #[test]

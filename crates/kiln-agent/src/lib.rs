@@ -13,15 +13,21 @@
 //! - [`image`]: streams an image (raw, zstd, qcow2) onto a disk, checks its
 //!   SHA-256, and leaves a disk it failed to write unbootable.
 //! - [`deploy`]: deploy mode's checks and plan, before its first write.
-//! - [`server`]: what the agent needs from the server, as data and a trait.
+//! - [`execute`]: deploy mode from the plan to the reboot.
+//! - [`discover`]: discovery mode's report.
+//! - [`server`]: the server's API: a trait and its HTTP client.
+//! - [`system`]: programs to run and devices to wait for, behind a trait.
 //!
 //! See `docs/agent.md` for what is built and what comes next.
 
 pub mod cmdline;
 pub mod deploy;
+pub mod discover;
+pub mod execute;
 pub mod identity;
 pub mod image;
 pub mod inventory;
 pub mod layout;
 pub mod lldp;
 pub mod server;
+pub mod system;

@@ -8,12 +8,16 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_agent::cmdline::{Cmdline, Mode};
+use kiln_agent::discover;
+use kiln_agent::execute::{self, DeployEnv};
 use kiln_agent::image::{ExpectedImage, ImageFormat, Progress, Sha256, SyncOnFlush, WriteOptions, write_image};
 use kiln_agent::inventory::{self, Inventory};
 use kiln_agent::layout::{self, LayoutOptions};
+use kiln_agent::server::{ControlPlane, Deadlines, HttpControlPlane};
+use kiln_agent::system::HostSystem;
 use kiln_types::catalog::StorageLayout;
 
 #[derive(Parser)]
@@ -145,17 +149,53 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// Exit status that asks the ramdisk's init to reboot (0 powers off).
+const EXIT_REBOOT: i32 = 10;
+
 fn run(cmdline: &Path, root: &Path) -> Result<()> {
     let text = std::fs::read_to_string(cmdline).with_context(|| format!("cannot read {}", cmdline.display()))?;
     let cmdline = Cmdline::parse(&text)?;
-    eprintln!("kiln-agent: {cmdline:?}");
+    eprintln!("kiln-agent {}: {cmdline:?}", env!("CARGO_PKG_VERSION"));
+    let token = cmdline
+        .token
+        .clone()
+        .context("kiln.token is missing from the kernel command line: the server gives it with the boot")?;
+    let mut server = HttpControlPlane::new(&cmdline.server, token, cmdline.job, Deadlines::default());
+    let inventory = collect(root)?;
     match cmdline.mode {
         Mode::Discover => {
-            let inventory = collect(root)?;
-            print_json(&inventory)?;
-            bail!("reporting the inventory to {} is not built yet", cmdline.server)
+            let mac = discover::boot_mac(cmdline.boot_mac, &inventory)
+                .context("this machine has no Ethernet NIC to name in the report")?;
+            let found = discover::discover(&mut server, &inventory, mac)?;
+            eprintln!(
+                "kiln-agent: discovered as {} ({}, {}); powering off",
+                found.hostname,
+                found.state,
+                if found.created { "new" } else { "known" }
+            );
+            Ok(())
         }
-        Mode::Deploy => bail!("deploy mode is not built yet"),
+        Mode::Deploy => {
+            let plan = server.deploy_plan().context("cannot fetch the job's plan")?;
+            // The new OS talks where the ramdisk does.
+            let kernel_args = text
+                .split_whitespace()
+                .filter(|w| w.starts_with("console="))
+                .map(String::from)
+                .collect();
+            let env = DeployEnv {
+                target: PathBuf::from("/mnt/kiln"),
+                kernel_args,
+            };
+            let done = execute::deploy(&mut server, &mut HostSystem, &plan, &inventory, &env)?;
+            eprintln!(
+                "kiln-agent: {} deployed on {} (bootloader on {}); rebooting",
+                done.hostname,
+                done.root_device,
+                done.boot_disks.join(", ")
+            );
+            std::process::exit(EXIT_REBOOT);
+        }
     }
 }
 

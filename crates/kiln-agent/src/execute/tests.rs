@@ -1,0 +1,399 @@
+//! The deploy flow against a fake server and a fake machine whose
+//! `mount` moves directories around, so what lands on which filesystem
+//! can be checked. The real commands run on the QEMU end-to-end test
+//! (crates/kiln/tests/reimage_qemu.rs).
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+
+use kiln_types::agent::{ExpectedIdentity, ImageSource};
+use kiln_types::catalog::StorageLayout;
+use kiln_types::install::{CryptHash, SshPublicKey};
+use tempfile::TempDir;
+
+use super::*;
+use crate::image::Sha256;
+use crate::inventory::collect;
+use crate::server::ControlPlaneError;
+use crate::system::SystemError;
+
+const HASH: &str = "$6$saltsalt$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const IMAGE_URL: &str = "http://kiln/boot/file/test-os.img";
+
+#[derive(Default)]
+struct FakeServer {
+    image: Vec<u8>,
+    stages: Vec<(u8, String)>,
+    failures: Vec<String>,
+}
+
+impl ControlPlane for FakeServer {
+    fn report_discovery(
+        &mut self,
+        _: &kiln_types::agent::DiscoveryReport,
+    ) -> Result<kiln_types::agent::DiscoveryResult, ControlPlaneError> {
+        unreachable!("deploy mode does not report discovery")
+    }
+    fn deploy_plan(&mut self) -> Result<DeployPlan, ControlPlaneError> {
+        unreachable!("the plan is given")
+    }
+    fn open(&mut self, url: &str) -> Result<(Box<dyn Read>, Option<u64>), ControlPlaneError> {
+        let bytes = match url {
+            IMAGE_URL => self.image.clone(),
+            u if u.contains("user-data") => b"#cloud-config\nhostname: web1\n".to_vec(),
+            u if u.contains("meta-data") => b"instance-id: kiln-job\n".to_vec(),
+            other => panic!("unexpected fetch {other}"),
+        };
+        let len = bytes.len() as u64;
+        Ok((Box::new(Cursor::new(bytes)), Some(len)))
+    }
+    fn report_stage(&mut self, stage: Stage, message: &str) -> Result<(), ControlPlaneError> {
+        self.stages.push((stage.0, message.to_string()));
+        Ok(())
+    }
+    fn report_failure(&mut self, reason: &str) -> Result<(), ControlPlaneError> {
+        self.failures.push(reason.to_string());
+        Ok(())
+    }
+}
+
+/// A machine in a temporary directory: block devices are files under
+/// `dev/`, each filesystem's content a directory under `fs/`, and
+/// `mount DEV DIR` swaps that content into DIR (`umount` swaps it back).
+struct FakeMachine {
+    dir: TempDir,
+    commands: Vec<Vec<String>>,
+    mounted: BTreeMap<String, String>,
+    /// A command (by program) that fails.
+    failing: Option<&'static str>,
+}
+
+impl FakeMachine {
+    fn new() -> FakeMachine {
+        FakeMachine {
+            dir: TempDir::new().unwrap(),
+            commands: vec![],
+            mounted: BTreeMap::new(),
+            failing: None,
+        }
+    }
+    fn fs(&self, device: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("fs")
+            .join(device.trim_start_matches('/').replace('/', "_"))
+    }
+    fn ran(&self, program: &str) -> Vec<String> {
+        self.commands
+            .iter()
+            .filter(|c| c[0] == program)
+            .map(|c| c.join(" "))
+            .collect()
+    }
+    fn swap(a: &Path, b: &Path) {
+        let tmp = a.with_extension("swap");
+        fs::rename(a, &tmp).unwrap();
+        fs::rename(b, a).unwrap();
+        fs::rename(&tmp, b).unwrap();
+    }
+}
+
+impl System for FakeMachine {
+    fn run(&mut self, argv: &[String]) -> Result<String, SystemError> {
+        self.commands.push(argv.to_vec());
+        if self.failing == Some(argv[0].as_str()) {
+            return Err(SystemError::Failed {
+                command: argv.join(" "),
+                status: "exit status: 5".into(),
+                output: "Device or resource busy".into(),
+            });
+        }
+        let words: Vec<&str> = argv.iter().map(String::as_str).collect();
+        match words.as_slice() {
+            ["mount", device, at] => {
+                let content = self.fs(device);
+                fs::create_dir_all(&content).unwrap();
+                assert!(
+                    self.mounted.insert(at.to_string(), device.to_string()).is_none(),
+                    "{at} mounted twice"
+                );
+                Self::swap(Path::new(at), &content);
+                Ok(String::new())
+            }
+            ["umount", at] => {
+                let device = self
+                    .mounted
+                    .remove(*at)
+                    .unwrap_or_else(|| panic!("{at} is not mounted"));
+                Self::swap(Path::new(at), &self.fs(&device));
+                Ok(String::new())
+            }
+            ["cp", ..] => HostSystem.run(argv),
+            ["blkid", "-s", "UUID", "-o", "value", device] => Ok(format!("uuid-of-{}\n", device.replace('/', "_"))),
+            ["blkid", "-s", "TYPE", "-o", "value", _] => Ok("ext4\n".into()),
+            ["mdadm", "--detail", "--scan"] => Ok("ARRAY /dev/md0 metadata=1.0 UUID=aa\n".into()),
+            ["lvcreate", ..] => {
+                let root = self.device_path("/dev/vg0/root");
+                fs::create_dir_all(root.parent().unwrap()).unwrap();
+                fs::write(root, b"").unwrap();
+                Ok(String::new())
+            }
+            _ => Ok(String::new()),
+        }
+    }
+    fn wait_for_device(&mut self, _: &str) -> Result<(), SystemError> {
+        Ok(())
+    }
+    fn device_path(&self, device: &str) -> PathBuf {
+        self.dir.path().join(device.trim_start_matches('/'))
+    }
+}
+
+use crate::system::HostSystem;
+
+fn inventory() -> Inventory {
+    collect(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qemu-bios")).unwrap()
+}
+
+fn plan_for(inv: &Inventory, image: &[u8]) -> DeployPlan {
+    let dmi = inv.hardware.dmi.clone().unwrap_or_default();
+    let base = "http://kiln/boot/job/0190f5b0-7d1e-7c3a-9a4e-2f6b8c1d2e3f";
+    DeployPlan {
+        job_id: "0190f5b0-7d1e-7c3a-9a4e-2f6b8c1d2e3f".parse().unwrap(),
+        hostname: "web1".parse().unwrap(),
+        identity: ExpectedIdentity {
+            serial: dmi.serial,
+            uuid: dmi.uuid,
+            disk_serials: inv.hardware.disks.iter().filter_map(|d| d.serial.clone()).collect(),
+        },
+        protected: false,
+        image: ImageSource {
+            url: IMAGE_URL.into(),
+            format: kiln_types::agent::ImageFormat::Raw,
+            sha256: Sha256::of(image).to_string(),
+        },
+        layout: StorageLayout::LvmRaid1,
+        root_password_hash: Some(HASH.parse::<CryptHash>().unwrap()),
+        ssh_keys: vec![
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx5 ops@example.net"
+                .parse::<SshPublicKey>()
+                .unwrap(),
+        ],
+        user_data_url: format!("{base}/user-data?token=t"),
+        meta_data_url: format!("{base}/meta-data?token=t"),
+        stage_url: format!("{base}/stages"),
+    }
+}
+
+/// The machine with an image whose root filesystem holds a kernel, an
+/// initrd and a shadow file (the fake's filesystems are directories).
+fn setup() -> (FakeServer, FakeMachine, DeployEnv) {
+    let machine = FakeMachine::new();
+    let root = machine.fs("/dev/vg0/root");
+    fs::create_dir_all(root.join("boot")).unwrap();
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(root.join("boot/vmlinuz-6.1.0-21-amd64"), b"kernel").unwrap();
+    fs::write(root.join("boot/initrd.img-6.1.0-21-amd64"), b"initrd").unwrap();
+    fs::write(
+        root.join("etc/shadow"),
+        "root:*:19000:0:99999:7:::\ndaemon:*:19000::::::\n",
+    )
+    .unwrap();
+    let server = FakeServer {
+        image: b"an ext4 image, say".repeat(1000),
+        ..Default::default()
+    };
+    let env = DeployEnv {
+        target: machine.dir.path().join("mnt/kiln"),
+        kernel_args: vec!["console=ttyS0,115200".into()],
+    };
+    (server, machine, env)
+}
+
+#[test]
+fn a_deploy_reports_each_stage_and_leaves_a_bootable_layout() {
+    let (mut server, mut machine, env) = setup();
+    let inv = inventory();
+    let plan = plan_for(&inv, &server.image);
+    let done = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap();
+    assert_eq!(done.boot_disks, ["/dev/vda", "/dev/vdb"]);
+    assert!(server.failures.is_empty(), "{:?}", server.failures);
+    let stages: Vec<u8> = server.stages.iter().map(|(n, _)| *n).collect();
+    assert_eq!(stages, [1, 2, 3, 4]);
+    assert!(server.stages[1].1.contains("sha256 checked"), "{:?}", server.stages[1]);
+
+    // Wiped before anything was made, GRUB on both mirrors, all unmounted.
+    let lines: Vec<String> = machine.commands.iter().map(|c| c.join(" ")).collect();
+    let first = |p: &str| lines.iter().position(|x| x.starts_with(p)).unwrap();
+    assert!(first("wipefs") < first("mdadm --create") && first("mdadm --create") < first("mount"));
+    assert_eq!(
+        machine.ran("grub-install"),
+        [
+            format!(
+                "grub-install --target=i386-pc --boot-directory={}/boot /dev/vda",
+                env.target.display()
+            ),
+            format!(
+                "grub-install --target=i386-pc --boot-directory={}/boot /dev/vdb",
+                env.target.display()
+            ),
+        ]
+    );
+    assert!(machine.mounted.is_empty(), "{:?}", machine.mounted);
+    let written = fs::read(machine.device_path("/dev/vg0/root")).unwrap();
+    assert!(written.starts_with(&server.image), "the image is on the root volume");
+
+    // The kernel moved onto the /boot array, with a grub.cfg for it.
+    let root = machine.fs("/dev/vg0/root");
+    let boot = machine.fs("/dev/md0");
+    assert!(boot.join("vmlinuz-6.1.0-21-amd64").exists());
+    assert_eq!(
+        fs::read_dir(root.join("boot")).unwrap().count(),
+        0,
+        "the root's /boot is only a mount point"
+    );
+    let grub = fs::read_to_string(boot.join("grub/grub.cfg")).unwrap();
+    assert!(grub.contains("insmod mdraid1x"), "{grub}");
+    assert!(
+        grub.contains("search --no-floppy --fs-uuid --set=root uuid-of-_dev_md0"),
+        "{grub}"
+    );
+    assert!(
+        grub.contains("linux /vmlinuz-6.1.0-21-amd64 root=/dev/mapper/vg0-root ro console=ttyS0,115200"),
+        "{grub}"
+    );
+    assert!(grub.contains("initrd /initrd.img-6.1.0-21-amd64"), "{grub}");
+    assert!(grub.contains("serial --unit=0"), "{grub}");
+
+    // The new root's configuration.
+    let read = |p: &str| fs::read_to_string(root.join(p)).unwrap();
+    let fstab = read("etc/fstab");
+    assert!(
+        fstab.contains("UUID=uuid-of-_dev_vg0_root / ext4 defaults 0 1"),
+        "{fstab}"
+    );
+    assert!(
+        fstab.contains("UUID=uuid-of-_dev_md0 /boot ext4 defaults 0 2"),
+        "{fstab}"
+    );
+    assert_eq!(read("etc/hostname"), "web1\n");
+    assert!(read("etc/hosts").ends_with("127.0.1.1 web1\n"));
+    assert!(
+        read("etc/shadow").starts_with(&format!("root:{HASH}:19000:")),
+        "{}",
+        read("etc/shadow")
+    );
+    assert!(read("root/.ssh/authorized_keys").contains("ops@example.net"));
+    assert!(read("var/lib/cloud/seed/nocloud/user-data").starts_with("#cloud-config"));
+    let mode = fs::metadata(root.join("var/lib/cloud/seed/nocloud/user-data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the seed holds the job token");
+    assert!(read("etc/mdadm/mdadm.conf").contains("ARRAY /dev/md0"));
+}
+
+#[test]
+fn a_wrong_checksum_fails_before_any_bootloader() {
+    let (mut server, mut machine, env) = setup();
+    let inv = inventory();
+    let mut plan = plan_for(&inv, &server.image);
+    plan.image.sha256 = Sha256::of(b"another image").to_string();
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(e.0.contains("writing the image"), "{e}");
+    assert_eq!(server.failures, std::slice::from_ref(&e.0));
+    assert_eq!(server.stages.len(), 1, "only stage 1: {:?}", server.stages);
+    assert!(machine.ran("grub-install").is_empty());
+    assert!(machine.ran("mount").is_empty());
+}
+
+#[test]
+fn another_machine_is_refused_before_any_command() {
+    let (mut server, mut machine, env) = setup();
+    let inv = inventory();
+    let mut plan = plan_for(&inv, &server.image);
+    plan.identity.uuid = Some("0e7a57c2-0000-4000-8000-00000000beef".into());
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(e.0.starts_with("refused before writing"), "{e}");
+    assert_eq!(server.failures.len(), 1);
+    assert!(machine.commands.is_empty(), "{:?}", machine.commands);
+
+    let mut plan = plan_for(&inv, &server.image);
+    plan.protected = true;
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(e.0.contains("protected"), "{e}");
+    assert!(machine.commands.is_empty());
+}
+
+#[test]
+fn a_failing_command_names_its_step() {
+    let (mut server, mut machine, env) = setup();
+    machine.failing = Some("pvcreate");
+    let inv = inventory();
+    let plan = plan_for(&inv, &server.image);
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(e.0.starts_with("laying out the disks ("), "{e}");
+    assert!(e.0.contains("Device or resource busy"), "{e}");
+    assert!(machine.ran("lvcreate").is_empty(), "nothing after the failure");
+}
+
+#[test]
+fn an_image_without_a_kernel_is_refused() {
+    let (mut server, mut machine, env) = setup();
+    fs::remove_dir_all(machine.fs("/dev/vg0/root").join("boot")).unwrap();
+    let inv = inventory();
+    let plan = plan_for(&inv, &server.image);
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(e.0.contains("the image has no kernel in /boot"), "{e}");
+    assert!(machine.ran("grub-install").is_empty());
+    assert_eq!(server.stages.len(), 3, "stages 1 to 3, not 4: {:?}", server.stages);
+}
+
+#[test]
+fn kernels_are_found_newest_first() {
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let found = find_kernel(&names(&[
+        "vmlinuz-6.1.0-9-amd64",
+        "vmlinuz-6.1.0-21-amd64",
+        "initrd.img-6.1.0-21-amd64",
+        "initrd.img-6.1.0-9-amd64",
+        "System.map-6.1.0-21-amd64",
+    ]));
+    assert_eq!(
+        found,
+        Some((
+            "vmlinuz-6.1.0-21-amd64".into(),
+            Some("initrd.img-6.1.0-21-amd64".into())
+        ))
+    );
+    let rhel = find_kernel(&names(&[
+        "vmlinuz-5.14.0-427.el9.x86_64",
+        "initramfs-5.14.0-427.el9.x86_64.img",
+    ]));
+    assert_eq!(rhel.unwrap().1.as_deref(), Some("initramfs-5.14.0-427.el9.x86_64.img"));
+    assert_eq!(
+        find_kernel(&names(&["vmlinuz", "initrd.img"])),
+        Some(("vmlinuz".into(), Some("initrd.img".into())))
+    );
+    assert_eq!(find_kernel(&names(&["grub", "config-6.1"])), None);
+}
+
+#[test]
+fn small_edits_of_the_new_root() {
+    assert_eq!(root_arg("/dev/vg0/root", "u"), "root=/dev/mapper/vg0-root");
+    assert_eq!(root_arg("/dev/my-vg/root", "u"), "root=/dev/mapper/my--vg-root");
+    assert_eq!(root_arg("/dev/vda3", "1234"), "root=UUID=1234");
+    let shadow = "root:*:19000:0:99999:7:::\nroot2:x:1::::::\n";
+    assert_eq!(
+        with_root_hash(shadow, "$6$s$h"),
+        "root:$6$s$h:19000:0:99999:7:::\nroot2:x:1::::::\n"
+    );
+    let hosts = "127.0.0.1 localhost\n127.0.1.1 debian\n";
+    assert_eq!(with_host_line(hosts, "web1"), "127.0.0.1 localhost\n127.0.1.1 web1\n");
+    let keys = vec!["ssh-ed25519 AAA a".to_string(), "ssh-ed25519 BBB b".to_string()];
+    assert_eq!(
+        with_keys("ssh-ed25519 AAA a", &keys),
+        "ssh-ed25519 AAA a\nssh-ed25519 BBB b\n"
+    );
+}
