@@ -239,6 +239,15 @@ impl Client {
         self.get(&format!("/api/v1/machines/{}/offer", seg(key))).await
     }
 
+    /// Net-boots the discovery agent on machine `key` through its BMC.
+    pub async fn discover_machine(&self, key: &str) -> Result<Machine> {
+        self.post(
+            &format!("/api/v1/machines/{}/discover", seg(key)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     // ---- sites and racks ----
 
     pub async fn create_site(&self, s: &SiteCreate) -> Result<Site> {

@@ -40,6 +40,10 @@ pub enum MachineCmd {
     },
     /// The OS images, tasks and storage layouts that fit a machine.
     Offer { host: String },
+    /// Inventory a machine: its BMC net-boots kiln's discovery agent on it,
+    /// whose report fills in its hardware and NICs (the machine becomes
+    /// `ready`). Works for a machine enrolled with only its BMC.
+    Discover { host: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -506,6 +510,14 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
             Ok(())
         }
         MachineCmd::Import { file, format, dry_run } => import::run(&file, format, dry_run, ctx, out).await,
+        MachineCmd::Discover { host } => {
+            let m = ctx.client()?.discover_machine(&host).await?;
+            out.line(format!(
+                "{} is discovering: its BMC is net-booting kiln's agent; `kiln machine show {}` shows the \
+                 inventory once it reported",
+                m.hostname, m.hostname
+            ))
+        }
         MachineCmd::Offer { host } => {
             let offer = ctx.client()?.machine_offer(&host).await?;
             if out.format == crate::output::Format::Json {

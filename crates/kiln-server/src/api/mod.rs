@@ -27,7 +27,7 @@ pub use machines::MAX_BULK;
     paths(
         machines::create, machines::bulk_create, machines::list, machines::get, machines::update,
         machines::delete, machines::offer,
-        power::status, power::power, power::bootdev, power::check,
+        power::status, power::power, power::bootdev, power::check, power::discover,
         org::whoami, org::create_site, org::list_sites, org::delete_site,
         org::create_rack, org::list_racks, org::delete_rack,
         org::create_tenant, org::list_tenants, org::delete_tenant,
@@ -105,6 +105,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/machines/{key}/power", get(power::status).post(power::power))
         .route("/api/v1/machines/{key}/bootdev", put(power::bootdev))
         .route("/api/v1/machines/{key}/bmc/check", post(power::check))
+        .route("/api/v1/machines/{key}/discover", post(power::discover))
         .route("/api/v1/sites", post(org::create_site).get(org::list_sites))
         .route("/api/v1/sites/{name}", delete(org::delete_site))
         .route("/api/v1/racks", post(org::create_rack).get(org::list_racks))

@@ -13,7 +13,10 @@ use std::time::Instant;
 use axum::Json;
 use axum::extract::{Path, State};
 use kiln_types::error::ApiError as ErrorBody;
-use kiln_types::power::{BmcCheck, BootDeviceRequest, BootDeviceResult, PowerRequest, PowerResult, PowerStatus};
+use kiln_types::machine::{Machine, MachinePatch, MachineState};
+use kiln_types::power::{
+    BmcCheck, BootDevice, BootDeviceRequest, BootDeviceResult, PowerAction, PowerRequest, PowerResult, PowerStatus,
+};
 
 use super::extract::ApiJson;
 use crate::AppState;
@@ -133,6 +136,81 @@ pub async fn check(
         Err(BmcCallError::Bmc(f)) => Ok(Json(failed_check(&machine, &f, start.elapsed()))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Inventories a machine by net-booting kiln's discovery agent on it:
+/// reads the identity its BMC knows (so the agent's report, which names
+/// the machine by DMI, lands on this record even when kiln knows none of
+/// its MACs), marks it `discovering`, sets "next boot: network, once" and
+/// powers it off and on. The agent's report makes it `ready`, with its
+/// hardware and NICs. Needs `[boot] discovery = true`.
+///
+/// Only for `new`, `discovering`, `ready` and `failed` machines: a deployed
+/// machine runs an OS the agent's boot would interrupt (set its state to
+/// `ready` first if that is meant), and a reimaging one belongs to its job.
+#[utoipa::path(post, path = "/api/v1/machines/{key}/discover", tag = "bmc",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    responses((status = 200, body = Machine), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "no BMC, in maintenance, deployed or reimaging, discovery off, or no identity to match the report by"),
+        (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn discover(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Machine>> {
+    let machine = state.store.get_machine(&key, caller.scope()).await?;
+    caller.require_operator()?;
+    let name = machine.hostname.to_string();
+    if !state.boot.settings.discovery {
+        return Err(ApiError::refused(
+            "discovery is off: set `discovery = true` in the server's [boot] section",
+        ));
+    }
+    if !matches!(
+        machine.state,
+        MachineState::New | MachineState::Discovering | MachineState::Ready | MachineState::Failed
+    ) {
+        return Err(ApiError::refused(format!(
+            "{name} is {}: discovery reboots it into the agent; for a deployed machine set its state \
+             to ready first (`kiln machine edit {name} --state ready`) if that is meant",
+            machine.state
+        )));
+    }
+    let actor = caller.actor();
+    let identity = match state.bmc.call(&actor, machine.id, Op::Check).await? {
+        OpOutput::Check(c) => c,
+        other => return Err(unexpected(other)),
+    };
+    let mut hardware = machine.hardware.clone().unwrap_or_default();
+    let mut dmi = hardware.dmi.clone().unwrap_or_default();
+    dmi.serial = identity.serial.clone().or(dmi.serial);
+    dmi.uuid = identity.uuid.clone().or(dmi.uuid);
+    if dmi.serial.is_none() && dmi.uuid.is_none() && machine.nics.is_empty() {
+        return Err(ApiError::refused(format!(
+            "{name}'s BMC gives no serial or UUID and kiln knows none of its MACs: the agent's report \
+             could not be matched to it; add its boot NIC (`kiln machine edit {name} --mac MAC`)"
+        )));
+    }
+    hardware.dmi = Some(dmi);
+    let patch = MachinePatch {
+        hardware: Some(Some(hardware)),
+        state: Some(MachineState::Discovering),
+        ..Default::default()
+    };
+    let machine = state
+        .store
+        .update_machine(&actor, &machine.id.to_string(), patch, None, None)
+        .await?;
+    let boot = Op::BootDevice {
+        device: BootDevice::Network,
+        once: true,
+        uefi: false,
+    };
+    for op in [boot, Op::Power(PowerAction::Off), Op::Power(PowerAction::On)] {
+        state.bmc.call(&actor, machine.id, op).await?;
+    }
+    Ok(Json(machine))
 }
 
 fn unexpected(out: OpOutput) -> ApiError {

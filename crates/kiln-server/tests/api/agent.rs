@@ -245,3 +245,74 @@ api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
     assert_eq!(agent.deploy_plan(&id).await.unwrap_err().status(), Some(409));
     sim.shutdown().await;
 });
+
+api_test!(
+    a_machine_enrolled_by_its_bmc_only_is_discovered,
+    settings = discovery_on(),
+    |srv| {
+        let sim = kiln_sim::start(kiln_sim::SimConfig {
+            bmcs: 1,
+            username: "admin".into(),
+            password: "rf-secret".into(),
+            ..kiln_sim::SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let admin = srv.admin();
+        let mut m = kiln_types::machine::MachineCreate::new("blank1".parse().unwrap());
+        m.bmc = Some(kiln_types::machine::BmcInput {
+            driver: kiln_types::machine::BmcDriver::Redfish,
+            address: sim.bmc(0).url().into(),
+            username: Some("admin".into()),
+            password: Some(kiln_types::Secret::new("rf-secret")),
+            insecure: false,
+            ca_cert: None,
+        });
+        admin.create_machine(&m).await.unwrap();
+
+        let m = admin.discover_machine("blank1").await.unwrap();
+        assert_eq!(m.state, MachineState::Discovering);
+        let dmi = m.hardware.unwrap().dmi.unwrap();
+        assert_eq!(dmi.serial.as_deref(), Some(sim.bmc(0).serial(0).as_str()));
+        // Its BMC was told: network once, then off and on.
+        let boots: Vec<String> = sim.bmc(0).boots().into_iter().map(|b| b.target).collect();
+        assert_eq!(boots, ["Pxe"]);
+        assert_eq!(sim.bmc(0).power(0), kiln_sim::Power::On);
+
+        // The agent's report names it only by DMI: it lands on blank1.
+        let mac = "52:54:00:ab:cd:44";
+        let token = token_in(&script(&srv, mac).await);
+        let r = srv
+            .client(Some(&token))
+            .report_discovery(&DiscoveryReport {
+                boot_mac: mac.parse().unwrap(),
+                hardware: hardware(mac, &sim.bmc(0).serial(0)),
+                lldp: vec![],
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.hostname.as_str(), r.state, r.created),
+            ("blank1", MachineState::Ready, false)
+        );
+        let m = admin.get_machine("blank1").await.unwrap();
+        assert_eq!(m.nics[0].mac.to_string(), mac);
+
+        // A deployed machine is not rebooted into the agent.
+        admin
+            .update_machine(
+                "blank1",
+                &kiln_types::machine::MachinePatch {
+                    state: Some(MachineState::Deployed),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let e = admin.discover_machine("blank1").await.unwrap_err();
+        assert_eq!(e.status(), Some(409));
+        assert!(e.to_string().contains("--state ready"), "{e}");
+        assert_eq!(sim.bmc(0).boots().len(), 1, "no second boot");
+        sim.shutdown().await;
+    }
+);
