@@ -7,7 +7,8 @@
 //!    from here on a reboot boots the disk);
 //! 2. [`preflight`] — identity and layout — before anything is written;
 //!    a refusal is reported and nothing is touched;
-//! 3. the layout's commands wipe and lay out the disks;
+//! 3. the disks' first 2 MiB and last MiB are zeroed (boot code, both
+//!    GPTs), then the layout's commands wipe and lay out the disks;
 //! 4. the image streams onto the root volume and its SHA-256 is checked
 //!    (a mismatch leaves the disks unbootable: no bootloader is written
 //!    before step 6); stage 2;
@@ -95,7 +96,18 @@ fn steps(
     let layout = checked.plan;
     eprint!("kiln-agent: {layout}");
 
+    let mut wiped = false;
     for command in &layout.commands {
+        // After the old arrays and volume groups are stopped, before the
+        // first partition table: the disks' boot code goes (MBR, GPT, a
+        // BIOS boot partition's GRUB core), so a deploy that fails from
+        // here leaves nothing that boots.
+        if !command.may_fail && !wiped {
+            for disk in &layout.disks {
+                zero_ends(system, &disk.device)?;
+            }
+            wiped = true;
+        }
         for device in devices_needed(&command.argv) {
             system.wait_for_device(device).map_err(fail("laying out the disks"))?;
         }
@@ -141,6 +153,29 @@ fn fail<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> DeployError {
 
 fn argv(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| w.to_string()).collect()
+}
+
+/// Bytes zeroed at a disk's start: MBR, primary GPT and the 1 MiB BIOS
+/// boot partition at 1 MiB where GRUB's core image lives.
+const ZEROED_HEAD: u64 = 2 << 20;
+/// And at its end: the backup GPT.
+const ZEROED_TAIL: u64 = 1 << 20;
+
+fn zero_ends(system: &mut dyn System, device: &str) -> Result<(), DeployError> {
+    let path = system.device_path(device);
+    let failed = |e: std::io::Error| DeployError(format!("wiping the start and end of {device}: {e}"));
+    let mut file = OpenOptions::new().write(true).open(&path).map_err(failed)?;
+    let size = file.seek(SeekFrom::End(0)).map_err(failed)?;
+    let zeros = vec![0u8; ZEROED_HEAD as usize];
+    let mut put = |at: u64, len: u64| -> std::io::Result<()> {
+        file.seek(SeekFrom::Start(at))?;
+        std::io::Write::write_all(&mut file, &zeros[..len as usize])
+    };
+    put(0, ZEROED_HEAD.min(size)).map_err(failed)?;
+    if size > ZEROED_HEAD + ZEROED_TAIL {
+        put(size - ZEROED_TAIL, ZEROED_TAIL).map_err(failed)?;
+    }
+    file.sync_data().map_err(failed)
 }
 
 /// Streams the image onto the root device; the line stage 2 reports.

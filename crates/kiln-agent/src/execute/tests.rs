@@ -190,6 +190,12 @@ fn plan_for(inv: &Inventory, image: &[u8]) -> DeployPlan {
 /// initrd and a shadow file (the fake's filesystems are directories).
 fn setup() -> (FakeServer, FakeMachine, DeployEnv) {
     let machine = FakeMachine::new();
+    // Two used disks, boot code and all.
+    for disk in ["/dev/vda", "/dev/vdb"] {
+        let path = machine.device_path(disk);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, vec![0xeb; 5 << 20]).unwrap();
+    }
     let root = machine.fs("/dev/vg0/root");
     fs::create_dir_all(root.join("boot")).unwrap();
     fs::create_dir_all(root.join("etc")).unwrap();
@@ -241,6 +247,15 @@ fn a_deploy_reports_each_stage_and_leaves_a_bootable_layout() {
         ]
     );
     assert!(machine.mounted.is_empty(), "{:?}", machine.mounted);
+    for disk in ["/dev/vda", "/dev/vdb"] {
+        let bytes = fs::read(machine.device_path(disk)).unwrap();
+        let zero = |r: std::ops::Range<usize>| bytes[r].iter().all(|b| *b == 0);
+        assert!(
+            zero(0..2 << 20) && zero((4 << 20)..(5 << 20)),
+            "{disk}: boot code and GPTs zeroed"
+        );
+        assert!(!zero((2 << 20)..(4 << 20)), "{disk}: the rest left to the layout");
+    }
     let written = fs::read(machine.device_path("/dev/vg0/root")).unwrap();
     assert!(written.starts_with(&server.image), "the image is on the root volume");
 
@@ -318,6 +333,8 @@ fn another_machine_is_refused_before_any_command() {
     assert!(e.0.starts_with("refused before writing"), "{e}");
     assert_eq!(server.failures.len(), 1);
     assert!(machine.commands.is_empty(), "{:?}", machine.commands);
+    let head = fs::read(machine.device_path("/dev/vda")).unwrap();
+    assert_eq!(head[0], 0xeb, "a refused machine's disks are not touched");
 
     let mut plan = plan_for(&inv, &server.image);
     plan.protected = true;
