@@ -107,8 +107,7 @@ impl Drop for VmGuard {
 }
 
 fn qemu_running(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("qemu.pid"))
-        .is_ok_and(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
+    std::fs::read_to_string(dir.join("qemu.pid")).is_ok_and(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
 }
 
 struct Lab {
@@ -228,7 +227,8 @@ fn sparse_hash(path: &Path) -> String {
         file.seek(SeekFrom::Start(data as u64)).unwrap();
         let mut left = (hole - data) as usize;
         while left > 0 {
-            let n = file.read(&mut buf[..left.min(buf.len())]).unwrap();
+            let want = left.min(buf.len());
+            let n = file.read(&mut buf[..want]).unwrap();
             assert!(n > 0);
             hash.update(&buf[..n]);
             left -= n;
@@ -293,7 +293,17 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     let (bridge, tap) = ("krbr0", "krtap0");
     for args in [
         vec!["link", "add", bridge, "type", "bridge"],
-        vec!["link", "set", bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+        vec![
+            "link",
+            "set",
+            bridge,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ],
         vec!["addr", "add", "10.82.0.1/24", "dev", bridge],
         vec!["link", "set", bridge, "up"],
         vec!["tuntap", "add", tap, "mode", "tap"],
@@ -417,11 +427,19 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| (d["serial"].as_str().unwrap_or("?").to_string(), d["size_bytes"].as_u64().unwrap()))
+        .map(|d| {
+            (
+                d["serial"].as_str().unwrap_or("?").to_string(),
+                d["size_bytes"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         disks,
-        [("kiln-e2e-disk-1".to_string(), DISK_BYTES), ("kiln-e2e-disk-2".to_string(), DISK_BYTES)],
+        [
+            ("kiln-e2e-disk-1".to_string(), DISK_BYTES),
+            ("kiln-e2e-disk-2".to_string(), DISK_BYTES)
+        ],
         "{m:#}"
     );
     assert_eq!(hw["dmi"]["serial"], SERIAL, "{m:#}");
@@ -432,7 +450,11 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     lab.until("the agent powers the VM off", Duration::from_secs(60), || {
         (!qemu_running(&bmc)).then_some(())
     });
-    assert!(lab.console(1).contains("kiln-agent: discovered as vm1"), "{}", lab.console(1));
+    assert!(
+        lab.console(1).contains("kiln-agent: discovered as vm1"),
+        "{}",
+        lab.console(1)
+    );
 
     // 3. A reimage with lvm_raid1 writes the test image; the VM reboots
     //    from disk into it and reports stage 5.
@@ -526,4 +548,63 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
 struct TestImage {
     file: String,
     sha256: String,
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The static agent: `KILN_TEST_STATIC_AGENT` (scripts/test builds it
+/// once), else built here with the documented command.
+fn static_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_TEST_STATIC_AGENT") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(workspace())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "kiln-agent",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ]));
+    target.join("x86_64-unknown-linux-gnu/release/kiln-agent")
+}
+
+/// `kiln ramdisk build` into `out`, with the package cache in target/tmp.
+fn build_ramdisk(out: &Path) {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ramdisk-cache");
+    run(Command::new(KILN)
+        .args(["ramdisk", "build", "--agent"])
+        .arg(static_agent())
+        .arg("--out")
+        .arg(out)
+        .arg("--cache")
+        .arg(cache));
+}
+
+/// scripts/make-test-os-image.sh into `artifacts`, next to the ramdisk it
+/// takes its kernel and initramfs from.
+fn build_test_os(artifacts: &Path) -> TestImage {
+    run(Command::new("bash")
+        .arg(workspace().join("scripts/make-test-os-image.sh"))
+        .arg("--artifacts")
+        .arg(artifacts)
+        .arg(artifacts));
+    let sum = std::fs::read_to_string(artifacts.join("kiln-test-os.ext4.sha256")).unwrap();
+    TestImage {
+        file: "kiln-test-os.ext4".into(),
+        sha256: sum.split_whitespace().next().unwrap().to_string(),
+    }
 }
