@@ -176,8 +176,11 @@ report() {
     [ -f /etc/kiln-firstboot.env ] || { say "stage 5 already reported on an earlier boot"; return; }
     body="first boot: serial=${serial:-} uuid=${uuid:-} hostname=${host:-}"
     for try in 1 2 3 4 5 6 7 8 9 10; do
-        if err=$(wget -q -O /dev/null -T 10 --header "Authorization: Bearer $token" \
-            --header "Content-Type: text/plain" --post-data "$body" "$url/5" 2>&1); then
+        # timeout: busybox 1.35's own wget -T crashes (SIGSEGV).
+        err=$(timeout 20 wget -q -O /dev/null --header "Authorization: Bearer $token" \
+            --header "Content-Type: text/plain" --post-data "$body" "$url/5" 2>&1)
+        rc=$?
+        if [ "$rc" = 0 ]; then
             rm -f /etc/kiln-firstboot.env
             : >/var/lib/kiln-test-os.reported
             sync
@@ -186,7 +189,7 @@ report() {
         fi
         sleep 3
     done
-    say "stage 5 report to $url/5 failed after 10 tries: $err"
+    say "stage 5 report to $url/5 failed after 10 tries: ${err:-wget exit status $rc}"
 }
 report
 say "up (sleeping; power off through the BMC)"
