@@ -143,7 +143,7 @@ fn the_ramdisk_holds_the_agent_the_tools_and_every_library_they_need() {
     let b = built();
     assert!(b.stdout.contains("vmlinuz"), "{}", b.stdout);
     assert!(b.stdout.contains("kiln-agent.cpio.gz"), "{}", b.stdout);
-    assert!(b.stdout.contains("built in"), "{}", b.stdout);
+    assert!(b.stdout.contains("written to"), "{}", b.stdout);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     unpack(&b.out.join("kiln-agent.cpio.gz"), root);

@@ -99,17 +99,14 @@ impl Report {
         if out.format == Format::Json {
             return out.json(self);
         }
-        let dir = &self.out_dir;
         out.line(format!(
-            "{}  {:>9}  {} ({})",
-            dir.join(KERNEL_NAME).display(),
+            "{KERNEL_NAME:<20}{:>9}  {} {}",
             mb(self.kernel_bytes),
             self.kernel_package,
             self.kernel_version
         ))?;
         out.line(format!(
-            "{}  {:>9}  {} files, {} uncompressed, {} kernel modules",
-            dir.join(INITRD_NAME).display(),
+            "{INITRD_NAME:<20}{:>9}  {} files, {} uncompressed, {} kernel modules",
             mb(self.initrd_bytes),
             self.files,
             mb(self.initrd_uncompressed_bytes),
@@ -119,8 +116,10 @@ impl Report {
             out.line(format!("not in this kernel: {}", self.missing_modules.join(" ")))?;
         }
         out.line(format!(
-            "built in {:.1} s ({} packages downloaded)",
-            self.seconds, self.packages_downloaded
+            "written to {} in {:.1} s ({} packages downloaded)",
+            self.out_dir.display(),
+            self.seconds,
+            self.packages_downloaded
         ))
     }
 }
