@@ -31,18 +31,24 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "kiln-init: $*"; }
 
 # The value of a kernel command line word KEY=VALUE (the last one wins).
+# set -f: a `*` on the command line must not expand to file names.
 arg() {
+    set -f
+    v=
     for w in $CMDLINE; do
         case "$w" in "$1="*) v="${w#*=}" ;; esac
     done
-    echo "${v:-}"
-    v=
+    set +f
+    echo "$v"
 }
 has_arg() {
+    set -f
+    found=1
     for w in $CMDLINE; do
-        case "$w" in "$1="*) return 0 ;; esac
+        case "$w" in "$1="*) found=0 ;; esac
     done
-    return 1
+    set +f
+    return $found
 }
 
 # Power off (or reboot) for good, whatever else happens.
@@ -184,7 +190,9 @@ if has_arg root; then
     done
     mkdir -p /newroot
     ro=-w
+    set -f
     for w in $CMDLINE; do [ "$w" = ro ] && ro=-r; done
+    set +f
     if ! mount $ro -t "${fstype:-ext4}" "$dev" /newroot; then
         fail "cannot mount $dev (${fstype:-ext4}) on /newroot"
     fi
