@@ -67,12 +67,14 @@ struct Built {
     stdout: String,
 }
 
-/// `kiln ramdisk build`, once per test process, into target/tmp.
+/// `kiln ramdisk build`, once per test process, into target/tmp/ramdisk-out.
 fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let agent = static_agent();
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ramdisk-out-{}", std::process::id()));
+        // One fixed directory, replaced by each run (not one per process,
+        // which would pile up 27 MB a run).
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ramdisk-out");
         let _ = std::fs::remove_dir_all(&out);
         let t = Instant::now();
         let o = run(Command::new(KILN)
