@@ -97,6 +97,9 @@ pub enum Command {
     /// pause, resume, abort.
     #[command(subcommand)]
     Rollout(cmd::rollout::RolloutCmd),
+    /// The net-boot ramdisk: `kiln ramdisk build --agent PATH`.
+    #[command(subcommand)]
+    Ramdisk(cmd::ramdisk::RamdiskCmd),
     /// DHCP leases.
     Leases {
         /// Include expired leases.
@@ -274,6 +277,7 @@ pub async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Res
         Command::Reimage(a) => cmd::reimage::run(a, ctx, out).await,
         Command::Job(c) => cmd::job::run(c, ctx, out).await,
         Command::Rollout(c) => cmd::rollout::run(c, ctx, out).await,
+        Command::Ramdisk(c) => cmd::ramdisk::run(c, out).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut out.w);
             Ok(())

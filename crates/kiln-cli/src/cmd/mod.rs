@@ -6,6 +6,7 @@ pub mod job;
 pub mod machine;
 pub mod org;
 pub mod power;
+pub mod ramdisk;
 pub mod reimage;
 pub mod rollout;
 pub mod server;
