@@ -13,6 +13,10 @@
 //! | preseed (Debian, Ubuntu) | `linux` | `initrd.gz` | `debian-installer-12-netboot-amd64`'s `…/debian-installer/amd64/` |
 //! | kickstart (RHEL, Rocky, Alma, CentOS, Fedora, Oracle) | `vmlinuz` | `initrd.img` | a tree's `images/pxeboot/` |
 //!
+//! Anaconda also needs its install tree: when `source` is a tree's
+//! `…/images/pxeboot`, the tree goes on the command line as `inst.repo=`;
+//! otherwise the kickstart must name it (`url --url=…`).
+//!
 //! **Preseed or kickstart.** An image with an operator's template of one
 //! kind and not the other uses that kind; otherwise the OS name decides
 //! (the RedHat family above → kickstart, anything else → preseed).
@@ -141,6 +145,20 @@ impl Source {
         Ok(Source::Artifacts(rel.to_string()))
     }
 
+    /// The install tree a RedHat-style `…/images/pxeboot` directory is in,
+    /// as a URL (under [`BASE_URL`]`/boot/file/` for the artifacts).
+    pub fn tree(&self) -> Option<String> {
+        let (Source::Artifacts(dir) | Source::Url(dir)) = self;
+        let tree = dir.strip_suffix("/images/pxeboot")?;
+        if tree.is_empty() || tree.ends_with('/') {
+            return None;
+        }
+        Some(match self {
+            Source::Artifacts(_) => format!("{BASE_URL}/boot/file/{tree}"),
+            Source::Url(_) => tree.to_string(),
+        })
+    }
+
     /// `file` in this directory: an artifacts path or a URL.
     pub fn join(&self, file: &str) -> String {
         match self {
@@ -198,7 +216,13 @@ pub fn boot(
             c.push("---".into());
             c
         }
-        Flavor::Kickstart => vec![format!("inst.ks={file_url}"), "inst.text".to_string()],
+        Flavor::Kickstart => {
+            let mut c = vec![format!("inst.ks={file_url}"), "inst.text".to_string()];
+            // Anaconda loads its second stage from the install tree; a
+            // source that is a tree's `images/pxeboot` names the tree.
+            c.extend(source.tree().map(|t| format!("inst.repo={t}")));
+            c
+        }
     };
     cmdline.extend(console.iter().filter(|a| a.starts_with("console=")).cloned());
     // Everything but the placeholders must already be fit for a script.
@@ -319,11 +343,22 @@ mod tests {
                 [
                     &format!("inst.ks={{kiln.base_url}}/boot/job/{JOB}/kickstart?token={{kiln.token}}"),
                     "inst.text",
+                    "inst.repo=https://mirror.example/os",
                     "console=tty0",
                     "console=ttyS0,115200",
                 ]
             );
         }
+        // A tree under the artifacts is served from there; a directory
+        // that is no tree's pxeboot names no repository.
+        let b = boot(&image("rocky", "rocky/9/images/pxeboot"), JOB, "h", None, &[]).unwrap();
+        assert_eq!(b.cmdline[2], "inst.repo={kiln.base_url}/boot/file/rocky/9");
+        let b = boot(&image("rocky", "rocky-9-pxe"), JOB, "h", None, &[]).unwrap();
+        assert!(
+            !b.cmdline.iter().any(|a| a.starts_with("inst.repo=")),
+            "{:?}",
+            b.cmdline
+        );
         for name in ["debian", "ubuntu", "rockstar", "olive"] {
             assert_eq!(Flavor::of(&image(name, "x")), Flavor::Preseed, "{name}");
         }
