@@ -5,6 +5,7 @@
 //! a plain character set and refused otherwise — never escaped and hoped.
 
 use crate::decision::BootAnswer;
+use crate::installer;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScriptError {
@@ -96,11 +97,52 @@ pub fn render(answer: &BootAnswer, firmware: Firmware, agent: &AgentBoot) -> Res
         } => {
             check_arg(job_id)?;
             s.push_str(&format!("echo kiln: job {job_id}: booting its installer\n"));
-            let token_arg = format!("kiln.token={}", token.expose());
-            kernel_lines(&mut s, firmware, kernel, initrds, cmdline, Some(&token_arg))?;
+            // An installer's command line says where its token goes (the
+            // preseed or kickstart URL); the deploy agent gets `kiln.token=`.
+            let wants_token = cmdline.iter().any(|a| a.contains(installer::TOKEN));
+            let cmdline: Vec<String> = cmdline
+                .iter()
+                .map(|a| a.replace(installer::TOKEN, token.expose()))
+                .collect();
+            let token_arg = (!wants_token).then(|| format!("kiln.token={}", token.expose()));
+            kernel_lines(&mut s, firmware, kernel, initrds, &cmdline, token_arg.as_deref())?;
         }
     }
     Ok(s)
+}
+
+/// `script` with every token's value replaced by `[redacted]`: the
+/// `kiln.token=` argument of the deploy and discovery agents, and a
+/// `token=` query parameter inside any word (an installer's `url=` or
+/// `inst.ks=`). For showing a script to people and logs.
+pub fn redact(script: &str) -> String {
+    script
+        .split('\n')
+        .map(|line| line.split(' ').map(redact_word).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn redact_word(word: &str) -> String {
+    const HIDDEN: &str = "[redacted]";
+    if word.starts_with("kiln.token=") {
+        return format!("kiln.token={HIDDEN}");
+    }
+    let mut out = String::with_capacity(word.len());
+    let mut rest = word;
+    while let Some(i) = rest.find("token=") {
+        let at_param = i > 0 && matches!(rest.as_bytes()[i - 1], b'?' | b'&' | b';');
+        let value_start = i + "token=".len();
+        out.push_str(&rest[..value_start]);
+        rest = &rest[value_start..];
+        if at_param {
+            let end = rest.find(['&', ';', '#']).unwrap_or(rest.len());
+            out.push_str(HIDDEN);
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `kernel`, `initrd` and `boot` lines. On UEFI, iPXE hands initrds to
@@ -224,6 +266,57 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("initrd="), "{s}");
+    }
+
+    /// An installer's arm names where the token goes: it is put there (in
+    /// the preseed URL), once, and no `kiln.token=` is added — d-i would
+    /// not need it, and after `---` it would reach the installed system.
+    #[test]
+    fn an_installer_gets_its_token_in_the_preseed_url_only() {
+        let cmdline = vec![
+            "auto=true".to_string(),
+            format!(
+                "url=http://10.0.0.1:7070/boot/job/job-7/preseed?token={}",
+                installer::TOKEN
+            ),
+            "---".to_string(),
+            "console=ttyS0,115200".to_string(),
+        ];
+        for fw in [Firmware::Bios, Firmware::Uefi] {
+            let s = render(&install(cmdline.clone(), "kj_tok-1"), fw, &agent()).unwrap();
+            let cmds = commands(&s);
+            let kernel = cmds.iter().find(|c| c[0] == "kernel").unwrap();
+            assert!(
+                kernel.contains(&"url=http://10.0.0.1:7070/boot/job/job-7/preseed?token=kj_tok-1".to_string()),
+                "{s}"
+            );
+            assert_eq!(kernel.last().unwrap(), "console=ttyS0,115200", "{s}");
+            assert_eq!(s.matches("kj_tok-1").count(), 1, "{s}");
+            assert!(!s.contains("kiln.token") && !s.contains('{'), "{s}");
+        }
+        // A token that could add a command is refused wherever it goes.
+        assert!(render(&install(cmdline, "tok&&shell"), Firmware::Bios, &agent()).is_err());
+        // A placeholder nobody filled (the base URL) never reaches a script.
+        let unfilled = vec![format!("url={}/boot/job/job-7/preseed", installer::BASE_URL)];
+        assert!(render(&install(unfilled, "tok"), Firmware::Bios, &agent()).is_err());
+    }
+
+    #[test]
+    fn redact_hides_every_token() {
+        let s = "#!ipxe\nkernel http://x/linux url=http://x/boot/job/7/preseed?token=kj_abc-_1 \
+                 inst.ks=http://x/ks?a=1&token=kj_def;b=2 kiln.token=kj_ghi notoken=keep\nboot";
+        let r = redact(s);
+        for secret in ["kj_abc-_1", "kj_def", "kj_ghi"] {
+            assert!(!r.contains(secret), "{r}");
+        }
+        assert!(r.contains("url=http://x/boot/job/7/preseed?token=[redacted]"), "{r}");
+        assert!(r.contains("inst.ks=http://x/ks?a=1&token=[redacted];b=2"), "{r}");
+        assert!(r.contains("kiln.token=[redacted]"), "{r}");
+        assert!(r.contains("notoken=keep"), "{r}");
+        assert!(
+            r.starts_with("#!ipxe\nkernel http://x/linux ") && r.ends_with("\nboot"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! `templates` renders the installer and first-boot files (preseed,
 //! kickstart, cloud-init, Ignition) with per-format escaping; `password`
 //! turns a plaintext root password into the `$6$` hash they take.
+//! `installer` is what an installer image net-boots: its kernel, initrd and
+//! the command line that points it at the job's preseed or kickstart.
 //! `dhcp` and `tftp` are the protocols' codecs and decisions, without sockets.
 //!
 //! The DHCP, TFTP and HTTP listeners (issue 3, in progress) are thin I/O
@@ -14,6 +16,7 @@
 pub mod decision;
 pub mod dhcp;
 pub mod firmware;
+pub mod installer;
 pub mod ipxe;
 pub mod password;
 pub mod templates;

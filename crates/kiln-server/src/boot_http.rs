@@ -238,23 +238,9 @@ pub async fn explain(
         .ok()
         .and_then(|v| v.get("answer").and_then(|a| a.as_str()).map(str::to_string))
         .unwrap_or_default();
-    // Tokens (a job's, or a discovery token) are not for the operator's eyes.
-    let script = script
-        .split('\n')
-        .map(|line| {
-            line.split(' ')
-                .map(|w| {
-                    if w.starts_with("kiln.token=") {
-                        "kiln.token=[redacted]"
-                    } else {
-                        w
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    // Tokens (a job's — also inside an installer's preseed URL —, or a
+    // discovery token) are not for the operator's eyes.
+    let script = kiln_boot::ipxe::redact(&script);
     Ok(Json(BootExplain {
         target: q.target,
         machine: machine.map(|m| m.hostname.to_string()),

@@ -17,6 +17,7 @@ use kiln_boot::decision::NetbootArm;
 use kiln_store::{Actor, ArmRecord, JobRecord, Store};
 use kiln_types::catalog::{OsImage, OsKind};
 use kiln_types::job::{Job, ReimageSpec};
+use kiln_types::machine::Machine;
 use kiln_types::power::{BootDevice, PowerAction};
 use kiln_types::{JobId, MachineId};
 use kiln_workflow::hooks::HookRunner;
@@ -110,10 +111,16 @@ impl Effects for ServerEffects {
         self.bmc.call(&actor, machine, op).await.map(|_| ()).map_err(bmc_error)
     }
 
-    fn netboot_plan(&self, job: &JobRecord, _spec: &ReimageSpec, image: &OsImage) -> Result<NetbootPlan, String> {
+    fn netboot_plan(
+        &self,
+        job: &JobRecord,
+        spec: &ReimageSpec,
+        image: &OsImage,
+        machine: &Machine,
+    ) -> Result<NetbootPlan, String> {
+        let s = &self.boot.settings;
         match image.kind {
             OsKind::DiskImage => {
-                let s = &self.boot.settings;
                 let mut cmdline = s.agent_cmdline.clone();
                 cmdline.push("kiln.mode=deploy".into());
                 cmdline.push(format!("kiln.job={}", job.id));
@@ -123,11 +130,48 @@ impl Effects for ServerEffects {
                     cmdline,
                 })
             }
-            OsKind::Installer => Err(format!(
-                "{} {} is an installer image; kiln reimages with disk images only so far \
-                 (the installer path is issue 6)",
-                image.name, image.version
-            )),
+            OsKind::Installer => {
+                // The new OS's domain: the machine's, as the installer files
+                // compute it (`TemplateContext`).
+                let domain = machine
+                    .fqdn
+                    .as_ref()
+                    .and_then(|f| f.as_str().split_once('.'))
+                    .map(|(_, d)| d);
+                let boot = kiln_boot::installer::boot(
+                    image,
+                    &job.id.to_string(),
+                    spec.hostname.as_str(),
+                    domain,
+                    &s.agent_cmdline,
+                )
+                .map_err(|e| format!("{} {}: {e}", image.name, image.version))?;
+                // A missing kernel would leave the machine at iPXE's prompt
+                // until the installer wait times out: say so now.
+                for file in [&boot.kernel, &boot.initrd] {
+                    if is_url(file) {
+                        continue;
+                    }
+                    let path = self.boot.artifacts.join(file);
+                    if !path.is_file() {
+                        return Err(format!(
+                            "{} {}: the installer's {} is missing: {} (`source` names the directory \
+                             holding `{}` and `{}`, under the artifacts directory or as an http(s) URL)",
+                            image.name,
+                            image.version,
+                            if file == &boot.kernel { "kernel" } else { "initrd" },
+                            path.display(),
+                            boot.flavor.files().0,
+                            boot.flavor.files().1,
+                        ));
+                    }
+                }
+                Ok(NetbootPlan {
+                    kernel: boot.kernel,
+                    initrds: vec![boot.initrd],
+                    cmdline: boot.cmdline,
+                })
+            }
         }
     }
 
@@ -246,12 +290,31 @@ impl SecretBox {
     }
 }
 
+fn is_url(path: &str) -> bool {
+    path.starts_with("http://") || path.starts_with("https://")
+}
+
 /// The arm of `machine` as the boot decision takes it: artifact paths as
-/// URLs under `base`, the server's address and the job token added.
+/// URLs under `base` (an installer's kernel may be a URL already), and the
+/// server's address where the command line asks for it
+/// (`kiln_boot::installer::BASE_URL`, an installer's preseed URL) or else
+/// as `kiln.server=` (the deploy agent). The token is not added here: the
+/// iPXE renderer puts it where the command line asks for it
+/// (`kiln_boot::installer::TOKEN`), or adds `kiln.token=`.
 pub fn netboot_arm(arm: &ArmRecord, secrets: &SecretBox, base: &str) -> NetbootArm {
-    let url = |path: &str| format!("{base}/boot/file/{}", path.trim_start_matches('/'));
-    let mut cmdline = arm.cmdline.clone();
-    cmdline.push(format!("kiln.server={base}"));
+    use kiln_boot::installer::BASE_URL;
+    let url = |path: &str| {
+        if is_url(path) {
+            path.to_string()
+        } else {
+            format!("{base}/boot/file/{}", path.trim_start_matches('/'))
+        }
+    };
+    let names_base = arm.cmdline.iter().any(|a| a.contains(BASE_URL));
+    let mut cmdline: Vec<String> = arm.cmdline.iter().map(|a| a.replace(BASE_URL, base)).collect();
+    if !names_base {
+        cmdline.push(format!("kiln.server={base}"));
+    }
     NetbootArm {
         job_id: arm.job_id.to_string(),
         machine_id: arm.machine_id,
@@ -273,4 +336,185 @@ pub fn server_name() -> String {
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
     format!("{host}/{}/{}", std::process::id(), hex::encode(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_boot::decision::{BootAnswer, BootPolicy, decide};
+    use kiln_boot::ipxe::{AgentBoot, Firmware, redact, render};
+    use kiln_types::OsImageId;
+    use kiln_types::catalog::Arch;
+    use kiln_types::machine::{MachineKind, MachineState};
+
+    fn installer(source: &str) -> OsImage {
+        OsImage {
+            id: OsImageId::new(),
+            name: "debian".into(),
+            version: "12".into(),
+            arch: Arch::X86_64,
+            kind: OsKind::Installer,
+            tags: vec![],
+            min_ram_bytes: 0,
+            min_disk_bytes: 0,
+            source: source.into(),
+            sha256: None,
+            templates: Default::default(),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn arm_of(machine: &Machine, job: JobId, image: &OsImage) -> ArmRecord {
+        let boot = kiln_boot::installer::boot(
+            image,
+            &job.to_string(),
+            machine.hostname.as_str(),
+            Some("eqiad.example.net"),
+            &["console=tty0".into(), "console=ttyS0,115200".into()],
+        )
+        .unwrap();
+        ArmRecord {
+            machine_id: machine.id,
+            job_id: job,
+            kernel: boot.kernel,
+            initrds: vec![boot.initrd],
+            cmdline: boot.cmdline,
+            expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+            consumed: false,
+        }
+    }
+
+    fn script(arm: &ArmRecord, machine: &Machine, secrets: &SecretBox, base: &str) -> (BootAnswer, String) {
+        let armed = netboot_arm(arm, secrets, base);
+        let answer = decide(
+            Some(machine),
+            Some(&armed),
+            BootPolicy { discovery: false },
+            chrono::Utc::now(),
+        );
+        let agent = AgentBoot {
+            kernel: format!("{base}/boot/file/vmlinuz"),
+            initrd: format!("{base}/boot/file/agent"),
+            cmdline: vec![],
+        };
+        let s = render(&answer, Firmware::Bios, &agent).unwrap();
+        (answer, s)
+    }
+
+    /// The installer's arm: stored without the token or the base URL; the
+    /// script has both, the token once, inside the preseed URL; the kernel
+    /// and initrd come from the image's directory; redaction hides it.
+    #[test]
+    fn an_installer_arm_gets_base_and_token_only_in_its_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = SecretBox::load_or_create(&dir.path().join("key")).unwrap();
+        let machine = Machine::sketch("web1", MachineKind::Physical, MachineState::Deployed);
+        let job = JobId::new();
+        let token = secrets.job_token(job);
+        let arm = arm_of(&machine, job, &installer("di/amd64"));
+        let stored = format!("{arm:?}");
+        assert!(
+            !stored.contains(token.expose()) && !stored.contains("10.0.0.1"),
+            "{stored}"
+        );
+        assert_eq!(arm.kernel, "di/amd64/linux");
+
+        let base = "http://10.0.0.1:7070";
+        let (answer, s) = script(&arm, &machine, &secrets, base);
+        match &answer {
+            BootAnswer::Install { cmdline, .. } => {
+                assert!(!cmdline.iter().any(|a| a.contains(token.expose())), "{cmdline:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let words: Vec<&str> = kernel.split(' ').collect();
+        assert_eq!(words[1], "http://10.0.0.1:7070/boot/file/di/amd64/linux");
+        assert!(
+            words.contains(&format!("url={base}/boot/job/{job}/preseed?token={}", token.expose()).as_str()),
+            "{kernel}"
+        );
+        for arg in [
+            "auto=true",
+            "priority=critical",
+            "interface=auto",
+            "hostname=web1",
+            "domain=eqiad.example.net",
+        ] {
+            assert!(words.contains(&arg), "{arg}: {kernel}");
+        }
+        assert_eq!(s.matches(token.expose()).count(), 1, "{s}");
+        assert!(!s.contains("kiln.token") && !s.contains("kiln.server"), "{s}");
+        assert!(
+            s.contains("\ninitrd http://10.0.0.1:7070/boot/file/di/amd64/initrd.gz\n"),
+            "{s}"
+        );
+        // What d-i copies into the installed system: the consoles only.
+        let after: Vec<&str> = words.iter().skip_while(|w| **w != "---").skip(1).copied().collect();
+        assert_eq!(after, ["console=tty0", "console=ttyS0,115200"]);
+        let shown = redact(&s);
+        assert!(!shown.contains(token.expose()), "{shown}");
+        assert!(shown.contains("preseed?token=[redacted]"), "{shown}");
+
+        // Another base (another interface, or a configured http_base).
+        let (_, s) = script(&arm, &machine, &secrets, "http://[fd00::1]:7070");
+        assert!(s.contains("url=http://[fd00::1]:7070/boot/job/"), "{s}");
+        // An installer served from elsewhere keeps its URL.
+        let arm = arm_of(&machine, job, &installer("https://mirror.example/di/amd64/"));
+        let (_, s) = script(&arm, &machine, &secrets, base);
+        assert!(s.contains("kernel https://mirror.example/di/amd64/linux "), "{s}");
+        assert!(
+            s.contains("\ninitrd https://mirror.example/di/amd64/initrd.gz\n"),
+            "{s}"
+        );
+    }
+
+    /// The deploy agent's arm is as before: `kiln.server=` and `kiln.token=`.
+    #[test]
+    fn a_deploy_arm_gets_kiln_server_and_kiln_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = SecretBox::load_or_create(&dir.path().join("key")).unwrap();
+        let machine = Machine::sketch("web1", MachineKind::Physical, MachineState::Deployed);
+        let job = JobId::new();
+        let arm = ArmRecord {
+            machine_id: machine.id,
+            job_id: job,
+            kernel: "vmlinuz".into(),
+            initrds: vec!["kiln-agent.cpio.gz".into()],
+            cmdline: vec!["kiln.mode=deploy".into()],
+            expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+            consumed: false,
+        };
+        let (_, s) = script(&arm, &machine, &secrets, "http://10.0.0.1:7070");
+        let token = secrets.job_token(job);
+        assert!(
+            s.contains(&format!(
+                "kiln.mode=deploy kiln.server=http://10.0.0.1:7070 kiln.token={}\n",
+                token.expose()
+            )),
+            "{s}"
+        );
+    }
+
+    /// A base URL that could add a command never reaches a script.
+    #[test]
+    fn a_base_url_unfit_for_a_script_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = SecretBox::load_or_create(&dir.path().join("key")).unwrap();
+        let machine = Machine::sketch("web1", MachineKind::Physical, MachineState::Deployed);
+        let arm = arm_of(&machine, JobId::new(), &installer("di"));
+        let armed = netboot_arm(&arm, &secrets, "http://x${net0/ip}&&shell");
+        let answer = decide(
+            Some(&machine),
+            Some(&armed),
+            BootPolicy { discovery: false },
+            chrono::Utc::now(),
+        );
+        let agent = AgentBoot {
+            kernel: "http://x/k".into(),
+            initrd: "http://x/i".into(),
+            cmdline: vec![],
+        };
+        assert!(render(&answer, Firmware::Bios, &agent).is_err());
+    }
 }

@@ -141,7 +141,10 @@ pub struct OsImage {
     pub tags: Vec<PlatformTag>,
     pub min_ram_bytes: u64,
     pub min_disk_bytes: u64,
-    /// URL or path of the image (or of the installer's kernel directory).
+    /// URL or path of the image. For an installer: the directory holding
+    /// its kernel and initrd (`linux` + `initrd.gz` for d-i, `vmlinuz` +
+    /// `initrd.img` for Anaconda), under the artifacts directory or as an
+    /// http(s) URL.
     pub source: String,
     /// Lowercase hex SHA-256 of the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,6 +193,8 @@ pub struct OsImageCreate {
     pub min_ram_bytes: u64,
     #[serde(default)]
     pub min_disk_bytes: u64,
+    /// URL or path of the image; for an installer, the directory of its
+    /// kernel and initrd (see [`OsImage::source`]).
     pub source: String,
     /// Required for disk images: the agent refuses to write an image it
     /// cannot verify.

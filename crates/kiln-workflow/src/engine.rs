@@ -26,7 +26,7 @@ use kiln_store::{ArmRecord, JobRecord, JobSave, LogLine, Store};
 use kiln_types::MachineId;
 use kiln_types::catalog::OsImage;
 use kiln_types::job::{Job, JobKind, JobLogKind, JobState, ReimageSpec};
-use kiln_types::machine::MachineState;
+use kiln_types::machine::{Machine, MachineState};
 use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -89,9 +89,16 @@ pub trait Effects: Send + Sync + 'static {
     /// retries), or says why not.
     fn bmc(&self, machine: MachineId, action: BmcAction) -> impl Future<Output = Result<(), BmcError>> + Send;
 
-    /// What `image` net-boots to install itself for `job` (the deploy agent
-    /// for a disk image, the installer's kernel for an installer).
-    fn netboot_plan(&self, job: &JobRecord, spec: &ReimageSpec, image: &OsImage) -> Result<NetbootPlan, String>;
+    /// What `image` net-boots to install itself on `machine` for `job` (the
+    /// deploy agent for a disk image, the installer's kernel for an
+    /// installer).
+    fn netboot_plan(
+        &self,
+        job: &JobRecord,
+        spec: &ReimageSpec,
+        image: &OsImage,
+        machine: &Machine,
+    ) -> Result<NetbootPlan, String>;
 
     /// Runs the hooks configured for `event` (`pre_reimage`,
     /// `post_reimage`, `failure`): log lines, or why a required hook

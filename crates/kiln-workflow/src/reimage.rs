@@ -285,7 +285,12 @@ async fn arm<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Outcome 
         Ok(i) => i,
         Err(e) => return fail(format!("OS image {}: {e}", spec.os_label)),
     };
-    let plan = match cx.effects.netboot_plan(cx.job, spec, &image) {
+    let machine = match cx.store.get_machine(&machine_id.to_string(), None).await {
+        Ok(m) => m,
+        Err(StoreError::NotFound { .. }) => return fail("the machine was deleted"),
+        Err(e) => return retry(cx, format!("reading the machine failed: {e}")),
+    };
+    let plan = match cx.effects.netboot_plan(cx.job, spec, &image, &machine) {
         Ok(p) => p,
         Err(why) => return fail(why),
     };

@@ -548,7 +548,9 @@ fn hostname_override_and_context_checks() {
 
 /// The real peer for stage 1: the early command, run by the Debian
 /// installer's own shell and wget (from the netboot initrd, in a chroot),
-/// reaches a listener on loopback with the path and token of the contract.
+/// reaches a listener on loopback with the path and token of the contract;
+/// the late command's script decodes and parses with the installer's
+/// busybox.
 /// Needs root and `debian-installer-12-netboot-amd64` (scripts/test
 /// installs it); skipped otherwise.
 #[test]
@@ -628,4 +630,26 @@ fn debian_installer_wget_reports_stage_1() {
         req.lines().any(|l| l == format!("Authorization: Bearer {TOKEN}")),
         "{req}"
     );
+
+    // The late_command as d-i runs it: its busybox decodes the script
+    // byte for byte, and its shell parses it.
+    let late = directive(&preseed_lines(&preseed), "preseed/late_command")
+        .unwrap()
+        .to_string();
+    let decode = late.split(" > /tmp/kiln-late.sh").next().unwrap();
+    let out = Command::new("chroot")
+        .arg(dir.path())
+        .args(["/bin/sh", "-c", decode])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(script, late_script(&preseed));
+    let out = Command::new("chroot")
+        .arg(dir.path())
+        .args(["/bin/sh", "-n", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

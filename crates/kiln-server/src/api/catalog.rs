@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use kiln_types::catalog::{
-    LayoutInfo, OsImage, OsImageCreate, OsImagePatch, StorageLayout, Task, TaskCreate, TaskPatch,
+    LayoutInfo, OsImage, OsImageCreate, OsImagePatch, OsKind, StorageLayout, Task, TaskCreate, TaskPatch,
 };
 use kiln_types::error::ApiError as ErrorBody;
 
@@ -23,6 +23,7 @@ pub async fn create_os_image(
 ) -> ApiResult<(StatusCode, Json<OsImage>)> {
     caller.require_operator()?;
     check_templates(&new.templates)?;
+    check_installer_source(new.kind, &new.source)?;
     Ok((
         StatusCode::CREATED,
         Json(s.store.create_os_image(&caller.actor(), &new).await?),
@@ -45,6 +46,16 @@ fn check_templates(templates: &std::collections::BTreeMap<String, String>) -> Ap
     } else {
         Err(ApiError::bad_request(why.join("; ")))
     }
+}
+
+/// An installer's `source` is the directory of its kernel and initrd, which
+/// go into iPXE scripts: an http(s) URL or a path under the artifacts
+/// directory (`kiln_boot::installer::Source`).
+fn check_installer_source(kind: OsKind, source: &str) -> ApiResult<()> {
+    if kind == OsKind::Installer {
+        kiln_boot::installer::Source::parse(source).map_err(ApiError::bad_request)?;
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/v1/os-images", tag = "catalog",
@@ -74,6 +85,10 @@ pub async fn update_os_image(
     caller.require_operator()?;
     if let Some(t) = &patch.templates {
         check_templates(t)?;
+    }
+    if patch.kind.is_some() || patch.source.is_some() {
+        let after = patch.apply(&s.store.get_os_image(&key).await?);
+        check_installer_source(after.kind, &after.source)?;
     }
     Ok(Json(s.store.update_os_image(&caller.actor(), &key, &patch).await?))
 }

@@ -658,6 +658,185 @@ api_test!(installer_files_are_served_to_the_job_token_only, |srv| {
     sim.shutdown().await;
 });
 
+// The installer path: an OS image of kind `installer` whose `source` is
+// d-i's kernel directory under the artifacts. The job refuses to arm while
+// the files are missing; then the iPXE script chains d-i's kernel and
+// initrd with the preseed URL (base URL of the request, the job token in
+// it and nowhere else), the preseed at that URL reports stages with the
+// token, and stage 1 disarms the machine.
+api_test!(an_installer_image_boots_d_i_with_the_job_preseed, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    let installer = OsImageCreate {
+        name: "debian".into(),
+        version: "12".into(),
+        arch: Arch::X86_64,
+        kind: OsKind::Installer,
+        tags: vec![PlatformTag::Bm],
+        min_ram_bytes: GIB,
+        min_disk_bytes: 10 * GIB,
+        source: "../etc".into(),
+        sha256: None,
+        templates: Default::default(),
+    };
+    // A source the installer could not be served from is refused.
+    let e = admin.create_os_image(&installer).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("installer source"), "{e}");
+    admin
+        .create_os_image(&OsImageCreate {
+            source: "d-i/bookworm/amd64/".into(),
+            ..installer
+        })
+        .await
+        .unwrap();
+    let e = admin
+        .update_os_image(
+            "debian-12",
+            &kiln_types::catalog::OsImagePatch {
+                source: Some("d-i amd64".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    admin
+        .create_machine(&machine("web7", MAC, sim.bmc(0).url()))
+        .await
+        .unwrap();
+    let mut req = request();
+    req.layout = Some(StorageLayout::Lvm);
+
+    // No kernel in the artifacts yet: the job fails at `arm`, saying where
+    // it looked, and the machine is not armed.
+    let id = admin.reimage("web7", &req).await.unwrap().id.to_string();
+    let failed = until(&admin, &id, "the failure", |j| j.state.is_final()).await;
+    assert_eq!(failed.state, JobState::Failed);
+    let reason = failed.reason.unwrap_or_default();
+    assert!(
+        reason.contains("kernel is missing") && reason.contains("d-i/bookworm/amd64/linux"),
+        "{reason}"
+    );
+    assert!(!ipxe(&srv, MAC).await.contains("kernel"));
+
+    let dir = srv.state.boot.artifacts.join("d-i/bookworm/amd64");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("linux"), b"kernel").unwrap();
+    std::fs::write(dir.join("initrd.gz"), b"initrd").unwrap();
+    admin.retry_job(&id, &RetryRequest { from_step: None }).await.unwrap();
+    until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+
+    // The machine asks kiln at some address; everything is under it.
+    let base = srv.url.clone();
+    let script = ipxe(&srv, MAC).await;
+    let kernel: Vec<&str> = script
+        .lines()
+        .find(|l| l.starts_with("kernel "))
+        .unwrap_or_else(|| panic!("no kernel in {script}"))
+        .split(' ')
+        .collect();
+    assert_eq!(kernel[1], format!("{base}/boot/file/d-i/bookworm/amd64/linux"));
+    assert!(
+        script.contains(&format!("\ninitrd {base}/boot/file/d-i/bookworm/amd64/initrd.gz\n")),
+        "{script}"
+    );
+    for arg in [
+        "auto=true",
+        "priority=critical",
+        "interface=auto",
+        "hostname=web7",
+        "---",
+    ] {
+        assert!(kernel.contains(&arg), "{arg}: {script}");
+    }
+    let url = kernel
+        .iter()
+        .find_map(|a| a.strip_prefix("url="))
+        .unwrap_or_else(|| panic!("no url= in {script}"));
+    let prefix = format!("{base}/boot/job/{id}/preseed?token=");
+    assert!(url.starts_with(&prefix), "{url}");
+    let token = &url[prefix.len()..];
+    assert!(token.starts_with("kj_"), "{url}");
+    assert_eq!(script.matches(token).count(), 1, "the token once: {script}");
+    assert!(
+        !script.contains("kiln.token") && !script.contains("kiln.server"),
+        "{script}"
+    );
+    // Explain shows the script, not the token.
+    let explained = admin.boot_explain("web7", None).await.unwrap();
+    assert_eq!(explained["answer"], "install");
+    assert!(!explained.to_string().contains(token), "{explained}");
+    assert!(
+        explained["script"]
+            .as_str()
+            .unwrap()
+            .contains("preseed?token=[redacted]"),
+        "{explained}"
+    );
+    // Neither the job nor its log holds it.
+    let detail = serde_json::to_string(&admin.get_job(&id).await.unwrap()).unwrap();
+    assert!(!detail.contains(token), "{detail}");
+
+    // d-i fetches the URL as it is: the preseed for this machine and job,
+    // reporting stages 1 (early_command) and 2–4 (late_command) with the
+    // token, and setting up stage 5.
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let preseed = resp.text().await.unwrap();
+    let directive = |q: &str| {
+        preseed
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(q))
+            .unwrap_or_else(|| panic!("no {q} in {preseed}"))
+            .to_string()
+    };
+    let early = directive("preseed/early_command");
+    assert!(
+        early.contains(&format!("'{base}/api/v1/jobs/{id}/stages/1'"))
+            && early.contains(&format!("'Authorization: Bearer {token}'")),
+        "{early}"
+    );
+    assert!(directive("preseed/late_command").contains("base64 -d"), "{preseed}");
+    assert!(directive("netcfg/get_hostname").ends_with(" web7"), "{preseed}");
+    assert!(directive("partman-auto/method").ends_with(" lvm"), "{preseed}");
+    // The rules of the file endpoint hold for the installer's URL too.
+    let unauthorized = reqwest::get(format!("{base}/boot/job/{id}/preseed?token=kj_wrong"))
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status().as_u16(), 401);
+    assert_eq!(
+        reqwest::get(format!("{base}/boot/job/{id}/preseed"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+
+    // The early_command's report: stage 1 consumes the arm.
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v1/jobs/{id}/stages/1"))
+        .header("Authorization", format!("Bearer {token}"))
+        .body("installer started")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    until(&admin, &id, "disarm", |j| j.step == "wait_base_installed").await;
+    assert!(!ipxe(&srv, MAC).await.contains("kernel"));
+    // Cancelled (there is no mirror here to install from): the preseed is
+    // gone with the job.
+    admin.job_action(&id, "cancel").await.unwrap();
+    until(&admin, &id, "the cancel", |j| j.state.is_final()).await;
+    assert_eq!(reqwest::get(url).await.unwrap().status().as_u16(), 410);
+    assert!(!ipxe(&srv, MAC).await.contains("kernel"));
+    sim.shutdown().await;
+});
+
 api_test!(a_new_machine_without_an_inventory_is_reimaged_with_new, |srv| {
     let sim = sim().await;
     let admin = srv.admin();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use kiln_store::{Actor, JobRecord, NewJob, NewMachine, Store};
 use kiln_types::catalog::{Arch, OsImage, OsImageCreate, OsKind, PlatformTag};
 use kiln_types::job::{Job, JobKind, ReimageSpec};
-use kiln_types::machine::{Disk, Hardware, MachineCreate, MachineState};
+use kiln_types::machine::{Disk, Hardware, Machine, MachineCreate, MachineState};
 use kiln_types::{JobId, MachineId};
 use kiln_workflow::{BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan};
 
@@ -60,7 +60,13 @@ impl Effects for Recorder {
         Ok(())
     }
 
-    fn netboot_plan(&self, job: &JobRecord, _spec: &ReimageSpec, _image: &OsImage) -> Result<NetbootPlan, String> {
+    fn netboot_plan(
+        &self,
+        job: &JobRecord,
+        _spec: &ReimageSpec,
+        _image: &OsImage,
+        _machine: &Machine,
+    ) -> Result<NetbootPlan, String> {
         if self.fault() == Fault::Plan {
             return Err("injected: no deploy agent".into());
         }
