@@ -116,11 +116,17 @@ cat >"$root/sbin/init.sh" <<'EOF'
 #!/bin/sh
 # The test OS's init (busybox sh). Its console lines start "kiln-test-os:".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
-mountpoint -q /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
+# The initramfs moved /proc, /sys, /dev and /run here; busybox has no
+# `mountpoint` applet in Debian's build, so /proc/mounts says what is there.
+[ -e /proc/mounts ] || mount -t proc proc /proc
+mounted() { grep -q "^[^ ]* $1 " /proc/mounts; }
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev
+mounted /run || mount -t tmpfs -o mode=0755 tmpfs /run
+mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
+# The bootloader mounts / read-only (`ro`), as for any OS: init makes it
+# writable, as systemd does from fstab.
+mount -o remount,rw /
 exec </dev/console >/dev/console 2>&1
 say() { echo "kiln-test-os: $*"; }
 

@@ -23,44 +23,6 @@ use common::*;
 /// One VM at a time: software emulation on two cores is slow enough.
 static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn static_agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_TEST_STATIC_AGENT") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "KILN_TEST_STATIC_AGENT={} is not a file", p.display());
-        return p;
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building the static kiln-agent (set KILN_TEST_STATIC_AGENT to skip)");
-    run(Command::new(cargo)
-        .current_dir(workspace())
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "kiln-agent",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ]));
-    target.join("x86_64-unknown-linux-gnu/release/kiln-agent")
-}
-
-/// Where the tests keep the package cache between runs (target/tmp).
-fn cache_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("ramdisk-cache")
-}
-
 struct Built {
     /// vmlinuz and kiln-agent.cpio.gz.
     out: PathBuf,
@@ -71,25 +33,13 @@ struct Built {
 fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let agent = static_agent();
         // One fixed directory, replaced by each run (not one per process,
         // which would pile up 27 MB a run).
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ramdisk-out");
         let _ = std::fs::remove_dir_all(&out);
         let t = Instant::now();
-        let o = run(Command::new(KILN)
-            .args(["ramdisk", "build", "--agent"])
-            .arg(&agent)
-            .arg("--out")
-            .arg(&out)
-            .arg("--cache")
-            .arg(cache_dir()));
-        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-        eprintln!(
-            "kiln ramdisk build ({:.1} s):\n{stdout}{}",
-            t.elapsed().as_secs_f64(),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let stdout = build_ramdisk(&out);
+        eprintln!("kiln ramdisk build ({:.1} s):\n{stdout}", t.elapsed().as_secs_f64());
         Built { out, stdout }
     })
 }
@@ -290,7 +240,7 @@ fn a_second_build_with_a_warm_cache_is_quick_and_identical() {
         .arg("--out")
         .arg(out.path())
         .arg("--cache")
-        .arg(cache_dir()));
+        .arg(ramdisk_cache()));
     let secs = t.elapsed().as_secs_f64();
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["packages_downloaded"], 0, "{report}");

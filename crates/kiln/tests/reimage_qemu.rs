@@ -199,7 +199,10 @@ impl Lab {
             "--root-password-hash",
             ROOT_HASH,
         ]);
-        let id = job["id"].as_str().unwrap().to_string();
+        let id = job[0]["job"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{job:#}"))
+            .to_string();
         self.until(&format!("job {id} ends"), Duration::from_secs(900), || {
             let j = self.json(&["job", "show", &id]);
             let state = j["state"].as_str().unwrap_or_default().to_string();
@@ -548,50 +551,6 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
 struct TestImage {
     file: String,
     sha256: String,
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// The static agent: `KILN_TEST_STATIC_AGENT` (scripts/test builds it
-/// once), else built here with the documented command.
-fn static_agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_TEST_STATIC_AGENT") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .current_dir(workspace())
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "kiln-agent",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ]));
-    target.join("x86_64-unknown-linux-gnu/release/kiln-agent")
-}
-
-/// `kiln ramdisk build` into `out`, with the package cache in target/tmp.
-fn build_ramdisk(out: &Path) {
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ramdisk-cache");
-    run(Command::new(KILN)
-        .args(["ramdisk", "build", "--agent"])
-        .arg(static_agent())
-        .arg("--out")
-        .arg(out)
-        .arg("--cache")
-        .arg(cache));
 }
 
 /// scripts/make-test-os-image.sh into `artifacts`, next to the ramdisk it

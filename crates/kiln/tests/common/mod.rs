@@ -163,3 +163,57 @@ pub fn strip_ansi(raw: &[u8]) -> String {
     }
     out
 }
+
+/// The workspace's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The static agent: `KILN_TEST_STATIC_AGENT` (scripts/test builds it
+/// once before the tests), else built here with the documented command.
+pub fn static_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_TEST_STATIC_AGENT") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "KILN_TEST_STATIC_AGENT={} is not a file", p.display());
+        return p;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the static kiln-agent (set KILN_TEST_STATIC_AGENT to skip)");
+    run(Command::new(cargo)
+        .current_dir(workspace())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "kiln-agent",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ]));
+    target.join("x86_64-unknown-linux-gnu/release/kiln-agent")
+}
+
+/// Where the tests keep `kiln ramdisk build`'s package cache between runs
+/// (target/tmp).
+pub fn ramdisk_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("ramdisk-cache")
+}
+
+/// `kiln ramdisk build` of the static agent into `out`; its stdout.
+pub fn build_ramdisk(out: &Path) -> String {
+    let o = run(Command::new(KILN)
+        .args(["ramdisk", "build", "--agent"])
+        .arg(static_agent())
+        .arg("--out")
+        .arg(out)
+        .arg("--cache")
+        .arg(ramdisk_cache()));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
