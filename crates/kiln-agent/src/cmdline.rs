@@ -46,7 +46,14 @@ pub struct Cmdline {
     /// The NIC the machine booted from (`BOOTIF=`, as kiln and pxelinux
     /// write it: `52:54:00:12:34:56` or `01-52-54-00-12-34-56`), if given.
     pub boot_mac: Option<MacAddr>,
+    /// How long discovery listens for LLDP (`kiln.lldp_secs=`, default
+    /// [`DEFAULT_LLDP_SECS`]; 0 does not listen).
+    pub lldp_secs: u64,
 }
+
+/// Switches send LLDP every 30 s by default: 10 s finds a third of them at
+/// once, and most on a second discovery.
+pub const DEFAULT_LLDP_SECS: u64 = 10;
 
 // By hand so the token cannot leak through `{:?}` in a log line or a panic.
 impl fmt::Debug for Cmdline {
@@ -57,6 +64,7 @@ impl fmt::Debug for Cmdline {
             .field("job", &self.job)
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
             .field("boot_mac", &self.boot_mac)
+            .field("lldp_secs", &self.lldp_secs)
             .finish()
     }
 }
@@ -79,13 +87,15 @@ pub enum CmdlineError {
     BadJob(String),
     #[error("BOOTIF `{0}` is not a MAC address: expected 52:54:00:12:34:56 or 01-52-54-00-12-34-56")]
     BadBootIf(String),
+    #[error("kiln.lldp_secs `{0}` is not a number of seconds")]
+    BadLldpSecs(String),
     #[error("the kernel command line has an unclosed double quote")]
     UnclosedQuote,
 }
 
 /// The keys the agent knows; any other `kiln.*` word is most likely a typo,
 /// which an error about a missing key then points out.
-const KEYS: [&str; 4] = ["server", "mode", "job", "token"];
+const KEYS: [&str; 5] = ["server", "mode", "job", "token", "lldp_secs"];
 
 /// Splits a command line into words the way the kernel does: on
 /// whitespace, with double quotes grouping (and removed), so
@@ -176,6 +186,10 @@ impl Cmdline {
             None => None,
         };
         let token = found.remove("token").map(Secret::new);
+        let lldp_secs = match found.remove("lldp_secs") {
+            Some(text) => text.parse::<u64>().map_err(|_| CmdlineError::BadLldpSecs(text))?,
+            None => DEFAULT_LLDP_SECS,
+        };
         // A deploy writes disks: it must know its job, and the server must
         // be able to tell that the agent speaks for that job.
         if mode == Mode::Deploy {
@@ -192,6 +206,7 @@ impl Cmdline {
             job,
             token,
             boot_mac,
+            lldp_secs,
         })
     }
 }
@@ -244,6 +259,18 @@ mod tests {
         let c = Cmdline::parse("kiln.server=https://kiln.example kiln.mode=discover").unwrap();
         assert_eq!(c.mode, Mode::Discover);
         assert!(c.job.is_none() && c.token.is_none());
+    }
+
+    #[test]
+    fn lldp_wait_has_a_default_and_can_be_off() {
+        let base = "kiln.server=http://h kiln.mode=discover";
+        assert_eq!(Cmdline::parse(base).unwrap().lldp_secs, DEFAULT_LLDP_SECS);
+        assert_eq!(
+            Cmdline::parse(&format!("{base} kiln.lldp_secs=0")).unwrap().lldp_secs,
+            0
+        );
+        let e = Cmdline::parse(&format!("{base} kiln.lldp_secs=5s")).unwrap_err();
+        assert_eq!(e, CmdlineError::BadLldpSecs("5s".into()));
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! Discovery mode: the machine's inventory, reported under the boot NIC's
 //! discovery token; the server creates or updates the machine.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use kiln_types::MacAddr;
-use kiln_types::agent::{DiscoveryReport, DiscoveryResult};
+use kiln_types::agent::{DiscoveryReport, DiscoveryResult, LldpNeighbor as Neighbor};
 
 use crate::inventory::Inventory;
+use crate::lldp::LldpNeighbor;
+use crate::lldp::capture::Listen;
 use crate::server::{ControlPlane, ControlPlaneError};
 
 /// The NIC the machine booted from: `BOOTIF` when the boot loader said,
@@ -16,17 +21,48 @@ pub fn boot_mac(bootif: Option<MacAddr>, inventory: &Inventory) -> Option<MacAdd
         .or_else(|| nics.first().map(|n| n.mac))
 }
 
-/// Reports `inventory` as the machine booted from `boot_mac`.
+/// The NICs with link to listen for LLDP on, with their interface
+/// indexes from `/sys/class/net` under `root`.
+pub fn lldp_nics(root: &Path, inventory: &Inventory) -> Vec<Listen> {
+    inventory
+        .hardware
+        .nics
+        .iter()
+        .filter(|n| n.link)
+        .filter_map(|n| {
+            let index = std::fs::read_to_string(root.join("sys/class/net").join(&n.name).join("ifindex")).ok()?;
+            Some(Listen {
+                ifindex: index.trim().parse().ok()?,
+                mac: n.mac,
+            })
+        })
+        .collect()
+}
+
+/// The neighbours as the report carries them: switch and port names.
+pub fn neighbors(found: &BTreeMap<MacAddr, LldpNeighbor>) -> Vec<Neighbor> {
+    found
+        .iter()
+        .map(|(mac, n)| Neighbor {
+            mac: *mac,
+            switch: n.switch_name().to_string(),
+            port: n.port_name().to_string(),
+        })
+        .collect()
+}
+
+/// Reports `inventory`, with the LLDP neighbours seen, as the machine
+/// booted from `boot_mac`.
 pub fn discover(
     server: &mut dyn ControlPlane,
     inventory: &Inventory,
     boot_mac: MacAddr,
+    lldp: Vec<Neighbor>,
 ) -> Result<DiscoveryResult, ControlPlaneError> {
     let report = DiscoveryReport {
         boot_mac,
         hardware: inventory.hardware.clone(),
-        // Capturing LLDP frames is not built yet (docs/agent.md).
-        lldp: vec![],
+        lldp,
     };
     server.report_discovery(&report)
 }

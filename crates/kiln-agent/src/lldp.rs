@@ -1,14 +1,15 @@
 //! LLDP (IEEE 802.1AB): which switch and port a NIC is cabled to, from one
 //! frame the switch sends every 30 seconds or so.
 //!
-//! This is the parser only, a pure function over the frame's bytes;
-//! capturing frames from a raw socket comes with the discovery loop. It
-//! takes the first three TLVs the standard requires (chassis ID, port ID,
+//! The parser is a pure function over the frame's bytes ([`capture`]
+//! listens for frames during discovery). It takes the first three TLVs the standard requires (chassis ID, port ID,
 //! time to live, in that order) and the optional port description and
 //! system name, and ignores the rest (capabilities, management address,
 //! organisation-specific TLVs), which discovery does not report.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub mod capture;
 
 /// The ethertype of LLDP frames.
 pub const ETHERTYPE_LLDP: u16 = 0x88cc;

@@ -11,13 +11,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_agent::cmdline::{Cmdline, Mode};
-use kiln_agent::discover;
 use kiln_agent::execute::{self, DeployEnv};
 use kiln_agent::image::{ExpectedImage, ImageFormat, Progress, Sha256, SyncOnFlush, WriteOptions, write_image};
 use kiln_agent::inventory::{self, Inventory};
 use kiln_agent::layout::{self, LayoutOptions};
 use kiln_agent::server::{ControlPlane, Deadlines, HttpControlPlane};
 use kiln_agent::system::HostSystem;
+use kiln_agent::{discover, lldp};
 use kiln_types::catalog::StorageLayout;
 
 #[derive(Parser)]
@@ -36,6 +36,18 @@ enum Command {
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
         /// Where /proc, /sys and /dev are.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Listens for LLDP on interfaces and prints the neighbours seen, as
+    /// JSON. Needs root.
+    Lldp {
+        /// An interface to listen on (repeat; default: every NIC with link).
+        #[arg(long = "interface")]
+        interfaces: Vec<String>,
+        /// Seconds to listen at most.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
@@ -105,6 +117,7 @@ fn main() {
     let result = match args.command {
         Command::Run { cmdline, root } => run(&cmdline, &root),
         Command::Inventory { root } => collect(&root).and_then(|inv| print_json(&inv)),
+        Command::Lldp { interfaces, wait, root } => listen(&interfaces, wait, &root),
         Command::Plan {
             layout,
             root,
@@ -166,7 +179,23 @@ fn run(cmdline: &Path, root: &Path) -> Result<()> {
         Mode::Discover => {
             let mac = discover::boot_mac(cmdline.boot_mac, &inventory)
                 .context("this machine has no Ethernet NIC to name in the report")?;
-            let found = discover::discover(&mut server, &inventory, mac)?;
+            let nics = discover::lldp_nics(root, &inventory);
+            if cmdline.lldp_secs > 0 && !nics.is_empty() {
+                eprintln!(
+                    "kiln-agent: listening for LLDP on {} NIC(s) for up to {} s",
+                    nics.len(),
+                    cmdline.lldp_secs
+                );
+            }
+            let seen = lldp::capture::capture(&nics, Duration::from_secs(cmdline.lldp_secs)).unwrap_or_else(|e| {
+                eprintln!("kiln-agent: cannot listen for LLDP: {e}");
+                Default::default()
+            });
+            let lldp = discover::neighbors(&seen);
+            for n in &lldp {
+                eprintln!("kiln-agent: LLDP on {}: {} port {}", n.mac, n.switch, n.port);
+            }
+            let found = discover::discover(&mut server, &inventory, mac, lldp)?;
             eprintln!(
                 "kiln-agent: discovered as {} ({}, {}); powering off",
                 found.hostname,
@@ -197,6 +226,27 @@ fn run(cmdline: &Path, root: &Path) -> Result<()> {
             std::process::exit(EXIT_REBOOT);
         }
     }
+}
+
+fn listen(interfaces: &[String], wait: u64, root: &Path) -> Result<()> {
+    let nics = if interfaces.is_empty() {
+        discover::lldp_nics(root, &collect(root)?)
+    } else {
+        interfaces
+            .iter()
+            .map(|name| {
+                let dir = root.join("sys/class/net").join(name);
+                let read =
+                    |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("no interface {name}"));
+                Ok(lldp::capture::Listen {
+                    ifindex: read("ifindex")?.trim().parse()?,
+                    mac: read("address")?.trim().parse()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let seen = lldp::capture::capture(&nics, Duration::from_secs(wait)).context("cannot listen for LLDP")?;
+    print_json(&discover::neighbors(&seen))
 }
 
 fn plan(

@@ -4,7 +4,8 @@
 //! (scripts/make-test-os-image.sh), boots it from disk and reports stage 5;
 //! reimaged again; PXE-booted by accident (it is sent to its disk, which is
 //! left unchanged); and reimaged with a wrong checksum (the job fails and
-//! the disks do not boot).
+//! the disks do not boot). A stand-in switch sends LLDP on the bridge, and
+//! discovery records the port.
 //!
 //! Everything is real: kiln's DHCP, TFTP-less HTTP boot through the VM's
 //! own iPXE ROM, the ramdisk `kiln ramdisk build` makes, the agent's
@@ -417,7 +418,19 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     });
 
     // 2. Discovery: kiln powers it on through the BMC; it PXE-boots the
-    //    agent, which reports and powers off.
+    //    agent, which reports and powers off. A "switch" on the bridge
+    //    sends LLDP every second: the agent reports the port it is on.
+    let switch_log = d.join("lldp-switch.log");
+    let _switch = Proc {
+        child: Command::new("ip")
+            .args(["netns", "exec", &lab.ns.0, "python3", "-c", &lldp_switch(bridge)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&switch_log).unwrap())
+            .spawn()
+            .unwrap(),
+        log: switch_log,
+    };
     let t = Instant::now();
     lab.kiln(&["machine", "discover", "vm1"]);
     let m = lab.until("vm1 is discovered", Duration::from_secs(300), || {
@@ -450,6 +463,8 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     let memory = hw["memory_bytes"].as_u64().unwrap();
     assert!((900 << 20..=1024 << 20).contains(&memory), "1 GiB VM: {memory}");
     assert_eq!(m["nics"][0]["mac"], MAC, "{m:#}");
+    assert_eq!(m["nics"][0]["switch"], "asw-e2e", "{m:#}\n{}", lab.console(1));
+    assert_eq!(m["nics"][0]["port"], "ge-0/0/21", "{m:#}");
     lab.until("the agent powers the VM off", Duration::from_secs(60), || {
         (!qemu_running(&bmc)).then_some(())
     });
@@ -545,6 +560,23 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
         discovered.as_secs_f64(),
         reimaged.as_secs_f64()
     );
+}
+
+/// A switch's LLDP sender on `bridge` (python3, a raw socket): port
+/// `ge-0/0/21` of `asw-e2e`, one frame a second for ten minutes at most.
+fn lldp_switch(bridge: &str) -> String {
+    let tlv = |kind: u16, value: &[u8]| [((kind << 9) | value.len() as u16).to_be_bytes().as_slice(), value].concat();
+    let mut frame = vec![0x01, 0x80, 0xc2, 0x00, 0x00, 0x0e, 0x02, 0, 0, 0, 0, 0x21, 0x88, 0xcc];
+    frame.extend(tlv(1, &[4, 0x02, 0, 0, 0, 0, 0x21]));
+    frame.extend(tlv(2, &[[5u8].as_slice(), b"ge-0/0/21"].concat()));
+    frame.extend(tlv(3, &120u16.to_be_bytes()));
+    frame.extend(tlv(5, b"asw-e2e"));
+    frame.extend(tlv(0, &[]));
+    format!(
+        "import socket, time\ns = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\ns.bind(('{bridge}', 0))\n\
+         for _ in range(600):\n    s.send(bytes.fromhex('{}'))\n    time.sleep(1)\n",
+        hex::encode(frame)
+    )
 }
 
 /// The test OS image in `artifacts`: its file name and SHA-256.
