@@ -784,6 +784,18 @@ impl Store {
                 job.state
             ))
         };
+        // Asking again for what is already asked changes nothing, and
+        // logs nothing (an operator pressing pause twice).
+        let asked_already = !job.state.is_final()
+            && match control {
+                JobControl::Cancel => job.cancel_requested,
+                JobControl::Pause => job.pause_requested || job.state == JobState::Paused,
+                JobControl::Resume => !job.pause_requested && job.state != JobState::Paused,
+                JobControl::Retry { .. } => false,
+            };
+        if asked_already {
+            return Ok(job);
+        }
         let (sql, message): (&str, String) = match control {
             JobControl::Cancel if job.state.is_final() => return Err(ended("cancelled")),
             JobControl::Cancel => (
@@ -792,7 +804,7 @@ impl Store {
             ),
             JobControl::Pause if job.state.is_final() => return Err(ended("paused")),
             JobControl::Pause => (
-                "UPDATE jobs SET pause_requested = TRUE, run_at = $1, updated_at = $1 WHERE id = $2 AND state <> 'paused'",
+                "UPDATE jobs SET pause_requested = TRUE, run_at = $1, updated_at = $1 WHERE id = $2",
                 format!("pause requested by {}", actor.0),
             ),
             JobControl::Resume if job.state.is_final() => return Err(ended("resumed")),

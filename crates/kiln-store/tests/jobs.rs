@@ -243,12 +243,28 @@ store_test!(operators_cancel_pause_resume_retry, |store| {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Refused(_)), "{err}");
+    let operator_lines = |store: Store| async move {
+        store
+            .job_log(job.id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|l| l.kind == JobLogKind::Operator)
+            .count()
+    };
     let paused = store.control_job(&actor(), job.id, JobControl::Pause).await.unwrap();
     assert!(paused.pause_requested);
+    // Twice is once: one log line.
+    store.control_job(&actor(), job.id, JobControl::Pause).await.unwrap();
+    assert_eq!(operator_lines(store.clone()).await, 1);
     let resumed = store.control_job(&actor(), job.id, JobControl::Resume).await.unwrap();
     assert!(!resumed.pause_requested);
+    store.control_job(&actor(), job.id, JobControl::Resume).await.unwrap();
+    assert_eq!(operator_lines(store.clone()).await, 2);
     let cancelled = store.control_job(&actor(), job.id, JobControl::Cancel).await.unwrap();
     assert!(cancelled.cancel_requested);
+    store.control_job(&actor(), job.id, JobControl::Cancel).await.unwrap();
+    assert_eq!(operator_lines(store.clone()).await, 3);
     // The engine carries the cancel out; here, by hand.
     let mut j = store
         .claim_due_jobs("s", Utc::now() + Duration::seconds(1), Duration::seconds(30), 1)
