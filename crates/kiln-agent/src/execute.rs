@@ -17,6 +17,7 @@
 //! 6. GRUB on every disk of the layout, so any surviving disk boots;
 //!    unmount; stage 4; the caller reboots.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -124,12 +125,13 @@ fn steps(
         .map_err(fail("reporting stage 2"))?;
 
     let mounts = mount_target(system, &layout, &env.target)?;
-    let configured = configure(server, system, plan, &layout, &env.target)?;
+    let ids = fs_ids(system, &layout)?;
+    let configured = configure(server, system, plan, &layout, &ids, &env.target)?;
     server
         .report_stage(Stage::CONFIGURED, &configured)
         .map_err(fail("reporting stage 3"))?;
 
-    let boot_disks = install_bootloader(system, plan, &layout, env)?;
+    let boot_disks = install_bootloader(system, plan, &layout, &ids, env)?;
     for mount in mounts.iter().rev() {
         system.run(&argv(&["umount", mount])).map_err(fail("unmounting"))?;
     }
@@ -326,6 +328,22 @@ fn blkid(system: &mut dyn System, device: &str) -> Result<(String, String), Depl
     Ok((tag("UUID")?, tag("TYPE")?))
 }
 
+/// UUID and type of the new root and of every filesystem the layout made,
+/// by device: read once, for fstab and for GRUB.
+type FsIds = BTreeMap<String, (String, String)>;
+
+fn fs_ids(system: &mut dyn System, layout: &LayoutPlan) -> Result<FsIds, DeployError> {
+    let mut ids = FsIds::new();
+    let devices = std::iter::once(&layout.root_device).chain(layout.filesystems.iter().map(|f| &f.device));
+    for device in devices {
+        if !ids.contains_key(device) {
+            let found = blkid(system, device)?;
+            ids.insert(device.clone(), found);
+        }
+    }
+    Ok(ids)
+}
+
 /// Writes the new OS's configuration under `target`; the line stage 3
 /// reports.
 fn configure(
@@ -333,11 +351,12 @@ fn configure(
     system: &mut dyn System,
     plan: &DeployPlan,
     layout: &LayoutPlan,
+    ids: &FsIds,
     target: &Path,
 ) -> Result<String, DeployError> {
     let mut done = vec![];
     // fstab: the layout is kiln's, so the image's fstab cannot know it.
-    let (root_uuid, root_type) = blkid(system, &layout.root_device)?;
+    let (root_uuid, root_type) = &ids[&layout.root_device];
     let mut fstab = format!(
         "# Written by kiln-agent for job {}\nUUID={root_uuid} / {root_type} defaults 0 1\n",
         plan.job_id
@@ -350,7 +369,7 @@ fn configure(
             _ => None,
         };
         if let Some((at, kind, options, pass)) = line {
-            let (uuid, _) = blkid(system, &fs.device)?;
+            let (uuid, _) = &ids[&fs.device];
             let _ = writeln!(fstab, "UUID={uuid} {at} {kind} {options} 0 {pass}");
         }
     }
@@ -530,6 +549,7 @@ fn install_bootloader(
     system: &mut dyn System,
     plan: &DeployPlan,
     layout: &LayoutPlan,
+    ids: &FsIds,
     env: &DeployEnv,
 ) -> Result<Vec<String>, DeployError> {
     let target = &env.target;
@@ -553,9 +573,9 @@ fn install_bootloader(
         .iter()
         .find(|f| f.mountpoint.as_deref() == Some("/boot"))
         .ok_or_else(|| DeployError("the layout has no /boot filesystem".into()))?;
-    let (boot_uuid, _) = blkid(system, &boot_fs.device)?;
-    let (root_uuid, _) = blkid(system, &layout.root_device)?;
-    let mut args = vec![root_arg(&layout.root_device, &root_uuid), "ro".to_string()];
+    let (boot_uuid, _) = ids[&boot_fs.device].clone();
+    let (root_uuid, _) = &ids[&layout.root_device];
+    let mut args = vec![root_arg(&layout.root_device, root_uuid), "ro".to_string()];
     args.extend(env.kernel_args.iter().cloned());
     let entry = BootEntry {
         title: format!("{} (kiln)", plan.hostname),
