@@ -11,8 +11,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,73 +21,20 @@ const MAC: &str = "52:54:00:79:00:01";
 const BMC: &str = "127.0.0.1:6230";
 const BMC_PASSWORD: &str = "e2e-bmc-pw";
 
-/// The ipmi_sim chassis hook: the VM's power is whether its QEMU runs.
-/// Each power-on writes its own console file (`console-N.log`). With boot
-/// device `pxe` the NIC comes first, else the (blank) disk alone:
-/// `-boot strict=on` keeps SeaBIOS from falling through to the network.
-fn chassis_script(dir: &Path, tap: &str) -> String {
+/// The chassis hook's QEMU start ([`chassis_script`]): each power-on
+/// writes its own console file (`console-N.log`). With boot device `pxe`
+/// the NIC comes first, else the (blank) disk alone: `-boot strict=on`
+/// keeps SeaBIOS from falling through to the network.
+fn qemu_start(tap: &str) -> String {
     format!(
-        r#"#!/bin/sh
-D={dir}
-echo "$*" >>"$D/actions.log"
-running() {{ [ -s "$D/qemu.pid" ] && kill -0 "$(cat "$D/qemu.pid")" 2>/dev/null; }}
-start() {{
-  n=$(( $(cat "$D/boots" 2>/dev/null || echo 0) + 1 )); echo $n >"$D/boots"
-  if [ "$(cat "$D/bootdev" 2>/dev/null)" = pxe ]; then nic=",bootindex=1"; disk=",bootindex=2"; else nic=""; disk=",bootindex=1"; fi
-  rm -f "$D/qemu.pid"
+        r#"  if [ "$(cat "$D/bootdev" 2>/dev/null)" = pxe ]; then nic=",bootindex=1"; disk=",bootindex=2"; else nic=""; disk=",bootindex=1"; fi
   qemu-system-x86_64 -name kiln-bmc-e2e -accel tcg -machine pc,graphics=off -cpu qemu64 -smp 1 -m 256 \
     -display none -vga none -monitor none -nodefaults -boot strict=on \
     -chardev file,id=ser0,path="$D/console-$n.log" -serial chardev:ser0 \
     -netdev tap,id=n0,ifname={tap},script=no,downscript=no -device virtio-net-pci,netdev=n0,mac={MAC}$nic \
     -drive if=none,id=d0,file="$D/disk.img",format=raw -device virtio-blk-pci,drive=d0$disk \
-    -pidfile "$D/qemu.pid" -daemonize 2>>"$D/qemu.log"
-}}
-stop() {{
-  if running; then
-    kill "$(cat "$D/qemu.pid")"
-    i=0; while running && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-  fi
-  rm -f "$D/qemu.pid"
-}}
-op=$1; shift
-case $op in
-get)
-  for p in "$@"; do
-    case $p in
-      power) if running; then echo power:1; else echo power:0; fi ;;
-      boot) echo "boot:$(cat "$D/bootdev" 2>/dev/null || echo default)" ;;
-      *) echo "Invalid parameter: $p"; exit 1 ;;
-    esac
-  done ;;
-set)
-  while [ $# -gt 1 ]; do
-    p=$1; v=$2; shift 2
-    case $p in
-      power) if [ "$v" = 1 ]; then running || start; else stop; fi ;;
-      reset) if running; then stop; start; fi ;;
-      boot) echo "$v" >"$D/bootdev" ;;
-      shutdown) ;;
-      identify) shift ;;
-      *) echo "Invalid parameter: $p"; exit 1 ;;
-    esac
-  done ;;
-*) exit 1 ;;
-esac
-exit 0
-"#,
-        dir = dir.display()
+    -pidfile "$D/qemu.pid" -daemonize 2>>"$D/qemu.log""#
     )
-}
-
-/// Kills the VM's QEMU (by its pidfile) when the test ends, however it ends.
-struct VmGuard(PathBuf);
-
-impl Drop for VmGuard {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.0.join("qemu.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
-    }
 }
 
 fn qemu_pid(dir: &Path) -> Option<String> {
@@ -134,25 +81,7 @@ fn kiln_powers_a_qemu_vm_through_ipmi_sim_and_makes_it_pxe_boot() {
     let d = dir.path();
     let ns = Netns::new(format!("kb{}", std::process::id() % 100_000));
     let (bridge, tap) = ("kbbr0", "kbtap0");
-    ip(&["-n", &ns.0, "link", "add", bridge, "type", "bridge"]);
-    ip(&[
-        "-n",
-        &ns.0,
-        "link",
-        "set",
-        bridge,
-        "type",
-        "bridge",
-        "stp_state",
-        "0",
-        "forward_delay",
-        "0",
-    ]);
-    ip(&["-n", &ns.0, "addr", "add", "10.79.0.1/24", "dev", bridge]);
-    ip(&["-n", &ns.0, "link", "set", bridge, "up"]);
-    ip(&["-n", &ns.0, "tuntap", "add", tap, "mode", "tap"]);
-    ip(&["-n", &ns.0, "link", "set", tap, "master", bridge]);
-    ip(&["-n", &ns.0, "link", "set", tap, "up"]);
+    ns.bridge_with_tap(bridge, "10.79.0.1/24", tap);
 
     // kiln: DHCP and HTTP boot on the bridge, the API on 127.0.0.1:7070.
     let data = d.join("data");
@@ -174,50 +103,20 @@ fn kiln_powers_a_qemu_vm_through_ipmi_sim_and_makes_it_pxe_boot() {
 
     // The BMC: ipmi_sim inside the namespace, its chassis hook owning QEMU.
     let bmc = d.join("bmc");
-    std::fs::create_dir_all(bmc.join("state")).unwrap();
+    std::fs::create_dir_all(&bmc).unwrap();
     Command::new("truncate")
         .args(["-s", "1M"])
         .arg(bmc.join("disk.img"))
         .status()
         .unwrap();
-    let hook = bmc.join("chassis.sh");
-    std::fs::write(&hook, chassis_script(&bmc, tap)).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (host, port) = BMC.split_once(':').unwrap();
-    std::fs::write(
-        bmc.join("lan.conf"),
-        format!(
-            "name \"kilne2e\"\nset_working_mc 0x20\n  startlan 1\n    addr {host} {port}\n    priv_limit admin\n\
-             allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
-             allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
-             guid 4c616200000040008000000000000079\n  endlan\n  chassis_control \"{}\"\n\
-             user 1 false \"\" \"\" user 1 none\n  user 2 true \"admin\" \"{BMC_PASSWORD}\" admin 10 none md2 md5 straight\n",
-            hook.display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        bmc.join("sim.emu"),
-        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
-    )
-    .unwrap();
-    let sim_log = bmc.join("ipmi_sim.log");
-    let sim = Proc {
-        child: Command::new("ip")
-            .args(["netns", "exec", &ns.0, "ipmi_sim", "-n", "-c"])
-            .arg(bmc.join("lan.conf"))
-            .arg("-f")
-            .arg(bmc.join("sim.emu"))
-            .arg("-s")
-            .arg(bmc.join("state"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&sim_log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        log: sim_log,
-    };
+    let sim = start_ipmi_sim(
+        &ns.0,
+        &bmc,
+        BMC,
+        BMC_PASSWORD,
+        "4c616200000040008000000000000079",
+        &qemu_start(tap),
+    );
     let _vm = VmGuard(bmc.clone());
 
     kiln(

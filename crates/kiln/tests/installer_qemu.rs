@@ -13,8 +13,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -58,17 +57,6 @@ esac
     )
 }
 
-/// Kills the VM's QEMU (by its pidfile) when the test ends, however it ends.
-struct VmGuard(PathBuf);
-
-impl Drop for VmGuard {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.0.join("qemu.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
-    }
-}
-
 fn json(out: std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
@@ -87,25 +75,7 @@ fn an_installer_reimage_boots_d_i_which_fetches_the_preseed_and_reports_stage_1(
 
     let ns = Netns::new(format!("ki{}", std::process::id() % 100_000));
     let bridge = "kibr0";
-    ip(&["-n", &ns.0, "link", "add", bridge, "type", "bridge"]);
-    ip(&[
-        "-n",
-        &ns.0,
-        "link",
-        "set",
-        bridge,
-        "type",
-        "bridge",
-        "stp_state",
-        "0",
-        "forward_delay",
-        "0",
-    ]);
-    ip(&["-n", &ns.0, "addr", "add", "10.79.0.1/24", "dev", bridge]);
-    ip(&["-n", &ns.0, "link", "set", bridge, "up"]);
-    ip(&["-n", &ns.0, "tuntap", "add", TAP, "mode", "tap"]);
-    ip(&["-n", &ns.0, "link", "set", TAP, "master", bridge]);
-    ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
+    ns.bridge_with_tap(bridge, "10.79.0.1/24", TAP);
 
     // d-i's kernel and initrd under the artifacts, as the OS image's
     // `source` names them. Copies: /boot/file/ refuses symlinks that lead

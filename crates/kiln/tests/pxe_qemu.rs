@@ -41,25 +41,7 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let ns = Netns::new(format!("kq{tag}{}", std::process::id() % 100_000));
         let bridge = "kqbr0";
-        ip(&["-n", &ns.0, "link", "add", bridge, "type", "bridge"]);
-        ip(&[
-            "-n",
-            &ns.0,
-            "link",
-            "set",
-            bridge,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ]);
-        ip(&["-n", &ns.0, "addr", "add", "10.78.0.1/24", "dev", bridge]);
-        ip(&["-n", &ns.0, "link", "set", bridge, "up"]);
-        ip(&["-n", &ns.0, "tuntap", "add", TAP, "mode", "tap"]);
-        ip(&["-n", &ns.0, "link", "set", TAP, "master", bridge]);
-        ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
+        ns.bridge_with_tap(bridge, "10.78.0.1/24", TAP);
         let data = dir.path().join("data");
         let art = dir.path().join("artifacts");
         std::fs::create_dir_all(&art).unwrap();

@@ -34,20 +34,13 @@ const DISK_BYTES: u64 = 4 << 30;
 const ROOT_HASH: &str =
     "$6$kilne2esalt$2mWHPCs4bGsb6gk3pKv8fSjMHAgQHNBeL9ZZxVTq5NvtKPSVlQs1HbYFmQHXSx.7WzcG3zeXpO0E6MHkrY0jc.";
 
-/// The ipmi_sim chassis hook: the VM's power is whether its QEMU runs,
-/// started with the boot order the BMC holds (network first after
-/// `bootdev pxe`, else the disks first and the network last, as servers
-/// usually are). Each power-on writes its own console file.
-fn chassis_script(dir: &Path, tap: &str) -> String {
+/// The chassis hook's QEMU start ([`chassis_script`]): the boot order the
+/// BMC holds (network first after `bootdev pxe`, else the disks first and
+/// the network last, as servers usually are); each power-on writes its own
+/// console file.
+fn qemu_start(tap: &str) -> String {
     format!(
-        r#"#!/bin/sh
-D={dir}
-echo "$*" >>"$D/actions.log"
-running() {{ [ -s "$D/qemu.pid" ] && kill -0 "$(cat "$D/qemu.pid")" 2>/dev/null; }}
-start() {{
-  n=$(( $(cat "$D/boots" 2>/dev/null || echo 0) + 1 )); echo $n >"$D/boots"
-  if [ "$(cat "$D/bootdev" 2>/dev/null)" = pxe ]; then nic=1; d0=2; d1=3; else d0=1; d1=2; nic=3; fi
-  rm -f "$D/qemu.pid"
+        r#"  if [ "$(cat "$D/bootdev" 2>/dev/null)" = pxe ]; then nic=1; d0=2; d1=3; else d0=1; d1=2; nic=3; fi
   qemu-system-x86_64 -name kiln-reimage-e2e -accel tcg -machine pc,graphics=off -cpu qemu64 -smp 1 -m 1024 \
     -display none -vga none -monitor none -nodefaults -boot strict=on \
     -smbios type=1,manufacturer=QEMU,product=kiln-e2e,serial={SERIAL},uuid={UUID} \
@@ -57,54 +50,8 @@ start() {{
     -device virtio-blk-pci,drive=d0,serial=kiln-e2e-disk-1,bootindex=$d0 \
     -drive if=none,id=d1,file="$D/disk2.img",format=raw,cache=unsafe \
     -device virtio-blk-pci,drive=d1,serial=kiln-e2e-disk-2,bootindex=$d1 \
-    -pidfile "$D/qemu.pid" -daemonize 2>>"$D/qemu.log"
-}}
-stop() {{
-  if running; then
-    kill "$(cat "$D/qemu.pid")"
-    i=0; while running && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-  fi
-  rm -f "$D/qemu.pid"
-}}
-op=$1; shift
-case $op in
-get)
-  for p in "$@"; do
-    case $p in
-      power) if running; then echo power:1; else echo power:0; fi ;;
-      boot) echo "boot:$(cat "$D/bootdev" 2>/dev/null || echo default)" ;;
-      *) echo "Invalid parameter: $p"; exit 1 ;;
-    esac
-  done ;;
-set)
-  while [ $# -gt 1 ]; do
-    p=$1; v=$2; shift 2
-    case $p in
-      power) if [ "$v" = 1 ]; then running || start; else stop; fi ;;
-      reset) if running; then stop; start; fi ;;
-      boot) echo "$v" >"$D/bootdev" ;;
-      shutdown) ;;
-      identify) shift ;;
-      *) echo "Invalid parameter: $p"; exit 1 ;;
-    esac
-  done ;;
-*) exit 1 ;;
-esac
-exit 0
-"#,
-        dir = dir.display()
+    -pidfile "$D/qemu.pid" -daemonize 2>>"$D/qemu.log""#
     )
-}
-
-/// Kills the VM's QEMU (by its pidfile) when the test ends, however it ends.
-struct VmGuard(PathBuf);
-
-impl Drop for VmGuard {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.0.join("qemu.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
-    }
 }
 
 fn qemu_running(dir: &Path) -> bool {
@@ -295,29 +242,7 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
 
     let ns = Netns::new(format!("kr{}", std::process::id() % 100_000));
     let (bridge, tap) = ("krbr0", "krtap0");
-    for args in [
-        vec!["link", "add", bridge, "type", "bridge"],
-        vec![
-            "link",
-            "set",
-            bridge,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ],
-        vec!["addr", "add", "10.82.0.1/24", "dev", bridge],
-        vec!["link", "set", bridge, "up"],
-        vec!["tuntap", "add", tap, "mode", "tap"],
-        vec!["link", "set", tap, "master", bridge],
-        vec!["link", "set", tap, "up"],
-    ] {
-        let mut all = vec!["-n", &ns.0];
-        all.extend(args);
-        ip(&all);
-    }
+    ns.bridge_with_tap(bridge, "10.82.0.1/24", tap);
 
     let data = d.join("data");
     let token = bootstrap_token(&data);
@@ -340,50 +265,12 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
 
     // The BMC: ipmi_sim in the namespace, its chassis hook owning QEMU.
     let bmc = d.join("bmc");
-    std::fs::create_dir_all(bmc.join("state")).unwrap();
+    std::fs::create_dir_all(&bmc).unwrap();
     for disk in ["disk1.img", "disk2.img"] {
         let f = std::fs::File::create(bmc.join(disk)).unwrap();
         f.set_len(DISK_BYTES).unwrap();
     }
-    let hook = bmc.join("chassis.sh");
-    std::fs::write(&hook, chassis_script(&bmc, tap)).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (host, port) = BMC.split_once(':').unwrap();
-    std::fs::write(
-        bmc.join("lan.conf"),
-        format!(
-            "name \"kilnre2e\"\nset_working_mc 0x20\n  startlan 1\n    addr {host} {port}\n    priv_limit admin\n\
-             allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
-             allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
-             guid {}\n  endlan\n  chassis_control \"{}\"\n\
-             user 1 false \"\" \"\" user 1 none\n  user 2 true \"admin\" \"{BMC_PASSWORD}\" admin 10 none md2 md5 straight\n",
-            UUID.replace('-', ""),
-            hook.display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        bmc.join("sim.emu"),
-        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
-    )
-    .unwrap();
-    let sim_log = bmc.join("ipmi_sim.log");
-    let _sim = Proc {
-        child: Command::new("ip")
-            .args(["netns", "exec", &ns.0, "ipmi_sim", "-n", "-c"])
-            .arg(bmc.join("lan.conf"))
-            .arg("-f")
-            .arg(bmc.join("sim.emu"))
-            .arg("-s")
-            .arg(bmc.join("state"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&sim_log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        log: sim_log,
-    };
+    let _sim = start_ipmi_sim(&ns.0, &bmc, BMC, BMC_PASSWORD, &UUID.replace('-', ""), &qemu_start(tap));
     let _vm = VmGuard(bmc.clone());
     let lab = Lab {
         ns,

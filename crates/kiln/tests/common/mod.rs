@@ -217,3 +217,145 @@ pub fn build_ramdisk(out: &Path) -> String {
         .arg(ramdisk_cache()));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+impl Netns {
+    /// A bridge at `cidr` (no STP, no forwarding delay) with tap `tap` in
+    /// it, for a QEMU VM's NIC.
+    pub fn bridge_with_tap(&self, bridge: &str, cidr: &str, tap: &str) {
+        let ns = self.0.as_str();
+        for args in [
+            vec!["link", "add", bridge, "type", "bridge"],
+            vec![
+                "link",
+                "set",
+                bridge,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ],
+            vec!["addr", "add", cidr, "dev", bridge],
+            vec!["link", "set", bridge, "up"],
+            vec!["tuntap", "add", tap, "mode", "tap"],
+            vec!["link", "set", tap, "master", bridge],
+            vec!["link", "set", tap, "up"],
+        ] {
+            let mut all = vec!["-n", ns];
+            all.extend(args);
+            ip(&all);
+        }
+    }
+}
+
+/// Kills the QEMU whose pidfile is `DIR/qemu.pid` when the test ends,
+/// however it ends.
+pub struct VmGuard(pub PathBuf);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.0.join("qemu.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// ipmi_sim's `chassis_control` hook for a VM in `dir`: its power is
+/// whether its QEMU runs (pidfile `qemu.pid`), and the boot device the BMC
+/// holds is in `bootdev`. `start` is the shell that starts QEMU
+/// daemonized with that pidfile; it may read `$D` (the directory) and `$n`
+/// (this power-on's number, for its console file). Every call is appended
+/// to `actions.log`.
+pub fn chassis_script(dir: &Path, start: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+D={dir}
+echo "$*" >>"$D/actions.log"
+running() {{ [ -s "$D/qemu.pid" ] && kill -0 "$(cat "$D/qemu.pid")" 2>/dev/null; }}
+start() {{
+  n=$(( $(cat "$D/boots" 2>/dev/null || echo 0) + 1 )); echo $n >"$D/boots"
+  rm -f "$D/qemu.pid"
+{start}
+}}
+stop() {{
+  if running; then
+    kill "$(cat "$D/qemu.pid")"
+    i=0; while running && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  fi
+  rm -f "$D/qemu.pid"
+}}
+op=$1; shift
+case $op in
+get)
+  for p in "$@"; do
+    case $p in
+      power) if running; then echo power:1; else echo power:0; fi ;;
+      boot) echo "boot:$(cat "$D/bootdev" 2>/dev/null || echo default)" ;;
+      *) echo "Invalid parameter: $p"; exit 1 ;;
+    esac
+  done ;;
+set)
+  while [ $# -gt 1 ]; do
+    p=$1; v=$2; shift 2
+    case $p in
+      power) if [ "$v" = 1 ]; then running || start; else stop; fi ;;
+      reset) if running; then stop; start; fi ;;
+      boot) echo "$v" >"$D/bootdev" ;;
+      shutdown) ;;
+      identify) shift ;;
+      *) echo "Invalid parameter: $p"; exit 1 ;;
+    esac
+  done ;;
+*) exit 1 ;;
+esac
+exit 0
+"#,
+        dir = dir.display()
+    )
+}
+
+/// OpenIPMI's `ipmi_sim` in `ns`, listening for RMCP+ at `addr` with user
+/// `admin` / `password`, its state in `dir`, its chassis hook `start`
+/// ([`chassis_script`]) and system GUID `guid` (32 hex digits).
+pub fn start_ipmi_sim(ns: &str, dir: &Path, addr: &str, password: &str, guid: &str, start: &str) -> Proc {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let hook = dir.join("chassis.sh");
+    std::fs::write(&hook, chassis_script(dir, start)).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (host, port) = addr.split_once(':').unwrap();
+    std::fs::write(
+        dir.join("lan.conf"),
+        format!(
+            "name \"kilntest\"\nset_working_mc 0x20\n  startlan 1\n    addr {host} {port}\n    priv_limit admin\n\
+             allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
+             allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
+             guid {guid}\n  endlan\n  chassis_control \"{}\"\n\
+             user 1 false \"\" \"\" user 1 none\n  user 2 true \"admin\" \"{password}\" admin 10 none md2 md5 straight\n",
+            hook.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sim.emu"),
+        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+    )
+    .unwrap();
+    let log = dir.join("ipmi_sim.log");
+    Proc {
+        child: Command::new("ip")
+            .args(["netns", "exec", ns, "ipmi_sim", "-n", "-c"])
+            .arg(dir.join("lan.conf"))
+            .arg("-f")
+            .arg(dir.join("sim.emu"))
+            .arg("-s")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        log,
+    }
+}
