@@ -142,14 +142,7 @@ api_test!(
 );
 
 api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
-    let sim = kiln_sim::start(kiln_sim::SimConfig {
-        bmcs: 1,
-        username: "admin".into(),
-        password: "rf-secret".into(),
-        ..kiln_sim::SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = crate::jobs::sim().await;
     let admin: Client = srv.admin();
     let sha = "cd".repeat(32);
     admin
@@ -250,14 +243,7 @@ api_test!(
     a_machine_enrolled_by_its_bmc_only_is_discovered,
     settings = discovery_on(),
     |srv| {
-        let sim = kiln_sim::start(kiln_sim::SimConfig {
-            bmcs: 1,
-            username: "admin".into(),
-            password: "rf-secret".into(),
-            ..kiln_sim::SimConfig::default()
-        })
-        .await
-        .unwrap();
+        let sim = crate::jobs::sim().await;
         let admin = srv.admin();
         let mut m = kiln_types::machine::MachineCreate::new("blank1".parse().unwrap());
         m.bmc = Some(kiln_types::machine::BmcInput {

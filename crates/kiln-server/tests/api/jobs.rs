@@ -17,7 +17,8 @@ use kiln_types::machine::{BmcDriver, BmcInput, Disk, Hardware, MachineCreate, Ma
 const GIB: u64 = 1 << 30;
 const MAC: &str = "52:54:00:12:34:56";
 
-async fn sim() -> kiln_sim::Sim {
+/// One simulated Redfish BMC, user `admin`, password `rf-secret`.
+pub(crate) async fn sim() -> kiln_sim::Sim {
     kiln_sim::start(kiln_sim::SimConfig {
         bmcs: 1,
         username: "admin".into(),
