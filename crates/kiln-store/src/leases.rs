@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use kiln_types::MacAddr;
 use kiln_types::lease::{Lease, LeaseState};
 use kiln_types::machine::Machine;
-use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};
 
@@ -98,79 +97,156 @@ fn plan(writes: &[LeaseWrite]) -> LeasePlan {
     p
 }
 
-/// The text of a lease statement for `rows` rows (1 to
-/// `ROWS_PER_STATEMENT`), built once per size: assembling the placeholder
-/// lists anew cost as much as SQLite's work for small batches.
-fn statement(kind: Statement, rows: usize) -> &'static str {
-    static TEXTS: [std::sync::OnceLock<Vec<String>>; 3] = [const { std::sync::OnceLock::new() }; 3];
-    TEXTS[kind as usize].get_or_init(|| {
-        (0..=ROWS_PER_STATEMENT)
-            .map(|n| match kind {
-                Statement::ClearMacs => {
-                    format!(
-                        "DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})",
-                        placeholders(1, n)
-                    )
-                }
-                Statement::DeleteIps => format!("DELETE FROM dhcp_leases WHERE ip IN ({})", placeholders(1, n)),
-                Statement::Upsert => format!(
-                    "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) VALUES {} \
-                     ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
-                     machine_id = excluded.machine_id, hostname = excluded.hostname, \
-                     expires_at = excluded.expires_at, updated_at = excluded.updated_at",
-                    values(n, 7)
-                ),
-            })
-            .collect()
-    })[rows]
-        .as_str()
+/// How a statement's parameters are written: `$1, $2, …` (PostgreSQL), or
+/// `?` (SQLite), which sqlx binds in order across the statements of one
+/// query, so that statements can be joined, and which SQLite binds without
+/// looking a name up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Params {
+    Numbered = 0,
+    Anonymous = 1,
 }
 
+/// One statement of a lease plan, with the values it binds.
 #[derive(Debug, Clone, Copy)]
-enum Statement {
-    ClearMacs = 0,
-    DeleteIps = 1,
-    Upsert = 2,
+enum Step<'a> {
+    ClearMacs(&'a [MacAddr]),
+    Release(Ipv4Addr, MacAddr),
+    DeleteIps(&'a [Ipv4Addr]),
+    Upsert(&'a [Lease]),
 }
 
-/// Runs `plan` on `conn` (inside the caller's transaction).
-async fn apply(conn: &mut AnyConnection, plan: &LeasePlan, at: &str) -> Result<()> {
-    for chunk in plan.clear_macs.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query::<Any>(statement(Statement::ClearMacs, chunk.len()));
-        for mac in chunk {
-            q = q.bind(mac.to_string());
+/// The statements that carry out `plan`, in order, at most
+/// `ROWS_PER_STATEMENT` rows each.
+fn steps(plan: &LeasePlan) -> Vec<Step<'_>> {
+    let mut steps: Vec<Step<'_>> = plan
+        .clear_macs
+        .chunks(ROWS_PER_STATEMENT)
+        .map(Step::ClearMacs)
+        .collect();
+    steps.extend(plan.releases.iter().map(|&(ip, mac)| Step::Release(ip, mac)));
+    steps.extend(plan.delete_ips.chunks(ROWS_PER_STATEMENT).map(Step::DeleteIps));
+    steps.extend(plan.upserts.chunks(ROWS_PER_STATEMENT).map(Step::Upsert));
+    steps
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
+
+impl Step<'_> {
+    /// The statement's text, built once per kind, size and parameter style:
+    /// assembling the placeholder lists anew cost as much as SQLite's work
+    /// for small batches.
+    fn text(self, params: Params) -> &'static str {
+        static TEXTS: [[std::sync::OnceLock<Vec<String>>; 4]; 2] =
+            [const { [const { std::sync::OnceLock::new() }; 4] }; 2];
+        let (kind, rows) = match self {
+            Step::ClearMacs(macs) => (0, macs.len()),
+            Step::Release(..) => (1, 1),
+            Step::DeleteIps(ips) => (2, ips.len()),
+            Step::Upsert(leases) => (3, leases.len()),
+        };
+        TEXTS[params as usize][kind].get_or_init(|| {
+            let list = |first: usize, n: usize| match params {
+                Params::Numbered => placeholders(first, n),
+                Params::Anonymous => vec!["?"; n].join(", "),
+            };
+            (0..=ROWS_PER_STATEMENT)
+                .map(|n| match kind {
+                    0 => format!("DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})", list(1, n)),
+                    1 => format!(
+                        "DELETE FROM dhcp_leases WHERE ip = {} AND mac = {} AND state = 'bound'",
+                        list(1, 1),
+                        list(2, 1)
+                    ),
+                    2 => format!("DELETE FROM dhcp_leases WHERE ip IN ({})", list(1, n)),
+                    _ => format!(
+                        "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) VALUES {} \
+                         ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
+                         machine_id = excluded.machine_id, hostname = excluded.hostname, \
+                         expires_at = excluded.expires_at, updated_at = excluded.updated_at",
+                        match params {
+                            Params::Numbered => values(n, 7),
+                            Params::Anonymous => vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", "),
+                        }
+                    ),
+                })
+                .collect()
+        })[rows]
+            .as_str()
+    }
+
+    /// Binds the statement's values, in its parameters' order; `at` is the
+    /// rows' `updated_at`.
+    fn bind<'q>(self, mut q: AnyQuery<'q>, at: &str) -> AnyQuery<'q> {
+        match self {
+            Step::ClearMacs(macs) => {
+                for mac in macs {
+                    q = q.bind(mac.to_string());
+                }
+            }
+            Step::Release(ip, mac) => q = q.bind(ip.to_string()).bind(mac.to_string()),
+            Step::DeleteIps(ips) => {
+                for ip in ips {
+                    q = q.bind(ip.to_string());
+                }
+            }
+            Step::Upsert(leases) => {
+                for l in leases {
+                    q = q
+                        .bind(l.ip.to_string())
+                        .bind(l.mac.to_string())
+                        .bind(l.state.as_str())
+                        .bind(l.machine_id.map(|m| m.to_string()))
+                        .bind(l.hostname.clone())
+                        .bind(ts(l.expires_at))
+                        .bind(at.to_string());
+                }
+            }
         }
-        q.execute(&mut *conn).await?;
+        q
     }
-    for (ip, mac) in &plan.releases {
-        sqlx::query::<Any>("DELETE FROM dhcp_leases WHERE ip = $1 AND mac = $2 AND state = 'bound'")
-            .bind(ip.to_string())
-            .bind(mac.to_string())
-            .execute(&mut *conn)
-            .await?;
-    }
-    for chunk in plan.delete_ips.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query::<Any>(statement(Statement::DeleteIps, chunk.len()));
-        for ip in chunk {
-            q = q.bind(ip.to_string());
+}
+
+impl Store {
+    /// Runs `plan` in one transaction, statement by statement.
+    async fn apply_in_steps(&self, plan: &LeasePlan, at: &str) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        for step in steps(plan) {
+            step.bind(sqlx::query::<Any>(step.text(Params::Numbered)), at)
+                .execute(&mut *tx)
+                .await?;
         }
-        q.execute(&mut *conn).await?;
+        tx.commit().await?;
+        Ok(())
     }
-    for chunk in plan.upserts.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query::<Any>(statement(Statement::Upsert, chunk.len()));
-        for l in chunk {
-            q = q
-                .bind(l.ip.to_string())
-                .bind(l.mac.to_string())
-                .bind(l.state.as_str())
-                .bind(l.machine_id.map(|m| m.to_string()))
-                .bind(l.hostname.clone())
-                .bind(ts(l.expires_at))
-                .bind(at.to_string());
+
+    /// SQLite: runs `plan` as one query — `BEGIN IMMEDIATE`, its statements,
+    /// `COMMIT` — so the whole transaction is one trip to the connection's
+    /// thread instead of one per statement (each trip is two thread wakes;
+    /// the DHCP listener commits hundreds of batches a second, bench/dhcp).
+    /// If a statement fails the transaction is rolled back on the spot, so
+    /// the connection goes back to the pool with none open.
+    async fn apply_in_one_query(&self, plan: &LeasePlan, at: &str) -> Result<()> {
+        let steps = steps(plan);
+        let mut sql = String::from("BEGIN IMMEDIATE;\n");
+        for step in &steps {
+            sql.push_str(step.text(Params::Anonymous));
+            sql.push_str(";\n");
         }
-        q.execute(&mut *conn).await?;
+        sql.push_str("COMMIT");
+        let mut q = sqlx::query::<Any>(crate::built(sql));
+        for step in &steps {
+            q = step.bind(q, at);
+        }
+        let _turn = self.write_turn().await?;
+        let mut conn = self.pool.acquire().await?;
+        if let Err(e) = q.execute(&mut *conn).await {
+            // Fails harmlessly when BEGIN or COMMIT was what failed.
+            let _ = sqlx::query::<Any>("ROLLBACK").execute(&mut *conn).await;
+            return Err(e.into());
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn lease_from_row(row: &AnyRow) -> Result<Lease> {
@@ -212,10 +288,12 @@ impl Store {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut tx = self.write_tx().await?;
-        apply(&mut tx, &plan(writes), &ts(now())).await?;
-        tx.commit().await?;
-        Ok(())
+        let plan = plan(writes);
+        let at = ts(now());
+        match self.backend {
+            crate::Backend::Sqlite => self.apply_in_one_query(&plan, &at).await,
+            crate::Backend::Postgres => self.apply_in_steps(&plan, &at).await,
+        }
     }
 
     /// All lease rows; unreadable ones are moved to the quarantine table.
@@ -411,7 +489,7 @@ mod tests {
         }
     }
 
-    /// The plan's statements, in `apply`'s order.
+    /// The plan's statements, in `steps`' order.
     fn planned(table: &mut Table, p: &LeasePlan) {
         table.retain(|_, r| !(r.state == LeaseState::Bound && p.clear_macs.contains(&r.mac)));
         for (ip, mac) in &p.releases {

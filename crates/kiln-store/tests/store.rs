@@ -747,6 +747,55 @@ mod leases {
         assert_eq!(held("10.1.5.200").as_deref(), Some("52:54:00:01:04:af"));
     });
 
+    store_test!(a_lease_batch_that_fails_changes_nothing, |store| {
+        use kiln_store::LeaseWrite::Commit;
+        store
+            .commit_lease(&lease("10.0.0.100", "52:54:00:00:00:01"))
+            .await
+            .unwrap();
+        // The database refuses one row of the next batch, after the batch's
+        // first statement (client 01's old lease ending) has run.
+        let refuse: &[&str] = match store.backend() {
+            kiln_store::Backend::Sqlite => &["CREATE TRIGGER refuse BEFORE INSERT ON dhcp_leases \
+                 WHEN NEW.ip = '10.0.0.99' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+            kiln_store::Backend::Postgres => &[
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
+                 IF NEW.ip = '10.0.0.99' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+                 RETURN NEW; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER refuse BEFORE INSERT ON dhcp_leases FOR EACH ROW EXECUTE FUNCTION refuse()",
+            ],
+        };
+        for sql in refuse {
+            sqlx::query::<sqlx::Any>(sqlx::AssertSqlSafe(*sql))
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        let err = store
+            .write_leases(&[
+                Commit(lease("10.0.0.101", "52:54:00:00:00:01")),
+                Commit(lease("10.0.0.99", "52:54:00:00:00:02")),
+            ])
+            .await
+            .unwrap_err();
+        let cause = std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(cause.contains("refused by the test"), "{err}: {cause}");
+        let leases = store.load_leases().await.unwrap().leases;
+        let held: Vec<String> = leases.iter().map(|l| format!("{} {}", l.ip, l.mac)).collect();
+        assert_eq!(held, ["10.0.0.100 52:54:00:00:00:01"], "all or nothing");
+        // No connection was left inside the failed transaction: writes go on
+        // (more of them than the pool has connections).
+        for i in 0..12 {
+            store
+                .commit_lease(&lease(&format!("10.0.1.{i}"), &format!("52:54:00:00:01:{i:02x}")))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.load_leases().await.unwrap().leases.len(), 13);
+    });
+
     store_test!(a_corrupt_lease_is_quarantined_not_fatal, |store| {
         store
             .commit_lease(&lease("10.0.0.100", "52:54:00:00:00:01"))
