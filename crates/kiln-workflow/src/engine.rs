@@ -3,8 +3,9 @@
 //!
 //! Durability rules, all enforced here:
 //! - before a step runs, its attempt is committed (state `running`, attempt
-//!   count + 1): a step that kills its server again and again is failed
-//!   after `max_attempts`, not retried forever;
+//!   count + 1; in the same transaction as the previous step's answer when
+//!   the job goes straight on): a step that kills its server again and
+//!   again is failed after `max_attempts`, not retried forever;
 //! - a step's effects on the store (log, machine state, net-boot arm) are
 //!   committed with its answer, fenced by the job's lease;
 //! - a waiting job holds no lease: whichever server learns of its event (a
@@ -467,6 +468,9 @@ impl<E: Effects> Engine<E> {
     async fn drive_steps(&self, mut job: JobRecord, max_steps: u32) -> anyhow::Result<()> {
         let steps = steps(job.kind);
         let mut finished = 0;
+        // Whether the current step's attempt was committed with the last
+        // step's answer (see `Outcome::Next` below).
+        let mut attempt_on_record = false;
         loop {
             if job.cancel_requested {
                 return self
@@ -478,6 +482,10 @@ impl<E: Effects> Engine<E> {
                 return self.end(job, Ending::Failed, reason).await;
             }
             if job.pause_requested {
+                if attempt_on_record {
+                    // Recorded, but the step never ran.
+                    job.step_attempts -= 1;
+                }
                 job.state = JobState::Paused;
                 job.run_at = None;
                 job.reason = Some("paused by an operator; `kiln job resume` goes on".into());
@@ -497,28 +505,30 @@ impl<E: Effects> Engine<E> {
             let Some(&step) = steps.get(job.step_index as usize) else {
                 return self.succeed(job).await;
             };
-            if job.step_attempts >= self.settings.max_attempts {
-                let reason = format!(
-                    "step {step} ran {} times without finishing ({}); fix the cause, then `kiln job retry {}`",
-                    job.step_attempts,
-                    job.reason.as_deref().unwrap_or("interrupted"),
-                    job.id
-                );
-                return self.end(job, Ending::Failed, reason).await;
+            if !std::mem::take(&mut attempt_on_record) {
+                if job.step_attempts >= self.settings.max_attempts {
+                    let reason = format!(
+                        "step {step} ran {} times without finishing ({}); fix the cause, then `kiln job retry {}`",
+                        job.step_attempts,
+                        job.reason.as_deref().unwrap_or("interrupted"),
+                        job.id
+                    );
+                    return self.end(job, Ending::Failed, reason).await;
+                }
+                // The attempt is on record before anything happens.
+                // A waiting step runs again on each wake-up; it "started" once.
+                let entering = job.step_attempts == 0 && job.state != JobState::Waiting;
+                job.state = JobState::Running;
+                job.step_attempts += 1;
+                let mut save = JobSave::default();
+                if entering {
+                    save.log.push(LogLine::new(JobLogKind::Step, Some(step), "started"));
+                }
+                let Some(saved) = self.save(&job, save).await? else {
+                    return Ok(());
+                };
+                job = saved;
             }
-            // The attempt is on record before anything happens.
-            // A waiting step runs again on each wake-up; it "started" once.
-            let entering = job.step_attempts == 0 && job.state != JobState::Waiting;
-            job.state = JobState::Running;
-            job.step_attempts += 1;
-            let mut save = JobSave::default();
-            if entering {
-                save.log.push(LogLine::new(JobLogKind::Step, Some(step), "started"));
-            }
-            let Some(saved) = self.save(&job, save).await? else {
-                return Ok(());
-            };
-            job = saved;
             let mut cx = StepCx {
                 job: &job,
                 store: &self.store,
@@ -551,6 +561,17 @@ impl<E: Effects> Engine<E> {
                         next.lease_expires = None;
                         self.save(&next, save).await?;
                         return Ok(());
+                    }
+                    // The next step's attempt goes on record in the same
+                    // commit as this answer: one transaction between two
+                    // steps, not two (on SQLite, where writes take turns,
+                    // 1,000 jobs in step queued for each of them,
+                    // bench/reimage.sh).
+                    if let Some(&following) = steps.get(next.step_index as usize) {
+                        next.step_attempts = 1;
+                        save.log
+                            .push(LogLine::new(JobLogKind::Step, Some(following), "started"));
+                        attempt_on_record = true;
                     }
                     let Some(saved) = self.save(&next, save).await? else {
                         return Ok(());
