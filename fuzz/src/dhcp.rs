@@ -37,6 +37,7 @@ static FIXTURES: LazyLock<Fixtures> = LazyLock::new(|| {
         http_base: "http://10.213.0.1:7070".into(),
         files: FirstStageFiles::default(),
         policy: BootPolicy { discovery },
+        boot_server_port: false,
         notes: true,
     };
     let mut deployed = Machine::sketch("web1", MachineKind::Physical, MachineState::Deployed);

@@ -6,7 +6,9 @@
 //! would tell a single wildcard socket, and replies leave through the same
 //! interface. Replies to a relay go to its port 67, or to the port it sent
 //! from when it asks so with RFC 8357's relay source port sub-option (how
-//! the simulated fleet's relay works unprivileged on loopback).
+//! the simulated fleet's relay works unprivileged on loopback). In proxy
+//! mode a second socket per interface is the PXE boot server (port 4011),
+//! where a client that got its address elsewhere asks for its boot file.
 //!
 //! No packet waits for the database. The facts a request needs — the
 //! machine (by option 82 or MAC), the client's lease, which pool addresses
@@ -39,6 +41,8 @@ use crate::config::{BootSettings, DhcpSettings};
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
+/// The PXE boot server port: a proxy answers boot file requests here.
+pub const PXE_PORT: u16 = 4011;
 /// How long an offered address waits for its client's REQUEST.
 const OFFER_HOLD_SECONDS: i64 = 30;
 /// How long a declined address stays out of the pool.
@@ -288,6 +292,8 @@ pub struct BoundInterface {
     /// The interface's address: the server identifier in replies.
     pub ip: Ipv4Addr,
     socket: std::net::UdpSocket,
+    /// Proxy mode: the PXE boot server port (4011) on the same interface.
+    boot_server: Option<std::net::UdpSocket>,
 }
 
 impl BoundInterface {
@@ -312,6 +318,10 @@ pub fn bind_interfaces(settings: &DhcpSettings) -> anyhow::Result<Vec<BoundInter
                 interface: iface.clone(),
                 ip: interface_ipv4(iface)?,
                 socket: bind(iface, settings.port)?,
+                boot_server: match settings.mode {
+                    kiln_boot::dhcp::Mode::Proxy => Some(bind(iface, PXE_PORT)?),
+                    kiln_boot::dhcp::Mode::Full => None,
+                },
             })
         })
         .collect()
@@ -397,7 +407,26 @@ async fn serve(
         let socket = Arc::new(UdpSocket::from_std(bound.socket)?);
         let (iface, ip) = (bound.interface, bound.ip);
         tracing::info!(interface = %iface, address = %ip, port, mode = ?service.settings.mode, "DHCP listening");
-        tasks.spawn(serve_interface(service.clone(), iface, ip, socket, shutdown.clone()));
+        if let Some(boot_server) = bound.boot_server {
+            let boot_server = Arc::new(UdpSocket::from_std(boot_server)?);
+            tracing::info!(interface = %iface, address = %ip, port = PXE_PORT, "PXE boot server listening");
+            tasks.spawn(serve_interface(
+                service.clone(),
+                iface.clone(),
+                ip,
+                boot_server,
+                true,
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(serve_interface(
+            service.clone(),
+            iface,
+            ip,
+            socket,
+            false,
+            shutdown.clone(),
+        ));
     }
     // The writer ends when every sender is gone: after the listeners (which
     // hold the service) have stopped, so queued changes are still written.
@@ -456,6 +485,7 @@ async fn serve_interface(
     iface: String,
     server_ip: Ipv4Addr,
     socket: Arc<UdpSocket>,
+    boot_server_port: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let s = &service.settings;
@@ -474,6 +504,7 @@ async fn serve_interface(
         policy: BootPolicy {
             discovery: service.boot.discovery,
         },
+        boot_server_port,
         // The note is only ever logged, at info.
         notes: tracing::enabled!(tracing::Level::INFO),
     };
@@ -604,7 +635,15 @@ async fn answer(
     tracing::info!(%mac, note = %outcome.note, "dhcp");
     let reply = match outcome.reply {
         Some(reply) => {
-            let dest = if !giaddr.is_unspecified() {
+            let dest = if cfg.boot_server_port {
+                // A boot server request comes from a client with an address
+                // and takes its answer where it came from (iPXE checks that
+                // it comes from 4011, which is this socket).
+                match from {
+                    SocketAddr::V4(a) => a,
+                    SocketAddr::V6(_) => return Ok(()),
+                }
+            } else if !giaddr.is_unspecified() {
                 SocketAddrV4::new(giaddr, relay_reply_port(msg, from))
             } else if !msg.ciaddr().is_unspecified() && !msg.flags().broadcast() {
                 SocketAddrV4::new(msg.ciaddr(), CLIENT_PORT)

@@ -3,7 +3,9 @@
 //! recognises the iPXE client and sends it to kiln's HTTP script. A deployed
 //! machine with no armed job is told to boot its disk; an unknown machine,
 //! with discovery on, boots the agent's kernel and initrd served by kiln.
-//! Both are asserted on the serial console. QEMU is stopped by PID.
+//! Both are asserted on the serial console. Beside a DHCP server kiln does
+//! not own (busybox udhcpd), kiln in proxy mode gives the boot file alone.
+//! QEMU is stopped by PID.
 
 mod common;
 
@@ -35,13 +37,19 @@ struct Lab {
 }
 
 const TAP: &str = "kqtap0";
+const BRIDGE: &str = "kqbr0";
+
+/// kiln's `[dhcp]` section: all of DHCP, or proxy beside another server.
+const FULL_DHCP: &str = "[dhcp]\nmode = \"full\"\ninterfaces = [\"kqbr0\"]\n\n\
+     [[dhcp.subnet]]\nnetwork = \"10.78.0.0/24\"\npool = [\"10.78.0.100\", \"10.78.0.120\"]\n\
+     routers = [\"10.78.0.1\"]\nlease_time = 600\n";
+const PROXY_DHCP: &str = "[dhcp]\nmode = \"proxy\"\ninterfaces = [\"kqbr0\"]\n";
 
 impl Lab {
-    fn new(tag: &str, boot_section: &str, artifacts: impl FnOnce(&Path)) -> Lab {
+    fn new(tag: &str, boot_section: &str, dhcp_section: &str, artifacts: impl FnOnce(&Path)) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let ns = Netns::new(format!("kq{tag}{}", std::process::id() % 100_000));
-        let bridge = "kqbr0";
-        ns.bridge_with_tap(bridge, "10.78.0.1/24", TAP);
+        ns.bridge_with_tap(BRIDGE, "10.78.0.1/24", TAP);
         let data = dir.path().join("data");
         let art = dir.path().join("artifacts");
         std::fs::create_dir_all(&art).unwrap();
@@ -52,10 +60,7 @@ impl Lab {
             &config,
             format!(
                 "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n\
-                 [boot]\nhttp_base = \"http://10.78.0.1:7070\"\nartifacts = \"{}\"\n{boot_section}\n\n\
-                 [dhcp]\nmode = \"full\"\ninterfaces = [\"{bridge}\"]\n\n\
-                 [[dhcp.subnet]]\nnetwork = \"10.78.0.0/24\"\npool = [\"10.78.0.100\", \"10.78.0.120\"]\n\
-                 routers = [\"10.78.0.1\"]\nlease_time = 600\n",
+                 [boot]\nhttp_base = \"http://10.78.0.1:7070\"\nartifacts = \"{}\"\n{boot_section}\n\n{dhcp_section}",
                 data.display(),
                 art.display()
             ),
@@ -152,7 +157,7 @@ impl Lab {
 #[test]
 fn a_deployed_machine_that_pxe_boots_is_sent_to_its_disk() {
     require_root_and(&[("qemu-system-x86_64", "qemu-system-x86 ipxe-qemu seabios")]);
-    let lab = Lab::new("d", "", |_| {});
+    let lab = Lab::new("d", "", FULL_DHCP, |_| {});
     let mac = "52:54:00:78:00:01";
     kiln(
         &lab.ns.0,
@@ -207,6 +212,72 @@ fn test_initrd(out: &Path) {
     )));
 }
 
+/// The site's own DHCP server for proxy mode: busybox udhcpd on the
+/// bridge, addresses 10.78.0.150-160, no boot options at all.
+fn site_dhcp(lab: &Lab) -> Proc {
+    let conf = lab.dir.path().join("udhcpd.conf");
+    let leases = lab.dir.path().join("udhcpd.leases");
+    std::fs::write(&leases, "").unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.78.0.150\nend 10.78.0.160\ninterface {BRIDGE}\nlease_file {}\n\
+             option subnet 255.255.255.0\noption router 10.78.0.1\noption lease 600\n",
+            leases.display()
+        ),
+    )
+    .unwrap();
+    let log = lab.dir.path().join("udhcpd.log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns.0, "busybox", "udhcpd", "-f"])
+        .arg(&conf)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(lab.dir.path().join("udhcpd.err")).unwrap())
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+/// The agent's test kernel and initrd in kiln's artifacts.
+fn agent_artifacts(art: &Path) {
+    assert!(
+        Path::new(KERNEL).exists(),
+        "{KERNEL} is missing: apt-get install debian-installer-12-netboot-amd64 (scripts/test does)"
+    );
+    std::fs::copy(KERNEL, art.join("vmlinuz")).unwrap();
+    test_initrd(&art.join("kiln-agent.cpio.gz"));
+}
+
+#[test]
+fn beside_the_sites_dhcp_a_proxy_gives_the_boot_file() {
+    require_root_and(&[
+        ("qemu-system-x86_64", "qemu-system-x86 ipxe-qemu seabios"),
+        ("busybox", "busybox-static"),
+    ]);
+    let lab = Lab::new("p", "discovery = true", PROXY_DHCP, agent_artifacts);
+    let log = lab.server_log();
+    assert!(log.contains("PXE boot server listening"), "port 4011 is served:\n{log}");
+    let _site = site_dhcp(&lab);
+    let mac = "52:54:00:78:00:97";
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (vm, console) = lab.boot_vm(mac, Firmware::SeaBios);
+    let text = lab.wait_console(&console, "KILN-TEST-AGENT cmdline:");
+    assert!(
+        text.contains("10.78.0.15"),
+        "the address came from the site's server (10.78.0.150-160):\n{text}"
+    );
+    let line = text.lines().find(|l| l.contains("KILN-TEST-AGENT cmdline:")).unwrap();
+    assert!(line.contains("kiln.mode=discover"), "{line}");
+    let log = lab.server_log();
+    assert!(log.contains(&format!("unknown {mac}: proxy Offer")), "{log}");
+    assert!(
+        log.contains(&format!("unknown {mac}: proxy Ack")),
+        "the boot file came from the boot server port:\n{log}"
+    );
+    assert!(!log.contains(": ack 10.78.0."), "kiln gave no address:\n{log}");
+    drop(vm);
+}
+
 fn discovery_boot(tag: &str, firmware: Firmware, mac: &str) {
     let mut tools = vec![
         ("qemu-system-x86_64", "qemu-system-x86 ipxe-qemu seabios"),
@@ -216,14 +287,7 @@ fn discovery_boot(tag: &str, firmware: Firmware, mac: &str) {
         tools.push(("test -e /usr/share/ovmf/OVMF.fd && echo", "ovmf"));
     }
     require_root_and(&tools);
-    assert!(
-        Path::new(KERNEL).exists(),
-        "{KERNEL} is missing: apt-get install debian-installer-12-netboot-amd64 (scripts/test does)"
-    );
-    let lab = Lab::new(tag, "discovery = true", |art| {
-        std::fs::copy(KERNEL, art.join("vmlinuz")).unwrap();
-        test_initrd(&art.join("kiln-agent.cpio.gz"));
-    });
+    let lab = Lab::new(tag, "discovery = true", FULL_DHCP, agent_artifacts);
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let (vm, console) = lab.boot_vm(mac, firmware);
     let text = lab.wait_console(&console, "KILN-TEST-AGENT cmdline:");

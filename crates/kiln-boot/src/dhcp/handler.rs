@@ -37,6 +37,10 @@ pub struct ServerConfig {
     pub http_base: String,
     pub files: FirstStageFiles,
     pub policy: BootPolicy,
+    /// This socket is the PXE boot server port (4011) of a proxy: there it
+    /// answers a client's REQUEST for its boot file; on 67 it answers
+    /// DISCOVERs, and only the REQUESTs that name it as their server.
+    pub boot_server_port: bool,
     /// Whether to write `Outcome::note`. A listener that will not log it
     /// says no: formatting it for every packet was a tenth of the DHCP
     /// listener's instructions (bench/dhcp).
@@ -283,6 +287,9 @@ fn add_boot(
         }
     }
     if cfg.mode == Mode::Proxy && client != Client::UefiHttp {
+        // iPXE takes a proxy's answer only with a next-server and a boot
+        // file in it (its `dhcp_has_pxeopts`), an HTTP script URL too.
+        r.set_siaddr(cfg.server_ip);
         r.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
         // PXE option 43, sub-option 6 (discovery control) = 8: skip boot
         // server discovery and use the boot file given here.
@@ -454,9 +461,23 @@ fn proxy(
     if matches!(client, Client::Plain | Client::Unsupported { .. }) {
         return ignore(note!(cfg, "{who}: proxy mode answers boot clients only"));
     }
+    let server_id = match msg.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+        _ => None,
+    };
     let reply_kind = match kind {
         MessageType::Discover => MessageType::Offer,
-        MessageType::Request | MessageType::Inform => MessageType::Ack,
+        // A PXE client asks the boot server on port 4011 once it has an
+        // address (iPXE names the proxy as server there too). On 67 a
+        // broadcast REQUEST takes another server's offer: not ours to ACK.
+        MessageType::Request | MessageType::Inform
+            if server_id == Some(cfg.server_ip) || (cfg.boot_server_port && server_id.is_none()) =>
+        {
+            MessageType::Ack
+        }
+        MessageType::Request | MessageType::Inform => {
+            return ignore(note!(cfg, "{who}: {kind:?} for another server"));
+        }
         _ => return ignore(note!(cfg, "{who}: {kind:?} needs no proxy answer")),
     };
     let mut r = reply_to(msg, reply_kind, cfg.server_ip);
@@ -508,6 +529,7 @@ mod tests {
             http_base: "http://10.213.0.1:7070".into(),
             files: FirstStageFiles::default(),
             policy: BootPolicy { discovery },
+            boot_server_port: false,
             notes: true,
         }
     }
@@ -855,6 +877,55 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_acks_only_the_requests_meant_for_it() {
+        let s = subnet();
+        let f = facts(&s, None, None, &|_| true);
+        let with_server = |id: Option<Ipv4Addr>| {
+            let mut m = pxe(request(MessageType::Request), 0);
+            if let Some(id) = id {
+                m.opts_mut().insert(DhcpOption::ServerIdentifier(id));
+            }
+            m
+        };
+        let other = Some(Ipv4Addr::new(10, 213, 0, 2));
+        let on_67 = cfg(Mode::Proxy, true);
+        let on_4011 = ServerConfig {
+            boot_server_port: true,
+            ..cfg(Mode::Proxy, true)
+        };
+        // The site's server's offer taken, on 67 or wherever it is seen.
+        for c in [&on_67, &on_4011] {
+            assert!(handle(c, &with_server(other), &f, Utc::now()).reply.is_none());
+        }
+        assert!(
+            handle(&on_67, &with_server(None), &f, Utc::now()).reply.is_none(),
+            "a REQUEST naming no server on 67 is a renewal with the site's server"
+        );
+        // Asked by name, or on the boot server port.
+        for (c, req) in [
+            (&on_67, with_server(Some(SERVER))),
+            (&on_4011, with_server(Some(SERVER))),
+            (&on_4011, with_server(None)),
+        ] {
+            let r = wire(&handle(c, &req, &f, Utc::now()));
+            assert_eq!(r.opts().msg_type(), Some(MessageType::Ack));
+            assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED, "a proxy gives no address");
+            assert_eq!(file(&r), "undionly.kpxe");
+        }
+        // iPXE asking: the HTTP script, with the next-server iPXE wants to
+        // see in a proxy's answer.
+        let mut ipxe = with_server(None);
+        ipxe.opts_mut().insert(DhcpOption::UserClass(b"iPXE".to_vec()));
+        let r = wire(&handle(&on_4011, &ipxe, &f, Utc::now()));
+        assert!(
+            file(&r).starts_with("http://10.213.0.1:7070/boot/ipxe?"),
+            "{}",
+            file(&r)
+        );
+        assert_eq!(r.siaddr(), SERVER);
+    }
+
+    #[test]
     fn malformed_and_foreign_messages_are_ignored() {
         let s = subnet();
         let f = facts(&s, None, None, &|_| true);
@@ -950,6 +1021,7 @@ mod robustness {
             http_base: "http://10.0.0.1:7070".into(),
             files: FirstStageFiles::default(),
             policy: BootPolicy { discovery: true },
+            boot_server_port: false,
             notes: true,
         };
         let facts = Facts {
