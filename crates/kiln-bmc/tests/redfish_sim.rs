@@ -454,3 +454,61 @@ async fn a_closed_port_is_unreachable() {
     let e = driver(c).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::Unreachable, "{e}");
 }
+
+#[tokio::test]
+async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() {
+    let sim = fleet(1, BmcSpec::default()).await;
+    let sessions = std::sync::Arc::new(kiln_bmc::redfish::Sessions::default());
+    let kept = || {
+        let mut c = config(&sim, 0);
+        c.sessions = Some(sessions.clone());
+        c
+    };
+    // Without kept sessions: root, login, systems, system, logout.
+    driver(config(&sim, 0)).power_status().await.unwrap();
+    let alone = sim.bmc(0).stats();
+    assert_eq!(
+        (alone.requests, alone.sessions_created, alone.sessions_deleted),
+        (5, 1, 1)
+    );
+
+    // A driver per call, as the server makes them: one login for all.
+    driver(kept()).power(PowerAction::On).await.unwrap();
+    let before = sim.bmc(0).stats();
+    assert_eq!(driver(kept()).power_status().await.unwrap(), PowerState::On);
+    let s = sim.bmc(0).stats();
+    assert_eq!(s.requests - before.requests, 1, "only the system is read");
+    assert_eq!(
+        (s.sessions_created, s.sessions_deleted),
+        (2, 1),
+        "the session stays open"
+    );
+    assert_eq!(sessions.len(), 1);
+
+    // The BMC forgets its sessions (it restarted, or they timed out): the
+    // next call is refused once, logs in again and still succeeds.
+    sim.bmc(0).with(|b| b.sessions.clear());
+    driver(kept()).power(PowerAction::Off).await.unwrap();
+    let s = sim.bmc(0).stats();
+    assert_eq!((s.unauthorized, s.sessions_created), (1, 3));
+    assert_eq!(s.resets, ["On", "ForceOff"]);
+
+    // Another password is not the kept login's: it logs in itself, and
+    // fails like any wrong password, once.
+    let mut wrong = kept();
+    wrong.password = Password::new("wrong-canary-Zx81");
+    let e = driver(wrong).power_status().await.unwrap_err();
+    assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
+    assert_eq!(sim.bmc(0).stats().unauthorized, 2);
+
+    // A BMC that refuses everyone: the kept session is refused, the fresh
+    // login too, and the call fails as AuthFailed with nothing kept.
+    sim.bmc(0).set_faults(Faults {
+        reject_auth: true,
+        ..Faults::default()
+    });
+    let e = driver(kept()).power_status().await.unwrap_err();
+    assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
+    assert_eq!(sim.bmc(0).stats().unauthorized, 4);
+    assert!(sessions.is_empty(), "a refused login is not kept");
+}

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_bmc::command::{CommandDriver, CommandTemplates};
 use kiln_bmc::ipmi::IpmiDriver;
-use kiln_bmc::redfish::{RedfishConfig, RedfishDriver};
+use kiln_bmc::redfish::{RedfishConfig, RedfishDriver, Sessions};
 use kiln_bmc::{BmcDriver, BmcError, BmcErrorKind, BootFirmware, BootPersistence, Password};
 use kiln_store::{Actor, Store, StoreError};
 use kiln_types::MachineId;
@@ -285,6 +285,9 @@ pub struct BmcService {
     /// what drift is measured against.
     known_power: Mutex<HashMap<MachineId, PowerState>>,
     drifts: std::sync::atomic::AtomicUsize,
+    /// Redfish logins kept from one call to the next (see
+    /// `kiln_bmc::redfish::Sessions`).
+    redfish_sessions: Arc<Sessions>,
 }
 
 impl BmcService {
@@ -299,6 +302,7 @@ impl BmcService {
             auth_failures: Mutex::default(),
             known_power: Mutex::default(),
             drifts: Default::default(),
+            redfish_sessions: Arc::default(),
         }
     }
 
@@ -496,6 +500,7 @@ impl BmcService {
                 cfg.insecure = bmc.insecure;
                 cfg.ca_pem = bmc.ca_cert.clone();
                 cfg.deadline = deadline.saturating_duration_since(tokio::time::Instant::now());
+                cfg.sessions = Some(self.redfish_sessions.clone());
                 Ok(Built::Other(Box::new(RedfishDriver::new(cfg)?)))
             }
             DriverKind::Command => match &self.templates {

@@ -7,7 +7,10 @@
 //! - `cert`: the BMC's CA certificates checked, a refused certificate named;
 //! - [`RedfishDriver`]: the [`BmcDriver`] for one BMC. Each call logs in (a
 //!   session, or basic auth when the service has none), does its requests
-//!   within one deadline and deletes its session again.
+//!   within one deadline and deletes its session again — or, given
+//!   [`Sessions`] (the server does), keeps the session, the service root and
+//!   the system's path for the next call to the same BMC, and logs in again
+//!   only when the BMC no longer takes the session.
 //!
 //! Sessions, system discovery, the reset mapping and the retry rule are
 //! described in `docs/bmc.md`.
@@ -16,7 +19,8 @@ pub mod cert;
 pub mod plan;
 pub mod tls;
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -55,6 +59,9 @@ pub struct RedfishConfig {
     pub deadline: Duration,
     /// How often the power state is read while waiting for it to change.
     pub poll_interval: Duration,
+    /// Where logins are kept between calls; `None`: each call logs in and
+    /// out.
+    pub sessions: Option<Arc<Sessions>>,
 }
 
 impl RedfishConfig {
@@ -74,7 +81,64 @@ impl RedfishConfig {
             tries: 3,
             deadline: Duration::from_secs(90),
             poll_interval: Duration::from_secs(1),
+            sessions: None,
         }
+    }
+}
+
+/// Redfish logins kept between calls, shared by the drivers of a process.
+///
+/// A call that finds a login for its BMC (same address, user, password,
+/// and the same machine to look for) skips reading the service root,
+/// opening a session, finding the system and deleting the session: three
+/// or four requests instead of eight for a power change. The BMC ends an
+/// idle session itself (its `SessionTimeout`); the next call then gets a
+/// 401, logs in again and repeats its requests, which only read or set
+/// states. Like sushy (OpenStack Ironic's Redfish library), at most one
+/// session per BMC stays open.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    kept: Mutex<HashMap<SessionKey, Kept>>,
+}
+
+/// Whose login it is. The password is kept as a SHA-256 digest: a changed
+/// password is a new key, so it is checked by a fresh login.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SessionKey {
+    address: String,
+    username: String,
+    password_sha256: [u8; 32],
+    machine_uuid: Option<uuid::Uuid>,
+    machine_serial: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Kept {
+    root: Value,
+    auth: Auth,
+    system: Option<String>,
+}
+
+impl Sessions {
+    fn get(&self, key: &SessionKey) -> Option<Kept> {
+        self.kept.lock().expect("redfish sessions").get(key).cloned()
+    }
+
+    fn put(&self, key: SessionKey, kept: Kept) {
+        self.kept.lock().expect("redfish sessions").insert(key, kept);
+    }
+
+    fn forget(&self, key: &SessionKey) {
+        self.kept.lock().expect("redfish sessions").remove(key);
+    }
+
+    /// How many BMCs have a login kept.
+    pub fn len(&self) -> usize {
+        self.kept.lock().expect("redfish sessions").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -126,6 +190,7 @@ impl Reply {
     }
 }
 
+#[derive(Debug, Clone)]
 enum Auth {
     Basic,
     Session { token: Password, path: Option<String> },
@@ -138,6 +203,8 @@ struct Call<'a> {
     deadline: Instant,
     auth: Option<Auth>,
     root: Value,
+    /// An action (a request sent once) has gone out in this call.
+    acted: std::sync::atomic::AtomicBool,
 }
 
 impl RedfishDriver {
@@ -181,8 +248,16 @@ impl RedfishDriver {
         }
     }
 
-    /// Logs in, runs `f`, logs out whatever `f` returned.
-    async fn with_call<T>(&self, f: impl AsyncFnOnce(&mut Call<'_>) -> Result<T, BmcError>) -> Result<T, BmcError> {
+    /// Logs in, runs `f`, logs out whatever `f` returned. With
+    /// [`Sessions`], a kept login is used instead and kept again; if the BMC
+    /// no longer takes it, `f` runs once more after a fresh login.
+    ///
+    /// `f` makes the call's body (a fresh one for a second run: an async
+    /// closure run twice by reference would not be `Send`).
+    async fn with_call<T, B>(&self, f: impl Fn() -> B) -> Result<T, BmcError>
+    where
+        B: AsyncFnOnce(&mut Call<'_>) -> Result<T, BmcError>,
+    {
         let started = Instant::now();
         let mut c = Call {
             d: self,
@@ -190,11 +265,64 @@ impl RedfishDriver {
             deadline: started + self.cfg.deadline,
             auth: None,
             root: Value::Null,
+            acted: Default::default(),
         };
+        let kept = self.cfg.sessions.as_ref().map(|s| (s, self.session_key()));
+        if let Some((sessions, key)) = &kept
+            && let Some(k) = sessions.get(key)
+        {
+            c.root = k.root;
+            c.auth = Some(k.auth);
+            if let Some(system) = k.system {
+                let _ = self.system.set(system);
+            }
+            match f()(&mut c).await {
+                // Refused before any action went out: nothing happened yet.
+                Err(BmcError::AuthFailed { .. })
+                    if matches!(c.auth, Some(Auth::Session { .. }))
+                        && !c.acted.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    tracing::debug!(bmc = self.name(), "the kept session was refused: logging in again");
+                    sessions.forget(key);
+                }
+                out => {
+                    self.keep(&c, sessions, key);
+                    return out;
+                }
+            }
+        }
         c.login().await?;
-        let out = f(&mut c).await;
-        c.logout().await;
+        let out = f()(&mut c).await;
+        match &kept {
+            Some((sessions, key)) if !matches!(out, Err(BmcError::AuthFailed { .. })) => self.keep(&c, sessions, key),
+            _ => c.logout().await,
+        }
         out
+    }
+
+    fn session_key(&self) -> SessionKey {
+        use sha2::Digest;
+        SessionKey {
+            address: self.cfg.address.clone(),
+            username: self.cfg.username.clone(),
+            password_sha256: sha2::Sha256::digest(self.cfg.password.expose().as_bytes()).into(),
+            machine_uuid: self.cfg.machine_uuid,
+            machine_serial: self.cfg.machine_serial.clone(),
+        }
+    }
+
+    /// Keeps `c`'s login, root and the system found, for the next call.
+    fn keep(&self, c: &Call<'_>, sessions: &Sessions, key: &SessionKey) {
+        if let Some(auth) = &c.auth {
+            sessions.put(
+                key.clone(),
+                Kept {
+                    root: c.root.clone(),
+                    auth: auth.clone(),
+                    system: self.system.get().cloned(),
+                },
+            );
+        }
     }
 
     /// The machine's system, found once and remembered.
@@ -308,7 +436,11 @@ impl RedfishDriver {
             }
             // It sets a state: if the state is there (or on its way), the
             // request did reach the BMC; else sending it again is harmless.
-            let (_, r) = self.read_system(c).await?;
+            // If the state cannot be read (the deadline came), what is known
+            // is the reset's own failure: its outcome may be unknown.
+            let Ok((_, r)) = self.read_system(c).await else {
+                return Err(failure);
+            };
             let now = self.power_of(&r.body)?;
             if now.status() == leads_to {
                 tracing::debug!(bmc = self.name(), %step, ?now, "answer lost but the power state shows it took effect");
@@ -400,6 +532,9 @@ impl Call<'_> {
             }
             if let Some(b) = body {
                 rb = rb.json(b);
+            }
+            if retry == Retry::Once {
+                self.acted.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let outcome = async {
                 let resp = rb.send().await?;
@@ -591,47 +726,51 @@ async fn backoff(tries: u32) {
 
 impl BmcDriver for RedfishDriver {
     fn power_status(&self) -> BoxFuture<'_, Result<PowerState, BmcError>> {
-        Box::pin(self.with_call(async |c: &mut Call<'_>| {
-            let (_, r) = self.read_system(c).await?;
-            Ok(self.power_of(&r.body)?.status())
+        Box::pin(self.with_call(move || {
+            async move |c: &mut Call<'_>| {
+                let (_, r) = self.read_system(c).await?;
+                Ok(self.power_of(&r.body)?.status())
+            }
         }))
     }
 
     fn power(&self, action: PowerAction) -> BoxFuture<'_, Result<(), BmcError>> {
-        Box::pin(self.with_call(async move |c: &mut Call<'_>| {
-            let (system, r) = self.read_system(c).await?;
-            let current = self.power_of(&r.body)?;
-            let reset = &r.body["Actions"]["#ComputerSystem.Reset"];
-            let target = reset["target"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("{system}/Actions/ComputerSystem.Reset"));
-            let allowed = self.allowed_resets(c, reset).await?;
-            let steps =
-                plan::reset_plan(action, current, allowed.as_deref()).map_err(|what| BmcError::Unsupported {
-                    bmc: self.name().to_string(),
-                    what,
-                })?;
-            tracing::debug!(bmc = self.name(), %action, ?current, ?steps, "power");
-            let mut last = "";
-            for (i, step) in steps.iter().enumerate() {
-                match *step {
-                    Step::Reset(t) => {
-                        // The state this reset leads to is the next wait's.
-                        let leads_to = steps[i..]
-                            .iter()
-                            .find_map(|s| match s {
-                                Step::WaitFor(p) => Some(*p),
-                                Step::Reset(_) => None,
-                            })
-                            .unwrap_or(PowerState::On);
-                        self.reset(c, &target, t, leads_to).await?;
-                        last = t;
+        Box::pin(self.with_call(move || {
+            async move |c: &mut Call<'_>| {
+                let (system, r) = self.read_system(c).await?;
+                let current = self.power_of(&r.body)?;
+                let reset = &r.body["Actions"]["#ComputerSystem.Reset"];
+                let target = reset["target"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{system}/Actions/ComputerSystem.Reset"));
+                let allowed = self.allowed_resets(c, reset).await?;
+                let steps =
+                    plan::reset_plan(action, current, allowed.as_deref()).map_err(|what| BmcError::Unsupported {
+                        bmc: self.name().to_string(),
+                        what,
+                    })?;
+                tracing::debug!(bmc = self.name(), %action, ?current, ?steps, "power");
+                let mut last = "";
+                for (i, step) in steps.iter().enumerate() {
+                    match *step {
+                        Step::Reset(t) => {
+                            // The state this reset leads to is the next wait's.
+                            let leads_to = steps[i..]
+                                .iter()
+                                .find_map(|s| match s {
+                                    Step::WaitFor(p) => Some(*p),
+                                    Step::Reset(_) => None,
+                                })
+                                .unwrap_or(PowerState::On);
+                            self.reset(c, &target, t, leads_to).await?;
+                            last = t;
+                        }
+                        Step::WaitFor(want) => self.wait_for(c, want, last).await?,
                     }
-                    Step::WaitFor(want) => self.wait_for(c, want, last).await?,
                 }
+                Ok(())
             }
-            Ok(())
         }))
     }
 
@@ -641,66 +780,71 @@ impl BmcDriver for RedfishDriver {
         persistence: BootPersistence,
         firmware: BootFirmware,
     ) -> BoxFuture<'_, Result<(), BmcError>> {
-        Box::pin(self.with_call(async move |c: &mut Call<'_>| {
-            let step = "set the boot override";
-            let mut precondition_failed = false;
-            loop {
-                let (system, r) = self.read_system(c).await?;
-                let patch = plan::boot_patch(device, persistence, firmware, r.body.get("Boot")).map_err(|what| {
-                    BmcError::Unsupported {
-                        bmc: self.name().to_string(),
-                        what,
+        Box::pin(self.with_call(move || {
+            async move |c: &mut Call<'_>| {
+                let step = "set the boot override";
+                let mut precondition_failed = false;
+                loop {
+                    let (system, r) = self.read_system(c).await?;
+                    let patch =
+                        plan::boot_patch(device, persistence, firmware, r.body.get("Boot")).map_err(|what| {
+                            BmcError::Unsupported {
+                                bmc: self.name().to_string(),
+                                what,
+                            }
+                        })?;
+                    // Setting the same override twice is the same override:
+                    // retried like a read.
+                    let p = c
+                        .send(
+                            Method::PATCH,
+                            &system,
+                            Some(&patch),
+                            r.etag.as_deref(),
+                            Retry::Idempotent,
+                            step,
+                        )
+                        .await?;
+                    if p.status == StatusCode::PRECONDITION_FAILED && !precondition_failed {
+                        // Someone changed the system between our read and our
+                        // write: read it again and write once more.
+                        precondition_failed = true;
+                        continue;
                     }
-                })?;
-                // Setting the same override twice is the same override:
-                // retried like a read.
-                let p = c
-                    .send(
-                        Method::PATCH,
-                        &system,
-                        Some(&patch),
-                        r.etag.as_deref(),
-                        Retry::Idempotent,
-                        step,
-                    )
-                    .await?;
-                if p.status == StatusCode::PRECONDITION_FAILED && !precondition_failed {
-                    // Someone changed the system between our read and our
-                    // write: read it again and write once more.
-                    precondition_failed = true;
-                    continue;
+                    if !p.status.is_success() {
+                        return Err(self.protocol(step, format!("PATCH {system}: HTTP {}{}", p.status, p.message())));
+                    }
+                    let (_, after) = self.read_system(c).await?;
+                    let want = plan::boot_target(device);
+                    let seen = &after.body["Boot"]["BootSourceOverrideTarget"];
+                    if seen.as_str() != Some(want) {
+                        return Err(self.protocol(
+                            step,
+                            format!("the BMC accepted BootSourceOverrideTarget {want} but now shows {seen}"),
+                        ));
+                    }
+                    return Ok(());
                 }
-                if !p.status.is_success() {
-                    return Err(self.protocol(step, format!("PATCH {system}: HTTP {}{}", p.status, p.message())));
-                }
-                let (_, after) = self.read_system(c).await?;
-                let want = plan::boot_target(device);
-                let seen = &after.body["Boot"]["BootSourceOverrideTarget"];
-                if seen.as_str() != Some(want) {
-                    return Err(self.protocol(
-                        step,
-                        format!("the BMC accepted BootSourceOverrideTarget {want} but now shows {seen}"),
-                    ));
-                }
-                return Ok(());
             }
         }))
     }
 
     fn identity(&self) -> BoxFuture<'_, Result<Identity, BmcError>> {
-        Box::pin(self.with_call(async |c: &mut Call<'_>| {
-            let (_, r) = self.read_system(c).await?;
-            let text = |k: &str| {
-                r.body[k]
-                    .as_str()
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-            };
-            Ok(Identity {
-                serial: text("SerialNumber"),
-                uuid: text("UUID").and_then(|u| uuid::Uuid::parse_str(u.trim_matches(['{', '}'])).ok()),
-            })
+        Box::pin(self.with_call(move || {
+            async move |c: &mut Call<'_>| {
+                let (_, r) = self.read_system(c).await?;
+                let text = |k: &str| {
+                    r.body[k]
+                        .as_str()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                };
+                Ok(Identity {
+                    serial: text("SerialNumber"),
+                    uuid: text("UUID").and_then(|u| uuid::Uuid::parse_str(u.trim_matches(['{', '}'])).ok()),
+                })
+            }
         }))
     }
 }
