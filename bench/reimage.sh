@@ -180,7 +180,7 @@ for r in runs:
                  + f", everything else {max(0.0, r['others_cpu_secs']):.1f} s, stolen by the hypervisor {r['steal_secs']:.1f} s; "
                  f"softirq (the kernel's loopback packet processing for all of them) {r['softirq_secs']:.1f} s.")
 lines.append(f"- Each machine's BMC answered {r0['bmc_requests_per_machine']:.0f} requests in "
-             f"{r0['bmc_sessions_per_machine']:.0f} Redfish sessions (one per BMC call) during its reimage. "
+             f"{r0['bmc_sessions_per_machine']:.0f} Redfish session(s) during its reimage (kiln keeps a BMC's session between calls). "
              "DHCP offers and acks kiln sent per machine (2 when no client had to ask again): "
              + ", ".join(f"{r['label']} {r['dhcp_answers_per_machine']:.3f}" for r in runs) + ".")
 lines.append("")
