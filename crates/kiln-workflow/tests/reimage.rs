@@ -245,6 +245,34 @@ store_test!(a_cancel_at_each_step_leaves_nothing_armed, |store| {
     }
 });
 
+store_test!(a_pause_between_two_steps_leaves_the_next_one_unrun, |store| {
+    let fx = Recorder::new(Fault::None);
+    let engine = engine(&store, fx.clone(), "s1");
+    let (id, m) = create(&store, "paused1", false).await;
+    // Asked while pre_hooks runs: its answer is committed (with the next
+    // step's attempt), then the job pauses before arm runs.
+    *fx.pause_in_hooks.lock().unwrap() = Some(store.clone());
+    engine.run_due_once().await.unwrap();
+    let job = store.get_job(id).await.unwrap();
+    assert_eq!((job.state, step_name(&store, id).await), (JobState::Paused, "arm"));
+    assert_eq!(job.step_attempts, 0, "arm never ran: no attempt of it is on record");
+    assert!(store.netboot_arm(m).await.unwrap().is_none());
+    assert_eq!(*fx.bmc.lock().unwrap(), vec![BmcAction::Check]);
+
+    *fx.pause_in_hooks.lock().unwrap() = None;
+    store
+        .control_job(&actor(), id, kiln_store::JobControl::Resume)
+        .await
+        .unwrap();
+    engine.run_due_once().await.unwrap();
+    let job = store.get_job(id).await.unwrap();
+    assert_eq!(
+        (job.state, step_name(&store, id).await),
+        (JobState::Waiting, "wait_installer")
+    );
+    assert!(store.netboot_arm(m).await.unwrap().is_some());
+});
+
 store_test!(a_job_whose_server_died_is_taken_over, |store| {
     let fx = Recorder::new(Fault::None);
     let (id, m) = create(&store, "orphan", false).await;

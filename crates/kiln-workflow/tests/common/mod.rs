@@ -30,6 +30,8 @@ pub struct Recorder {
     pub callbacks: Mutex<Vec<Job>>,
     /// Hostnames whose health check fails.
     pub unhealthy: Mutex<Vec<String>>,
+    /// When set, an operator asks to pause the job while its hooks run.
+    pub pause_in_hooks: Mutex<Option<Store>>,
 }
 
 impl Recorder {
@@ -40,6 +42,7 @@ impl Recorder {
             hooks: Mutex::default(),
             callbacks: Mutex::default(),
             unhealthy: Mutex::default(),
+            pause_in_hooks: Mutex::default(),
         })
     }
 
@@ -77,8 +80,15 @@ impl Effects for Recorder {
         })
     }
 
-    async fn run_hooks(&self, event: &'static str, _job: &JobRecord) -> Result<Vec<String>, String> {
+    async fn run_hooks(&self, event: &'static str, job: &JobRecord) -> Result<Vec<String>, String> {
         self.hooks.lock().unwrap().push(event);
+        let pauser = self.pause_in_hooks.lock().unwrap().clone();
+        if let Some(store) = pauser {
+            store
+                .control_job(&actor(), job.id, kiln_store::JobControl::Pause)
+                .await
+                .unwrap();
+        }
         if self.fault() == Fault::Hooks(event) {
             return Err(format!("injected {event} hook failure"));
         }
