@@ -81,7 +81,7 @@ fn kiln_powers_a_qemu_vm_through_ipmi_sim_and_makes_it_pxe_boot() {
     let d = dir.path();
     let ns = Netns::new(format!("kb{}", std::process::id() % 100_000));
     let (bridge, tap) = ("kbbr0", "kbtap0");
-    ns.bridge_with_tap(bridge, "10.79.0.1/24", tap);
+    let _router = ns.bridge_with_tap(bridge, "10.79.0.1/24", tap);
 
     // kiln: DHCP and HTTP boot on the bridge, the API on 127.0.0.1:7070.
     let data = d.join("data");

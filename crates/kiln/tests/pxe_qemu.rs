@@ -34,6 +34,7 @@ struct Lab {
     dir: tempfile::TempDir,
     token: String,
     server: Option<Proc>,
+    _router: Proc,
 }
 
 const TAP: &str = "kqtap0";
@@ -49,7 +50,7 @@ impl Lab {
     fn new(tag: &str, boot_section: &str, dhcp_section: &str, artifacts: impl FnOnce(&Path)) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let ns = Netns::new(format!("kq{tag}{}", std::process::id() % 100_000));
-        ns.bridge_with_tap(BRIDGE, "10.78.0.1/24", TAP);
+        let router = ns.bridge_with_tap(BRIDGE, "10.78.0.1/24", TAP);
         let data = dir.path().join("data");
         let art = dir.path().join("artifacts");
         std::fs::create_dir_all(&art).unwrap();
@@ -72,6 +73,7 @@ impl Lab {
             dir,
             token,
             server: Some(server),
+            _router: router,
         }
     }
 
@@ -135,8 +137,7 @@ impl Lab {
     }
 
     /// The console once it shows `needle`, or panics with it and the log.
-    /// iPXE waits for an IPv6 router advertisement nobody sends here (about
-    /// 13 s) before it asks kiln; kernels decompress slowly under TCG.
+    /// Kernels decompress slowly under TCG.
     fn wait_console(&self, console: &Path, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {

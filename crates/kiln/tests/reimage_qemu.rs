@@ -242,7 +242,7 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
 
     let ns = Netns::new(format!("kr{}", std::process::id() % 100_000));
     let (bridge, tap) = ("krbr0", "krtap0");
-    ns.bridge_with_tap(bridge, "10.82.0.1/24", tap);
+    let _router = ns.bridge_with_tap(bridge, "10.82.0.1/24", tap);
 
     let data = d.join("data");
     let token = bootstrap_token(&data);
