@@ -511,4 +511,30 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
     assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
     assert_eq!(sim.bmc(0).stats().unauthorized, 4);
     assert!(sessions.is_empty(), "a refused login is not kept");
+
+    // Basic auth (no session service) is kept too; refused, it is the
+    // password that is wrong: one 401, no second try, nothing kept.
+    let basic = fleet(
+        1,
+        BmcSpec {
+            sessions: false,
+            ..BmcSpec::default()
+        },
+    )
+    .await;
+    let kept_basic = || {
+        let mut c = config(&basic, 0);
+        c.sessions = Some(sessions.clone());
+        c
+    };
+    driver(kept_basic()).power_status().await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    basic.bmc(0).set_faults(Faults {
+        reject_auth: true,
+        ..Faults::default()
+    });
+    let e = driver(kept_basic()).power_status().await.unwrap_err();
+    assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
+    assert_eq!(basic.bmc(0).stats().unauthorized, 1);
+    assert!(sessions.is_empty());
 }

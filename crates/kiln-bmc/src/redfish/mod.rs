@@ -93,8 +93,8 @@ impl RedfishConfig {
 /// opening a session, finding the system and deleting the session: three
 /// or four requests instead of eight for a power change. The BMC ends an
 /// idle session itself (its `SessionTimeout`); the next call then gets a
-/// 401, logs in again and repeats its requests, which only read or set
-/// states. Like sushy (OpenStack Ironic's Redfish library), at most one
+/// 401 on its first request, logs in again and starts over (only if no
+/// action had gone out yet). Like sushy (OpenStack Ironic's Redfish library), at most one
 /// session per BMC stays open.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -277,13 +277,17 @@ impl RedfishDriver {
                 let _ = self.system.set(system);
             }
             match f()(&mut c).await {
-                // Refused before any action went out: nothing happened yet.
-                Err(BmcError::AuthFailed { .. })
-                    if matches!(c.auth, Some(Auth::Session { .. }))
-                        && !c.acted.load(std::sync::atomic::Ordering::Relaxed) =>
-                {
-                    tracing::debug!(bmc = self.name(), "the kept session was refused: logging in again");
+                Err(e @ BmcError::AuthFailed { .. }) => {
                     sessions.forget(key);
+                    // A refused token before any action went out: nothing
+                    // happened yet, so log in afresh and run again. Refused
+                    // basic auth is the password itself.
+                    let stale_token = matches!(c.auth, Some(Auth::Session { .. }))
+                        && !c.acted.load(std::sync::atomic::Ordering::Relaxed);
+                    if !stale_token {
+                        return Err(e);
+                    }
+                    tracing::debug!(bmc = self.name(), "the kept session was refused: logging in again");
                 }
                 out => {
                     self.keep(&c, sessions, key);
