@@ -538,3 +538,31 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
     assert_eq!(basic.bmc(0).stats().unauthorized, 1);
     assert!(sessions.is_empty());
 }
+
+#[tokio::test]
+async fn a_stopping_server_closes_its_kept_sessions_within_its_wait() {
+    let sim = fleet(3, BmcSpec::default()).await;
+    let sessions = std::sync::Arc::new(kiln_bmc::redfish::Sessions::default());
+    for i in 0..3 {
+        let mut c = config(&sim, i);
+        c.sessions = Some(sessions.clone());
+        driver(c).power_status().await.unwrap();
+    }
+    assert_eq!(sessions.len(), 3);
+    // One BMC no longer answers at all: it does not hold the others up,
+    // nor the server past the wait.
+    sim.bmc(2).set_faults(Faults {
+        hang: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    let closed = sessions.close_all(Duration::from_millis(1500)).await;
+    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert_eq!(closed, 2);
+    assert!(sessions.is_empty());
+    for i in 0..2 {
+        let s = sim.bmc(i).stats();
+        assert_eq!((s.sessions_created, s.sessions_deleted), (1, 1), "BMC {i}");
+        assert!(sim.bmc(i).with(|b| b.sessions.is_empty()));
+    }
+}

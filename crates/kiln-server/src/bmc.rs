@@ -310,6 +310,16 @@ impl BmcService {
         &self.settings
     }
 
+    /// Ends the Redfish sessions kept for later calls (the server stops),
+    /// within `wait`.
+    pub async fn close_sessions(&self, wait: Duration) {
+        let kept = self.redfish_sessions.len();
+        if kept > 0 {
+            let closed = self.redfish_sessions.close_all(wait).await;
+            tracing::info!(kept, closed, "Redfish sessions closed");
+        }
+    }
+
     /// Machines with a call running or queued (for tests and metrics).
     pub fn machines_in_flight(&self) -> usize {
         self.locks.len()

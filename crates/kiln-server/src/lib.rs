@@ -174,6 +174,7 @@ pub async fn serve_on(
         let (bmc, stop) = (state.bmc.clone(), shutdown.clone());
         services.spawn(async move { ("power sync", bmc::run_sync(bmc, stop).await) });
     }
+    let bmc = state.bmc.clone();
     let (engine, stop) = (state.engine.clone(), shutdown.clone());
     services.spawn(async move { ("job engine", engine.run(stop).await) });
     let stop = shutdown.clone();
@@ -188,6 +189,9 @@ pub async fn serve_on(
             result = Err(e.context(format!("the {name} service stopped")));
         }
     }
+    // Kept sessions would hold the BMCs' few session slots until they
+    // time out (a restart opens new ones).
+    bmc.close_sessions(std::time::Duration::from_secs(5)).await;
     result
 }
 

@@ -359,3 +359,83 @@ fn the_bmc_password_reaches_no_log_argv_answer_or_database() {
     );
     assert!(!log.contains(BMC_CANARY), "the BMC password reached the log");
 }
+
+/// `kiln server` keeps a Redfish BMC's session from one call to the next,
+/// and ends it when it stops (SIGTERM): a restart leaves no session behind
+/// to fill the BMC's few session slots.
+#[test]
+fn a_stopping_server_closes_the_redfish_sessions_it_kept() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(kiln_sim::start(kiln_sim::SimConfig {
+            tls: true,
+            password: CANARY.into(),
+            ..kiln_sim::SimConfig::default()
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("bmc-ca.pem");
+    std::fs::write(&ca, sim.ca_pem().unwrap()).unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.display().to_string();
+    let out = Command::new(KILN)
+        .args(["token", "create", "--data-dir", &data_s, "--role", "admin"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let child = Command::new(KILN)
+        .args(["server", "--data-dir", &data_s, "--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(&url, &token, &["site", "list"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "kiln server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ca_s = ca.display().to_string();
+    let out = cli(
+        &url,
+        &token,
+        &[
+            "machine",
+            "add",
+            "--hostname",
+            "rf1",
+            "--mac",
+            "52:54:00:00:07:01",
+            "--bmc-driver",
+            "redfish",
+            "--bmc-address",
+            sim.bmc(0).url(),
+            "--bmc-user",
+            "admin",
+            "--bmc-password",
+            CANARY,
+            "--bmc-ca-file",
+            &ca_s,
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..2 {
+        let out = cli(&url, &token, &["power", "status", "rf1"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let s = sim.bmc(0).stats();
+    assert_eq!((s.sessions_created, s.sessions_deleted), (1, 0), "one session, kept");
+
+    let pid = nix::unistd::Pid::from_raw(server.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "kiln server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = sim.bmc(0).stats();
+    assert_eq!(s.sessions_deleted, 1, "the kept session was closed");
+    assert!(sim.bmc(0).with(|b| b.sessions.is_empty()));
+}

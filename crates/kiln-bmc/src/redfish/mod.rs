@@ -117,6 +117,10 @@ struct Kept {
     root: Value,
     auth: Auth,
     system: Option<String>,
+    /// Where and how to end the session ([`Sessions::close_all`]).
+    origin: String,
+    name: String,
+    client: reqwest::Client,
 }
 
 impl Sessions {
@@ -130,6 +134,38 @@ impl Sessions {
 
     fn forget(&self, key: &SessionKey) {
         self.kept.lock().expect("redfish sessions").remove(key);
+    }
+
+    /// Ends every kept session on its BMC, all at once, within `wait` in
+    /// all: for a server that stops, so that its sessions do not hold the
+    /// BMCs' few session slots until they time out. How many BMCs said yes.
+    pub async fn close_all(&self, wait: Duration) -> usize {
+        use futures::StreamExt;
+        let kept: Vec<Kept> = self
+            .kept
+            .lock()
+            .expect("redfish sessions")
+            .drain()
+            .map(|(_, k)| k)
+            .collect();
+        let closed = std::sync::atomic::AtomicUsize::new(0);
+        let deletes = kept.into_iter().filter_map(|k| match k.auth {
+            Auth::Session {
+                token,
+                path: Some(path),
+            } => Some({
+                let closed = &closed;
+                async move {
+                    if delete_session(&k.client, format!("{}{path}", k.origin), &token, wait, &k.name).await {
+                        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }),
+            _ => None,
+        });
+        let closing = futures::stream::iter(deletes).for_each_concurrent(64, |delete| delete);
+        let _ = tokio::time::timeout(wait, closing).await;
+        closed.into_inner()
     }
 
     /// How many BMCs have a login kept.
@@ -324,6 +360,9 @@ impl RedfishDriver {
                     root: c.root.clone(),
                     auth: auth.clone(),
                     system: self.system.get().cloned(),
+                    origin: self.endpoint.origin.clone(),
+                    name: self.name.clone(),
+                    client: self.client.clone(),
                 },
             );
         }
@@ -694,22 +733,28 @@ impl Call<'_> {
             return;
         };
         let wait = self.d.cfg.request_timeout.min(Duration::from_secs(5));
-        let res = self
-            .d
-            .client
-            .delete(self.url(&path))
-            .header("X-Auth-Token", token.expose())
-            .timeout(wait)
-            .send()
-            .await;
-        match res {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => {
-                tracing::debug!(bmc = self.d.name(), status = %r.status(), "deleting the session failed; it will expire")
-            }
-            Err(e) => {
-                tracing::debug!(bmc = self.d.name(), error = %tls::describe(&e).0, "deleting the session failed; it will expire")
-            }
+        delete_session(&self.d.client, self.url(&path), &token, wait, self.d.name()).await;
+    }
+}
+
+/// `DELETE`s a session: one try, `wait` at most. Whether the BMC said yes;
+/// a session left behind expires on the BMC.
+async fn delete_session(client: &reqwest::Client, url: String, token: &Password, wait: Duration, bmc: &str) -> bool {
+    let res = client
+        .delete(url)
+        .header("X-Auth-Token", token.expose())
+        .timeout(wait)
+        .send()
+        .await;
+    match res {
+        Ok(r) if r.status().is_success() => true,
+        Ok(r) => {
+            tracing::debug!(bmc, status = %r.status(), "deleting the session failed; it will expire");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(bmc, error = %tls::describe(&e).0, "deleting the session failed; it will expire");
+            false
         }
     }
 }
