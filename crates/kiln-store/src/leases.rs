@@ -137,28 +137,28 @@ impl Step<'_> {
     /// assembling the placeholder lists anew cost as much as SQLite's work
     /// for small batches.
     fn text(self, params: Params) -> &'static str {
-        static TEXTS: [[std::sync::OnceLock<Vec<String>>; 4]; 2] =
-            [const { [const { std::sync::OnceLock::new() }; 4] }; 2];
+        static TEXTS: [[std::sync::OnceLock<Vec<String>>; 3]; 2] =
+            [const { [const { std::sync::OnceLock::new() }; 3] }; 2];
         let (kind, rows) = match self {
+            Step::Release(..) => {
+                return match params {
+                    Params::Numbered => "DELETE FROM dhcp_leases WHERE ip = $1 AND mac = $2 AND state = 'bound'",
+                    Params::Anonymous => "DELETE FROM dhcp_leases WHERE ip = ? AND mac = ? AND state = 'bound'",
+                };
+            }
             Step::ClearMacs(macs) => (0, macs.len()),
-            Step::Release(..) => (1, 1),
-            Step::DeleteIps(ips) => (2, ips.len()),
-            Step::Upsert(leases) => (3, leases.len()),
+            Step::DeleteIps(ips) => (1, ips.len()),
+            Step::Upsert(leases) => (2, leases.len()),
         };
         TEXTS[params as usize][kind].get_or_init(|| {
-            let list = |first: usize, n: usize| match params {
-                Params::Numbered => placeholders(first, n),
+            let list = |n: usize| match params {
+                Params::Numbered => placeholders(1, n),
                 Params::Anonymous => vec!["?"; n].join(", "),
             };
             (0..=ROWS_PER_STATEMENT)
                 .map(|n| match kind {
-                    0 => format!("DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})", list(1, n)),
-                    1 => format!(
-                        "DELETE FROM dhcp_leases WHERE ip = {} AND mac = {} AND state = 'bound'",
-                        list(1, 1),
-                        list(2, 1)
-                    ),
-                    2 => format!("DELETE FROM dhcp_leases WHERE ip IN ({})", list(1, n)),
+                    0 => format!("DELETE FROM dhcp_leases WHERE state = 'bound' AND mac IN ({})", list(n)),
+                    1 => format!("DELETE FROM dhcp_leases WHERE ip IN ({})", list(n)),
                     _ => format!(
                         "INSERT INTO dhcp_leases (ip, mac, state, machine_id, hostname, expires_at, updated_at) VALUES {} \
                          ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, state = excluded.state, \
