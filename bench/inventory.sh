@@ -11,13 +11,10 @@
 # minutes of CI for numbers nobody reads.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-profile=release
-for arg in "$@"; do
-    [[ $arg == --quick ]] && profile=debug
-done
-if [[ $profile == release ]]; then
+if [[ " $* " == *" --quick "* ]]; then
+    cargo build --locked -p kiln
+    set -- --kiln target/debug/kiln "$@"
+else
     cargo build --release --locked -p kiln
-    KILN_BENCH_WRAPPER=1 exec python3 bench/inventory.py "$@"
 fi
-cargo build --locked -p kiln
-KILN_BENCH_WRAPPER=1 exec python3 bench/inventory.py --kiln target/debug/kiln "$@"
+KILN_BENCH_WRAPPER=1 exec python3 bench/inventory.py "$@"

@@ -2,11 +2,12 @@
 //! verified HTTPS: power with slow transitions, the cycle fallback, a
 //! one-shot boot override consumed by the next boot, 5xx bursts, lost
 //! answers, silence, 401, basic-auth fallback, the system found by UUID or
-//! serial, and TLS refusals.
+//! serial, TLS refusals, and logins kept between calls.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_bmc::redfish::{RedfishConfig, RedfishDriver};
+use kiln_bmc::redfish::{RedfishConfig, RedfishDriver, Sessions};
 use kiln_bmc::{BmcDriver, BmcErrorKind, BootDevice, BootFirmware, BootPersistence, Password, PowerAction, PowerState};
 use kiln_sim::{BmcSpec, Faults, Power, Sim, SimConfig};
 
@@ -34,6 +35,13 @@ fn config(sim: &Sim, i: usize) -> RedfishConfig {
     c.request_timeout = Duration::from_millis(2000);
     c.deadline = Duration::from_secs(20);
     c.poll_interval = Duration::from_millis(100);
+    c
+}
+
+/// [`config`] with its login kept in `sessions`, as the server does.
+fn kept(sim: &Sim, i: usize, sessions: &Arc<Sessions>) -> RedfishConfig {
+    let mut c = config(sim, i);
+    c.sessions = Some(sessions.clone());
     c
 }
 
@@ -458,12 +466,7 @@ async fn a_closed_port_is_unreachable() {
 #[tokio::test]
 async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() {
     let sim = fleet(1, BmcSpec::default()).await;
-    let sessions = std::sync::Arc::new(kiln_bmc::redfish::Sessions::default());
-    let kept = || {
-        let mut c = config(&sim, 0);
-        c.sessions = Some(sessions.clone());
-        c
-    };
+    let sessions = Arc::new(Sessions::default());
     // Without kept sessions: root, login, systems, system, logout.
     driver(config(&sim, 0)).power_status().await.unwrap();
     let alone = sim.bmc(0).stats();
@@ -473,9 +476,12 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
     );
 
     // A driver per call, as the server makes them: one login for all.
-    driver(kept()).power(PowerAction::On).await.unwrap();
+    driver(kept(&sim, 0, &sessions)).power(PowerAction::On).await.unwrap();
     let before = sim.bmc(0).stats();
-    assert_eq!(driver(kept()).power_status().await.unwrap(), PowerState::On);
+    assert_eq!(
+        driver(kept(&sim, 0, &sessions)).power_status().await.unwrap(),
+        PowerState::On
+    );
     let s = sim.bmc(0).stats();
     assert_eq!(s.requests - before.requests, 1, "only the system is read");
     assert_eq!(
@@ -488,14 +494,14 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
     // The BMC forgets its sessions (it restarted, or they timed out): the
     // next call is refused once, logs in again and still succeeds.
     sim.bmc(0).with(|b| b.sessions.clear());
-    driver(kept()).power(PowerAction::Off).await.unwrap();
+    driver(kept(&sim, 0, &sessions)).power(PowerAction::Off).await.unwrap();
     let s = sim.bmc(0).stats();
     assert_eq!((s.unauthorized, s.sessions_created), (1, 3));
     assert_eq!(s.resets, ["On", "ForceOff"]);
 
     // Another password is not the kept login's: it logs in itself, and
     // fails like any wrong password, once.
-    let mut wrong = kept();
+    let mut wrong = kept(&sim, 0, &sessions);
     wrong.password = Password::new("wrong-canary-Zx81");
     let e = driver(wrong).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
@@ -507,7 +513,7 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
         reject_auth: true,
         ..Faults::default()
     });
-    let e = driver(kept()).power_status().await.unwrap_err();
+    let e = driver(kept(&sim, 0, &sessions)).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
     assert_eq!(sim.bmc(0).stats().unauthorized, 4);
     assert!(sessions.is_empty(), "a refused login is not kept");
@@ -522,18 +528,13 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
         },
     )
     .await;
-    let kept_basic = || {
-        let mut c = config(&basic, 0);
-        c.sessions = Some(sessions.clone());
-        c
-    };
-    driver(kept_basic()).power_status().await.unwrap();
+    driver(kept(&basic, 0, &sessions)).power_status().await.unwrap();
     assert_eq!(sessions.len(), 1);
     basic.bmc(0).set_faults(Faults {
         reject_auth: true,
         ..Faults::default()
     });
-    let e = driver(kept_basic()).power_status().await.unwrap_err();
+    let e = driver(kept(&basic, 0, &sessions)).power_status().await.unwrap_err();
     assert_eq!(e.kind(), BmcErrorKind::AuthFailed, "{e}");
     assert_eq!(basic.bmc(0).stats().unauthorized, 1);
     assert!(sessions.is_empty());
@@ -542,11 +543,9 @@ async fn kept_sessions_skip_the_login_and_are_renewed_when_the_bmc_drops_them() 
 #[tokio::test]
 async fn a_stopping_server_closes_its_kept_sessions_within_its_wait() {
     let sim = fleet(3, BmcSpec::default()).await;
-    let sessions = std::sync::Arc::new(kiln_bmc::redfish::Sessions::default());
+    let sessions = Arc::new(Sessions::default());
     for i in 0..3 {
-        let mut c = config(&sim, i);
-        c.sessions = Some(sessions.clone());
-        driver(c).power_status().await.unwrap();
+        driver(kept(&sim, i, &sessions)).power_status().await.unwrap();
     }
     assert_eq!(sessions.len(), 3);
     // One BMC no longer answers at all: it does not hold the others up,

@@ -38,18 +38,47 @@ fn cli(url: &str, token: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `kiln token create` straight into the data directory `data`: an admin
+/// token.
+fn admin_token(data: &str) -> String {
+    let out = Command::new(KILN)
+        .args(["token", "create", "--data-dir", data, "--role", "admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `kiln server ARGS` on `data` and a free loopback port, logging to the
+/// file `log` (at trace level the log outgrows a pipe read only at the
+/// end), once it answers `token`: the server and its URL.
+fn start_server(args: &[&str], data: &str, log: &std::path::Path, token: &str) -> (Server, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let child = Command::new(KILN)
+        .arg("server")
+        .args(args)
+        .args(["--data-dir", data, "--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Server { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(&url, token, &["site", "list"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "kiln server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (server, url)
+}
+
 #[test]
 fn operator_first_hour_and_no_secret_in_logs() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_s = data.display().to_string();
 
-    let out = Command::new(KILN)
-        .args(["token", "create", "--data-dir", &data_s, "--role", "admin"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = admin_token(&data_s);
     assert!(token.starts_with("kiln_"));
 
     // A config file with an unknown key is refused, naming the key.
@@ -67,24 +96,8 @@ fn operator_first_hour_and_no_secret_in_logs() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let url = format!("http://{listen}");
-    // The log goes to a file: at trace level it outgrows a pipe that is
-    // read only at the end, and the server would block writing to it.
     let log_path = dir.path().join("server.log");
-    let child = Command::new(KILN)
-        .args(["server", "--data-dir", &data_s, "--listen", &listen, "--log", "trace"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = Server { child };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cli(&url, &token, &["site", "list"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "kiln server did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut server, url) = start_server(&["--log", "trace"], &data_s, &log_path, &token);
     let key = std::fs::metadata(data.join("secret.key")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
@@ -228,11 +241,7 @@ fn the_bmc_password_reaches_no_log_argv_answer_or_database() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_s = data.display().to_string();
-    let out = Command::new(KILN)
-        .args(["token", "create", "--data-dir", &data_s, "--role", "admin"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = admin_token(&data_s);
     let sim = ipmi_sim(BMC_CANARY);
     let seen = dir.path().join("password.sha256");
     // The program proves it got the password (its hash, so the canary
@@ -249,26 +258,9 @@ fn the_bmc_password_reaches_no_log_argv_answer_or_database() {
         ),
     )
     .unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let url = format!("http://{listen}");
-    // The log goes to a file: at trace level it outgrows a pipe nobody
-    // reads until the end.
     let log_path = dir.path().join("server.log");
-    let child = Command::new(KILN)
-        .args(["server", "--config"])
-        .arg(&config)
-        .args(["--data-dir", &data_s, "--listen", &listen, "--log", "trace"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = Server { child };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cli(&url, &token, &["site", "list"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "kiln server did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let config_s = config.display().to_string();
+    let (mut server, url) = start_server(&["--config", &config_s, "--log", "trace"], &data_s, &log_path, &token);
     let add = |host: &str, driver: &str, address: &str| {
         let out = Command::new(KILN)
             .args(["machine", "add", "--hostname", host, "--bmc-driver", driver])
@@ -376,27 +368,9 @@ fn a_stopping_server_closes_the_redfish_sessions_it_kept() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("bmc-ca.pem");
     std::fs::write(&ca, sim.ca_pem().unwrap()).unwrap();
-    let data = dir.path().join("data");
-    let data_s = data.display().to_string();
-    let out = Command::new(KILN)
-        .args(["token", "create", "--data-dir", &data_s, "--role", "admin"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let url = format!("http://{listen}");
-    let child = Command::new(KILN)
-        .args(["server", "--data-dir", &data_s, "--listen", &listen])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = Server { child };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cli(&url, &token, &["site", "list"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "kiln server did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let data_s = dir.path().join("data").display().to_string();
+    let token = admin_token(&data_s);
+    let (mut server, url) = start_server(&[], &data_s, &dir.path().join("server.log"), &token);
     let ca_s = ca.display().to_string();
     let out = cli(
         &url,
