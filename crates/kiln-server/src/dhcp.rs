@@ -280,7 +280,12 @@ fn bind(interface: &str, port: u16) -> anyhow::Result<std::net::UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())
         .with_context(|| {
-            format!("binding UDP port {port} on `{interface}` (below 1024: needs root or CAP_NET_BIND_SERVICE)")
+            let hint = if port < 1024 {
+                "below 1024 it needs root or CAP_NET_BIND_SERVICE; "
+            } else {
+                ""
+            };
+            format!("binding UDP port {port} on `{interface}` ({hint}is another DHCP or PXE server using it?)")
         })?;
     Ok(s.into())
 }
@@ -690,6 +695,18 @@ mod tests {
             domain: None,
             lease_time: 600,
         }
+    }
+
+    #[test]
+    fn a_port_in_use_is_named_with_what_may_hold_it() {
+        let taken = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let e = format!("{:#}", bind("lo", port).unwrap_err());
+        assert!(
+            e.contains(&format!("binding UDP port {port} on `lo`")) && e.contains("another DHCP or PXE server"),
+            "{e}"
+        );
+        assert!(!e.contains("CAP_NET_BIND_SERVICE"), "not a privileged port: {e}");
     }
 
     #[test]
