@@ -117,9 +117,8 @@ struct Kept {
     root: Value,
     auth: Auth,
     system: Option<String>,
-    /// Where and how to end the session ([`Sessions::close_all`]).
-    origin: String,
-    name: String,
+    /// The client to end the session with ([`Sessions::close_all`]; the
+    /// key's address says where).
     client: reqwest::Client,
 }
 
@@ -141,27 +140,25 @@ impl Sessions {
     /// BMCs' few session slots until they time out. How many BMCs said yes.
     pub async fn close_all(&self, wait: Duration) -> usize {
         use futures::StreamExt;
-        let kept: Vec<Kept> = self
-            .kept
-            .lock()
-            .expect("redfish sessions")
-            .drain()
-            .map(|(_, k)| k)
-            .collect();
+        let kept: Vec<(SessionKey, Kept)> = self.kept.lock().expect("redfish sessions").drain().collect();
         let closed = std::sync::atomic::AtomicUsize::new(0);
-        let deletes = kept.into_iter().filter_map(|k| match k.auth {
-            Auth::Session {
+        let deletes = kept.into_iter().filter_map(|(key, k)| {
+            let Auth::Session {
                 token,
                 path: Some(path),
-            } => Some({
-                let closed = &closed;
-                async move {
-                    if delete_session(&k.client, format!("{}{path}", k.origin), &token, wait, &k.name).await {
-                        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+            } = k.auth
+            else {
+                return None;
+            };
+            // The address parsed when the session was opened.
+            let origin = plan::parse_address(&key.address).ok()?.origin;
+            let closed = &closed;
+            Some(async move {
+                let name = plan::display_name(&key.address);
+                if delete_session(&k.client, format!("{origin}{path}"), &token, wait, &name).await {
+                    closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-            }),
-            _ => None,
+            })
         });
         let closing = futures::stream::iter(deletes).for_each_concurrent(64, |delete| delete);
         let _ = tokio::time::timeout(wait, closing).await;
@@ -360,8 +357,6 @@ impl RedfishDriver {
                     root: c.root.clone(),
                     auth: auth.clone(),
                     system: self.system.get().cloned(),
-                    origin: self.endpoint.origin.clone(),
-                    name: self.name.clone(),
                     client: self.client.clone(),
                 },
             );
