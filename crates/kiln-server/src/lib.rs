@@ -11,6 +11,7 @@ pub mod config;
 pub mod dhcp;
 pub mod error;
 pub mod jobs;
+pub mod peer;
 pub mod secrets;
 pub mod tftp;
 
@@ -119,10 +120,13 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Serves the API on `listener` until `shutdown` is cancelled.
 pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("the API server failed")
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("the API server failed")
 }
 
 /// Opens everything `config` names, binds its listen address (and DHCP's
