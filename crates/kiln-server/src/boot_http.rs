@@ -315,6 +315,7 @@ pub async fn job_file(
         ssh_keys: spec.ssh_keys,
         root_password_hash: spec.root_password_hash,
         post_install_script: spec.post_install_script,
+        callback_url: job.callback_url.clone(),
     };
     let base = base_url(&state.boot, &headers);
     let rendered = TemplateContext::new(&machine, &image, &plan, &base).and_then(|ctx| {

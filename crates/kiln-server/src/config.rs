@@ -302,6 +302,9 @@ impl Config {
             {
                 kiln_boot::ipxe::check_arg(arg).map_err(|e| ConfigError::Boot(format!("{what}: {e}")))?;
             }
+            if let Some(base) = &b.http_base {
+                check_http_base(base).map_err(|e| ConfigError::Boot(format!("http_base: {e}")))?;
+            }
         }
         let bmc = s.bmc.unwrap_or_default();
         bmc.validate().map_err(ConfigError::Bmc)?;
@@ -327,6 +330,31 @@ impl Config {
             log: s.log.unwrap_or_else(|| "info".to_string()),
         })
     }
+}
+
+/// Checks `[boot] http_base` as the places it goes need it: iPXE scripts,
+/// kernel command lines and installer files (which take only plain URL
+/// characters), so that a bad value stops the start rather than every
+/// later boot.
+fn check_http_base(base: &str) -> Result<(), String> {
+    let rest = base
+        .strip_prefix("http://")
+        .or_else(|| base.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{base}` must start with http:// or https:// (e.g. http://10.0.0.1:7070)"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("`{base}` names no host (e.g. http://10.0.0.1:7070)"));
+    }
+    if let Some(bad) = base
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._:/[]".contains(*c)))
+    {
+        return Err(format!(
+            "`{base}` has the character {bad:?}: machines get this URL in iPXE scripts and kernel \
+             command lines, which take only A-Z a-z 0-9 and - . _ : / [ ] (no query, no user)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -421,6 +449,29 @@ mod tests {
             let (_d, path) = file(text);
             let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn http_base_is_checked_at_start() {
+        for (base, want) in [
+            ("10.0.0.1:7070", "must start with http://"),
+            ("http://", "names no host"),
+            ("http://10.0.0.1:7070/?x=1", "the character '?'"),
+            ("http://user@boot:7070", "the character '@'"),
+            ("http://boot 7070", "the character ' '"),
+        ] {
+            let (_d, path) = file(&format!("[boot]\nhttp_base = \"{base}\"\n"));
+            let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+            assert!(e.contains("http_base") && e.contains(want), "{base}: {e}");
+        }
+        for base in [
+            "http://10.0.0.1:7070",
+            "https://boot.example.net/kiln/",
+            "http://[fd00::1]:7070",
+        ] {
+            let (_d, path) = file(&format!("[boot]\nhttp_base = \"{base}\"\n"));
+            assert!(Config::load(Some(&path), Settings::default()).is_ok(), "{base}");
         }
     }
 

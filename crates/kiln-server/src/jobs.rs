@@ -1,6 +1,6 @@
 //! The server's side of jobs: the effects the engine's steps ask for (BMC
-//! calls through the BMC service, what a machine net-boots, hooks, tasks,
-//! the callback), the job tokens, and the net-boot arm as the boot decision
+//! calls through the BMC service, what a machine net-boots, hooks, the
+//! operator's catalog tasks), the job tokens, and the net-boot arm as the boot decision
 //! sees it.
 //!
 //! Job tokens: an agent or installer reports stages with a token that is
@@ -16,7 +16,7 @@ use kiln_bmc::BmcErrorKind;
 use kiln_boot::decision::NetbootArm;
 use kiln_store::{Actor, ArmRecord, JobRecord, Store};
 use kiln_types::catalog::{OsImage, OsKind};
-use kiln_types::job::{Job, ReimageSpec};
+use kiln_types::job::ReimageSpec;
 use kiln_types::machine::Machine;
 use kiln_types::power::{BootDevice, PowerAction};
 use kiln_types::{JobId, MachineId};
@@ -41,7 +41,6 @@ pub struct ServerEffects {
     boot: Arc<BootContext>,
     hooks: HookRunner,
     tasks: PostInstallRunner,
-    http: reqwest::Client,
 }
 
 impl ServerEffects {
@@ -51,19 +50,12 @@ impl ServerEffects {
         boot: Arc<BootContext>,
         config: &Config,
     ) -> anyhow::Result<ServerEffects> {
-        // One TLS provider for the process (ring), as for the BMC drivers.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("building the callback HTTP client")?;
         Ok(ServerEffects {
             store,
             bmc,
             boot,
             hooks: HookRunner::new(config.hooks.clone()).context("[[hooks]]")?,
             tasks: PostInstallRunner::new(config.post_install.clone()).context("[post_install]")?,
-            http,
         })
     }
 }
@@ -180,7 +172,10 @@ impl Effects for ServerEffects {
     }
 
     async fn post_install(&self, job: &JobRecord, spec: &ReimageSpec) -> Result<Vec<String>, String> {
-        let mut tasks = Vec::with_capacity(spec.tasks.len() + 1);
+        // Only the operator's catalog tasks run here. The job's own
+        // post-install script is the tenant's code: it runs in the new OS
+        // (the installer files put it there), never on a kiln server.
+        let mut tasks = Vec::with_capacity(spec.tasks.len());
         for name in &spec.tasks {
             let task = self
                 .store
@@ -188,9 +183,6 @@ impl Effects for ServerEffects {
                 .await
                 .map_err(|e| format!("task {name}: {e}"))?;
             tasks.push(PostInstallTask::from(&task));
-        }
-        if let Some(script) = &spec.post_install_script {
-            tasks.push(PostInstallTask::job_script(script.clone()));
         }
         if tasks.is_empty() {
             return Ok(vec![]);
@@ -214,22 +206,6 @@ impl Effects for ServerEffects {
         } else {
             Err(format!("`{}` {}: {}", spec.display_argv(), out.exit, out.last_lines(3)))
         }
-    }
-
-    async fn callback(&self, url: &str, job: &Job) -> Result<(), String> {
-        let mut last = String::new();
-        for attempt in 0..3 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            match self.http.post(url).json(job).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) if r.status().is_client_error() => return Err(format!("answered {}", r.status())),
-                Ok(r) => last = format!("answered {}", r.status()),
-                Err(e) => last = e.without_url().to_string(),
-            }
-        }
-        Err(last)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dhcp;
 pub mod error;
 pub mod jobs;
 pub mod peer;
+pub mod policy;
 pub mod secrets;
 pub mod tftp;
 
@@ -52,6 +53,9 @@ impl AppState {
     /// Opens the store (SQLite under the data directory unless a PostgreSQL
     /// URL is configured) and the secret key (created on first start).
     pub async fn open(config: &Config) -> anyhow::Result<AppState> {
+        // One TLS provider for the process (ring): the BMC drivers' HTTPS
+        // and everything else that speaks TLS use it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
         let store = open_store(config).await?;

@@ -102,9 +102,13 @@ pub struct ReimageRequest {
     /// Post-install tasks from the catalog, by name, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<String>,
+    /// Runs in the new OS at its first boot (never on a kiln server); its
+    /// exit status and the end of its output come back with stage 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_install_script: Option<String>,
-    /// Called (POST, JSON) when the job ends.
+    /// Called (POST, JSON `{job_id, hostname, stage, post_install_exit}`)
+    /// by the new OS once it reported stage 5, never by kiln's servers.
+    /// Checked against the outbound rules when the reimage is asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
     /// The change ticket this reimage belongs to.

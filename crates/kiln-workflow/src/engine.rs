@@ -121,9 +121,6 @@ pub trait Effects: Send + Sync + 'static {
     /// run with the machine's fields in its environment; `Err` says why it
     /// did not pass.
     fn health_check(&self, argv: &[String], job: &JobRecord) -> impl Future<Output = Result<(), String>> + Send;
-
-    /// Tells the job's callback URL that the job ended.
-    fn callback(&self, url: &str, job: &Job) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Engine settings (`[jobs]` in the server's config).
@@ -712,16 +709,6 @@ impl<E: Effects> Engine<E> {
             tracing::warn!(job = %job.id, error = %e, "could not wake the job's rollout; it looks again later");
         }
         self.wake.notify_one();
-        self.notify_callback(job).await;
-    }
-
-    async fn notify_callback(&self, job: &JobRecord) {
-        let Some(url) = &job.callback_url else { return };
-        if let Err(e) = self.effects.callback(url, &job_view(job)).await {
-            tracing::warn!(job = %job.id, error = %e, "the job's callback URL failed");
-            let line = LogLine::new(JobLogKind::Note, None, format!("callback to {url} failed: {e}"));
-            let _ = self.store.append_job_log(job.id, &[line]).await;
-        }
     }
 }
 

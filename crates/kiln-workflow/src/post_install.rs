@@ -2,10 +2,13 @@
 //! playbook against the new host, or a script — with the output captured
 //! for the job log.
 //!
-//! Tasks come from the catalog ([`Task`], kind [`TaskKind`]) or from a job's
-//! `--post-install-script`; either way the content is text, so each run
-//! writes it to a fresh private temporary directory (mode 0700), runs it
-//! there, and removes the directory afterwards.
+//! Tasks come from the operator's catalog only ([`Task`], kind
+//! [`TaskKind`]): they run on the kiln server, so only an operator may
+//! write them. A job's own `--post-install-script` is a tenant's code and
+//! never runs here: the installer files put it into the new OS, whose
+//! first boot runs it (kiln-boot's `firstboot.sh`). The content is text, so
+//! each run writes it to a fresh private temporary directory (mode 0700),
+//! runs it there, and removes the directory afterwards.
 //! - **ansible**: `ansible-playbook -i inventory.json --extra-vars JSON
 //!   [ansible_args…] playbook.yml`. The inventory has one host, named by the
 //!   machine's hostname (so `inventory_hostname` is the name a playbook
@@ -156,20 +159,6 @@ pub struct PostInstallTask {
     pub kind: TaskKind,
     /// Playbook YAML or script text.
     pub content: String,
-}
-
-impl PostInstallTask {
-    /// The name a job's own `--post-install-script` runs under.
-    pub const JOB_SCRIPT_NAME: &'static str = "post-install-script";
-
-    /// A job's `--post-install-script`.
-    pub fn job_script(content: impl Into<String>) -> PostInstallTask {
-        PostInstallTask {
-            name: Self::JOB_SCRIPT_NAME.into(),
-            kind: TaskKind::Script,
-            content: content.into(),
-        }
-    }
 }
 
 impl From<&Task> for PostInstallTask {

@@ -135,7 +135,19 @@ pub struct InstallPlan {
     /// plaintext, which is then dropped.
     pub root_password_hash: Option<CryptHash>,
     pub post_install_script: Option<String>,
+    /// Called (POST, JSON) by the new OS once it reported stage 5, never
+    /// by kiln: `TemplateContext::new` checks its characters, the API
+    /// checked it against the outbound rules.
+    pub callback_url: Option<String>,
 }
+
+/// The first-boot script every installer file puts into the new OS
+/// (`/var/lib/kiln/firstboot.sh`): fixed text that reads the job's values
+/// from `/etc/kiln-firstboot.env` (`job.firstboot_env`).
+pub const FIRSTBOOT_SCRIPT: &str = include_str!("../../templates/firstboot.sh");
+
+/// The longest callback URL taken.
+const MAX_CALLBACK_URL: usize = 2048;
 
 /// Everything a template sees, under four names: `machine`, `os`, `job`,
 /// `kiln`. Optional values are `none`, never missing, so that a typo is an
@@ -189,15 +201,23 @@ pub struct JobVars {
     pub ssh_keys: Vec<SshPublicKey>,
     pub root_password_hash: Option<CryptHash>,
     pub post_install_script: Option<String>,
+    pub callback_url: Option<String>,
     /// `{kiln.base_url}/api/v1/jobs/{job.id}/stages`: a stage report is a
     /// POST to `{stage_url}/{n}`.
     pub stage_url: String,
     pub token: Secret,
+    /// The content of `/etc/kiln-firstboot.env` (mode 0600), which
+    /// [`FIRSTBOOT_SCRIPT`] reads: `KILN_STAGE_URL`, `KILN_TOKEN`,
+    /// `KILN_JOB_ID` and, if the job has one, `KILN_CALLBACK_URL`, one
+    /// `KEY=value` line each. It holds the token.
+    pub firstboot_env: Secret,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KilnVars {
     pub base_url: String,
+    /// [`FIRSTBOOT_SCRIPT`].
+    pub firstboot_script: &'static str,
 }
 
 impl TemplateContext {
@@ -240,6 +260,26 @@ impl TemplateContext {
                     "the post-install script contains a NUL byte".into(),
                 ));
             }
+        }
+
+        if let Some(url) = &plan.callback_url
+            && (url.len() > MAX_CALLBACK_URL
+                || !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(TemplateError::Input(format!(
+                "the callback URL must be an http:// or https:// URL of at most {MAX_CALLBACK_URL} characters, \
+                 without spaces or control characters"
+            )));
+        }
+        let stage_url = format!("{base_url}/api/v1/jobs/{}/stages", plan.job_id);
+        let mut env = format!(
+            "KILN_STAGE_URL={stage_url}\nKILN_TOKEN={}\nKILN_JOB_ID={}\n",
+            plan.token.expose(),
+            plan.job_id
+        );
+        if let Some(url) = &plan.callback_url {
+            env.push_str(&format!("KILN_CALLBACK_URL={url}\n"));
         }
 
         let hostname = plan.hostname.as_ref().unwrap_or(&machine.hostname).as_str().to_string();
@@ -286,11 +326,14 @@ impl TemplateContext {
                 ssh_keys: plan.ssh_keys.clone(),
                 root_password_hash: plan.root_password_hash.clone(),
                 post_install_script: plan.post_install_script.clone(),
-                stage_url: format!("{base_url}/api/v1/jobs/{}/stages", plan.job_id),
+                callback_url: plan.callback_url.clone(),
+                stage_url,
                 token: plan.token.clone(),
+                firstboot_env: Secret::new(env),
             },
             kiln: KilnVars {
                 base_url: base_url.to_string(),
+                firstboot_script: FIRSTBOOT_SCRIPT,
             },
         })
     }

@@ -17,6 +17,9 @@ const TOKEN: &str = "kiln_Zm9vYmFyYmF6cXV4LXRva2VuX3NlY3JldA";
 /// Everything a tenant could put in a key comment or a script to escape
 /// its context: quotes, substitutions, template syntax, new directives.
 const HOSTILE: &str = "x' \"; reboot; echo '$(touch /tmp/kiln-pwned) `touch /tmp/kiln-pwned` {{ 7*7 }} {% raw %} \\";
+/// A tenant's callback URL with shell syntax in it: the new OS reads it
+/// as data.
+const CALLBACK: &str = "https://billing.example.com/cb?a='$(touch${IFS}/tmp/kiln-pwned)'&b=`id`";
 const SCRIPT: &str = "#!/bin/sh\necho '{{ 7*7 }}' \"$(hostname)\"\n%end\nd-i preseed/late_command string reboot\n- [reboot]\n}, \"x\": 1\n\\";
 
 fn machine() -> Machine {
@@ -78,6 +81,14 @@ fn plan(hostile: bool) -> InstallPlan {
         } else {
             "#!/bin/sh\necho hi\n".into()
         }),
+        callback_url: Some(
+            if hostile {
+                CALLBACK
+            } else {
+                "https://billing.example.com/cb"
+            }
+            .into(),
+        ),
     }
 }
 
@@ -91,6 +102,7 @@ fn bare() -> InstallPlan {
         ssh_keys: vec![],
         root_password_hash: None,
         post_install_script: None,
+        callback_url: None,
         ..plan(false)
     }
 }
@@ -221,26 +233,34 @@ fn preseed_late_script_runs_and_writes_values_intact() {
     let expected: Vec<String> = plan(true).ssh_keys.iter().map(|k| k.as_str().to_string()).collect();
     assert_eq!(keys.lines().collect::<Vec<_>>(), expected);
     assert_eq!(
-        std::fs::read_to_string(target.join("root/kiln-post-install.sh")).unwrap(),
+        std::fs::read_to_string(target.join("var/lib/kiln/post-install.sh")).unwrap(),
         SCRIPT
+    );
+    assert_eq!(
+        std::fs::read_to_string(target.join("var/lib/kiln/firstboot.sh")).unwrap(),
+        FIRSTBOOT_SCRIPT
     );
     let env = std::fs::read_to_string(target.join("etc/kiln-firstboot.env")).unwrap();
     assert_eq!(
         env,
         format!(
-            "KILN_STAGE_URL=http://10.64.0.1:7070/api/v1/jobs/0190c5e2-7b1a-7cc3-9a4e-3f1d2c3b4a59/stages\nKILN_TOKEN={TOKEN}\n"
+            "KILN_STAGE_URL=http://10.64.0.1:7070/api/v1/jobs/0190c5e2-7b1a-7cc3-9a4e-3f1d2c3b4a59/stages\n\
+             KILN_TOKEN={TOKEN}\nKILN_JOB_ID=0190c5e2-7b1a-7cc3-9a4e-3f1d2c3b4a59\nKILN_CALLBACK_URL={CALLBACK}\n"
         )
     );
-    assert!(target.join("etc/systemd/system/kiln-firstboot.service").exists());
+    let unit = std::fs::read_to_string(target.join("etc/systemd/system/kiln-firstboot.service")).unwrap();
+    assert!(unit.contains("ExecStart=/var/lib/kiln/firstboot.sh"), "{unit}");
 
+    // The script is not run during the install: it waits for the first boot.
     let calls = std::fs::read_to_string(&log).unwrap();
     let commands: Vec<&str> = calls.lines().map(|l| l.split(' ').next().unwrap()).collect();
-    assert_eq!(commands, ["wget", "in-target", "wget", "in-target", "wget"], "{calls}");
+    assert_eq!(commands, ["wget", "wget", "in-target", "wget"], "{calls}");
     let auth = format!("[--header=Authorization: Bearer {TOKEN}]");
     for (line, n) in calls.lines().filter(|l| l.starts_with("wget")).zip([2, 3, 4]) {
         assert!(line.contains(&auth), "{line}");
         assert!(line.ends_with(&format!("/stages/{n}]")), "{line}");
     }
+    assert!(!Path::new("/tmp/kiln-pwned").exists());
 }
 
 #[test]
@@ -298,11 +318,22 @@ fn cloud_init_keeps_hostile_values_as_data() {
     assert_eq!(doc["fqdn"].as_str(), Some("db1001.eqiad.example.net"));
     assert_eq!(doc["chpasswd"]["users"][0]["password"].as_str(), Some(HASH));
     let files = doc["write_files"].as_sequence().unwrap();
-    assert_eq!(files[1]["content"].as_str(), Some(SCRIPT));
-    assert_eq!(files[1]["path"].as_str(), Some("/root/kiln-post-install.sh"));
+    let file = |i: usize| {
+        assert_eq!(files[i]["encoding"].as_str(), Some("b64"));
+        (
+            files[i]["path"].as_str().unwrap(),
+            b64(files[i]["content"].as_str().unwrap()),
+        )
+    };
+    assert_eq!(files.len(), 3, "a value added a file");
+    let (path, env) = file(0);
+    assert_eq!(path, "/etc/kiln-firstboot.env");
+    assert!(env.ends_with(&format!("KILN_CALLBACK_URL={CALLBACK}\n")), "{env}");
+    assert_eq!(file(1), ("/var/lib/kiln/firstboot.sh", FIRSTBOOT_SCRIPT.to_string()));
+    assert_eq!(file(2), ("/var/lib/kiln/post-install.sh", SCRIPT.to_string()));
     let runcmd = doc["runcmd"].as_sequence().unwrap();
-    assert_eq!(runcmd.len(), 2, "a value added a command");
-    assert!(runcmd[1][2].as_str().unwrap().contains("$KILN_STAGE_URL/5"));
+    assert_eq!(runcmd.len(), 1, "a value added a command");
+    assert_eq!(runcmd[0][0].as_str(), Some("/var/lib/kiln/firstboot.sh"));
     let top: Vec<&str> = doc.as_mapping().unwrap().keys().map(|k| k.as_str().unwrap()).collect();
     assert_eq!(
         top,
@@ -346,21 +377,25 @@ fn ignition_keeps_hostile_values_as_data() {
             .unwrap())
     };
     assert_eq!(data(0), "db1001\n");
-    assert!(data(1).ends_with(&format!("KILN_TOKEN={TOKEN}\n")));
-    assert_eq!(data(2), SCRIPT);
+    assert!(data(1).contains(&format!("KILN_TOKEN={TOKEN}\n")));
+    assert!(data(1).ends_with(&format!("KILN_CALLBACK_URL={CALLBACK}\n")));
+    assert_eq!(data(2), FIRSTBOOT_SCRIPT);
+    assert_eq!(data(3), SCRIPT);
+    assert_eq!(files[3]["path"], "/var/lib/kiln/post-install.sh");
     let units = doc["systemd"]["units"].as_array().unwrap();
-    assert_eq!(units.len(), 2);
+    assert_eq!(units.len(), 1);
     assert!(
         units[0]["contents"]
             .as_str()
             .unwrap()
-            .contains("ExecStart=/bin/sh -c 'curl")
+            .contains("ExecStart=/var/lib/kiln/firstboot.sh")
     );
     // Bare plan: no hash key at all, an empty key list.
     let bare: serde_json::Value =
         serde_json::from_str(&render(TemplateKind::Ignition, None, &ctx(&bare())).unwrap()).unwrap();
     assert!(bare["passwd"]["users"][0].get("passwordHash").is_none());
     assert_eq!(bare["systemd"]["units"].as_array().unwrap().len(), 1);
+    assert_eq!(bare["storage"]["files"].as_array().unwrap().len(), 3);
 }
 
 /// An operator's template gets the same protection: client-reported values
@@ -652,4 +687,105 @@ fn debian_installer_wget_reports_stage_1() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// kiln's first-boot script as the new OS runs it: the job's script runs
+/// there (not on a kiln server), stage 5 carries its exit status and
+/// output with the job's token, then the callback is called with JSON; a
+/// second run does nothing.
+#[test]
+fn firstboot_runs_the_script_reports_stage_5_then_calls_back() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut requests = vec![];
+        for _ in 0..2 {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut head = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            requests.push((head, String::from_utf8(body).unwrap()));
+        }
+        requests
+    });
+    let job = "0190c5e2-7b1a-7cc3-9a4e-3f1d2c3b4a59";
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    std::fs::create_dir_all(root.path().join("var/lib/kiln")).unwrap();
+    std::fs::write(
+        root.path().join("etc/kiln-firstboot.env"),
+        format!(
+            "KILN_STAGE_URL=http://127.0.0.1:{port}/api/v1/jobs/{job}/stages\nKILN_TOKEN={TOKEN}\n\
+             KILN_JOB_ID={job}\nKILN_CALLBACK_URL=http://127.0.0.1:{port}/cb?x='$(touch${{IFS}}/tmp/kiln-pwned)'\n"
+        ),
+    )
+    .unwrap();
+    let marker = root.path().join("ran-in-the-new-os");
+    std::fs::write(
+        root.path().join("var/lib/kiln/post-install.sh"),
+        format!("#!/bin/sh\ntouch {}\necho installing agent\nexit 3\n", marker.display()),
+    )
+    .unwrap();
+    let script = root.path().join("firstboot.sh");
+    std::fs::write(&script, FIRSTBOOT_SCRIPT).unwrap();
+    let run = || {
+        Command::new("sh")
+            .arg(&script)
+            .env("KILN_FIRSTBOOT_ROOT", root.path())
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(marker.exists(), "the job's script ran where the first boot runs");
+    let requests = server.join().unwrap();
+    let (head, body) = &requests[0];
+    assert!(
+        head.starts_with(&format!("POST /api/v1/jobs/{job}/stages/5 ")),
+        "{head}"
+    );
+    assert!(head.contains(&format!("Authorization: Bearer {TOKEN}")), "{head}");
+    assert_eq!(body, "first boot; post-install script exit 3: installing agent");
+    let (head, body) = &requests[1];
+    assert!(
+        head.starts_with("POST /cb?x='$(touch${IFS}/tmp/kiln-pwned)' "),
+        "{head}"
+    );
+    assert!(
+        !head.contains("Authorization"),
+        "the callback never gets the job's token: {head}"
+    );
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["job_id"], job);
+    assert_eq!(json["stage"], 5);
+    assert_eq!(json["post_install_exit"], 3);
+    assert!(!Path::new("/tmp/kiln-pwned").exists());
+    assert!(stdout.contains("kiln-firstboot: stage 5 reported"), "{stdout}");
+    assert!(stdout.contains("kiln-firstboot: callback called"), "{stdout}");
+    // The token is gone; a second boot does nothing.
+    assert!(!root.path().join("etc/kiln-firstboot.env").exists());
+    std::fs::remove_file(&marker).unwrap();
+    let again = run();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
+    assert!(!marker.exists());
 }

@@ -57,9 +57,11 @@ async fn visible_job(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<
 pub(super) fn request_problems(req: &ReimageRequest) -> (Option<CryptHash>, Vec<String>) {
     let mut why = vec![];
     if let Some(url) = &req.callback_url
-        && !(url.starts_with("http://") || url.starts_with("https://"))
+        && (!(url.starts_with("http://") || url.starts_with("https://"))
+            || url.len() > 2048
+            || url.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
-        why.push(format!("callback URL `{url}` must be an http:// or https:// URL"));
+        why.push("callback_url must be an http:// or https:// URL of at most 2048 characters, without spaces".into());
     }
     let hash = match (&req.root_password, &req.root_password_hash) {
         (Some(_), Some(_)) => {
@@ -82,6 +84,7 @@ pub(super) fn request_problems(req: &ReimageRequest) -> (Option<CryptHash>, Vec<
 /// `machine`, if it does not.
 pub(super) async fn machine_problems(
     state: &AppState,
+    caller: &Caller,
     machine: &Machine,
     image: &OsImage,
     req: &ReimageRequest,
@@ -105,7 +108,12 @@ pub(super) async fn machine_problems(
         && let Ok(other) = state.store.get_machine(h.as_str(), None).await
         && other.id != machine.id
     {
-        why.push(format!("hostname {h} belongs to another machine ({})", other.id));
+        // A tenant learns that the name is taken, never which machine
+        // (of another tenant, perhaps) holds it.
+        why.push(match caller.scope() {
+            Some(_) => format!("hostname {h} is taken by another machine: pick another"),
+            None => format!("hostname {h} belongs to another machine ({})", other.id),
+        });
     }
     for name in &req.tasks {
         match state.store.get_task(name).await {
@@ -158,6 +166,10 @@ pub async fn reimage(
     ApiJson(req): ApiJson<ReimageRequest>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
     let machine = state.store.get_machine(&key, caller.scope()).await?;
+    crate::policy::operator_fields(
+        &caller,
+        &[("no_hooks", req.no_hooks), ("new", req.new), ("no_pxe", req.no_pxe)],
+    )?;
     if machine.protected {
         return Err(ApiError::refused(format!(
             "{} is protected: it is never reinstalled until the flag is cleared",
@@ -173,7 +185,7 @@ pub async fn reimage(
     }
     let image = state.store.get_os_image(&req.os).await?;
     let (root_password_hash, mut why) = request_problems(&req);
-    why.extend(machine_problems(&state, &machine, &image, &req).await);
+    why.extend(machine_problems(&state, &caller, &machine, &image, &req).await);
     if !why.is_empty() {
         return Err(ApiError::bad_request(format!(
             "{} cannot be reimaged with {}-{}: {}",
@@ -259,6 +271,7 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Pat
     responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn pause(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    visible_job(&state, &caller, job_id(&id)?).await?;
     caller.require_operator()?;
     control(&state, &caller, &id, JobControl::Pause).await
 }
@@ -268,6 +281,7 @@ pub async fn pause(State(state): State<AppState>, caller: Caller, Path(id): Path
     responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn resume(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    visible_job(&state, &caller, job_id(&id)?).await?;
     caller.require_operator()?;
     control(&state, &caller, &id, JobControl::Resume).await
 }
@@ -275,7 +289,9 @@ pub async fn resume(State(state): State<AppState>, caller: Caller, Path(id): Pat
 /// Runs a failed or cancelled job again, from the step named or the one
 /// the job's kind picks (a reimage that ended during its net boot or
 /// install starts again at `arm`). A retry that runs the installer again
-/// forgets the stages reported before.
+/// forgets the stages reported before. A tenant may retry its own
+/// machines' jobs, but only from the step the job's kind picks:
+/// `from_step` is an operator tool (403 for a tenant).
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
     params(("id" = String, Path, description = "job id")),
     request_body = RetryRequest,
@@ -288,8 +304,8 @@ pub async fn retry(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RetryRequest>,
 ) -> ApiResult<Json<Job>> {
-    caller.require_operator()?;
     let job = visible_job(&state, &caller, job_id(&id)?).await?;
+    crate::policy::operator_fields(&caller, &[("from_step", req.from_step.is_some())])?;
     let names = steps(job.kind);
     let from = match &req.from_step {
         None => None,
@@ -335,10 +351,11 @@ pub async fn report_stage(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path((id, n)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
     let id = job_id(&id)?;
     check_job_token(&state, &headers, id, "a stage report")?;
+    let body = read_report(body).await?;
     let stage = n
         .parse::<u8>()
         .map_err(|_| ApiError::bad_request(format!("stage `{n}` is not a number from 0 to 5")))
@@ -365,15 +382,32 @@ pub async fn report_failure(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
     let id = job_id(&id)?;
     check_job_token(&state, &headers, id, "a failure report")?;
+    let body = read_report(body).await?;
     let message = report_message(&headers, &body)?
         .ok_or_else(|| ApiError::bad_request("a failure report needs a message saying what went wrong"))?;
     state.store.report_failure(id, &message).await?;
     state.engine.wake();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The most of a report's body that is read: a message is cut to 2,000
+/// characters anyway, and these routes are open to the whole boot network.
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+
+/// A report's body, read only after its token was checked (nobody without
+/// the token makes the server read anything) and at most
+/// [`MAX_REPORT_BYTES`]: a longer one is refused with 413 without reading
+/// the rest.
+async fn read_report(body: axum::body::Body) -> ApiResult<axum::body::Bytes> {
+    axum::body::to_bytes(body, MAX_REPORT_BYTES).await.map_err(|_| {
+        ApiError::too_large(format!(
+            "a report's body is at most {MAX_REPORT_BYTES} bytes: send a short message (it is cut to 2,000 characters)"
+        ))
+    })
 }
 
 /// Refuses a report (`what`) without job `id`'s token.

@@ -4,9 +4,12 @@
 //!
 //! Roles: admins and operators on any machine. A tenant may read and
 //! change the power of *its own* machines (another tenant's machine is
-//! "not found"); the boot device and the BMC check are operator tools
-//! (the boot device decides what a machine runs next, the check shows the
-//! BMC's configuration).
+//! "not found") and set their next boot device *once*: a persistent boot
+//! device, the BMC check and BMC discovery are operator tools (a
+//! persistent device outlives the tenant's session with the machine, the
+//! check shows the BMC's configuration). A net boot a tenant asks for
+//! still gets only what the boot decision gives: without an armed job,
+//! the machine is sent to its disk.
 
 use std::time::Instant;
 
@@ -95,7 +98,12 @@ pub async fn bootdev(
     ApiJson(req): ApiJson<BootDeviceRequest>,
 ) -> ApiResult<Json<BootDeviceResult>> {
     let machine = state.store.get_machine(&key, caller.scope()).await?;
-    caller.require_operator()?;
+    if caller.scope().is_some() && !req.once {
+        return Err(ApiError::forbidden(
+            "`once`: a tenant token sets the boot device for the next boot only; send `once: true` \
+             (a persistent boot device is for operators)",
+        ));
+    }
     req.validate().map_err(ApiError::bad_request)?;
     let start = Instant::now();
     let op = Op::BootDevice {

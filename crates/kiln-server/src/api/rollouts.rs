@@ -118,7 +118,7 @@ pub async fn create(
             ));
             continue;
         }
-        for w in machine_problems(&state, m, &image, &req.reimage).await {
+        for w in machine_problems(&state, &caller, m, &image, &req.reimage).await {
             why.push(format!("{}: {w}", m.hostname));
         }
         members.push((m.id, m.hostname.to_string()));

@@ -762,19 +762,20 @@ api_test!(
         assert_eq!(acme.power_status("acme1").await.unwrap().state, PowerState::On);
         let e = acme.power("globex1", PowerAction::Off).await.unwrap_err();
         assert_eq!(e.status(), Some(404), "{e}");
-        let e = acme
-            .set_boot_device(
-                "acme1",
-                &BootDeviceRequest {
-                    device: BootDevice::Network,
-                    once: true,
-                    uefi: false,
-                },
-            )
-            .await
-            .unwrap_err();
+        // The next boot only: a persistent boot device is an operator's.
+        let once = |once| BootDeviceRequest {
+            device: BootDevice::Network,
+            once,
+            uefi: false,
+        };
+        acme.set_boot_device("acme1", &once(true)).await.unwrap();
+        let e = acme.set_boot_device("acme1", &once(false)).await.unwrap_err();
         assert_eq!(e.status(), Some(403), "{e}");
+        assert!(e.to_string().contains("`once`"), "{e}");
+        let e = acme.set_boot_device("globex1", &once(true)).await.unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e}");
         assert_eq!(acme.bmc_check("acme1").await.unwrap_err().status(), Some(403));
+        assert_eq!(acme.bmc_check("globex1").await.unwrap_err().status(), Some(404));
         let ev = bmc_events(&srv, "acme1").await;
         assert!(ev[0].actor.ends_with("(tenant)"), "{}", ev[0].actor);
     }

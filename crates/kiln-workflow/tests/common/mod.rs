@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_store::{Actor, JobRecord, NewJob, NewMachine, Store};
 use kiln_types::catalog::{Arch, OsImage, OsImageCreate, OsKind, PlatformTag};
-use kiln_types::job::{Job, JobKind, ReimageSpec};
+use kiln_types::job::{JobKind, ReimageSpec};
 use kiln_types::machine::{Disk, Hardware, Machine, MachineCreate, MachineState};
 use kiln_types::{JobId, MachineId};
 use kiln_workflow::{BmcAction, BmcError, Effects, Engine, EngineSettings, NetbootPlan};
@@ -27,7 +27,6 @@ pub struct Recorder {
     pub fault: Mutex<Fault>,
     pub bmc: Mutex<Vec<BmcAction>>,
     pub hooks: Mutex<Vec<&'static str>>,
-    pub callbacks: Mutex<Vec<Job>>,
     /// Hostnames whose health check fails.
     pub unhealthy: Mutex<Vec<String>>,
     /// When set, an operator asks to pause the job while its hooks run.
@@ -40,7 +39,6 @@ impl Recorder {
             fault: Mutex::new(fault),
             bmc: Mutex::default(),
             hooks: Mutex::default(),
-            callbacks: Mutex::default(),
             unhealthy: Mutex::default(),
             pause_in_hooks: Mutex::default(),
         })
@@ -106,11 +104,6 @@ impl Effects for Recorder {
         if self.unhealthy.lock().unwrap().contains(&job.hostname) {
             return Err(format!("{} answers 503", job.hostname));
         }
-        Ok(())
-    }
-
-    async fn callback(&self, _url: &str, job: &Job) -> Result<(), String> {
-        self.callbacks.lock().unwrap().push(job.clone());
         Ok(())
     }
 }

@@ -343,12 +343,12 @@ async fn a_playbook_with_bad_syntax_is_reported_as_such() {
 async fn run_all_stops_at_the_first_failure_and_logs_each_task() {
     let runner = runner(PostInstallSettings::default());
     let t = target();
-    let tasks = [script("first", "echo one\n"), PostInstallTask::job_script("echo two\n")];
+    let tasks = [script("first", "echo one\n"), script("second", "echo two\n")];
     let lines = runner.run_all(&tasks, &t).await.unwrap();
     assert_eq!(lines.len(), 4, "{lines:#?}");
     assert!(lines[0].starts_with("post-install task `first` (script) succeeded in "));
     assert_eq!(lines[1], "`first` output:\none");
-    assert!(lines[2].starts_with("post-install task `post-install-script` (script) succeeded in "));
+    assert!(lines[2].starts_with("post-install task `second` (script) succeeded in "));
 
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
