@@ -69,10 +69,10 @@ impl Rule {
 pub enum Embedding {
     /// `::ffff:a.b.c.d`: a dual-stack socket connects to the IPv4 address.
     Mapped,
-    /// `::ffff:0:a.b.c.d` (SIIT, RFC 6052's predecessor).
+    /// `::ffff:0:a.b.c.d` (SIIT, RFC 2765).
     Translated,
-    /// `64:ff9b::a.b.c.d` (RFC 6052) and `64:ff9b:1::/48` (RFC 8215): a
-    /// NAT64 gateway forwards to the IPv4 address.
+    /// `64:ff9b::a.b.c.d` (RFC 6052): a NAT64 gateway forwards to the IPv4
+    /// address.
     Nat64,
     /// `2002:aabb:ccdd::/48`: a 6to4 relay forwards to the IPv4 address.
     SixToFour,
@@ -83,7 +83,7 @@ impl Embedding {
         match self {
             Embedding::Mapped => "IPv4-mapped, ::ffff:0:0/96",
             Embedding::Translated => "IPv4-translated, ::ffff:0:0:0/96",
-            Embedding::Nat64 => "NAT64, 64:ff9b::/96 or 64:ff9b:1::/48",
+            Embedding::Nat64 => "NAT64, 64:ff9b::/96",
             Embedding::SixToFour => "6to4, 2002::/16",
         }
     }
@@ -216,6 +216,12 @@ const V6_RANGES: &[(IpNet, Rule)] = &[
         v6(0, 0, 0, 0, 0, 0, 0, 0, 96),
         Rule::Reserved("a deprecated IPv4-compatible address"),
     ),
+    // Local-use NAT64 (RFC 8215): where its IPv4 address sits depends on
+    // the prefix length the site chose, so it cannot be checked.
+    (
+        v6(0x64, 0xff9b, 1, 0, 0, 0, 0, 0, 48),
+        Rule::Reserved("a local-use NAT64 address, whose IPv4 destination cannot be checked"),
+    ),
     (v6(0xfe80, 0, 0, 0, 0, 0, 0, 0, 10), Rule::LinkLocal),
     (v6(0xff00, 0, 0, 0, 0, 0, 0, 0, 8), Rule::Multicast),
     (v6(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0, 32), Rule::Documentation),
@@ -256,7 +262,6 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<(Embedding, Ipv4Addr)> {
         [0, 0, 0, 0, 0, 0xffff, _, _] => Some((Embedding::Mapped, last32)),
         [0, 0, 0, 0, 0xffff, 0, _, _] => Some((Embedding::Translated, last32)),
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some((Embedding::Nat64, last32)),
-        [0x64, 0xff9b, 1, ..] => Some((Embedding::Nat64, last32)),
         [0x2002, a, b, ..] => Some((
             Embedding::SixToFour,
             Ipv4Addr::new((a >> 8) as u8, a as u8, (b >> 8) as u8, b as u8),
@@ -461,7 +466,8 @@ impl OutboundSettings {
 /// (`callback_url: …`).
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error("`{0}` is not a URL: write it as http(s)://HOST[:PORT]/PATH")]
+    // The text itself is not repeated: a URL's query may hold a token.
+    #[error("not a URL ({0}): write it as http(s)://HOST[:PORT]/PATH")]
     NotUrl(String),
     #[error("scheme `{0}` is not allowed: use http:// or https://")]
     Scheme(String),
@@ -513,7 +519,7 @@ pub enum Target {
 /// Checks what can be checked without the network: scheme, user info, host;
 /// an address literal is checked against `rules` here too.
 pub fn parse_url(text: &str, rules: &OutboundRules) -> Result<(reqwest::Url, Target, u16), OutboundError> {
-    let url = reqwest::Url::parse(text.trim()).map_err(|_| OutboundError::NotUrl(shown(text)))?;
+    let url = reqwest::Url::parse(text.trim()).map_err(|e| OutboundError::NotUrl(e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(OutboundError::Scheme(shown(url.scheme())));
     }
@@ -525,7 +531,10 @@ pub fn parse_url(text: &str, rules: &OutboundRules) -> Result<(reqwest::Url, Tar
     // into 127.0.0.1, so every spelling of an address is checked as one.
     let host = url.host_str().unwrap_or_default();
     let target = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Target::Ip(IpAddr::V6(v6.parse().map_err(|_| OutboundError::NotUrl(shown(text)))?))
+        Target::Ip(IpAddr::V6(
+            v6.parse()
+                .map_err(|_| OutboundError::NotUrl("invalid IPv6 address".into()))?,
+        ))
     } else if let Ok(v4) = host.parse::<Ipv4Addr>() {
         Target::Ip(IpAddr::V4(v4))
     } else if host.is_empty() {
@@ -932,7 +941,8 @@ mod tests {
             ("::ffff:0:127.0.0.1", Some(Loopback)),
             ("64:ff9b::7f00:1", Some(Loopback)),
             ("64:ff9b::a9fe:a9fe", Some(LinkLocal)),
-            ("64:ff9b:1::a9fe:a9fe", Some(LinkLocal)),
+            ("64:ff9b:1::a9fe:a9fe", Some(reserved("local-use nat64"))),
+            ("64:ff9b:1::808:808", Some(reserved("local-use nat64"))),
             ("2002:7f00:1::1", Some(Loopback)),
             ("2002:a9fe:a9fe::", Some(LinkLocal)),
             ("::ffff:0.0.0.0", Some(Unspecified)),
@@ -966,6 +976,53 @@ mod tests {
                 _ => panic!("{addr}: expected {want:?}, got {got:?}"),
             }
         }
+    }
+
+    /// Every IPv6 form that delivers to an IPv4 address is judged exactly
+    /// like that address: the range bounds of the table and a spread of
+    /// pseudo-random addresses, under rules with an allowlist and own
+    /// addresses.
+    #[test]
+    fn an_embedded_ipv4_address_is_judged_like_itself() {
+        let r = rules(&["10.20.0.0/16"], &["10.20.0.1", "93.184.215.14"]);
+        let mut addrs: Vec<Ipv4Addr> = vec![];
+        for (range, _) in V4_RANGES {
+            if let (IpAddr::V4(lo), IpAddr::V4(hi)) = (range.network(), range.broadcast()) {
+                for a in [u32::from(lo), u32::from(hi)] {
+                    addrs.extend([a.wrapping_sub(1), a, a.wrapping_add(1)].map(Ipv4Addr::from));
+                }
+            }
+        }
+        let mut x: u32 = 0x9e37_79b9;
+        for _ in 0..50_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            addrs.push(Ipv4Addr::from(x));
+        }
+        addrs.extend(["10.20.0.1", "10.20.0.2", "93.184.215.14"].map(|a| a.parse::<Ipv4Addr>().unwrap()));
+        let (mut refused, mut passed) = (0, 0);
+        for a in addrs {
+            let want = check_addr(IpAddr::V4(a), &r).map_err(|e| e.rule());
+            if want.is_ok() {
+                passed += 1
+            } else {
+                refused += 1
+            }
+            let [o0, o1, o2, o3] = a.octets();
+            let (hi, lo) = (u16::from_be_bytes([o0, o1]), u16::from_be_bytes([o2, o3]));
+            for form in [
+                a.to_ipv6_mapped(),
+                Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, hi, lo),
+                Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo),
+                Ipv6Addr::new(0x2002, hi, lo, 0, 0, 0, 0, 1),
+            ] {
+                let got = check_addr(IpAddr::V6(form), &r).map_err(|e| e.rule());
+                assert_eq!(got, want, "{form} (of {a})");
+            }
+        }
+        assert!(
+            refused > 1000 && passed > 1000,
+            "both outcomes are exercised: {refused} refused, {passed} passed"
+        );
     }
 
     #[test]
@@ -1076,7 +1133,7 @@ mod tests {
             ("gopher://example.com/", "scheme `gopher`"),
             ("http://user:pw@example.com/", "user name or password"),
             ("http://user@example.com/", "user name or password"),
-            ("not a url", "is not a URL"),
+            ("not a url", "not a URL (relative URL without a base)"),
             ("http://127.0.0.1/", "loopback"),
             ("http://[::1]:8080/", "loopback"),
             ("http://[::ffff:7f00:1]/", "loopback"),

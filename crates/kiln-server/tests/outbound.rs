@@ -494,3 +494,50 @@ fn answers_are_bounded_in_size_and_time() {
         assert!(matches!(e, OutboundError::Connect(_)) && e.refusal().is_none(), "{e}");
     });
 }
+
+#[test]
+fn https_is_verified_against_the_system_roots() {
+    let lab = lab("tl");
+    // A TLS server whose certificate comes from a CA the system does not
+    // trust: kiln-sim's BMC, in "remote".
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let ns = lab.remote.0.clone();
+    let server = std::thread::spawn(move || {
+        enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let sim = kiln_sim::start(kiln_sim::SimConfig {
+                ip: REMOTE.parse().unwrap(),
+                base_port: 8443,
+                tls: true,
+                ..Default::default()
+            })
+            .await
+            .expect("start the TLS server");
+            ready.send(()).unwrap();
+            let _ = stopped.await;
+            sim.shutdown().await;
+        });
+    });
+    is_ready
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the TLS server starts");
+    run_in(&lab.kiln.0, || async move {
+        let c = client(&["10.20.0.0/16"], Arc::new(ByName(vec![])));
+        let e = c
+            .post_json("https://10.20.0.2:8443/redfish/v1", &body())
+            .await
+            .unwrap_err();
+        assert!(e.refusal().is_none(), "the rules let it through: {e}");
+        assert!(
+            e.to_string().contains("invalid peer certificate"),
+            "refused for its certificate: {e}"
+        );
+    });
+    let _ = stop.send(());
+    server.join().unwrap();
+}
