@@ -481,7 +481,7 @@ pub enum OutboundError {
     NoAddress { host: String },
     #[error("{0}")]
     RefusedAddress(Refusal),
-    #[error("`{host}` resolves to {refusal}")]
+    #[error("`{host}` resolves to {}: {refusal}", refusal.addr)]
     RefusedName { host: String, refusal: Refusal },
     #[error("the server's own addresses cannot be read, so no outbound request is made: {0}")]
     OwnAddresses(String),

@@ -363,7 +363,10 @@ fn the_control_plane_is_refused_before_any_connection() {
             ),
             ("http://[::ffff:10.20.0.1]:8080/hook", "own addresses"),
             ("http://2130706433:8080/hook", "loopback"),
-            ("http://loop.test:8080/hook", "`loop.test` resolves to 127.0.0.1"),
+            (
+                "http://loop.test:8080/hook",
+                "`loop.test` resolves to 127.0.0.1: 127.0.0.1 is a loopback address (127.0.0.0/8), which outbound requests never reach",
+            ),
             ("http://loop6.test:8080/hook", "`loop6.test` resolves to ::1"),
             ("http://metadata.test:8080/hook", "resolves to 169.254.169.254"),
             ("http://self.test:8080/hook", "own addresses"),
