@@ -56,6 +56,10 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub post_install: Option<kiln_workflow::post_install::PostInstallSettings>,
+    /// Requests to URLs callers give (file only: `[outbound]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub outbound: Option<crate::outbound::OutboundSettings>,
 }
 
 /// `[boot]`: what booting machines are told, and where HTTP boot finds
@@ -203,6 +207,7 @@ impl Settings {
             jobs: over.jobs.or(self.jobs),
             hooks: over.hooks.or(self.hooks),
             post_install: over.post_install.or(self.post_install),
+            outbound: over.outbound.or(self.outbound),
         }
     }
 }
@@ -222,6 +227,7 @@ pub struct Config {
     pub jobs: kiln_workflow::EngineSettings,
     pub hooks: Vec<kiln_workflow::hooks::HookConfig>,
     pub post_install: kiln_workflow::post_install::PostInstallSettings,
+    pub outbound: crate::outbound::OutboundSettings,
 }
 
 impl Config {
@@ -259,6 +265,8 @@ pub enum ConfigError {
     PostInstall(String),
     #[error("[bmc]: {0}")]
     Bmc(String),
+    #[error("[outbound]: {0}")]
+    Outbound(String),
     #[error(
         "database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)"
     )]
@@ -315,7 +323,10 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError::PostInstall(problems.join("; ")));
         }
+        let outbound = s.outbound.unwrap_or_default();
+        outbound.validate().map_err(ConfigError::Outbound)?;
         Ok(Config {
+            outbound,
             bmc,
             jobs: s.jobs.unwrap_or_default(),
             hooks,
@@ -472,6 +483,27 @@ mod tests {
         ] {
             let (_d, path) = file(&format!("[boot]\nhttp_base = \"{base}\"\n"));
             assert!(Config::load(Some(&path), Settings::default()).is_ok(), "{base}");
+        }
+    }
+
+    #[test]
+    fn outbound_section() {
+        let c = Config::load(None, Settings::default()).unwrap();
+        assert!(c.outbound.allow.is_empty(), "no private range is allowed unless listed");
+        let (_d, path) = file("[outbound]\nallow = [\"10.20.0.0/16\", \"fd00:20::/48\"]\ntimeout_secs = 5\n");
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        assert_eq!(c.outbound.allow.len(), 2);
+        assert_eq!(c.outbound.timeout_secs, 5);
+        for (text, want) in [
+            ("[outbound]\nallow = [\"127.0.0.0/8\"]\n", "cannot be allowed"),
+            ("[outbound]\nallow = [\"10.20.0.1/16\"]\n", "10.20.0.0/16"),
+            ("[outbound]\nallow = [\"intranet\"]\n", "not a CIDR"),
+            ("[outbound]\ntimeout_secs = 0\n", "timeout_secs"),
+            ("[outbound]\nallowed = []\n", "allowed"),
+        ] {
+            let (_d, path) = file(text);
+            let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
         }
     }
 

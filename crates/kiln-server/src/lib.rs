@@ -11,6 +11,7 @@ pub mod config;
 pub mod dhcp;
 pub mod error;
 pub mod jobs;
+pub mod outbound;
 pub mod peer;
 pub mod policy;
 pub mod secrets;
