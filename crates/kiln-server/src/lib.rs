@@ -45,6 +45,8 @@ pub struct AppState {
     pub bmc: std::sync::Arc<bmc::BmcService>,
     /// Runs jobs (`serve` starts its loop); the API wakes it.
     pub engine: std::sync::Arc<jobs::Engine>,
+    /// The outbound rules for URLs callers give (checked when given).
+    pub outbound: std::sync::Arc<outbound::OutboundClient>,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -78,12 +80,14 @@ impl AppState {
             config,
         )?);
         let engine = kiln_workflow::Engine::new(store.clone(), effects, config.jobs.clone(), jobs::server_name());
+        let outbound = std::sync::Arc::new(outbound::OutboundClient::from_config(config).context("[outbound]")?);
         Ok(AppState {
             store,
             secrets,
             boot,
             bmc,
             engine,
+            outbound,
         })
     }
 }

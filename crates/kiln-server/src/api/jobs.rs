@@ -53,15 +53,17 @@ async fn visible_job(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<
 }
 
 /// What is wrong with a reimage request whatever the machine; and the
-/// root password's hash (kiln keeps only that).
-pub(super) fn request_problems(req: &ReimageRequest) -> (Option<CryptHash>, Vec<String>) {
+/// root password's hash (kiln keeps only that). The callback URL must pass
+/// the outbound rules: the new OS calls it, but from the same networks as
+/// kiln, and it must not name kiln's own or internal addresses.
+pub(super) async fn request_problems(state: &AppState, req: &ReimageRequest) -> (Option<CryptHash>, Vec<String>) {
     let mut why = vec![];
-    if let Some(url) = &req.callback_url
-        && (!(url.starts_with("http://") || url.starts_with("https://"))
-            || url.len() > 2048
-            || url.chars().any(|c| c.is_whitespace() || c.is_control()))
-    {
-        why.push("callback_url must be an http:// or https:// URL of at most 2048 characters, without spaces".into());
+    if let Some(url) = &req.callback_url {
+        if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            why.push("callback_url must be a URL of at most 2048 characters, without spaces".into());
+        } else if let Err(e) = state.outbound.check_url(url).await {
+            why.push(format!("callback_url: {e}"));
+        }
     }
     let hash = match (&req.root_password, &req.root_password_hash) {
         (Some(_), Some(_)) => {
@@ -184,7 +186,7 @@ pub async fn reimage(
         )));
     }
     let image = state.store.get_os_image(&req.os).await?;
-    let (root_password_hash, mut why) = request_problems(&req);
+    let (root_password_hash, mut why) = request_problems(&state, &req).await;
     why.extend(machine_problems(&state, &caller, &machine, &image, &req).await);
     if !why.is_empty() {
         return Err(ApiError::bad_request(format!(

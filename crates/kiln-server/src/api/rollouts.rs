@@ -104,7 +104,7 @@ pub async fn create(
         why.push("`health_check` is an argv list and must not be empty".into());
     }
     let image = state.store.get_os_image(&req.reimage.os).await?;
-    let (root_password_hash, problems) = request_problems(&req.reimage);
+    let (root_password_hash, problems) = request_problems(&state, &req.reimage).await;
     why.extend(problems);
     let machines = select(&state, &req.selector).await?;
     let mut members = vec![];
