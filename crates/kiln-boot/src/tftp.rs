@@ -13,7 +13,7 @@
 //! where PXE ROMs are known to be sloppy (empty, dangling or undecodable
 //! options after the mode are skipped, like tftpd-hpa does).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -466,6 +466,16 @@ impl Timing {
 /// `max_per_client` for one client address, so that one host (or a
 /// script on it, from as many ports as it likes) cannot take them all.
 ///
+/// When every slot is taken, a request may take the slot of the oldest
+/// transfer whose client has not acknowledged anything yet
+/// ([`Slots::heard_from`] was never called for it): UDP source addresses
+/// can be forged, and requests from forged addresses are never
+/// acknowledged, since their answers go elsewhere. Without this, a few
+/// dozen forged requests every few seconds would keep every slot; with
+/// it, a real client is turned away only if every other transfer has
+/// been heard from, or if more requests than there are slots arrive
+/// between its request and its first ACK (a round trip).
+///
 /// Addresses are counted as the client sent from them, an IPv4-mapped
 /// IPv6 address as its IPv4 one. IPv6 is counted per address, not per
 /// /64: the machines of one provisioning network share their /64.
@@ -473,14 +483,34 @@ impl Timing {
 pub struct Slots {
     max_total: usize,
     max_per_client: usize,
-    used: usize,
+    next: u64,
+    /// By age: ids only grow.
+    taken: BTreeMap<SlotId, Holder>,
     by_client: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    client: IpAddr,
+    heard: bool,
+}
+
+/// One transfer's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotId(u64);
+
+/// A slot given by [`Slots::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub id: SlotId,
+    /// The transfer whose slot this was, never heard from: end it.
+    pub evicted: Option<SlotId>,
 }
 
 /// Why [`Slots::take`] refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Busy {
-    /// Every slot is in use.
+    /// Every slot is in use by a client that answers.
     Full { max_total: usize },
     /// This address holds its share already.
     Client { max_per_client: usize },
@@ -507,16 +537,18 @@ impl Slots {
         Slots {
             max_total: max_total.max(1),
             max_per_client: max_per_client.max(1),
-            used: 0,
+            next: 0,
+            taken: BTreeMap::new(),
             by_client: HashMap::new(),
         }
     }
 
-    /// Takes a slot for `client`, or says why not. Each success needs its
-    /// [`Slots::release`].
-    pub fn take(&mut self, client: IpAddr) -> Result<(), Busy> {
+    /// Takes a slot for `client` — a free one, else the oldest one whose
+    /// client was never heard from — or says why not. Each slot given
+    /// needs its [`Slots::release`].
+    pub fn take(&mut self, client: IpAddr) -> Result<Taken, Busy> {
         let client = client.to_canonical();
-        let held = self.by_client.get(&client).copied().unwrap_or(0);
+        let held = self.held_by(client);
         // The address's own limit first: that refusal tells a greedy host
         // it is the cause, and is the same whether the server is full.
         if held >= self.max_per_client {
@@ -524,35 +556,47 @@ impl Slots {
                 max_per_client: self.max_per_client,
             });
         }
-        if self.used >= self.max_total {
-            return Err(Busy::Full {
-                max_total: self.max_total,
-            });
+        let mut evicted = None;
+        if self.taken.len() >= self.max_total {
+            let Some(oldest) = self.taken.iter().find(|(_, h)| !h.heard).map(|(id, _)| *id) else {
+                return Err(Busy::Full {
+                    max_total: self.max_total,
+                });
+            };
+            self.release(oldest);
+            evicted = Some(oldest);
         }
-        self.used += 1;
-        self.by_client.insert(client, held + 1);
-        Ok(())
+        let id = SlotId(self.next);
+        self.next += 1;
+        self.taken.insert(id, Holder { client, heard: false });
+        *self.by_client.entry(client).or_insert(0) += 1;
+        Ok(Taken { id, evicted })
     }
 
-    /// Gives back a slot [`Slots::take`] gave `client`.
-    pub fn release(&mut self, client: IpAddr) {
-        let client = client.to_canonical();
-        let Some(held) = self.by_client.get_mut(&client) else {
-            debug_assert!(false, "a slot released that was never taken");
-            return;
-        };
-        *held -= 1;
-        if *held == 0 {
-            // Forget idle addresses: the map stays as small as the
-            // transfers running, however many addresses came by.
-            self.by_client.remove(&client);
+    /// The transfer in `id` has been acknowledged by its client: its slot
+    /// is no longer taken for a newcomer.
+    pub fn heard_from(&mut self, id: SlotId) {
+        if let Some(h) = self.taken.get_mut(&id) {
+            h.heard = true;
         }
-        self.used -= 1;
+    }
+
+    /// Gives back a slot; nothing if it was taken for another already.
+    pub fn release(&mut self, id: SlotId) {
+        let Some(h) = self.taken.remove(&id) else { return };
+        if let Some(held) = self.by_client.get_mut(&h.client) {
+            *held -= 1;
+            if *held == 0 {
+                // Forget idle addresses: the map stays as small as the
+                // transfers running, however many addresses came by.
+                self.by_client.remove(&h.client);
+            }
+        }
     }
 
     /// Slots free now.
     pub fn free(&self) -> usize {
-        self.max_total - self.used
+        self.max_total - self.taken.len()
     }
 
     /// Slots `client` holds now.
@@ -609,6 +653,8 @@ pub struct ReadTransfer {
     window: u64,
     retries: u32,
     max_retries: u32,
+    /// An ACK has moved the transfer on: the client is really there.
+    heard: bool,
 }
 
 impl ReadTransfer {
@@ -620,7 +666,14 @@ impl ReadTransfer {
             window: u64::from(windowsize.max(1)),
             retries: 0,
             max_retries,
+            heard: false,
         }
+    }
+
+    /// Whether an ACK has moved the transfer on, which only a client that
+    /// receives what kiln sends can do (see [`Slots::take`]).
+    pub fn heard_from(&self) -> bool {
+        self.heard
     }
 
     /// The number of DATA blocks the transfer sends.
@@ -668,6 +721,7 @@ impl ReadTransfer {
         }
         self.base += delta;
         self.retries = 0;
+        self.heard = true;
         if self.base > self.last {
             self.in_flight = 0;
             return Step::Done;
@@ -981,8 +1035,14 @@ mod tests {
         let (a, b, c) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3"));
         let mut s = Slots::new(5, 2);
         assert_eq!(s.free(), 5);
-        assert_eq!(s.take(a), Ok(()));
-        assert_eq!(s.take(a), Ok(()));
+        let take = |s: &mut Slots, who| {
+            let t = s.take(who).unwrap();
+            assert_eq!(t.evicted, None);
+            s.heard_from(t.id);
+            t.id
+        };
+        let a1 = take(&mut s, a);
+        take(&mut s, a);
         let refused = s.take(a).unwrap_err();
         assert_eq!(refused, Busy::Client { max_per_client: 2 });
         assert!(refused.message().contains("this address") && refused.message().contains('2'));
@@ -990,27 +1050,59 @@ mod tests {
         assert_eq!(s.take(ip("::ffff:10.0.0.1")), Err(Busy::Client { max_per_client: 2 }));
         assert_eq!(s.held_by(a), 2);
         assert_eq!(s.free(), 3, "refusals take nothing");
-        assert_eq!(s.take(b), Ok(()));
-        assert_eq!(s.take(b), Ok(()));
-        assert_eq!(s.take(c), Ok(()));
+        let b1 = take(&mut s, b);
+        let b2 = take(&mut s, b);
+        let c1 = take(&mut s, c);
         assert_eq!(s.free(), 0);
         let full = s.take(ip("10.0.0.4")).unwrap_err();
         assert_eq!(full, Busy::Full { max_total: 5 });
         assert!(full.message().contains("busy"));
         // The address's own limit is named first, full or not.
         assert_eq!(s.take(a), Err(Busy::Client { max_per_client: 2 }));
-        s.release(ip("::ffff:10.0.0.1"));
-        assert_eq!((s.free(), s.held_by(a)), (1, 1));
-        assert_eq!(s.take(ip("10.0.0.4")), Ok(()));
-        for x in [a, b, b, c, ip("10.0.0.4")] {
+        s.release(a1);
+        s.release(a1);
+        assert_eq!((s.free(), s.held_by(a)), (1, 1), "released once");
+        let d1 = take(&mut s, ip("10.0.0.4"));
+        let a2 = s.taken.keys().next().copied().unwrap();
+        for x in [a2, b1, b2, c1, d1] {
             s.release(x);
         }
         assert_eq!(s.free(), 5);
         assert!(s.by_client.is_empty(), "idle addresses are forgotten");
         // Zero limits would refuse every client: they mean one.
         let mut one = Slots::new(0, 0);
-        assert_eq!(one.take(a), Ok(()));
+        let t = one.take(a).unwrap();
+        one.heard_from(t.id);
         assert_eq!(one.take(b), Err(Busy::Full { max_total: 1 }));
+    }
+
+    /// Issue 14, with forged source addresses: requests never acknowledged
+    /// hold slots only until someone else needs them, oldest first, and
+    /// never a slot whose client has answered.
+    #[test]
+    fn a_full_table_gives_the_oldest_silent_slot_away() {
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let mut s = Slots::new(3, 1);
+        let first = s.take(ip(1)).unwrap().id;
+        let answered = s.take(ip(2)).unwrap().id;
+        s.heard_from(answered);
+        let third = s.take(ip(3)).unwrap().id;
+        let t = s.take(ip(4)).unwrap();
+        assert_eq!(t.evicted, Some(first), "the oldest never heard from");
+        assert_eq!((s.held_by(ip(1)), s.held_by(ip(4)), s.free()), (0, 1, 0));
+        s.release(first); // its transfer ends later: changes nothing
+        assert_eq!(s.free(), 0);
+        let t5 = s.take(ip(5)).unwrap();
+        assert_eq!(t5.evicted, Some(third), "not the one heard from");
+        s.heard_from(t.id);
+        s.heard_from(t5.id);
+        assert_eq!(s.take(ip(6)), Err(Busy::Full { max_total: 3 }), "all answered");
+        // An address at its limit takes nothing, not even a silent slot.
+        let mut s = Slots::new(2, 1);
+        s.take(ip(1)).unwrap();
+        s.take(ip(2)).unwrap();
+        assert_eq!(s.take(ip(1)), Err(Busy::Client { max_per_client: 1 }));
+        assert_eq!(s.held_by(ip(2)), 1);
     }
 
     #[test]
@@ -1026,7 +1118,10 @@ mod tests {
         assert_eq!(t.blocks(), 3);
         assert_eq!(t.start(), Step::Send { first: 1, count: 1 });
         assert_eq!(t.on_ack(0), Step::Wait, "stale");
+        assert_eq!(t.on_timeout(), Step::Send { first: 1, count: 1 });
+        assert!(!t.heard_from(), "a stale ACK and a timeout prove nothing");
         assert_eq!(t.on_ack(1), Step::Send { first: 2, count: 1 });
+        assert!(t.heard_from());
         assert_eq!(t.on_ack(1), Step::Wait, "duplicate: no Sorcerer's Apprentice");
         assert_eq!(t.on_ack(5), Step::Wait, "from the future");
         assert_eq!(t.on_timeout(), Step::Send { first: 2, count: 1 });
@@ -1053,7 +1148,9 @@ mod tests {
         assert_eq!(t.start(), Step::SendOack);
         assert_eq!(t.on_ack(1), Step::Wait, "only ACK 0 answers the OACK");
         assert_eq!(t.on_timeout(), Step::SendOack);
+        assert!(!t.heard_from());
         assert_eq!(t.on_ack(0), Step::Send { first: 1, count: 4 });
+        assert!(t.heard_from(), "ACK 0 answers the OACK");
         // The client got 1 and 2, lost 3: it acks 2 and the next window starts at 3.
         assert_eq!(t.on_ack(2), Step::Send { first: 3, count: 4 });
         // It lost 3 again and re-acks 2: resend at once.

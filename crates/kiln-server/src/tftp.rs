@@ -21,7 +21,10 @@
 //! Slots are taken when a request arrives, before any file is opened, and
 //! given back when the transfer's thread ends, whatever ends it. How long
 //! a transfer may wait for a client that does not answer is decided by
-//! `kiln_boot::tftp::Timing::plan`; the thread only keeps its deadlines.
+//! `kiln_boot::tftp::Timing::plan`, and who gets a slot when all are taken
+//! by `kiln_boot::tftp::Slots`; the thread only keeps its deadlines, says
+//! when its client first answered, and ends at once when its slot was
+//! given to a newcomer (its socket is shut down, which wakes its `recv`).
 //!
 //! What may be read: regular files under the root and nothing else — no
 //! `..`, no absolute path, no symlink that leads out. Writes are refused
@@ -35,14 +38,14 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 pub use kiln_boot::tftp::Timing;
 use kiln_boot::tftp::{
-    Busy, ErrorCode, Limits, Mode, Packet, ReadTransfer, Slots, Step, data_header, error_packet, negotiate,
+    Busy, ErrorCode, Limits, Mode, Packet, ReadTransfer, SlotId, Slots, Step, data_header, error_packet, negotiate,
 };
 use serde::Deserialize;
 use std::time::Instant;
@@ -237,26 +240,83 @@ pub struct TftpServer {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
-    slots: Mutex<Slots>,
+    slots: Mutex<SlotTable>,
     cache: Mutex<Cache>,
     timing: Timing,
     limits: Limits,
+    /// Transfer threads alive, evicted ones still winding down included.
+    threads: AtomicUsize,
+}
+
+/// The slots, and how to end each slot's transfer when it is evicted.
+#[derive(Debug)]
+struct SlotTable {
+    slots: Slots,
+    ends: HashMap<SlotId, Arc<Ending>>,
+}
+
+/// How an evicted transfer is told to end: a flag, and its socket (once
+/// it has one) to shut down, which wakes a thread blocked in `recv` at
+/// once rather than at its next timeout: evicted threads must not pile up
+/// under a flood of requests.
+#[derive(Debug, Default)]
+struct Ending {
+    ended: AtomicBool,
+    socket: Mutex<Option<socket2::Socket>>,
+}
+
+impl Ending {
+    fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        if let Some(s) = self.socket.lock().expect("never poisoned").take() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// Registers the transfer's socket; false if the transfer was ended
+    /// already (checked under the same lock [`Ending::end`] takes, so an
+    /// eviction is never missed).
+    fn watch(&self, socket: &std::net::UdpSocket) -> io::Result<bool> {
+        let mut slot = self.socket.lock().expect("never poisoned");
+        if self.ended.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        *slot = Some(socket2::Socket::from(std::os::fd::OwnedFd::from(socket.try_clone()?)));
+        Ok(true)
+    }
+
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
 }
 
 /// A transfer slot, given back when dropped.
 #[derive(Debug)]
 struct Slot {
     inner: Arc<Inner>,
-    client: IpAddr,
+    id: SlotId,
+    ending: Arc<Ending>,
+}
+
+impl Slot {
+    /// The client acknowledged something: the slot is no longer up for
+    /// eviction.
+    fn heard_from(&self) {
+        self.inner.table().slots.heard_from(self.id);
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.inner
-            .slots
-            .lock()
-            .expect("the TFTP slots lock is never poisoned")
-            .release(self.client);
+        let mut table = self.inner.table();
+        table.slots.release(self.id);
+        table.ends.remove(&self.id);
+    }
+}
+
+impl Inner {
+    fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.slots.lock().expect("the TFTP slots lock is never poisoned")
     }
 }
 
@@ -269,34 +329,52 @@ impl TftpServer {
         Ok(TftpServer {
             inner: Arc::new(Inner {
                 root,
-                slots: Mutex::new(Slots::new(bounds.max_transfers, bounds.max_per_client)),
+                slots: Mutex::new(SlotTable {
+                    slots: Slots::new(bounds.max_transfers, bounds.max_per_client),
+                    ends: HashMap::new(),
+                }),
                 cache: Mutex::new(Cache::default()),
                 timing: bounds.timing,
                 limits: bounds.limits,
+                threads: AtomicUsize::new(0),
             }),
         })
     }
 
     /// Transfer slots free now.
     pub fn free_slots(&self) -> usize {
-        self.slots().free()
+        self.inner.table().slots.free()
     }
 
     /// Transfer slots `client` holds now.
     pub fn slots_held_by(&self, client: IpAddr) -> usize {
-        self.slots().held_by(client)
+        self.inner.table().slots.held_by(client)
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.inner.slots.lock().expect("the TFTP slots lock is never poisoned")
+    /// Transfer threads running now, evicted ones not yet ended included.
+    pub fn transfer_threads(&self) -> usize {
+        self.inner.threads.load(Ordering::SeqCst)
     }
 
-    fn take_slot(&self, client: IpAddr) -> Result<Slot, Busy> {
-        self.slots().take(client)?;
-        Ok(Slot {
-            inner: self.inner.clone(),
-            client,
-        })
+    /// A slot for `client`; ends the transfer it was taken from, if any.
+    fn take_slot(&self, client: IpAddr) -> Result<(Slot, Option<SlotId>), Busy> {
+        let mut table = self.inner.table();
+        let taken = table.slots.take(client)?;
+        if let Some(old) = taken.evicted
+            && let Some(ending) = table.ends.remove(&old)
+        {
+            ending.end();
+        }
+        let ending = Arc::new(Ending::default());
+        table.ends.insert(taken.id, ending.clone());
+        Ok((
+            Slot {
+                inner: self.inner.clone(),
+                id: taken.id,
+                ending,
+            },
+            taken.evicted,
+        ))
     }
 
     /// The file `requested` names under the root, or why it may not be read.
@@ -534,7 +612,12 @@ impl TftpServer {
         match Packet::parse(bytes) {
             Ok(Packet::Rrq(req)) => {
                 let slot = match self.take_slot(peer.ip()) {
-                    Ok(slot) => slot,
+                    Ok((slot, evicted)) => {
+                        if evicted.is_some() {
+                            tracing::debug!(%peer, "tftp: every slot taken; a transfer never answered gives up its own");
+                        }
+                        slot
+                    }
                     Err(busy) => {
                         if let Some(unlogged) = busy_log.note(Instant::now()) {
                             tracing::warn!(%peer, file = req.filename, reason = %busy.message(),
@@ -587,6 +670,14 @@ impl TftpServer {
                 return;
             }
         };
+        match slot.ending.watch(&socket) {
+            Ok(true) => {}
+            Ok(false) => return, // evicted before it started
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "tftp: cannot set up the transfer socket");
+                return;
+            }
+        }
         let source = match self.prepare(&req).await {
             Ok(s) => s,
             Err(r) => {
@@ -615,15 +706,18 @@ impl TftpServer {
             oack: negotiated.oack_packet(),
             packet: Vec::with_capacity(4 + usize::from(negotiated.blksize)),
             stop,
+            slot,
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
+        let threads = ThreadCount::new(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("tftp-transfer".into())
             .stack_size(256 << 10)
             .spawn(move || {
                 let outcome = sender.run(&mut machine, plan.interval);
                 // The slot is free when the thread is done, not before.
-                drop(slot);
+                drop(sender);
+                drop(threads);
                 let _ = done.send(outcome);
             });
         if let Err(e) = spawned {
@@ -730,6 +824,23 @@ struct Sender {
     packet: Vec<u8>,
     /// Set when the service stops.
     stop: Arc<AtomicBool>,
+    slot: Slot,
+}
+
+/// Counts a transfer thread while it lives.
+struct ThreadCount(Arc<Inner>);
+
+impl ThreadCount {
+    fn new(inner: &Arc<Inner>) -> ThreadCount {
+        inner.threads.fetch_add(1, Ordering::SeqCst);
+        ThreadCount(inner.clone())
+    }
+}
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.threads.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Sender {
@@ -759,6 +870,7 @@ impl Sender {
         let mut ack = [0u8; 600];
         let mut deadline = Instant::now() + retransmit;
         let mut waiting: Option<Duration> = None;
+        let mut heard = false;
         loop {
             match step {
                 Step::Done | Step::GiveUp => return Ok(step),
@@ -770,6 +882,11 @@ impl Sender {
             }
             if self.stop.load(Ordering::Relaxed) {
                 return Err(io::Error::other("the server is shutting down"));
+            }
+            if self.slot.ending.is_ended() {
+                return Err(io::Error::other(
+                    "its slot went to another client: every slot was taken and this client had answered nothing",
+                ));
             }
             // Wake at the deadline, so that a silent client is given up on
             // time (packets that change nothing must not push the check
@@ -786,7 +903,14 @@ impl Sender {
             }
             step = match self.socket.recv(&mut ack) {
                 Ok(n) => match Packet::parse(&ack[..n]) {
-                    Ok(Packet::Ack(block)) => machine.on_ack(block),
+                    Ok(Packet::Ack(block)) => {
+                        let step = machine.on_ack(block);
+                        if !heard && machine.heard_from() {
+                            heard = true;
+                            self.slot.heard_from();
+                        }
+                        step
+                    }
                     Ok(Packet::Error { code, message }) => {
                         return Err(io::Error::other(format!("the client sent error {code}: {message}")));
                     }
