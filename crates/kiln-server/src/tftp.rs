@@ -246,6 +246,9 @@ struct Inner {
     limits: Limits,
     /// Transfer threads alive, evicted ones still winding down included.
     threads: AtomicUsize,
+    /// Transfers that ended without their client ever answering: a flood
+    /// of forged requests makes one each, so they are logged sparingly.
+    unanswered_log: Mutex<LogLimiter>,
 }
 
 /// The slots, and how to end each slot's transfer when it is evicted.
@@ -337,6 +340,7 @@ impl TftpServer {
                 timing: bounds.timing,
                 limits: bounds.limits,
                 threads: AtomicUsize::new(0),
+                unanswered_log: Mutex::new(LogLimiter::default()),
             }),
         })
     }
@@ -558,7 +562,7 @@ pub async fn serve(server: TftpServer, socket: std::net::UdpSocket, shutdown: Ca
     tracing::info!(%addr, "TFTP listening");
     let mut transfers = JoinSet::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut busy_log = BusyLog::default();
+    let mut busy_log = LogLimiter::default();
     // A request with options fits in 512 bytes (RFC 2347); a larger read
     // is cut and then fails to parse, which is what it deserves.
     let mut buf = vec![0u8; 2048];
@@ -607,7 +611,7 @@ impl TftpServer {
         local: IpAddr,
         transfers: &mut JoinSet<()>,
         stop: &Arc<AtomicBool>,
-        busy_log: &mut BusyLog,
+        busy_log: &mut LogLimiter,
     ) {
         match Packet::parse(bytes) {
             Ok(Packet::Rrq(req)) => {
@@ -689,9 +693,12 @@ impl TftpServer {
         let options: Vec<(&str, &str)> = req.options.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let negotiated = negotiate(&options, source.len(), &self.inner.limits);
         let plan = self.inner.timing.plan(negotiated.timeout);
-        tracing::info!(%peer, file = %req.filename, bytes = source.len(), blksize = negotiated.blksize,
+        // Logged at info when it ends, if its client answered (a flood of
+        // forged requests would otherwise write a line per packet).
+        tracing::debug!(%peer, file = %req.filename, bytes = source.len(), blksize = negotiated.blksize,
             windowsize = negotiated.windowsize, retransmit_ms = plan.interval.as_millis() as u64,
             max_retries = plan.max_retries, "tftp read");
+        let (bytes, blksize, windowsize) = (source.len(), negotiated.blksize, negotiated.windowsize);
         let mut machine = ReadTransfer::new(
             source.len(),
             negotiated.blksize,
@@ -718,17 +725,38 @@ impl TftpServer {
                 // The slot is free when the thread is done, not before.
                 drop(sender);
                 drop(threads);
-                let _ = done.send(outcome);
+                let _ = done.send((outcome, machine.heard_from()));
             });
         if let Err(e) = spawned {
             tracing::warn!(%peer, error = %e, "tftp: cannot start a transfer thread");
             return;
         }
+        let file = &req.filename;
         match outcome.await {
-            Ok(Ok(Step::Done)) => tracing::debug!(%peer, file = %req.filename, "tftp read done"),
-            Ok(Ok(_)) => tracing::info!(%peer, file = %req.filename, "tftp read abandoned: the client went silent"),
-            Ok(Err(e)) => tracing::info!(%peer, file = %req.filename, error = %e, "tftp read ended"),
-            Err(_) => tracing::error!(%peer, file = %req.filename, "a TFTP transfer thread panicked"),
+            Ok((Ok(Step::Done), _)) => tracing::info!(%peer, file, bytes, blksize, windowsize, "tftp read done"),
+            Ok((outcome, true)) => {
+                let why = outcome.map_or_else(|e| e.to_string(), |_| "the client went silent".into());
+                tracing::info!(%peer, file, bytes, reason = why, "tftp read abandoned");
+            }
+            Ok((outcome, false)) => {
+                // Never answered: a client that cannot receive from the
+                // transfer's port (a firewall), or a forged request.
+                let limited = self
+                    .inner
+                    .unanswered_log
+                    .lock()
+                    .expect("never poisoned")
+                    .note(Instant::now());
+                let why = outcome.map_or_else(|e| e.to_string(), |_| "the client went silent".into());
+                match limited {
+                    Some(unlogged) => tracing::info!(%peer, file, reason = why, unanswered_unlogged = unlogged,
+                        "tftp read abandoned: the client never answered"),
+                    None => {
+                        tracing::debug!(%peer, file, reason = why, "tftp read abandoned: the client never answered")
+                    }
+                }
+            }
+            Err(_) => tracing::error!(%peer, file, "a TFTP transfer thread panicked"),
         }
     }
 
@@ -761,16 +789,17 @@ impl TftpServer {
     }
 }
 
-/// Busy refusals are logged at most once per [`BusyLog::EVERY`] with the
-/// number left unlogged since: a flood of requests must not become a
-/// flood of log lines.
+/// Lines a flood of requests could multiply (busy refusals, transfers
+/// never answered) are logged at most once per [`LogLimiter::EVERY`],
+/// with the number left unlogged since: a flood of requests must not
+/// become a flood of log lines.
 #[derive(Debug, Default)]
-struct BusyLog {
+struct LogLimiter {
     last: Option<Instant>,
     unlogged: u64,
 }
 
-impl BusyLog {
+impl LogLimiter {
     const EVERY: Duration = Duration::from_secs(10);
 
     /// A refusal at `now`: `Some(refusals not logged before it)` if this
@@ -956,14 +985,18 @@ mod tests {
 
     #[test]
     fn busy_refusals_are_logged_once_per_interval() {
-        let mut log = BusyLog::default();
+        let mut log = LogLimiter::default();
         let t0 = Instant::now();
         assert_eq!(log.note(t0), Some(0), "the first is logged");
         for ms in [1, 500, 9_999] {
             assert_eq!(log.note(t0 + Duration::from_millis(ms)), None);
         }
-        assert_eq!(log.note(t0 + BusyLog::EVERY), Some(3), "with the count left unlogged");
-        assert_eq!(log.note(t0 + BusyLog::EVERY * 3), Some(0));
+        assert_eq!(
+            log.note(t0 + LogLimiter::EVERY),
+            Some(3),
+            "with the count left unlogged"
+        );
+        assert_eq!(log.note(t0 + LogLimiter::EVERY * 3), Some(0));
     }
 
     #[tokio::test]
