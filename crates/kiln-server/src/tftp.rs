@@ -739,8 +739,10 @@ impl TftpServer {
                 tracing::info!(%peer, file, bytes, reason = why, "tftp read abandoned");
             }
             Ok((outcome, false)) => {
-                // Never answered: a client that cannot receive from the
-                // transfer's port (a firewall), or a forged request.
+                // Never acknowledged: a PXE ROM that only asked for the
+                // size (it sends an ERROR after the OACK), a client that
+                // cannot receive from the transfer's port (a firewall), or
+                // a forged request.
                 let limited = self
                     .inner
                     .unanswered_log
@@ -750,9 +752,9 @@ impl TftpServer {
                 let why = outcome.map_or_else(|e| e.to_string(), |_| "the client went silent".into());
                 match limited {
                     Some(unlogged) => tracing::info!(%peer, file, reason = why, unanswered_unlogged = unlogged,
-                        "tftp read abandoned: the client never answered"),
+                        "tftp read abandoned before the client acknowledged anything"),
                     None => {
-                        tracing::debug!(%peer, file, reason = why, "tftp read abandoned: the client never answered")
+                        tracing::debug!(%peer, file, reason = why, "tftp read abandoned before the client acknowledged anything")
                     }
                 }
             }
