@@ -222,6 +222,8 @@ listen = "127.0.0.1:7070"
 root = "$TMP/tftproot"
 listen = "$SERVER_IP:69"
 max_transfers = $KILN_MAX_TRANSFERS
+# Every client runs in one namespace, from one address.
+max_per_client = $KILN_MAX_TRANSFERS
 EOF
       cmd="exec $KILN server --config $W/kiln.toml";;
     nginx)

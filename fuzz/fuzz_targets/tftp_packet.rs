@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         let n = negotiate(&req.options, len, &limits);
         assert!((MIN_BLKSIZE..=MAX_BLKSIZE).contains(&n.blksize) || n.blksize == 512);
         assert!(n.windowsize >= 1 && n.windowsize <= limits.max_windowsize);
-        assert!(n.timeout.is_none_or(|t| t >= 1));
+        assert!(n.timeout.is_none_or(|t| t >= 1 && t <= limits.max_timeout));
         if !n.oack.is_empty() {
             assert!(matches!(Packet::parse(&n.oack_packet()), Ok(Packet::Oack(o)) if o.len() == n.oack.len()));
         }

@@ -1,8 +1,11 @@
 //! TFTP without sockets: the packet codec (RFC 1350; OACK, RFC 2347), option
 //! negotiation (blksize RFC 2348, timeout and tsize RFC 2349, windowsize
-//! RFC 7440) and the sender's state machine for a read transfer. All pure,
-//! so they are table-tested and fuzzed (`fuzz/fuzz_targets/tftp_packet.rs`);
-//! `kiln-server`'s listener only moves bytes between these and its sockets.
+//! RFC 7440), the sender's state machine for a read transfer, and the
+//! bounds that keep a client from holding the service hostage: how long a
+//! silent client keeps a transfer slot ([`Timing`]) and how many slots one
+//! client address may hold ([`Slots`]). All pure, so they are table-tested
+//! and fuzzed (`fuzz/fuzz_targets/tftp_packet.rs`); `kiln-server`'s
+//! listener only moves bytes between these and its sockets.
 //!
 //! Parsing borrows from the datagram (a DATA packet's payload is a slice of
 //! it) and is strict where a sloppy reading could be dangerous (a filename
@@ -10,7 +13,10 @@
 //! where PXE ROMs are known to be sloppy (empty, dangling or undecodable
 //! options after the mode are skipped, like tftpd-hpa does).
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
 
 /// The smallest and largest block sizes RFC 2348 allows.
 pub const MIN_BLKSIZE: u16 = 8;
@@ -279,7 +285,14 @@ pub struct Limits {
     pub max_blksize: u16,
     /// Largest window granted (RFC 7440 lets the server answer less).
     pub max_windowsize: u16,
+    /// Longest retransmission timeout granted, in seconds (RFC 2349
+    /// allows 1–255); a request for more is declined.
+    pub max_timeout: u8,
 }
+
+/// [`Limits::max_timeout`] unless configured: U-Boot asks for 5 s, iPXE,
+/// GRUB and the PXE ROMs seen in the field ask for none.
+pub const DEFAULT_MAX_TIMEOUT: u8 = 10;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -289,6 +302,7 @@ impl Default for Limits {
         Limits {
             max_blksize: MAX_BLKSIZE,
             max_windowsize: 64,
+            max_timeout: DEFAULT_MAX_TIMEOUT,
         }
     }
 }
@@ -348,7 +362,18 @@ pub fn negotiate(options: &[(&str, &str)], file_size: u64, limits: &Limits) -> N
             "blksize" => number(value)
                 .filter(|v| (u64::from(MIN_BLKSIZE)..=u64::from(MAX_BLKSIZE)).contains(v))
                 .map(|v| ("blksize", v.min(u64::from(limits.max_blksize.max(MIN_BLKSIZE))))),
-            "timeout" => number(value).filter(|v| (1..=255).contains(v)).map(|v| ("timeout", v)),
+            // A timeout above the server's maximum is declined by leaving
+            // it out of the OACK, not lowered and not refused with ERROR 8.
+            // RFC 2349 says the OACK's timeout "must match" the request, so
+            // a lower value is a protocol violation clients may abort on;
+            // an ERROR would fail the boot of a PXE ROM that only asked.
+            // Leaving an option out is RFC 2347's way to decline, which
+            // every client handles (it must also talk to RFC 1350 servers,
+            // and tftpd-hpa leaves out what it does not know): the client
+            // keeps its own timeout and kiln resends at its default.
+            "timeout" => number(value)
+                .filter(|v| (1..=u64::from(limits.max_timeout)).contains(v))
+                .map(|v| ("timeout", v)),
             // RFC 2349: a read request carries 0 and the server answers the
             // size; any other value is answered the same way.
             "tsize" => number(value).map(|_| ("tsize", file_size)),
@@ -372,6 +397,212 @@ pub fn negotiate(options: &[(&str, &str)], file_size: u64, limits: &Limits) -> N
         n.oack.push((key, v));
     }
     n
+}
+
+/// How a read transfer waits for its client: how long before a resend,
+/// how many resends, and the longest it waits without progress in all.
+/// Together they bound how long a client that stops answering — or never
+/// meant to answer — holds a transfer slot, whatever timeout it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Wait for an ACK this long before resending, unless the client
+    /// negotiated `timeout`.
+    pub retransmit: Duration,
+    /// Resends of the OACK or of one window before the client is given up.
+    pub max_retries: u32,
+    /// The longest a transfer waits without progress (no new block
+    /// acknowledged), whatever timeout was negotiated: resends are cut so
+    /// that they fit.
+    pub max_silence: Duration,
+}
+
+/// [`Timing::max_silence`] unless configured: far above what a client
+/// without the timeout option needs (tftpd-hpa's 1 s × 6), and a client
+/// that asked for the largest timeout granted still gets two resends.
+pub const DEFAULT_MAX_SILENCE: Duration = Duration::from_secs(30);
+
+impl Default for Timing {
+    fn default() -> Self {
+        // tftpd-hpa's defaults: 1 s, and about 6 s of silence ends it.
+        Timing {
+            retransmit: Duration::from_secs(1),
+            max_retries: 5,
+            max_silence: DEFAULT_MAX_SILENCE,
+        }
+    }
+}
+
+/// The retransmission one transfer uses (see [`Timing::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retransmit {
+    pub interval: Duration,
+    /// For [`ReadTransfer::new`].
+    pub max_retries: u32,
+}
+
+impl Timing {
+    /// The interval and retry budget for a transfer that negotiated
+    /// `timeout` (seconds; `None`: the default interval). A transfer gives
+    /// up after its first send and `max_retries` resends, each followed by
+    /// one interval without progress, so `(max_retries + 1) × interval`
+    /// never exceeds [`Timing::max_silence`].
+    pub fn plan(&self, timeout: Option<u8>) -> Retransmit {
+        let asked = timeout.map_or(self.retransmit, |s| Duration::from_secs(u64::from(s)));
+        // A zero interval would resend in a busy loop; one above the
+        // silence cap alone would break the bound.
+        let interval = asked
+            .max(Duration::from_millis(1))
+            .min(self.max_silence.max(Duration::from_millis(1)));
+        let sends = self.max_silence.as_nanos() / interval.as_nanos();
+        let fit = u32::try_from(sends.saturating_sub(1)).unwrap_or(u32::MAX);
+        Retransmit {
+            interval,
+            max_retries: self.max_retries.min(fit),
+        }
+    }
+}
+
+/// Transfer slots: at most `max_total` transfers at once, and at most
+/// `max_per_client` for one client address, so that one host (or a
+/// script on it, from as many ports as it likes) cannot take them all.
+///
+/// When every slot is taken, a request may take the slot of the oldest
+/// transfer whose client has not acknowledged anything yet
+/// ([`Slots::heard_from`] was never called for it): UDP source addresses
+/// can be forged, and requests from forged addresses are never
+/// acknowledged, since their answers go elsewhere. Without this, a few
+/// dozen forged requests every few seconds would keep every slot; with
+/// it, a real client is turned away only if every other transfer has
+/// been heard from, or if more requests than there are slots arrive
+/// between its request and its first ACK (a round trip).
+///
+/// Addresses are counted as the client sent from them, an IPv4-mapped
+/// IPv6 address as its IPv4 one. IPv6 is counted per address, not per
+/// /64: the machines of one provisioning network share their /64.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slots {
+    max_total: usize,
+    max_per_client: usize,
+    next: u64,
+    /// By age: ids only grow.
+    taken: BTreeMap<SlotId, Holder>,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    client: IpAddr,
+    heard: bool,
+}
+
+/// One transfer's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotId(u64);
+
+/// A slot given by [`Slots::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub id: SlotId,
+    /// The transfer whose slot this was, never heard from: end it.
+    pub evicted: Option<SlotId>,
+}
+
+/// Why [`Slots::take`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Every slot is in use by a client that answers.
+    Full { max_total: usize },
+    /// This address holds its share already.
+    Client { max_per_client: usize },
+}
+
+impl Busy {
+    /// The TFTP ERROR's message: what happened and what to do.
+    pub fn message(&self) -> String {
+        match self {
+            Busy::Full { max_total } => {
+                format!("server busy: all {max_total} transfer slots are in use, try again")
+            }
+            Busy::Client { max_per_client } => format!(
+                "server busy for this address: it already has {max_per_client} transfers running \
+                 (the most one address may have); finish or abort one, then try again"
+            ),
+        }
+    }
+}
+
+impl Slots {
+    /// Limits of at least one slot (zero would refuse everything).
+    pub fn new(max_total: usize, max_per_client: usize) -> Slots {
+        Slots {
+            max_total: max_total.max(1),
+            max_per_client: max_per_client.max(1),
+            next: 0,
+            taken: BTreeMap::new(),
+            by_client: HashMap::new(),
+        }
+    }
+
+    /// Takes a slot for `client` — a free one, else the oldest one whose
+    /// client was never heard from — or says why not. Each slot given
+    /// needs its [`Slots::release`].
+    pub fn take(&mut self, client: IpAddr) -> Result<Taken, Busy> {
+        let client = client.to_canonical();
+        let held = self.held_by(client);
+        // The address's own limit first: that refusal tells a greedy host
+        // it is the cause, and is the same whether the server is full.
+        if held >= self.max_per_client {
+            return Err(Busy::Client {
+                max_per_client: self.max_per_client,
+            });
+        }
+        let mut evicted = None;
+        if self.taken.len() >= self.max_total {
+            let Some(oldest) = self.taken.iter().find(|(_, h)| !h.heard).map(|(id, _)| *id) else {
+                return Err(Busy::Full {
+                    max_total: self.max_total,
+                });
+            };
+            self.release(oldest);
+            evicted = Some(oldest);
+        }
+        let id = SlotId(self.next);
+        self.next += 1;
+        self.taken.insert(id, Holder { client, heard: false });
+        *self.by_client.entry(client).or_insert(0) += 1;
+        Ok(Taken { id, evicted })
+    }
+
+    /// The transfer in `id` has been acknowledged by its client: its slot
+    /// is no longer taken for a newcomer.
+    pub fn heard_from(&mut self, id: SlotId) {
+        if let Some(h) = self.taken.get_mut(&id) {
+            h.heard = true;
+        }
+    }
+
+    /// Gives back a slot; nothing if it was taken for another already.
+    pub fn release(&mut self, id: SlotId) {
+        let Some(h) = self.taken.remove(&id) else { return };
+        if let Some(held) = self.by_client.get_mut(&h.client) {
+            *held -= 1;
+            if *held == 0 {
+                // Forget idle addresses: the map stays as small as the
+                // transfers running, however many addresses came by.
+                self.by_client.remove(&h.client);
+            }
+        }
+    }
+
+    /// Slots free now.
+    pub fn free(&self) -> usize {
+        self.max_total - self.taken.len()
+    }
+
+    /// Slots `client` holds now.
+    pub fn held_by(&self, client: IpAddr) -> usize {
+        self.by_client.get(&client.to_canonical()).copied().unwrap_or(0)
+    }
 }
 
 /// The bytes a netascii transfer sends for `data`: LF becomes CR LF and a
@@ -422,6 +653,8 @@ pub struct ReadTransfer {
     window: u64,
     retries: u32,
     max_retries: u32,
+    /// An ACK has moved the transfer on: the client is really there.
+    heard: bool,
 }
 
 impl ReadTransfer {
@@ -433,7 +666,14 @@ impl ReadTransfer {
             window: u64::from(windowsize.max(1)),
             retries: 0,
             max_retries,
+            heard: false,
         }
+    }
+
+    /// Whether an ACK has moved the transfer on, which only a client that
+    /// receives what kiln sends can do (see [`Slots::take`]).
+    pub fn heard_from(&self) -> bool {
+        self.heard
     }
 
     /// The number of DATA blocks the transfer sends.
@@ -481,6 +721,7 @@ impl ReadTransfer {
         }
         self.base += delta;
         self.retries = 0;
+        self.heard = true;
         if self.base > self.last {
             self.in_flight = 0;
             return Step::Done;
@@ -646,6 +887,7 @@ mod tests {
         let l = Limits {
             max_blksize: 1468,
             max_windowsize: 16,
+            max_timeout: 10,
         };
         type Case = (
             &'static [(&'static str, &'static str)],
@@ -668,6 +910,24 @@ mod tests {
             (&[("timeout", "3")], 512, 1, Some(3), &[("timeout", 3)]),
             (&[("timeout", "0")], 512, 1, None, &[]),
             (&[("timeout", "256")], 512, 1, None, &[]),
+            (&[("timeout", "10")], 512, 1, Some(10), &[("timeout", 10)]), // the server's maximum
+            // Issue 14: above the maximum, declined by leaving it out.
+            (&[("timeout", "11")], 512, 1, None, &[]),
+            (&[("timeout", "255")], 512, 1, None, &[]),
+            (
+                &[("timeout", "255"), ("timeout", "5")],
+                512,
+                1,
+                Some(5),
+                &[("timeout", 5)],
+            ),
+            (
+                &[("timeout", "255"), ("tsize", "0"), ("blksize", "1468")],
+                1468,
+                1,
+                None,
+                &[("tsize", 4242), ("blksize", 1468)],
+            ),
             (&[("windowsize", "4")], 512, 4, None, &[("windowsize", 4)]),
             (&[("windowsize", "100")], 512, 16, None, &[("windowsize", 16)]),
             (&[("windowsize", "0")], 512, 1, None, &[]),
@@ -705,6 +965,147 @@ mod tests {
     }
 
     #[test]
+    fn retransmission_fits_the_silence_cap() {
+        let t = Timing {
+            retransmit: Duration::from_secs(1),
+            max_retries: 5,
+            max_silence: Duration::from_secs(30),
+        };
+        let secs = Duration::from_secs;
+        // (negotiated timeout, interval, retries)
+        let cases: &[(Option<u8>, Duration, u32)] = &[
+            (None, secs(1), 5),    // tftpd-hpa's 1 s × 6: the retry cap binds
+            (Some(1), secs(1), 5), //
+            (Some(5), secs(5), 5), // U-Boot's: 30 s exactly
+            (Some(6), secs(6), 4), // the silence cap binds
+            (Some(10), secs(10), 2),
+            (Some(15), secs(15), 1),
+            (Some(30), secs(30), 0),  // one send, then give up
+            (Some(255), secs(30), 0), // never longer than the cap, even if granted
+        ];
+        for (timeout, interval, retries) in cases {
+            let r = t.plan(*timeout);
+            assert_eq!((r.interval, r.max_retries), (*interval, *retries), "{timeout:?}");
+        }
+        // The test suite's fast timing: 200 ms, 3 resends, 1 s cap.
+        let fast = Timing {
+            retransmit: Duration::from_millis(200),
+            max_retries: 3,
+            max_silence: secs(1),
+        };
+        assert_eq!(fast.plan(None).max_retries, 3);
+        assert_eq!(fast.plan(Some(1)).max_retries, 0);
+        // A zero interval would spin; a zero cap still sends once.
+        let zero = Timing {
+            retransmit: Duration::ZERO,
+            max_retries: 2,
+            max_silence: Duration::ZERO,
+        };
+        assert_eq!(zero.plan(None).interval, Duration::from_millis(1));
+    }
+
+    /// Issue 14: a request with `timeout=255` that is never acknowledged
+    /// held its slot for 6 × 255 s. Negotiation, plan and state machine
+    /// together, with the server's defaults: the option is declined, and
+    /// the transfer gives up after 6 s.
+    #[test]
+    fn a_silent_client_asking_for_255_s_is_given_up_in_seconds() {
+        let timing = Timing::default();
+        for (options, most) in [
+            (&[("timeout", "255"), ("tsize", "0")][..], Duration::from_secs(6)),
+            // The largest timeout granted: the silence cap binds.
+            (&[("timeout", "10")][..], DEFAULT_MAX_SILENCE),
+        ] {
+            let n = negotiate(options, 1 << 20, &Limits::default());
+            let plan = timing.plan(n.timeout);
+            let mut t = ReadTransfer::new(1 << 20, n.blksize, n.windowsize, !n.oack.is_empty(), plan.max_retries);
+            assert_eq!(t.start(), Step::SendOack);
+            let mut silent = plan.interval;
+            while t.on_timeout() != Step::GiveUp {
+                silent += plan.interval;
+            }
+            assert_eq!(silent, most, "{options:?}");
+            assert!(silent <= timing.max_silence);
+        }
+    }
+
+    #[test]
+    fn slots_per_client_and_in_all() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3"));
+        let mut s = Slots::new(5, 2);
+        assert_eq!(s.free(), 5);
+        let take = |s: &mut Slots, who| {
+            let t = s.take(who).unwrap();
+            assert_eq!(t.evicted, None);
+            s.heard_from(t.id);
+            t.id
+        };
+        let a1 = take(&mut s, a);
+        take(&mut s, a);
+        let refused = s.take(a).unwrap_err();
+        assert_eq!(refused, Busy::Client { max_per_client: 2 });
+        assert!(refused.message().contains("this address") && refused.message().contains('2'));
+        // The same host as an IPv4-mapped IPv6 address (a listener on [::]).
+        assert_eq!(s.take(ip("::ffff:10.0.0.1")), Err(Busy::Client { max_per_client: 2 }));
+        assert_eq!(s.held_by(a), 2);
+        assert_eq!(s.free(), 3, "refusals take nothing");
+        let b1 = take(&mut s, b);
+        let b2 = take(&mut s, b);
+        let c1 = take(&mut s, c);
+        assert_eq!(s.free(), 0);
+        let full = s.take(ip("10.0.0.4")).unwrap_err();
+        assert_eq!(full, Busy::Full { max_total: 5 });
+        assert!(full.message().contains("busy"));
+        // The address's own limit is named first, full or not.
+        assert_eq!(s.take(a), Err(Busy::Client { max_per_client: 2 }));
+        s.release(a1);
+        s.release(a1);
+        assert_eq!((s.free(), s.held_by(a)), (1, 1), "released once");
+        let d1 = take(&mut s, ip("10.0.0.4"));
+        let a2 = s.taken.keys().next().copied().unwrap();
+        for x in [a2, b1, b2, c1, d1] {
+            s.release(x);
+        }
+        assert_eq!(s.free(), 5);
+        assert!(s.by_client.is_empty(), "idle addresses are forgotten");
+        // Zero limits would refuse every client: they mean one.
+        let mut one = Slots::new(0, 0);
+        let t = one.take(a).unwrap();
+        one.heard_from(t.id);
+        assert_eq!(one.take(b), Err(Busy::Full { max_total: 1 }));
+    }
+
+    /// Issue 14, with forged source addresses: requests never acknowledged
+    /// hold slots only until someone else needs them, oldest first, and
+    /// never a slot whose client has answered.
+    #[test]
+    fn a_full_table_gives_the_oldest_silent_slot_away() {
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let mut s = Slots::new(3, 1);
+        let first = s.take(ip(1)).unwrap().id;
+        let answered = s.take(ip(2)).unwrap().id;
+        s.heard_from(answered);
+        let third = s.take(ip(3)).unwrap().id;
+        let t = s.take(ip(4)).unwrap();
+        assert_eq!(t.evicted, Some(first), "the oldest never heard from");
+        assert_eq!((s.held_by(ip(1)), s.held_by(ip(4)), s.free()), (0, 1, 0));
+        s.release(first); // its transfer ends later: changes nothing
+        assert_eq!(s.free(), 0);
+        let t5 = s.take(ip(5)).unwrap();
+        assert_eq!(t5.evicted, Some(third), "not the one heard from");
+        s.heard_from(t.id);
+        s.heard_from(t5.id);
+        assert_eq!(s.take(ip(6)), Err(Busy::Full { max_total: 3 }), "all answered");
+        // An address at its limit takes nothing, not even a silent slot.
+        let mut s = Slots::new(2, 1);
+        s.take(ip(1)).unwrap();
+        s.take(ip(2)).unwrap();
+        assert_eq!(s.take(ip(1)), Err(Busy::Client { max_per_client: 1 }));
+        assert_eq!(s.held_by(ip(2)), 1);
+    }
+
+    #[test]
     fn netascii_conversion() {
         assert_eq!(to_netascii(b"a\nb\rc\r\n"), b"a\r\nb\r\0c\r\0\r\n");
         assert_eq!(to_netascii(b""), b"");
@@ -717,7 +1118,10 @@ mod tests {
         assert_eq!(t.blocks(), 3);
         assert_eq!(t.start(), Step::Send { first: 1, count: 1 });
         assert_eq!(t.on_ack(0), Step::Wait, "stale");
+        assert_eq!(t.on_timeout(), Step::Send { first: 1, count: 1 });
+        assert!(!t.heard_from(), "a stale ACK and a timeout prove nothing");
         assert_eq!(t.on_ack(1), Step::Send { first: 2, count: 1 });
+        assert!(t.heard_from());
         assert_eq!(t.on_ack(1), Step::Wait, "duplicate: no Sorcerer's Apprentice");
         assert_eq!(t.on_ack(5), Step::Wait, "from the future");
         assert_eq!(t.on_timeout(), Step::Send { first: 2, count: 1 });
@@ -744,7 +1148,9 @@ mod tests {
         assert_eq!(t.start(), Step::SendOack);
         assert_eq!(t.on_ack(1), Step::Wait, "only ACK 0 answers the OACK");
         assert_eq!(t.on_timeout(), Step::SendOack);
+        assert!(!t.heard_from());
         assert_eq!(t.on_ack(0), Step::Send { first: 1, count: 4 });
+        assert!(t.heard_from(), "ACK 0 answers the OACK");
         // The client got 1 and 2, lost 3: it acks 2 and the next window starts at 3.
         assert_eq!(t.on_ack(2), Step::Send { first: 3, count: 4 });
         // It lost 3 again and re-acks 2: resend at once.
@@ -774,6 +1180,40 @@ mod tests {
         t.in_flight = 4;
         assert_eq!(t.on_ack(0), Step::Send { first: 65537, count: 4 });
         assert_eq!(t.on_ack(65535), Step::Wait, "before the window");
+    }
+}
+
+#[cfg(test)]
+mod timing_properties {
+    //! Whatever the configuration and the client's timeout, a silent
+    //! client is given up within the silence cap.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn silence_never_exceeds_the_cap(
+            retransmit_ms in 0u64..100_000,
+            max_retries in 0u32..1000,
+            max_silence_ms in 1u64..1_000_000,
+            timeout in proptest::option::of(1u8..=255),
+        ) {
+            let timing = Timing {
+                retransmit: Duration::from_millis(retransmit_ms),
+                max_retries,
+                max_silence: Duration::from_millis(max_silence_ms),
+            };
+            let r = timing.plan(timeout);
+            prop_assert!(r.interval > Duration::ZERO);
+            prop_assert!(r.max_retries <= max_retries);
+            prop_assert!(r.interval * (r.max_retries + 1) <= timing.max_silence);
+            // The client's timeout is kept whenever it fits the cap.
+            let asked = timeout.map_or(timing.retransmit, |s| Duration::from_secs(u64::from(s)));
+            if asked > Duration::ZERO && asked <= timing.max_silence {
+                prop_assert_eq!(r.interval, asked);
+            }
+        }
     }
 }
 

@@ -259,6 +259,8 @@ pub enum ConfigError {
     Dhcp(String),
     #[error("[boot]: {0}")]
     Boot(String),
+    #[error("[tftp]: {0}")]
+    Tftp(String),
     #[error("[[hooks]]: {0}")]
     Hooks(String),
     #[error("[post_install]: {0}")]
@@ -302,6 +304,9 @@ impl Config {
         }
         if let Some(d) = &s.dhcp {
             d.validate()?;
+        }
+        if let Some(t) = &s.tftp {
+            t.validate().map_err(ConfigError::Tftp)?;
         }
         if let Some(b) = &s.boot {
             for (what, arg) in std::iter::once(("agent_kernel", &b.agent_kernel))
@@ -435,6 +440,43 @@ mod tests {
         );
         let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
         assert!(e.contains("pool"), "{e}");
+    }
+
+    #[test]
+    fn tftp_section() {
+        let (_d, path) = file("[tftp]\nroot = \"/srv/tftp\"\n");
+        let t = Config::load(Some(&path), Settings::default()).unwrap().tftp.unwrap();
+        assert_eq!(
+            (
+                t.max_transfers,
+                t.max_per_client,
+                t.max_timeout_secs,
+                t.max_retries,
+                t.max_silence_secs
+            ),
+            (64, 4, 10, 5, 30),
+            "the documented defaults"
+        );
+        let (_d, path) = file("[tftp]\nmax_per_client = 2\nmax_timeout_secs = 5\nmax_silence_secs = 12\n");
+        let b = Config::load(Some(&path), Settings::default())
+            .unwrap()
+            .tftp
+            .unwrap()
+            .bounds();
+        assert_eq!((b.max_per_client, b.limits.max_timeout), (2, 5));
+        assert_eq!(b.timing.max_silence, std::time::Duration::from_secs(12));
+        for (text, want) in [
+            ("max_per_client = 0", "max_per_client is 0"),
+            ("max_transfers = 0", "max_transfers is 0"),
+            ("max_timeout_secs = 0", "max_timeout_secs is 0"),
+            ("max_timeout_secs = 256", "max_timeout_secs"),
+            ("max_silence_secs = 5", "raise max_silence_secs"),
+            ("max_silence = 5", "max_silence"),
+        ] {
+            let (_d, path) = file(&format!("[tftp]\n{text}\n"));
+            let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! TFTP: read-only, rooted in one directory, with a bound on concurrent
-//! transfers. The protocol is `kiln_boot::tftp` (codec, option
+//! transfers, on the transfers one client address may hold, and on how
+//! long a silent client keeps its slot (issue 14: a few dozen requests
+//! asking `timeout=255` and never acknowledged used to hold every slot for
+//! 25 minutes). The protocol is `kiln_boot::tftp` (codec, option
 //! negotiation, the sender's state machine, all pure); this module is the
 //! I/O around it: a tokio task reads requests on the listening socket, and
 //! each transfer gets its own ephemeral UDP socket (a new TID, RFC 1350),
@@ -15,6 +18,14 @@
 //! every transfer stalls with them, while a thread per transfer is
 //! scheduled like the client it serves. `max_transfers` bounds the threads.
 //!
+//! Slots are taken when a request arrives, before any file is opened, and
+//! given back when the transfer's thread ends, whatever ends it. How long
+//! a transfer may wait for a client that does not answer is decided by
+//! `kiln_boot::tftp::Timing::plan`, and who gets a slot when all are taken
+//! by `kiln_boot::tftp::Slots`; the thread only keeps its deadlines, says
+//! when its client first answered, and ends at once when its slot was
+//! given to a newcomer (its socket is shut down, which wakes its `recv`).
+//!
 //! What may be read: regular files under the root and nothing else — no
 //! `..`, no absolute path, no symlink that leads out. Writes are refused
 //! with an ERROR. File contents are served from memory: boot files are
@@ -27,15 +38,18 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kiln_boot::tftp::{ErrorCode, Limits, Mode, Packet, ReadTransfer, Step, data_header, error_packet, negotiate};
+pub use kiln_boot::tftp::Timing;
+use kiln_boot::tftp::{
+    Busy, ErrorCode, Limits, Mode, Packet, ReadTransfer, SlotId, Slots, Step, data_header, error_packet, negotiate,
+};
 use serde::Deserialize;
 use std::time::Instant;
-use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +67,75 @@ pub struct TftpSettings {
     /// Transfers served at once; more are refused (clients retry).
     #[serde(default = "default_max_transfers")]
     pub max_transfers: usize,
+    /// Transfers one client address may have at once; more are refused.
+    #[serde(default = "default_max_per_client")]
+    pub max_per_client: usize,
+    /// Longest retransmission timeout (RFC 2349 `timeout`) granted to a
+    /// client, in seconds; a request for more is declined.
+    #[serde(default = "default_max_timeout_secs")]
+    pub max_timeout_secs: u8,
+    /// Resends of one block (or window, or OACK) before a silent client is
+    /// given up.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// The longest a transfer waits for a client that does not answer, in
+    /// seconds, whatever timeout it negotiated.
+    #[serde(default = "default_max_silence_secs")]
+    pub max_silence_secs: u64,
+}
+
+impl Default for TftpSettings {
+    fn default() -> Self {
+        TftpSettings {
+            root: default_root(),
+            listen: default_listen(),
+            max_transfers: default_max_transfers(),
+            max_per_client: default_max_per_client(),
+            max_timeout_secs: default_max_timeout_secs(),
+            max_retries: default_max_retries(),
+            max_silence_secs: default_max_silence_secs(),
+        }
+    }
+}
+
+impl TftpSettings {
+    /// What is wrong with these settings, said so that it can be fixed.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_transfers == 0 {
+            return Err("max_transfers is 0: no transfer could run; set at least 1 (default 64)".into());
+        }
+        if self.max_per_client == 0 {
+            return Err("max_per_client is 0: no client could fetch a file; set at least 1 (default 4)".into());
+        }
+        if self.max_timeout_secs == 0 {
+            return Err("max_timeout_secs is 0: RFC 2349 timeouts are 1 to 255 s; set at least 1 (default 10)".into());
+        }
+        if self.max_silence_secs < u64::from(self.max_timeout_secs) {
+            return Err(format!(
+                "max_silence_secs ({}) is below max_timeout_secs ({}): a client granted the longest \
+                 timeout could not be waited for once; raise max_silence_secs or lower max_timeout_secs",
+                self.max_silence_secs, self.max_timeout_secs
+            ));
+        }
+        Ok(())
+    }
+
+    /// The service's bounds these settings give.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            max_transfers: self.max_transfers,
+            max_per_client: self.max_per_client,
+            timing: Timing {
+                max_retries: self.max_retries,
+                max_silence: Duration::from_secs(self.max_silence_secs),
+                ..Timing::default()
+            },
+            limits: Limits {
+                max_timeout: self.max_timeout_secs,
+                ..Limits::default()
+            },
+        }
+    }
 }
 
 fn default_root() -> PathBuf {
@@ -67,6 +150,42 @@ fn default_max_transfers() -> usize {
     64
 }
 
+/// A PXE ROM fetches one file at a time, but may leave a transfer behind
+/// (it aborts after the tsize OACK, or its RRQ is answered twice), and a
+/// chainloading iPXE starts the next fetch while the ROM's last one winds
+/// down: four leaves room for that, and 16 addresses to fill 64 slots.
+fn default_max_per_client() -> usize {
+    4
+}
+
+fn default_max_timeout_secs() -> u8 {
+    kiln_boot::tftp::DEFAULT_MAX_TIMEOUT
+}
+
+fn default_max_retries() -> u32 {
+    Timing::default().max_retries
+}
+
+fn default_max_silence_secs() -> u64 {
+    kiln_boot::tftp::DEFAULT_MAX_SILENCE.as_secs()
+}
+
+/// What the service allows: its slots and each address's share, how long
+/// it waits for silent clients, and the options it grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub max_transfers: usize,
+    pub max_per_client: usize,
+    pub timing: Timing,
+    pub limits: Limits,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        TftpSettings::default().bounds()
+    }
+}
+
 /// A file at most this large is kept in memory and shared by transfers.
 const CACHE_FILE_MAX: u64 = 16 << 20;
 /// The cache holds at most this much (transfers in flight may still hold
@@ -74,25 +193,6 @@ const CACHE_FILE_MAX: u64 = 16 << 20;
 const CACHE_TOTAL_MAX: u64 = 128 << 20;
 /// Larger files are read in chunks of this much per transfer.
 const CHUNK: usize = 1 << 20;
-
-/// Retransmission: how long to wait for an ACK and how often to resend
-/// before giving a silent client up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timing {
-    /// Used unless the client negotiated `timeout` (RFC 2349).
-    pub retransmit: Duration,
-    pub max_retries: u32,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        // tftpd-hpa's defaults: 1 s, and about 6 s of silence ends it.
-        Timing {
-            retransmit: Duration::from_secs(1),
-            max_retries: 5,
-        }
-    }
-}
 
 /// Why a request is refused: the TFTP error code and the message sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,18 +240,91 @@ pub struct TftpServer {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
-    permits: Arc<Semaphore>,
+    slots: Mutex<SlotTable>,
     cache: Mutex<Cache>,
     timing: Timing,
     limits: Limits,
+    /// Transfer threads alive, evicted ones still winding down included.
+    threads: AtomicUsize,
+    /// Transfers that ended without their client ever answering: a flood
+    /// of forged requests makes one each, so they are logged sparingly.
+    unanswered_log: Mutex<LogLimiter>,
+}
+
+/// The slots, and how to end each slot's transfer when it is evicted.
+#[derive(Debug)]
+struct SlotTable {
+    slots: Slots,
+    ends: HashMap<SlotId, Arc<Ending>>,
+}
+
+/// How an evicted transfer is told to end: a flag, and its socket (once
+/// it has one) to shut down, which wakes a thread blocked in `recv` at
+/// once rather than at its next timeout: evicted threads must not pile up
+/// under a flood of requests.
+#[derive(Debug, Default)]
+struct Ending {
+    ended: AtomicBool,
+    socket: Mutex<Option<socket2::Socket>>,
+}
+
+impl Ending {
+    fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        if let Some(s) = self.socket.lock().expect("never poisoned").take() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// Registers the transfer's socket; false if the transfer was ended
+    /// already (checked under the same lock [`Ending::end`] takes, so an
+    /// eviction is never missed).
+    fn watch(&self, socket: &std::net::UdpSocket) -> io::Result<bool> {
+        let mut slot = self.socket.lock().expect("never poisoned");
+        if self.ended.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        *slot = Some(socket2::Socket::from(std::os::fd::OwnedFd::from(socket.try_clone()?)));
+        Ok(true)
+    }
+
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+}
+
+/// A transfer slot, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    inner: Arc<Inner>,
+    id: SlotId,
+    ending: Arc<Ending>,
+}
+
+impl Slot {
+    /// The client acknowledged something: the slot is no longer up for
+    /// eviction.
+    fn heard_from(&self) {
+        self.inner.table().slots.heard_from(self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut table = self.inner.table();
+        table.slots.release(self.id);
+        table.ends.remove(&self.id);
+    }
+}
+
+impl Inner {
+    fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.slots.lock().expect("the TFTP slots lock is never poisoned")
+    }
 }
 
 impl TftpServer {
-    pub fn new(root: &Path, max_transfers: usize) -> anyhow::Result<TftpServer> {
-        TftpServer::with_timing(root, max_transfers, Timing::default())
-    }
-
-    pub fn with_timing(root: &Path, max_transfers: usize, timing: Timing) -> anyhow::Result<TftpServer> {
+    pub fn new(root: &Path, bounds: Bounds) -> anyhow::Result<TftpServer> {
         let root = root
             .canonicalize()
             .with_context(|| format!("the TFTP root {} does not exist", root.display()))?;
@@ -159,17 +332,53 @@ impl TftpServer {
         Ok(TftpServer {
             inner: Arc::new(Inner {
                 root,
-                permits: Arc::new(Semaphore::new(max_transfers.max(1))),
+                slots: Mutex::new(SlotTable {
+                    slots: Slots::new(bounds.max_transfers, bounds.max_per_client),
+                    ends: HashMap::new(),
+                }),
                 cache: Mutex::new(Cache::default()),
-                timing,
-                limits: Limits::default(),
+                timing: bounds.timing,
+                limits: bounds.limits,
+                threads: AtomicUsize::new(0),
+                unanswered_log: Mutex::new(LogLimiter::default()),
             }),
         })
     }
 
     /// Transfer slots free now.
     pub fn free_slots(&self) -> usize {
-        self.inner.permits.available_permits()
+        self.inner.table().slots.free()
+    }
+
+    /// Transfer slots `client` holds now.
+    pub fn slots_held_by(&self, client: IpAddr) -> usize {
+        self.inner.table().slots.held_by(client)
+    }
+
+    /// Transfer threads running now, evicted ones not yet ended included.
+    pub fn transfer_threads(&self) -> usize {
+        self.inner.threads.load(Ordering::SeqCst)
+    }
+
+    /// A slot for `client`; ends the transfer it was taken from, if any.
+    fn take_slot(&self, client: IpAddr) -> Result<(Slot, Option<SlotId>), Busy> {
+        let mut table = self.inner.table();
+        let taken = table.slots.take(client)?;
+        if let Some(old) = taken.evicted
+            && let Some(ending) = table.ends.remove(&old)
+        {
+            ending.end();
+        }
+        let ending = Arc::new(Ending::default());
+        table.ends.insert(taken.id, ending.clone());
+        Ok((
+            Slot {
+                inner: self.inner.clone(),
+                id: taken.id,
+                ending,
+            },
+            taken.evicted,
+        ))
     }
 
     /// The file `requested` names under the root, or why it may not be read.
@@ -335,7 +544,7 @@ impl Source {
 
 /// Serves TFTP until `shutdown`.
 pub async fn run(settings: TftpSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let server = TftpServer::new(&settings.root, settings.max_transfers)?;
+    let server = TftpServer::new(&settings.root, settings.bounds())?;
     let socket = std::net::UdpSocket::bind(settings.listen).with_context(|| {
         format!(
             "binding TFTP on {} (port 69 needs root or CAP_NET_BIND_SERVICE)",
@@ -353,6 +562,7 @@ pub async fn serve(server: TftpServer, socket: std::net::UdpSocket, shutdown: Ca
     tracing::info!(%addr, "TFTP listening");
     let mut transfers = JoinSet::new();
     let stop = Arc::new(AtomicBool::new(false));
+    let mut busy_log = LogLimiter::default();
     // A request with options fits in 512 bytes (RFC 2347); a larger read
     // is cut and then fails to parse, which is what it deserves.
     let mut buf = vec![0u8; 2048];
@@ -377,7 +587,7 @@ pub async fn serve(server: TftpServer, socket: std::net::UdpSocket, shutdown: Ca
                         continue;
                     }
                 };
-                server.request(&buf[..n], peer, addr.ip(), &mut transfers, &stop);
+                server.request(&buf[..n], peer, addr.ip(), &mut transfers, &stop, &mut busy_log);
             }
         }
     }
@@ -401,18 +611,25 @@ impl TftpServer {
         local: IpAddr,
         transfers: &mut JoinSet<()>,
         stop: &Arc<AtomicBool>,
+        busy_log: &mut LogLimiter,
     ) {
         match Packet::parse(bytes) {
             Ok(Packet::Rrq(req)) => {
-                let Ok(permit) = self.inner.permits.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, file = req.filename, "tftp busy: too many transfers");
-                    refuse(
-                        local,
-                        peer,
-                        ErrorCode::NotDefined,
-                        "server busy: too many transfers, try again",
-                    );
-                    return;
+                let slot = match self.take_slot(peer.ip()) {
+                    Ok((slot, evicted)) => {
+                        if evicted.is_some() {
+                            tracing::debug!(%peer, "tftp: every slot taken; a transfer never answered gives up its own");
+                        }
+                        slot
+                    }
+                    Err(busy) => {
+                        if let Some(unlogged) = busy_log.note(Instant::now()) {
+                            tracing::warn!(%peer, file = req.filename, reason = %busy.message(),
+                                refused_unlogged = unlogged, "tftp read refused: busy");
+                        }
+                        refuse(local, peer, ErrorCode::NotDefined, &busy.message());
+                        return;
+                    }
                 };
                 let request = OwnedRequest {
                     filename: req.filename.to_owned(),
@@ -423,7 +640,7 @@ impl TftpServer {
                         .map(|(n, v)| (n.to_string(), v.to_string()))
                         .collect(),
                 };
-                transfers.spawn(self.clone().transfer(request, peer, local, permit, stop.clone()));
+                transfers.spawn(self.clone().transfer(request, peer, local, slot, stop.clone()));
             }
             Ok(Packet::Wrq(req)) => {
                 tracing::info!(%peer, file = req.filename, "tftp write refused: kiln's TFTP is read-only");
@@ -449,14 +666,7 @@ impl TftpServer {
 
     /// One read transfer, start to end, holding its slot: prepared here,
     /// sent from its own thread (see [`Sender`]).
-    async fn transfer(
-        self,
-        req: OwnedRequest,
-        peer: SocketAddr,
-        local: IpAddr,
-        permit: OwnedSemaphorePermit,
-        stop: Arc<AtomicBool>,
-    ) {
+    async fn transfer(self, req: OwnedRequest, peer: SocketAddr, local: IpAddr, slot: Slot, stop: Arc<AtomicBool>) {
         let socket = match transfer_socket(local, peer) {
             Ok(s) => s,
             Err(e) => {
@@ -464,6 +674,14 @@ impl TftpServer {
                 return;
             }
         };
+        match slot.ending.watch(&socket) {
+            Ok(true) => {}
+            Ok(false) => return, // evicted before it started
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "tftp: cannot set up the transfer socket");
+                return;
+            }
+        }
         let source = match self.prepare(&req).await {
             Ok(s) => s,
             Err(r) => {
@@ -474,24 +692,20 @@ impl TftpServer {
         };
         let options: Vec<(&str, &str)> = req.options.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let negotiated = negotiate(&options, source.len(), &self.inner.limits);
-        tracing::info!(%peer, file = %req.filename, bytes = source.len(), blksize = negotiated.blksize,
-            windowsize = negotiated.windowsize, "tftp read");
-        let retransmit = negotiated
-            .timeout
-            .map_or(self.inner.timing.retransmit, |s| Duration::from_secs(u64::from(s)));
+        let plan = self.inner.timing.plan(negotiated.timeout);
+        // Logged at info when it ends, if its client answered (a flood of
+        // forged requests would otherwise write a line per packet).
+        tracing::debug!(%peer, file = %req.filename, bytes = source.len(), blksize = negotiated.blksize,
+            windowsize = negotiated.windowsize, retransmit_ms = plan.interval.as_millis() as u64,
+            max_retries = plan.max_retries, "tftp read");
+        let (bytes, blksize, windowsize) = (source.len(), negotiated.blksize, negotiated.windowsize);
         let mut machine = ReadTransfer::new(
             source.len(),
             negotiated.blksize,
             negotiated.windowsize,
             !negotiated.oack.is_empty(),
-            self.inner.timing.max_retries,
+            plan.max_retries,
         );
-        // Wake at least every second to notice a shutdown, whatever the
-        // negotiated timeout.
-        if let Err(e) = socket.set_read_timeout(Some(retransmit.min(Duration::from_secs(1)))) {
-            tracing::warn!(%peer, error = %e, "tftp: cannot set up the transfer socket");
-            return;
-        }
         let mut sender = Sender {
             socket,
             source,
@@ -499,26 +713,52 @@ impl TftpServer {
             oack: negotiated.oack_packet(),
             packet: Vec::with_capacity(4 + usize::from(negotiated.blksize)),
             stop,
+            slot,
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
+        let threads = ThreadCount::new(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("tftp-transfer".into())
             .stack_size(256 << 10)
             .spawn(move || {
-                let outcome = sender.run(&mut machine, retransmit);
+                let outcome = sender.run(&mut machine, plan.interval);
                 // The slot is free when the thread is done, not before.
-                drop(permit);
-                let _ = done.send(outcome);
+                drop(sender);
+                drop(threads);
+                let _ = done.send((outcome, machine.heard_from()));
             });
         if let Err(e) = spawned {
             tracing::warn!(%peer, error = %e, "tftp: cannot start a transfer thread");
             return;
         }
+        let file = &req.filename;
         match outcome.await {
-            Ok(Ok(Step::Done)) => tracing::debug!(%peer, file = %req.filename, "tftp read done"),
-            Ok(Ok(_)) => tracing::info!(%peer, file = %req.filename, "tftp read abandoned: the client went silent"),
-            Ok(Err(e)) => tracing::info!(%peer, file = %req.filename, error = %e, "tftp read ended"),
-            Err(_) => tracing::error!(%peer, file = %req.filename, "a TFTP transfer thread panicked"),
+            Ok((Ok(Step::Done), _)) => tracing::info!(%peer, file, bytes, blksize, windowsize, "tftp read done"),
+            Ok((outcome, true)) => {
+                let why = outcome.map_or_else(|e| e.to_string(), |_| "the client went silent".into());
+                tracing::info!(%peer, file, bytes, reason = why, "tftp read abandoned");
+            }
+            Ok((outcome, false)) => {
+                // Never acknowledged: a PXE ROM that only asked for the
+                // size (it sends an ERROR after the OACK), a client that
+                // cannot receive from the transfer's port (a firewall), or
+                // a forged request.
+                let limited = self
+                    .inner
+                    .unanswered_log
+                    .lock()
+                    .expect("never poisoned")
+                    .note(Instant::now());
+                let why = outcome.map_or_else(|e| e.to_string(), |_| "the client went silent".into());
+                match limited {
+                    Some(unlogged) => tracing::info!(%peer, file, reason = why, unanswered_unlogged = unlogged,
+                        "tftp read abandoned before the client acknowledged anything"),
+                    None => {
+                        tracing::debug!(%peer, file, reason = why, "tftp read abandoned before the client acknowledged anything")
+                    }
+                }
+            }
+            Err(_) => tracing::error!(%peer, file, "a TFTP transfer thread panicked"),
         }
     }
 
@@ -548,6 +788,34 @@ impl TftpServer {
                 message: "netascii is served for files up to 16 MiB; ask in octet mode",
             }),
         }
+    }
+}
+
+/// Lines a flood of requests could multiply (busy refusals, transfers
+/// never answered) are logged at most once per [`LogLimiter::EVERY`],
+/// with the number left unlogged since: a flood of requests must not
+/// become a flood of log lines.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl LogLimiter {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// A refusal at `now`: `Some(refusals not logged before it)` if this
+    /// one is to be logged.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -587,6 +855,23 @@ struct Sender {
     packet: Vec<u8>,
     /// Set when the service stops.
     stop: Arc<AtomicBool>,
+    slot: Slot,
+}
+
+/// Counts a transfer thread while it lives.
+struct ThreadCount(Arc<Inner>);
+
+impl ThreadCount {
+    fn new(inner: &Arc<Inner>) -> ThreadCount {
+        inner.threads.fetch_add(1, Ordering::SeqCst);
+        ThreadCount(inner.clone())
+    }
+}
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.threads.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Sender {
@@ -615,6 +900,8 @@ impl Sender {
         let mut step = machine.start();
         let mut ack = [0u8; 600];
         let mut deadline = Instant::now() + retransmit;
+        let mut waiting: Option<Duration> = None;
+        let mut heard = false;
         loop {
             match step {
                 Step::Done | Step::GiveUp => return Ok(step),
@@ -627,9 +914,34 @@ impl Sender {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(io::Error::other("the server is shutting down"));
             }
+            if self.slot.ending.is_ended() {
+                return Err(io::Error::other(
+                    "its slot went to another client: every slot was taken and this client had answered nothing",
+                ));
+            }
+            // Wake at the deadline, so that a silent client is given up on
+            // time (packets that change nothing must not push the check
+            // past it), and at least every second to notice a shutdown.
+            // The socket option is only set again when the wait changes by
+            // more than 20 ms (the most a check comes late): not one more
+            // system call per block.
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
+            if waiting.is_none_or(|w| w.abs_diff(wait) > Duration::from_millis(20)) {
+                self.socket.set_read_timeout(Some(wait))?;
+                waiting = Some(wait);
+            }
             step = match self.socket.recv(&mut ack) {
                 Ok(n) => match Packet::parse(&ack[..n]) {
-                    Ok(Packet::Ack(block)) => machine.on_ack(block),
+                    Ok(Packet::Ack(block)) => {
+                        let step = machine.on_ack(block);
+                        if !heard && machine.heard_from() {
+                            heard = true;
+                            self.slot.heard_from();
+                        }
+                        step
+                    }
                     Ok(Packet::Error { code, message }) => {
                         return Err(io::Error::other(format!("the client sent error {code}: {message}")));
                     }
@@ -658,7 +970,7 @@ mod tests {
         std::fs::write(root.join("sub/a.efi"), b"x").unwrap();
         std::fs::write(dir.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
-        let h = TftpServer::new(&root, 4).unwrap();
+        let h = TftpServer::new(&root, Bounds::default()).unwrap();
         assert!(h.resolve(Path::new("undionly.kpxe")).is_ok());
         assert!(h.resolve(Path::new("/undionly.kpxe")).is_ok());
         assert!(h.resolve(Path::new("sub/a.efi")).is_ok());
@@ -673,11 +985,27 @@ mod tests {
         assert!(h.resolve(Path::new("")).is_err());
     }
 
+    #[test]
+    fn busy_refusals_are_logged_once_per_interval() {
+        let mut log = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(log.note(t0), Some(0), "the first is logged");
+        for ms in [1, 500, 9_999] {
+            assert_eq!(log.note(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(
+            log.note(t0 + LogLimiter::EVERY),
+            Some(3),
+            "with the count left unlogged"
+        );
+        assert_eq!(log.note(t0 + LogLimiter::EVERY * 3), Some(0));
+    }
+
     #[tokio::test]
     async fn a_changed_file_is_read_again_and_large_files_stream() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"one").unwrap();
-        let h = TftpServer::new(dir.path(), 4).unwrap();
+        let h = TftpServer::new(dir.path(), Bounds::default()).unwrap();
         let p = h.resolve(Path::new("f")).unwrap();
         let a = h.open(&p).await.unwrap();
         let b = h.open(&p).await.unwrap();
