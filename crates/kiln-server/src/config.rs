@@ -88,6 +88,17 @@ pub struct BootSettings {
     /// Larger artifacts are streamed from disk, in MiB.
     #[serde(default = "default_file_cache_max_file_mib")]
     pub file_cache_max_file_mib: u64,
+    /// How long a discovery token is good for, in seconds (60 to 86400):
+    /// from the boot script that gives it to the agent's report.
+    #[serde(default = "default_discovery_token_secs")]
+    pub discovery_token_secs: u64,
+}
+
+fn default_discovery_token_secs() -> u64 {
+    // The agent reports within a minute or two of its boot (LLDP listens
+    // for 35 s); 30 minutes also covers a slow firmware, a long kernel
+    // download and the agent's own retries while the server is away.
+    1800
 }
 
 fn default_file_cache_mib() -> u64 {
@@ -132,6 +143,7 @@ impl Default for BootSettings {
             agent_cmdline: default_agent_cmdline(),
             file_cache_mib: default_file_cache_mib(),
             file_cache_max_file_mib: default_file_cache_max_file_mib(),
+            discovery_token_secs: default_discovery_token_secs(),
         }
     }
 }
@@ -301,6 +313,12 @@ impl Config {
                 .chain(b.agent_cmdline.iter().map(|a| ("agent_cmdline", a)))
             {
                 kiln_boot::ipxe::check_arg(arg).map_err(|e| ConfigError::Boot(format!("{what}: {e}")))?;
+            }
+            if !(60..=86_400).contains(&b.discovery_token_secs) {
+                return Err(ConfigError::Boot(format!(
+                    "discovery_token_secs = {} is out of range: give 60 to 86400 (seconds a discovery token is good for)",
+                    b.discovery_token_secs
+                )));
             }
         }
         let bmc = s.bmc.unwrap_or_default();
