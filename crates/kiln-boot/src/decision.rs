@@ -125,7 +125,11 @@ pub fn decide(
         };
     }
     match m.state {
-        MachineState::New | MachineState::Discovering if policy.discovery && !m.protected && !m.maintenance => {
+        // An owned machine is never changed by discovery (its report would
+        // be refused), so it is not booted into the agent either.
+        MachineState::New | MachineState::Discovering
+            if policy.discovery && !m.protected && !m.maintenance && m.owner.is_none() =>
+        {
             BootAnswer::Discovery {
                 reason: format!("{}: {} and not yet discovered, discovery is on", m.hostname, m.state),
             }
@@ -182,6 +186,8 @@ mod tests {
         let ready = machine(MachineState::Ready);
         let new = machine(MachineState::New);
         let failed = machine(MachineState::Failed);
+        let mut owned_discovering = machine(MachineState::Discovering);
+        owned_discovering.owner = Some("acme".into());
         let mut protected = machine(MachineState::Reimaging);
         protected.protected = true;
         let mut maint = machine(MachineState::Reimaging);
@@ -222,6 +228,13 @@ mod tests {
                 None,
                 on,
                 Want::Discovery,
+            ),
+            (
+                "a tenant's machine, discovering: never the agent",
+                Some(&owned_discovering),
+                None,
+                on,
+                Want::Disk,
             ),
             (
                 "enrolled, never discovered, discovery off",

@@ -41,14 +41,22 @@ impl BootContext {
         }
     }
 
-    /// The discovery agent's boot for the machine booting from `mac`, with
-    /// URLs under `base` and the token its report must carry.
-    fn agent(&self, base: &str, mac: MacAddr, secrets: &crate::secrets::SecretBox) -> AgentBoot {
+    /// The discovery agent's boot for the machine booting from `mac` (on
+    /// the switch port `port`, when the inventory records one for that
+    /// NIC), with URLs under `base` and a fresh token its report must
+    /// carry: bound to that MAC and port, good once, until `[boot]
+    /// discovery_token_secs` from now.
+    fn agent(&self, base: &str, mac: MacAddr, port: Option<&str>, secrets: &crate::secrets::SecretBox) -> AgentBoot {
+        let expires_at = Utc::now()
+            + chrono::Duration::seconds(i64::try_from(self.settings.discovery_token_secs).unwrap_or(i64::MAX / 1000));
         let mut cmdline = self.settings.agent_cmdline.clone();
         cmdline.push(format!("kiln.server={base}"));
         cmdline.push("kiln.mode=discover".into());
         cmdline.push(format!("BOOTIF={mac}"));
-        cmdline.push(format!("kiln.token={}", secrets.discovery_token(mac).expose()));
+        cmdline.push(format!(
+            "kiln.token={}",
+            secrets.discovery_token(mac, port, expires_at).expose()
+        ));
         AgentBoot {
             kernel: format!("{base}/boot/file/{}", self.settings.agent_kernel),
             initrd: format!("{base}/boot/file/{}", self.settings.agent_initrd),
@@ -113,6 +121,16 @@ async fn answer_for(state: &AppState, machine: Option<&Machine>, base: &str) -> 
     decide(machine, arm.as_ref(), state.boot.policy(), Utc::now())
 }
 
+/// The relay circuit-id the inventory records for `machine`'s NIC `mac`:
+/// what a discovery token is bound to besides the MAC, when known.
+fn port_of(machine: Option<&Machine>, mac: MacAddr) -> Option<&str> {
+    machine?
+        .nics
+        .iter()
+        .find(|n| n.mac == mac)
+        .and_then(|n| n.circuit_id.as_deref())
+}
+
 /// Whether a firmware serial number names one machine: vendors fill the
 /// field with placeholders shared by a whole product line.
 fn is_real_serial(s: &str) -> bool {
@@ -159,14 +177,25 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
     };
     let base = base_url(&state.boot, &headers);
     let answer = answer_for(&state, machine.as_ref(), &base).await;
+    let port = port_of(machine.as_ref(), mac);
     match render(
         &answer,
         firmware(q.platform.as_deref()),
-        &state.boot.agent(&base, mac, &state.secrets),
+        &state.boot.agent(&base, mac, port, &state.secrets),
     ) {
         Ok(script) => {
             let (uuid, serial) = (q.uuid.as_deref().unwrap_or(""), q.serial.as_deref().unwrap_or(""));
             tracing::info!(%mac, uuid, serial, reason = answer.reason(), "ipxe script");
+            if matches!(answer, BootAnswer::Discovery { .. }) {
+                // Any machine on the network may get here: say so, and
+                // what its token is good for.
+                tracing::info!(
+                    %mac,
+                    port = port.unwrap_or("unknown"),
+                    token_secs = state.boot.settings.discovery_token_secs,
+                    "discovery boot ([boot] discovery is on): a one-report discovery token bound to this MAC"
+                );
+            }
             text(StatusCode::OK, script)
         }
         Err(e) => {
@@ -231,7 +260,9 @@ pub async fn explain(
     let script = render(
         &answer,
         firmware(q.platform.as_deref()),
-        &state.boot.agent(&base, mac, &state.secrets),
+        &state
+            .boot
+            .agent(&base, mac, port_of(machine.as_ref(), mac), &state.secrets),
     )
     .map_err(|e| ApiError::bad_request(format!("the boot script cannot be rendered: {e}")))?;
     let kind = serde_json::to_value(&answer)

@@ -92,6 +92,17 @@ pub struct BootSettings {
     /// Larger artifacts are streamed from disk, in MiB.
     #[serde(default = "default_file_cache_max_file_mib")]
     pub file_cache_max_file_mib: u64,
+    /// How long a discovery token is good for, in seconds (60 to 86400):
+    /// from the boot script that gives it to the agent's report.
+    #[serde(default = "default_discovery_token_secs")]
+    pub discovery_token_secs: u64,
+}
+
+fn default_discovery_token_secs() -> u64 {
+    // The agent reports within a minute or two of its boot (LLDP listens
+    // for 35 s); 30 minutes also covers a slow firmware, a long kernel
+    // download and the agent's own retries while the server is away.
+    1800
 }
 
 fn default_file_cache_mib() -> u64 {
@@ -136,6 +147,7 @@ impl Default for BootSettings {
             agent_cmdline: default_agent_cmdline(),
             file_cache_mib: default_file_cache_mib(),
             file_cache_max_file_mib: default_file_cache_max_file_mib(),
+            discovery_token_secs: default_discovery_token_secs(),
         }
     }
 }
@@ -317,6 +329,12 @@ impl Config {
             }
             if let Some(base) = &b.http_base {
                 check_http_base(base).map_err(|e| ConfigError::Boot(format!("http_base: {e}")))?;
+            }
+            if !(60..=86_400).contains(&b.discovery_token_secs) {
+                return Err(ConfigError::Boot(format!(
+                    "discovery_token_secs = {} is out of range: give 60 to 86400 (seconds a discovery token is good for)",
+                    b.discovery_token_secs
+                )));
             }
         }
         let bmc = s.bmc.unwrap_or_default();

@@ -230,7 +230,6 @@ impl ServerEffects {
 }
 
 const TOKEN_CONTEXT: &[u8] = b"kiln job token v1\0";
-const DISCOVERY_CONTEXT: &[u8] = b"kiln discovery token v1\0";
 
 /// `want == got`, in time independent of where they differ.
 fn same(want: &kiln_types::Secret, got: &str) -> bool {
@@ -249,20 +248,6 @@ impl SecretBox {
     /// Whether `token` is job `id`'s, compared in constant time.
     pub fn check_job_token(&self, id: JobId, token: &str) -> bool {
         same(&self.job_token(id), token)
-    }
-
-    /// The token a discovery agent booted from `mac` reports with: it says
-    /// that kiln's boot script sent that agent (any machine may ask for a
-    /// discovery boot, so it proves no more than that), and that the
-    /// report is about the NIC it booted from.
-    pub fn discovery_token(&self, mac: kiln_types::MacAddr) -> kiln_types::Secret {
-        let mut msg = DISCOVERY_CONTEXT.to_vec();
-        msg.extend_from_slice(mac.to_string().as_bytes());
-        kiln_types::Secret::new(format!("kd_{}", self.mac_b64(&msg)))
-    }
-
-    pub fn check_discovery_token(&self, mac: kiln_types::MacAddr, token: &str) -> bool {
-        same(&self.discovery_token(mac), token)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod boot_files;
 pub mod boot_http;
 pub mod config;
 pub mod dhcp;
+pub mod discovery;
 pub mod error;
 pub mod jobs;
 pub mod outbound;

@@ -100,6 +100,12 @@ impl SecretBox {
         }
     }
 
+    /// A box over a fixed key, for unit tests of what is derived from it.
+    #[cfg(test)]
+    pub(crate) fn for_tests(key: &[u8]) -> SecretBox {
+        SecretBox::from_key(key)
+    }
+
     fn from_key(key: &[u8]) -> SecretBox {
         use sha2::Digest;
         let mac_key = sha2::Sha256::new()

@@ -15,6 +15,7 @@
 //! Every change writes its audit event in the same transaction.
 
 mod catalog;
+mod discovery;
 mod events;
 mod jobs;
 mod leases;
@@ -32,6 +33,7 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyConnection, AnyPool, Executor};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+pub use discovery::TokenUse;
 pub use jobs::{ArmRecord, JobControl, JobRecord, JobSave, LogLine, NewJob};
 pub use leases::{LeaseWrite, LoadedLeases};
 pub use machines::{NewMachine, SealedPassword};

@@ -743,9 +743,34 @@ impl Store {
         sealed_password: Option<SealedPassword>,
         scope: Option<TenantId>,
     ) -> Result<Machine> {
+        self.update_machine_if(actor, key, patch, sealed_password, scope, &|_| Ok(()))
+            .await
+    }
+
+    /// `update_machine`, only if `guard` accepts the machine as it is inside
+    /// the write's transaction (row locked on PostgreSQL, the one writer on
+    /// SQLite): a rule checked before the write cannot be raced by a change
+    /// made between the check and the write. `guard`'s refusal is
+    /// `StoreError::Refused` with its words; nothing is written.
+    pub async fn update_machine_if(
+        &self,
+        actor: &Actor,
+        key: &str,
+        patch: MachinePatch,
+        sealed_password: Option<SealedPassword>,
+        scope: Option<TenantId>,
+        guard: &(dyn Fn(&Machine) -> std::result::Result<(), String> + Send + Sync),
+    ) -> Result<Machine> {
         let names = Names::load(self).await?;
         let mut tx = self.write_tx().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query::<Any>("SELECT id FROM machines WHERE id = $1 OR hostname = $1 FOR UPDATE")
+                .bind(key)
+                .fetch_all(&mut *tx)
+                .await?;
+        }
         let (before, old_sealed, old_owner) = load(&mut tx, self.backend, key, scope).await?;
+        guard(&before).map_err(StoreError::Refused)?;
         let mut spec = to_spec(&before);
         let mut rack_id = before.rack_id;
         let mut owner_id = old_owner;

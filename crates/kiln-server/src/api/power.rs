@@ -153,13 +153,14 @@ pub async fn check(
 /// powers it off and on. The agent's report makes it `ready`, with its
 /// hardware and NICs. Needs `[boot] discovery = true`.
 ///
-/// Only for `new`, `discovering`, `ready` and `failed` machines: a deployed
+/// Only for `new`, `discovering`, `ready` and `failed` machines that no
+/// tenant owns and that are not protected: a deployed
 /// machine runs an OS the agent's boot would interrupt (set its state to
 /// `ready` first if that is meant), and a reimaging one belongs to its job.
 #[utoipa::path(post, path = "/api/v1/machines/{key}/discover", tag = "bmc",
     params(("key" = String, Path, description = "machine id or hostname")),
     responses((status = 200, body = Machine), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "no BMC, in maintenance, deployed or reimaging, discovery off, or no identity to match the report by"),
+        (status = 409, body = ErrorBody, description = "no BMC, in maintenance, deployed or reimaging, owned or protected, discovery off, or no identity to match the report by"),
         (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn discover(
@@ -183,6 +184,20 @@ pub async fn discover(
             "{name} is {}: discovery reboots it into the agent; for a deployed machine set its state \
              to ready first (`kiln machine edit {name} --state ready`) if that is meant",
             machine.state
+        )));
+    }
+    // Discovery never changes a machine a tenant owns or that is protected
+    // (issue 14): its agent's report would be refused, so do not reboot it.
+    if let Some(owner) = &machine.owner {
+        return Err(ApiError::refused(format!(
+            "{name} is owned by {owner}: discovery never changes a tenant's machine; release it first \
+             (`kiln machine edit {name} --owner -`) if its inventory must be taken again"
+        )));
+    }
+    if machine.protected {
+        return Err(ApiError::refused(format!(
+            "{name} is protected: discovery never changes a protected machine; clear the flag first \
+             (`kiln machine edit {name} --protected false`) if that is meant"
         )));
     }
     let actor = caller.actor();
