@@ -52,10 +52,6 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, "conflict", message)
     }
 
-    pub fn too_large(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
-    }
-
     pub fn refused(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, "refused", message)
     }
