@@ -290,8 +290,8 @@ pub struct Limits {
     pub max_timeout: u8,
 }
 
-/// [`Limits::max_timeout`] unless configured: U-Boot asks for 5 s, iPXE,
-/// GRUB and the PXE ROMs seen in the field ask for none.
+/// [`Limits::max_timeout`] unless configured: U-Boot asks for 5 s; iPXE
+/// and GRUB ask for none.
 pub const DEFAULT_MAX_TIMEOUT: u8 = 10;
 
 impl Default for Limits {

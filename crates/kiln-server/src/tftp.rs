@@ -16,7 +16,8 @@
 //! runtime (or a dedicated one) used about as little CPU but kept clients
 //! waiting: two busy threads lose their turn to 200 runnable clients and
 //! every transfer stalls with them, while a thread per transfer is
-//! scheduled like the client it serves. `max_transfers` bounds the threads.
+//! scheduled like the client it serves. `max_transfers` bounds the threads
+//! (a displaced transfer's thread may outlive its slot by a moment).
 //!
 //! Slots are taken when a request arrives, before any file is opened, and
 //! given back when the transfer's thread ends, whatever ends it. How long

@@ -771,8 +771,9 @@ async fn a_flood_of_requests_never_acknowledged_does_not_lock_out_pxe_clients() 
     );
     assert!(sent > 400, "the flood was too weak to prove anything ({sent})");
     // Displaced transfers end when their socket is shut down, not at
-    // their next timeout: a few at most are winding down at any time.
-    assert!(most <= max + max / 2, "{most} transfer threads for {max} slots");
+    // their next timeout: a few at most are winding down at any time
+    // (21 seen on a loaded 2-core host; hundreds without the shutdown).
+    assert!(most <= 2 * max, "{most} transfer threads for {max} slots");
     t.stop.cancel();
     t.task.await.unwrap().unwrap();
 }
