@@ -306,7 +306,16 @@ pub async fn run(args: DemoArgs, out: &mut Out) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let server = {
         let (stop, config) = (shutdown.clone(), config.clone());
-        tokio::spawn(async move { kiln_server::serve_on(state, &config, listener, dhcp_sockets, stop).await })
+        tokio::spawn(async move {
+            kiln_server::serve_on(
+                state,
+                &config,
+                kiln_server::Listeners::plain(listener),
+                dhcp_sockets,
+                stop,
+            )
+            .await
+        })
     };
     let admin = Client::new(&url, Some(token));
     let outcome = demo_reimages(&admin, &fleet, &machines, &password, &args, out, &shutdown).await;
