@@ -20,6 +20,18 @@ use ipnet::IpNet;
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(pub Arc<Vec<IpNet>>);
 
+/// [`client_ip`] as a handler argument.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<ClientIp, Self::Rejection> {
+        Ok(ClientIp(client_ip(parts)))
+    }
+}
+
 /// The address of the client that sent `parts`.
 pub fn client_ip(parts: &Parts) -> IpAddr {
     let Some(ConnectInfo(addr)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {

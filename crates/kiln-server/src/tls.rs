@@ -54,6 +54,21 @@ pub fn cert_path(source: &TlsSource) -> PathBuf {
     }
 }
 
+/// The certificate the server configured by `config` serves (or would
+/// serve: a generated one from an earlier start counts even when `config`
+/// is only the data directory), and its fingerprint; `None` when it has
+/// none.
+pub fn configured_fingerprint(config: &crate::Config) -> anyhow::Result<Option<(String, PathBuf)>> {
+    let path = match &config.api.tls {
+        Some(source) => cert_path(source),
+        None => config.data_dir.join("tls/cert.pem"),
+    };
+    if config.api.tls.is_none() && !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some((fingerprint_of_file(&path)?, path)))
+}
+
 /// The fingerprint of the first certificate in the PEM file `path`.
 pub fn fingerprint_of_file(path: &Path) -> anyhow::Result<String> {
     let certs = read_certs(path)?;

@@ -10,3 +10,4 @@ mod fleet;
 mod jobs;
 mod machines;
 mod openapi;
+mod transport;
