@@ -32,6 +32,15 @@ pub struct Cli {
     /// API token (or KILN_TOKEN, or `token` in the CLI config file).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Pin an https:// server's certificate: sha256:HEX, as the server
+    /// prints it at start (or KILN_FINGERPRINT, or `fingerprint` in the CLI
+    /// config file).
+    #[arg(long, global = true, env = "KILN_FINGERPRINT", value_name = "sha256:HEX")]
+    pub fingerprint: Option<String>,
+    /// Trust an https:// server whose certificate this CA (PEM) signed (or
+    /// KILN_CA_FILE, or `ca_file` in the CLI config file).
+    #[arg(long, global = true, env = "KILN_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(
         long,
@@ -122,6 +131,8 @@ pub enum Command {
 struct CliConfig {
     url: Option<String>,
     token: Option<String>,
+    fingerprint: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 fn cli_config() -> anyhow::Result<CliConfig> {
@@ -150,11 +161,28 @@ fn cli_config() -> anyhow::Result<CliConfig> {
 pub struct Ctx {
     url: Option<String>,
     token: Option<String>,
+    fingerprint: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 impl Ctx {
     pub fn new(url: Option<String>, token: Option<String>) -> Ctx {
-        Ctx { url, token }
+        Ctx {
+            url,
+            token,
+            fingerprint: None,
+            ca_file: None,
+        }
+    }
+
+    /// The same, trusting an https:// server by `fingerprint` (`sha256:HEX`)
+    /// or the CA in `ca_file`.
+    pub fn with_trust(self, fingerprint: Option<String>, ca_file: Option<PathBuf>) -> Ctx {
+        Ctx {
+            fingerprint,
+            ca_file,
+            ..self
+        }
     }
 
     pub fn client(&self) -> anyhow::Result<Client> {
@@ -163,6 +191,7 @@ impl Ctx {
         } else {
             CliConfig::default()
         };
+        let from_env = self.url.is_some();
         let url = self.url.clone().or(file.url).unwrap_or_else(|| DEFAULT_URL.to_string());
         let token = self.token.clone().or(file.token);
         if token.is_none() {
@@ -171,8 +200,40 @@ impl Ctx {
                  `kiln token create --data-dir DIR --role admin`)"
             );
         }
-        Ok(Client::new(&url, token))
+        // A pin or CA from the config file goes with the file's URL only:
+        // it names that server's certificate, not another's.
+        let (fingerprint, ca_file) = match (&self.fingerprint, &self.ca_file, from_env) {
+            (None, None, false) => (file.fingerprint, file.ca_file),
+            _ => (self.fingerprint.clone(), self.ca_file.clone()),
+        };
+        let trust = trust_for(&url, fingerprint.as_deref(), ca_file)?;
+        Ok(Client::with_trust(&url, token, &trust)?)
     }
+}
+
+/// How to trust the server at `url`: a pin or a CA only make sense over
+/// https, and one of them at most.
+fn trust_for(url: &str, fingerprint: Option<&str>, ca_file: Option<PathBuf>) -> anyhow::Result<kiln_client::Trust> {
+    use kiln_client::Trust;
+    let https = url.starts_with("https://");
+    if !https && (fingerprint.is_some() || ca_file.is_some()) {
+        // Going on would send the token in clear while the user believes
+        // the server is pinned.
+        anyhow::bail!(
+            "KILN_FINGERPRINT or KILN_CA_FILE is set, but the server URL {url} is not https://: \
+             use https://… for a server with TLS, or unset them for a plain-HTTP one"
+        );
+    }
+    Ok(match (fingerprint, ca_file) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give KILN_FINGERPRINT or KILN_CA_FILE, not both: a pinned certificate needs no CA")
+        }
+        (Some(fp), None) => Trust::Fingerprint(
+            kiln_client::parse_fingerprint(fp).map_err(|e| anyhow::anyhow!("KILN_FINGERPRINT: {e}"))?,
+        ),
+        (None, Some(ca)) => Trust::CaFile(ca),
+        (None, None) => Trust::System,
+    })
 }
 
 /// Runs the CLI with `args` (including the program name), writing results
@@ -207,6 +268,8 @@ async fn run_on(args: Vec<String>, w: Box<dyn std::io::Write + Send>, terminal: 
     let ctx = Ctx {
         url: cli.url.clone(),
         token: cli.token.clone(),
+        fingerprint: cli.fingerprint.clone(),
+        ca_file: cli.ca_file.clone(),
     };
     match dispatch(cli.command, &ctx, &mut out).await {
         Ok(()) => 0,

@@ -213,6 +213,8 @@ fn is_passing(e: &ClientError) -> bool {
     match e {
         ClientError::Connect { .. } | ClientError::Decode(_) => true,
         ClientError::Api { status, .. } => *status >= 500,
+        // A certificate that is not the one trusted stays so.
+        ClientError::Fingerprint { .. } | ClientError::Untrusted { .. } | ClientError::Tls(_) => false,
     }
 }
 

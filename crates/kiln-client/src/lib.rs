@@ -1,5 +1,10 @@
 //! Typed HTTP client for kiln's REST API, over the types of `kiln-types`.
 //! The CLI, the agent and the tests use it; it never touches the database.
+//! Over `https://` it trusts the system's roots, a CA file, or exactly one
+//! certificate pinned by its SHA-256 fingerprint ([`Trust`], the `tls`
+//! module).
+
+mod tls;
 
 use std::time::Duration;
 
@@ -21,6 +26,8 @@ use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use tls::{Trust, parse_fingerprint};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with an error.
@@ -34,6 +41,25 @@ pub enum ClientError {
     },
     #[error("the server's answer could not be read: {0}")]
     Decode(String),
+    /// The server's certificate is not the pinned one.
+    #[error(
+        "refused the server at {url}: its certificate has fingerprint {seen}, not the pinned {pinned}. \
+         If its certificate was replaced on purpose, read the new fingerprint on the server \
+         (`kiln server fingerprint --config FILE` or `--data-dir DIR`, or \
+         `openssl x509 -noout -fingerprint -sha256 -in CERT`) and set KILN_FINGERPRINT to it; \
+         otherwise something between you and the server is posing as it"
+    )]
+    Fingerprint { url: String, pinned: String, seen: String },
+    /// The server's certificate is not trusted (no pin, and no CA vouches).
+    #[error(
+        "cannot trust the certificate of the server at {url} ({detail}). A kiln server with a \
+         generated certificate prints its fingerprint at start (and `kiln server fingerprint` shows it): \
+         pin it with KILN_FINGERPRINT=sha256:…, or give the CA that signed it with KILN_CA_FILE"
+    )]
+    Untrusted { url: String, detail: String },
+    /// The TLS settings cannot be used (an unreadable CA file…).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ClientError {
@@ -54,6 +80,8 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// The pin and the last certificate it refused, to name both.
+    pin: Option<std::sync::Arc<tls::Pin>>,
 }
 
 /// Percent-encodes one path segment (hostnames and names are plain, but an
@@ -78,23 +106,62 @@ pub fn install_tls_provider() {
 }
 
 impl Client {
-    /// `base` is the server URL (`http://127.0.0.1:7070`).
+    /// `base` is the server URL (`http://127.0.0.1:7070`); an `https://`
+    /// server is trusted by the system's roots.
     pub fn new(base: &str, token: Option<String>) -> Client {
+        Client::with_trust(base, token, &Trust::System).expect("building the HTTP client")
+    }
+
+    /// A client that trusts an `https://` server as `trust` says.
+    pub fn with_trust(base: &str, token: Option<String>, trust: &Trust) -> Result<Client> {
         install_tls_provider();
+        let (tls, pin) = tls::client_config(trust).map_err(ClientError::Tls)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(300))
             .connect_timeout(Duration::from_secs(10))
+            .tls_backend_preconfigured(tls)
             .build()
-            .expect("building the HTTP client");
-        Client {
+            .map_err(|e| ClientError::Tls(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Client {
             http,
             base: base.trim_end_matches('/').to_string(),
             token,
+            pin,
+        })
+    }
+
+    /// What a failed connection means: a refused pin, an untrusted
+    /// certificate, or the server not reachable.
+    fn connect_error(&self, source: reqwest::Error) -> ClientError {
+        let url = self.base.clone();
+        if let Some(pin) = &self.pin
+            && let Some(seen) = pin.refused()
+        {
+            return ClientError::Fingerprint {
+                url,
+                pinned: tls::show(&pin.want),
+                seen: tls::show(&seen),
+            };
+        }
+        match tls::certificate_problem(&source) {
+            Some(detail) => ClientError::Untrusted { url, detail },
+            None => ClientError::Connect { url, source },
         }
     }
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// A request to `path` on this server, with this client's TLS trust
+    /// and token, for what the typed methods do not cover (boot files,
+    /// extra headers in tests).
+    pub fn raw(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 
     async fn call<B: Serialize, Q: Serialize, T: DeserializeOwned>(
@@ -127,10 +194,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect {
-            url: self.base.clone(),
-            source,
-        })?;
+        let resp = req.send().await.map_err(|source| self.connect_error(source))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| ClientError::Decode(e.to_string()))?;
         if status.is_success() {
@@ -499,10 +563,7 @@ impl Client {
         if after_seq > 0 {
             req = req.header("Last-Event-ID", after_seq.to_string());
         }
-        let mut resp = req.send().await.map_err(|source| ClientError::Connect {
-            url: self.base.clone(),
-            source,
-        })?;
+        let mut resp = req.send().await.map_err(|source| self.connect_error(source))?;
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();

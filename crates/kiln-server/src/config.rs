@@ -26,6 +26,11 @@ pub struct Settings {
     /// Log filter (`info`, `kiln_server=debug`, …).
     #[arg(long, env = "KILN_LOG")]
     pub log: Option<String>,
+    /// How the API is served: TLS, plain HTTP, trusted proxies (file only:
+    /// `[api]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub api: Option<ApiSettings>,
     /// Net boot: the boot decision and HTTP boot (file only: `[boot]`).
     #[arg(skip)]
     #[serde(default)]
@@ -62,6 +67,88 @@ pub struct Settings {
     pub outbound: Option<crate::outbound::OutboundSettings>,
 }
 
+/// `[api]`: how the API listener is served.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Serve the API over TLS: with `tls_cert`/`tls_key`, or a certificate
+    /// kiln generates in DATA_DIR/tls. Default: on when a certificate is
+    /// given, off otherwise (and then only loopback, or `allow_plain_http`).
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// PEM certificate chain (leaf first) and its PEM private key.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Serve the API over plain HTTP on a non-loopback address (behind a
+    /// TLS-terminating proxy, or on a network the operator trusts).
+    #[serde(default)]
+    pub allow_plain_http: bool,
+    /// Peers (CIDRs) whose `X-Forwarded-For` names the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Where the API's TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// The operator's PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Generated at first start into this directory (`cert.pem`, `key.pem`)
+    /// and kept across restarts.
+    Generated { dir: PathBuf },
+}
+
+/// The validated `[api]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// `None`: plain HTTP (loopback, or allowed explicitly).
+    pub tls: Option<TlsSource>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ApiSettings {
+    /// Pure: what `[api]` means for a server listening on `listen`, or
+    /// what to write instead.
+    fn resolve(self, listen: SocketAddr, data_dir: &Path) -> Result<ApiConfig, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Api(m));
+        let files = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
+            (None, None) => None,
+            _ => {
+                return bad("tls_cert and tls_key go together: give both PEM files, or neither \
+                     (with `tls = true` kiln then generates a certificate in DATA_DIR/tls)"
+                    .into());
+            }
+        };
+        let tls = match (self.tls, files) {
+            (Some(false), Some(_)) => {
+                return bad("`tls = false` but tls_cert/tls_key are set: remove one or the other".into());
+            }
+            (Some(false), None) => None,
+            (_, Some(f)) => Some(f),
+            (Some(true), None) => Some(TlsSource::Generated {
+                dir: data_dir.join("tls"),
+            }),
+            (None, None) => None,
+        };
+        if tls.is_none() && !listen.ip().is_loopback() && !self.allow_plain_http {
+            return bad(format!(
+                "the API would listen on {listen}, which is not loopback, over plain HTTP (tokens would cross \
+                 the network in clear). Set `tls = true` under [api] (kiln generates a certificate in \
+                 DATA_DIR/tls and prints its fingerprint), or give `tls_cert` and `tls_key`; if a \
+                 TLS-terminating proxy stands in front of kiln, set `allow_plain_http = true` instead. \
+                 Or listen on 127.0.0.1"
+            ));
+        }
+        Ok(ApiConfig {
+            tls,
+            trusted_proxies: self.trusted_proxies,
+        })
+    }
+}
+
 /// `[boot]`: what booting machines are told, and where HTTP boot finds
 /// its files.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -71,6 +158,10 @@ pub struct BootSettings {
     /// discovery agent. Off: unknown machines get no answer at all.
     #[serde(default)]
     pub discovery: bool,
+    /// A plain-HTTP listener (HOST:PORT) serving only the boot routes and
+    /// the token-carrying agent endpoints, for firmware and agents.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// Base URL of kiln's HTTP boot as machines reach it. Default: the
     /// address of the interface (DHCP) or the Host a client asked (HTTP).
     #[serde(default)]
@@ -140,6 +231,7 @@ impl Default for BootSettings {
     fn default() -> Self {
         BootSettings {
             discovery: false,
+            listen: None,
             http_base: None,
             artifacts: None,
             agent_kernel: default_agent_kernel(),
@@ -212,6 +304,7 @@ impl Settings {
             database_url: over.database_url.or(self.database_url),
             secret_key_file: over.secret_key_file.or(self.secret_key_file),
             log: over.log.or(self.log),
+            api: over.api.or(self.api),
             boot: over.boot.or(self.boot),
             dhcp: over.dhcp.or(self.dhcp),
             tftp: over.tftp.or(self.tftp),
@@ -232,6 +325,7 @@ pub struct Config {
     pub database_url: Option<String>,
     pub secret_key_file: PathBuf,
     pub log: String,
+    pub api: ApiConfig,
     pub boot: BootSettings,
     pub dhcp: Option<DhcpSettings>,
     pub tftp: Option<crate::tftp::TftpSettings>,
@@ -267,6 +361,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("listen address `{0}` is not HOST:PORT (for example 127.0.0.1:7070)")]
     Listen(String),
+    #[error("[api]: {0}")]
+    Api(String),
     #[error("[dhcp]: {0}")]
     Dhcp(String),
     #[error("[boot]: {0}")]
@@ -337,6 +433,22 @@ impl Config {
                 )));
             }
         }
+        let api = s.api.unwrap_or_default().resolve(listen, &data_dir)?;
+        if api.tls.is_some()
+            && s.dhcp.is_some()
+            && s.boot
+                .as_ref()
+                .is_none_or(|b| b.listen.is_none() && b.http_base.is_none())
+        {
+            // DHCP would point firmware at the API's port, which speaks TLS
+            // with a certificate firmware has no way to trust.
+            return Err(ConfigError::Boot(
+                "[dhcp] sends firmware to kiln's HTTP boot, but the API is served over TLS, which firmware \
+                 cannot verify: set `listen` under [boot] (a plain-HTTP boot listener, e.g. \"0.0.0.0:8080\"), \
+                 or `http_base`"
+                    .into(),
+            ));
+        }
         let bmc = s.bmc.unwrap_or_default();
         bmc.validate().map_err(ConfigError::Bmc)?;
         let hooks = s.hooks.unwrap_or_default();
@@ -350,6 +462,7 @@ impl Config {
         outbound.validate().map_err(ConfigError::Outbound)?;
         Ok(Config {
             outbound,
+            api,
             bmc,
             jobs: s.jobs.unwrap_or_default(),
             hooks,
@@ -565,6 +678,77 @@ mod tests {
             let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_an_explicit_allow() {
+        // Loopback: plain HTTP, as the demo and the tests run.
+        let c = Config::load(None, Settings::default()).unwrap();
+        assert_eq!(c.api.tls, None);
+        let public = |file_text: &str| {
+            let (_d, path) = file(file_text);
+            Config::load(
+                Some(&path),
+                Settings {
+                    listen: Some("0.0.0.0:7070".into()),
+                    data_dir: Some("/srv/kiln".into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let e = public("").unwrap_err().to_string();
+        assert!(e.contains("0.0.0.0:7070, which is not loopback"), "{e}");
+        assert!(
+            e.contains("`tls = true`") && e.contains("allow_plain_http = true"),
+            "{e}"
+        );
+        let e = public("[api]\ntls = false\n").unwrap_err().to_string();
+        assert!(e.contains("not loopback"), "{e}");
+        let c = public("[api]\nallow_plain_http = true\n").unwrap();
+        assert_eq!(c.api.tls, None);
+        let c = public("[api]\ntls = true\n").unwrap();
+        assert_eq!(
+            c.api.tls,
+            Some(TlsSource::Generated {
+                dir: "/srv/kiln/tls".into()
+            })
+        );
+        let c = public("[api]\ntls_cert = \"/etc/kiln/c.pem\"\ntls_key = \"/etc/kiln/k.pem\"\n").unwrap();
+        assert_eq!(
+            c.api.tls,
+            Some(TlsSource::Files {
+                cert: "/etc/kiln/c.pem".into(),
+                key: "/etc/kiln/k.pem".into()
+            })
+        );
+        for (text, want) in [
+            ("[api]\ntls_cert = \"/c.pem\"\n", "go together"),
+            (
+                "[api]\ntls = false\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n",
+                "remove one or the other",
+            ),
+            ("[api]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
+            ("[api]\ntls = true\ntsl_cert = \"/c.pem\"\n", "tsl_cert"),
+        ] {
+            let e = public(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let c = public("[api]\ntls = true\ntrusted_proxies = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n").unwrap();
+        assert_eq!(c.api.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn dhcp_beside_a_tls_api_needs_a_plain_boot_url() {
+        let dhcp = "[dhcp]\nmode = \"proxy\"\ninterfaces = [\"br0\"]\n";
+        let (_d, path) = file(&format!("[api]\ntls = true\n{dhcp}"));
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("set `listen` under [boot]"), "{e}");
+        let (_d, path) = file(&format!("[api]\ntls = true\n[boot]\nlisten = \"0.0.0.0:8080\"\n{dhcp}"));
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        assert_eq!(c.boot.listen, Some("0.0.0.0:8080".parse().unwrap()));
+        let (_d, path) = file("[boot]\nlisten = \"0.0.0.0\"\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! kiln server: wiring of the store, secrets, auth and the REST API.
 //! `run(state, listener, shutdown)` serves on an already-bound listener so
-//! tests use port 0; `serve(config, shutdown)` is what `kiln server` calls.
+//! tests use port 0 (`run_tls` the same over TLS, `run_boot` the boot
+//! listener); `serve(config, shutdown)` is what `kiln server` calls.
 
 pub mod api;
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod peer;
 pub mod policy;
 pub mod secrets;
 pub mod tftp;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -48,6 +50,8 @@ pub struct AppState {
     pub engine: std::sync::Arc<jobs::Engine>,
     /// The outbound rules for URLs callers give (checked when given).
     pub outbound: std::sync::Arc<outbound::OutboundClient>,
+    /// `[api] trusted_proxies`, for [`peer::client_ip`].
+    pub trusted_proxies: peer::TrustedProxies,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -89,6 +93,7 @@ impl AppState {
             bmc,
             engine,
             outbound,
+            trusted_proxies: peer::TrustedProxies(std::sync::Arc::new(config.api.trusted_proxies.clone())),
         })
     }
 }
@@ -105,19 +110,44 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 pub fn router(state: AppState) -> Router {
-    api::router()
-        .route("/healthz", get(healthz))
+    let routes = api::router().route("/healthz", get(healthz)).merge(boot_routes());
+    finish(
+        routes,
+        "no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)",
+        state,
+    )
+}
+
+/// What firmware fetches: iPXE scripts, boot files, a job's installer files.
+fn boot_routes() -> Router<AppState> {
+    Router::new()
         .route("/boot/ipxe", get(boot_http::ipxe_script))
         .route("/boot/file/{*path}", get(boot_files::serve))
         .route("/boot/job/{id}/{file}", get(boot_http::job_file))
-        .fallback(|| async {
-            ApiError::not_found("no such endpoint: the API lives under /api/v1 (see /api/v1/openapi.json)")
-        })
+}
+
+/// The boot listener's routes: the boot routes and the endpoints agents
+/// call with their own token ([`api::agent_routes`]); nothing that takes
+/// an API token, so plain HTTP on the provisioning network carries none.
+pub fn boot_router(state: AppState) -> Router {
+    finish(
+        boot_routes().merge(api::agent_routes()),
+        "no such endpoint on the boot listener, which serves only /boot/ and the agents' endpoints: \
+         the API is on kiln's API listener (`listen`)",
+        state,
+    )
+}
+
+/// The layers every listener's router has.
+fn finish(routes: Router<AppState>, not_found: &'static str, state: AppState) -> Router {
+    routes
+        .fallback(move || async move { ApiError::not_found(not_found) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // Paths only: a query may hold a job token (`/boot/job/…?token=`).
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<axum::body::Body>| {
             tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
         }))
+        .layer(axum::Extension(state.trusted_proxies.clone()))
         .with_state(state)
 }
 
@@ -128,7 +158,8 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled.
+/// Serves the API over plain HTTP on `listener` until `shutdown` is
+/// cancelled.
 pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     axum::serve(
         listener,
@@ -139,27 +170,99 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     .context("the API server failed")
 }
 
-/// Opens everything `config` names, binds its listen address (and DHCP's
+/// [`run`] over TLS.
+pub async fn run_tls(
+    state: AppState,
+    listener: TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    // `tap_io` is how axum gives a listener of its own the peer's
+    // `ConnectInfo<SocketAddr>` (it is implemented for TcpListener only).
+    let listener = tls::TlsListener::new(listener, tls)?.tap_io(|_| ());
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("the API server failed")
+}
+
+/// Serves the boot listener ([`boot_router`], plain HTTP) on `listener`.
+pub async fn run_boot(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    axum::serve(
+        listener,
+        boot_router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("the boot HTTP server failed")
+}
+
+/// The HTTP listeners a server runs on, bound beforehand.
+#[derive(Debug)]
+pub struct Listeners {
+    pub api: TcpListener,
+    /// `None`: the API is plain HTTP.
+    pub api_tls: Option<tls::ServerTls>,
+    /// The plain-HTTP boot listener (`[boot] listen`).
+    pub boot: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// The API over plain HTTP, and no boot listener.
+    pub fn plain(api: TcpListener) -> Listeners {
+        Listeners {
+            api,
+            api_tls: None,
+            boot: None,
+        }
+    }
+
+    /// Binds what `config` asks for, after loading (or generating) the TLS
+    /// certificate, so that a bad certificate fails before any port opens.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let api_tls = match &config.api.tls {
+            Some(source) => Some(tls::load(source, config.listen)?),
+            None => None,
+        };
+        let api = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let boot = match config.boot.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} ([boot] listen)"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { api, api_tls, boot })
+    }
+}
+
+/// Opens everything `config` names, binds its listen addresses (and DHCP's
 /// sockets) and serves.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = AppState::open(&config).await?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listeners = Listeners::bind(&config).await?;
     let dhcp = match &config.dhcp {
         Some(d) => dhcp::bind_interfaces(d).context("cannot start the DHCP service")?,
         None => vec![],
     };
-    serve_on(state, &config, listener, dhcp, shutdown).await
+    serve_on(state, &config, listeners, dhcp, shutdown).await
 }
 
 /// Runs every service `config` asks for on listeners bound beforehand —
-/// the API on `listener`, DHCP on `dhcp` (from [`dhcp::bind_interfaces`];
-/// empty: no DHCP) — until `shutdown` or until one of them fails.
+/// the API and boot HTTP on `listeners`, DHCP on `dhcp` (from
+/// [`dhcp::bind_interfaces`]; empty: no DHCP) — until `shutdown` or until
+/// one of them fails.
 pub async fn serve_on(
     state: AppState,
     config: &Config,
-    listener: TcpListener,
+    listeners: Listeners,
     dhcp: Vec<dhcp::BoundInterface>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -167,7 +270,21 @@ pub async fn serve_on(
         Some(_) => "postgresql",
         None => "sqlite",
     };
-    let api_addr = listener.local_addr()?;
+    let Listeners { api, api_tls, boot } = listeners;
+    let api_addr = api.local_addr()?;
+    let boot_addr = boot.as_ref().map(|b| b.local_addr()).transpose()?;
+    match &api_tls {
+        Some(t) => tracing::info!(
+            url = %format!("https://{api_addr}"),
+            fingerprint = %t.fingerprint,
+            cert = %t.cert_path.display(),
+            "the API is served over TLS; clients pin this fingerprint (KILN_FINGERPRINT)"
+        ),
+        None => tracing::info!(url = %format!("http://{api_addr}"), "the API is served over plain HTTP"),
+    }
+    if let Some(b) = boot_addr {
+        tracing::info!(url = %format!("http://{b}"), "boot HTTP listener (boot files and agents only)");
+    }
     tracing::info!(listen = %api_addr, data_dir = %config.data_dir.display(), backend, "kiln server started");
     // The API and the boot services live and die together: when one stops
     // (or fails), all stop.
@@ -176,8 +293,9 @@ pub async fn serve_on(
         && !dhcp.is_empty()
     {
         let (store, boot, stop) = (state.store.clone(), config.boot.clone(), shutdown.clone());
-        // Boot file URLs name the port the API really listens on.
-        let port = api_addr.port();
+        // Boot file URLs name the port firmware can fetch from: the boot
+        // listener's, else the API's (plain HTTP then, as config checks).
+        let port = boot_addr.unwrap_or(api_addr).port();
         services.spawn(async move { ("DHCP", dhcp::run_on(store, settings, dhcp, boot, port, stop).await) });
     }
     if let Some(t) = config.tftp.clone() {
@@ -191,8 +309,15 @@ pub async fn serve_on(
     let bmc = state.bmc.clone();
     let (engine, stop) = (state.engine.clone(), shutdown.clone());
     services.spawn(async move { ("job engine", engine.run(stop).await) });
+    if let Some(listener) = boot {
+        let (state, stop) = (state.clone(), shutdown.clone());
+        services.spawn(async move { ("boot HTTP", run_boot(state, listener, stop).await) });
+    }
     let stop = shutdown.clone();
-    services.spawn(async move { ("API", run(state, listener, stop).await) });
+    match api_tls {
+        Some(t) => services.spawn(async move { ("API", run_tls(state, api, t.config, stop).await) }),
+        None => services.spawn(async move { ("API", run(state, api, stop).await) }),
+    };
     let mut result = Ok(());
     while let Some(done) = services.join_next().await {
         shutdown.cancel();

@@ -1,6 +1,9 @@
 //! A kiln server (API and job engine, and DHCP when the settings have a
 //! `[dhcp]`) on 127.0.0.1:0 over a fresh test database, with an admin token
-//! ready, and `api_test!` to run one body against both backends.
+//! ready, and `api_test!` to run one body against both backends. Settings
+//! with `[api] tls = true` serve the API over TLS (clients pinned to its
+//! generated certificate); with `[boot] listen`, a boot listener runs too
+//! (on 127.0.0.1:0 whatever address they name).
 
 use std::future::Future;
 
@@ -18,6 +21,10 @@ use crate::{Backend, TestDb};
 #[derive(Debug)]
 pub struct TestServer {
     pub url: String,
+    /// The API certificate's `sha256:HEX` when the API is served over TLS.
+    pub fingerprint: Option<String>,
+    /// The boot listener's URL, when the settings have a `[boot] listen`.
+    pub boot_url: Option<String>,
     pub admin_token: String,
     pub state: AppState,
     pub config: Config,
@@ -27,6 +34,7 @@ pub struct TestServer {
     db: TestDb,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    boot: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     engine: tokio::task::JoinHandle<anyhow::Result<()>>,
     dhcp: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -57,8 +65,21 @@ impl TestServer {
             .await
             .expect("creating the admin token");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding port 0");
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let tls = config.api.tls.as_ref().map(|source| {
+            kiln_server::tls::load(source, listener.local_addr().unwrap()).expect("loading the API certificate")
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
+        let (boot_url, boot) = match config.boot.listen {
+            Some(_) => {
+                let boot = TcpListener::bind("127.0.0.1:0").await.expect("binding port 0");
+                let url = format!("http://{}", boot.local_addr().unwrap());
+                let task = tokio::spawn(kiln_server::run_boot(state.clone(), boot, shutdown.clone()));
+                (Some(url), Some(task))
+            }
+            None => (None, None),
+        };
         let (dhcp_addr, dhcp) = match config.dhcp.clone() {
             Some(settings) => {
                 let sockets = kiln_server::dhcp::bind_interfaces(&settings).expect("binding the DHCP sockets");
@@ -76,10 +97,22 @@ impl TestServer {
             }
             None => (None, None),
         };
-        let task = tokio::spawn(kiln_server::run(state.clone(), listener, shutdown.clone()));
+        let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+        let task = match tls {
+            Some(t) => tokio::spawn(kiln_server::run_tls(
+                state.clone(),
+                listener,
+                t.config,
+                shutdown.clone(),
+            )),
+            None => tokio::spawn(kiln_server::run(state.clone(), listener, shutdown.clone())),
+        };
         let engine = tokio::spawn(state.engine.clone().run(shutdown.clone()));
         TestServer {
             url,
+            fingerprint,
+            boot_url,
+            boot,
             admin_token,
             state,
             config,
@@ -94,17 +127,29 @@ impl TestServer {
 
     /// A client with the admin token.
     pub fn admin(&self) -> Client {
-        Client::new(&self.url, Some(self.admin_token.clone()))
+        self.client(Some(&self.admin_token))
     }
 
-    /// A client with `token` (or none).
+    /// A client with `token` (or none); over TLS, pinned to the server's
+    /// certificate.
     pub fn client(&self, token: Option<&str>) -> Client {
-        Client::new(&self.url, token.map(str::to_string))
+        Client::with_trust(&self.url, token.map(str::to_string), &self.trust()).expect("building the client")
+    }
+
+    /// How a client trusts this server: its fingerprint over TLS.
+    pub fn trust(&self) -> kiln_client::Trust {
+        match &self.fingerprint {
+            Some(fp) => kiln_client::Trust::Fingerprint(kiln_client::parse_fingerprint(fp).expect("the fingerprint")),
+            None => kiln_client::Trust::System,
+        }
     }
 
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+        if let Some(boot) = self.boot {
+            let _ = boot.await;
+        }
         let _ = self.engine.await;
         if let Some(dhcp) = self.dhcp {
             let _ = dhcp.await;

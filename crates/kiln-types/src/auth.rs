@@ -69,4 +69,8 @@ pub struct TokenCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {
     pub token: TokenInfo,
+    /// The address the server sees this call come from: the TCP peer, or
+    /// the client a trusted proxy (`[api] trusted_proxies`) forwarded.
+    /// What rate limits and the audit log use.
+    pub client_address: String,
 }

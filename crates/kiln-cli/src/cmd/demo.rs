@@ -239,6 +239,14 @@ fn loopback_dhcp() -> DhcpSettings {
 }
 
 pub async fn run(args: DemoArgs, out: &mut Out) -> anyhow::Result<()> {
+    // The demo's simulated machines and printed URL speak plain HTTP, which
+    // the server allows on loopback only (docs/config.md, `[api]`).
+    if args.listen.parse::<SocketAddr>().is_ok_and(|a| !a.ip().is_loopback()) {
+        anyhow::bail!(
+            "the demo serves its API over plain HTTP, so only on loopback: --listen 127.0.0.1:PORT \
+             (a server for other hosts is `kiln server` with `tls = true` under [api])"
+        );
+    }
     let config = Config::from_settings(Settings {
         data_dir: Some(args.data_dir.clone()),
         listen: Some(args.listen.clone()),
@@ -306,7 +314,16 @@ pub async fn run(args: DemoArgs, out: &mut Out) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let server = {
         let (stop, config) = (shutdown.clone(), config.clone());
-        tokio::spawn(async move { kiln_server::serve_on(state, &config, listener, dhcp_sockets, stop).await })
+        tokio::spawn(async move {
+            kiln_server::serve_on(
+                state,
+                &config,
+                kiln_server::Listeners::plain(listener),
+                dhcp_sockets,
+                stop,
+            )
+            .await
+        })
     };
     let admin = Client::new(&url, Some(token));
     let outcome = demo_reimages(&admin, &fleet, &machines, &password, &args, out, &shutdown).await;

@@ -252,6 +252,11 @@ pub async fn run_token(c: TokenCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
                     "created {} token `{}`; it is shown only now",
                     created.info.role, created.info.name
                 );
+                // On stderr, beside the token on stdout: what the CLI
+                // needs to trust this server's certificate.
+                if let Ok(Some((fp, _))) = kiln_server::tls::configured_fingerprint(&config) {
+                    eprintln!("the server's TLS certificate: export KILN_FINGERPRINT={fp}");
+                }
                 return print_created(&created, out);
             }
             let created = ctx

@@ -142,14 +142,22 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs/{id}/pause", post(jobs::pause))
         .route("/api/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/v1/jobs/{id}/stages/{n}", post(jobs::report_stage))
-        .route("/api/v1/jobs/{id}/failure", post(jobs::report_failure))
         .route("/api/v1/jobs/{id}/events", get(jobs::events))
-        .route("/api/v1/jobs/{id}/plan", get(agent::plan))
-        .route("/api/v1/discovery", post(agent::discovery))
         .route("/api/v1/rollouts", post(rollouts::create).get(rollouts::list))
         .route("/api/v1/rollouts/{id}", get(rollouts::get))
         .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
         .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
         .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
+        .merge(agent_routes())
+}
+
+/// The endpoints agents and installers call with the token of their job
+/// or discovery (no API token): served on the API listener and on the
+/// plain-HTTP boot listener (`[boot] listen`).
+pub fn agent_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/jobs/{id}/stages/{n}", post(jobs::report_stage))
+        .route("/api/v1/jobs/{id}/failure", post(jobs::report_failure))
+        .route("/api/v1/jobs/{id}/plan", get(agent::plan))
+        .route("/api/v1/discovery", post(agent::discovery))
 }

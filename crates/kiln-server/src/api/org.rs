@@ -17,8 +17,11 @@ use crate::error::ApiResult;
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "auth",
     responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
-    Json(WhoAmI { token: caller.token })
+pub async fn whoami(caller: Caller, crate::peer::ClientIp(ip): crate::peer::ClientIp) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        token: caller.token,
+        client_address: ip.to_string(),
+    })
 }
 
 #[utoipa::path(post, path = "/api/v1/sites", tag = "sites", request_body = SiteCreate,

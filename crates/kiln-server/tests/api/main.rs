@@ -11,3 +11,4 @@ mod jobs;
 mod machines;
 mod openapi;
 mod policy;
+mod transport;
