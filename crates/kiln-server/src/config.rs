@@ -56,6 +56,10 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub post_install: Option<kiln_workflow::post_install::PostInstallSettings>,
+    /// API tokens: lifetimes, failed-authentication limit (file only: `[auth]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 /// `[boot]`: what booting machines are told, and where HTTP boot finds
@@ -203,6 +207,7 @@ impl Settings {
             jobs: over.jobs.or(self.jobs),
             hooks: over.hooks.or(self.hooks),
             post_install: over.post_install.or(self.post_install),
+            auth: over.auth.or(self.auth),
         }
     }
 }
@@ -222,6 +227,7 @@ pub struct Config {
     pub jobs: kiln_workflow::EngineSettings,
     pub hooks: Vec<kiln_workflow::hooks::HookConfig>,
     pub post_install: kiln_workflow::post_install::PostInstallSettings,
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Config {
@@ -317,6 +323,7 @@ impl Config {
             jobs: s.jobs.unwrap_or_default(),
             hooks,
             post_install,
+            auth: s.auth.unwrap_or_default(),
             boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,
@@ -422,6 +429,19 @@ mod tests {
             let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn auth_section() {
+        let c = Config::load(None, Settings::default()).unwrap();
+        assert_eq!(c.auth.failures_per_minute, 30);
+        assert_eq!(c.auth.max_token_lifetime_days, 365);
+        let (_d, path) = file("[auth]\nfailures_per_minute = 5\nmax_token_lifetime_days = 0\n");
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        assert_eq!((c.auth.failures_per_minute, c.auth.max_token_lifetime_days), (5, 0));
+        let (_d, path) = file("[auth]\nfailures_per_hour = 5\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("failures_per_hour"), "{e}");
     }
 
     #[test]
