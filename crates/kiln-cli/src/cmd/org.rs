@@ -482,3 +482,26 @@ pub async fn boot(c: BootCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_takes_durations_and_times() {
+        let d = |s: &str| parse_expires(s).unwrap();
+        assert_eq!(d("90m"), Expires::In(chrono::Duration::minutes(90)));
+        assert_eq!(d("12h"), Expires::In(chrono::Duration::hours(12)));
+        assert_eq!(d("30d"), Expires::In(chrono::Duration::days(30)));
+        assert_eq!(d("8w"), Expires::In(chrono::Duration::weeks(8)));
+        assert_eq!(
+            d("2027-01-01T01:00:00+01:00"),
+            Expires::At("2027-01-01T00:00:00Z".parse().unwrap())
+        );
+        for bad in ["", "30", "d", "-5d", "5x", "1.5d", "99999999999999999w", "2027-01-01"] {
+            let e = parse_expires(bad).unwrap_err();
+            assert!(e.contains("30d") && e.contains("RFC 3339"), "{bad}: {e}");
+        }
+        assert!(parse_expires("0d").unwrap_err().contains("no time at all"));
+    }
+}

@@ -2,6 +2,7 @@
 //! One binary; a module per area beyond the first ones here.
 
 mod jobs;
+mod tokens;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
