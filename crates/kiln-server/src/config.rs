@@ -65,6 +65,10 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub outbound: Option<crate::outbound::OutboundSettings>,
+    /// API tokens: lifetimes, failed-authentication limit (file only: `[auth]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 /// `[api]`: how the API listener is served.
@@ -313,6 +317,7 @@ impl Settings {
             hooks: over.hooks.or(self.hooks),
             post_install: over.post_install.or(self.post_install),
             outbound: over.outbound.or(self.outbound),
+            auth: over.auth.or(self.auth),
         }
     }
 }
@@ -334,6 +339,7 @@ pub struct Config {
     pub hooks: Vec<kiln_workflow::hooks::HookConfig>,
     pub post_install: kiln_workflow::post_install::PostInstallSettings,
     pub outbound: crate::outbound::OutboundSettings,
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Config {
@@ -467,6 +473,7 @@ impl Config {
             jobs: s.jobs.unwrap_or_default(),
             hooks,
             post_install,
+            auth: s.auth.unwrap_or_default(),
             boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,
@@ -749,6 +756,19 @@ mod tests {
         let (_d, path) = file("[boot]\nlisten = \"0.0.0.0\"\n");
         let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn auth_section() {
+        let c = Config::load(None, Settings::default()).unwrap();
+        assert_eq!(c.auth.failures_per_minute, 30);
+        assert_eq!(c.auth.max_token_lifetime_days, 365);
+        let (_d, path) = file("[auth]\nfailures_per_minute = 5\nmax_token_lifetime_days = 0\n");
+        let c = Config::load(Some(&path), Settings::default()).unwrap();
+        assert_eq!((c.auth.failures_per_minute, c.auth.max_token_lifetime_days), (5, 0));
+        let (_d, path) = file("[auth]\nfailures_per_hour = 5\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("failures_per_hour"), "{e}");
     }
 
     #[test]

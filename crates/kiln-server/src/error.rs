@@ -12,7 +12,15 @@ use kiln_types::error::{ApiError as Body, ErrorDetail};
 pub struct ApiError {
     status: StatusCode,
     body: Body,
+    /// Seconds for a `Retry-After` header (429 answers).
+    retry_after: Option<u64>,
 }
+
+/// A copy of the error an answer carries, in the response's extensions, for
+/// layers that look at answers (the audit of refused calls) without
+/// reading the body.
+#[derive(Debug, Clone)]
+pub struct ErrorSent(pub Body);
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
@@ -25,6 +33,15 @@ impl ApiError {
                 message: message.into(),
                 details: vec![],
             },
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After: retry_after_secs`.
+    pub fn too_many_requests(message: impl Into<String>, retry_after_secs: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after_secs),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", message)
         }
     }
 
@@ -80,6 +97,11 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> &str {
+        &self.body.message
     }
 }
 
@@ -159,7 +181,12 @@ impl From<crate::bmc::BmcCallError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let sent = ErrorSent(self.body.clone());
         let mut resp = (self.status, Json(self.body)).into_response();
+        resp.extensions_mut().insert(sent);
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

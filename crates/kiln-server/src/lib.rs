@@ -12,10 +12,12 @@ pub mod config;
 pub mod dhcp;
 pub mod discovery;
 pub mod error;
+pub mod failure_limit;
 pub mod jobs;
 pub mod outbound;
 pub mod peer;
 pub mod policy;
+pub mod refusals;
 pub mod secrets;
 pub mod tftp;
 pub mod tls;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub outbound: std::sync::Arc<outbound::OutboundClient>,
     /// `[api] trusted_proxies`, for [`peer::client_ip`].
     pub trusted_proxies: peer::TrustedProxies,
+    /// Token lifetimes and the failed-authentication limit (`[auth]`).
+    pub auth: std::sync::Arc<auth::AuthGuard>,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -94,6 +98,7 @@ impl AppState {
             engine,
             outbound,
             trusted_proxies: peer::TrustedProxies(std::sync::Arc::new(config.api.trusted_proxies.clone())),
+            auth: std::sync::Arc::new(auth::AuthGuard::new(config.auth.clone())),
         })
     }
 }
@@ -142,6 +147,8 @@ pub fn boot_router(state: AppState) -> Router {
 fn finish(routes: Router<AppState>, not_found: &'static str, state: AppState) -> Router {
     routes
         .fallback(move || async move { ApiError::not_found(not_found) })
+        // Around every route, so routes added later are covered too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refusals::audit))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // Paths only: a query may hold a job token (`/boot/job/…?token=`).
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<axum::body::Body>| {
@@ -335,19 +342,30 @@ pub async fn serve_on(
 }
 
 /// Creates a token straight in the database, without a running server: how
-/// a fresh install gets its first admin token.
+/// a fresh install gets its first admin token. Its expiry follows `[auth]`
+/// like a token made through the API.
 pub async fn bootstrap_token(
     config: &Config,
     role: Role,
     tenant: Option<&str>,
     name: Option<&str>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<TokenCreated> {
+    let expires_at = auth::resolve_expiry(expires_at, chrono::Utc::now(), config.auth.max_token_lifetime_days)
+        .map_err(|e| anyhow::anyhow!(e))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
     let store = open_store(config).await?;
     let (token, hash) = auth::new_token();
     let info = store
-        .create_token(&Actor::new("bootstrap (offline)"), name, role, tenant, &hash)
+        .create_token(
+            &Actor::new("bootstrap (offline)"),
+            name,
+            role,
+            tenant,
+            &hash,
+            expires_at,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     store.close().await;

@@ -1,5 +1,6 @@
 //! Sites, racks, tenants and API tokens.
 
+use chrono::{DateTime, Utc};
 use kiln_types::auth::{Role, Tenant, TenantCreate, TokenInfo};
 use kiln_types::site::{Rack, RackCreate, Site, SiteCreate};
 use kiln_types::{RackId, SiteId, TenantId, TokenId};
@@ -52,6 +53,8 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant> {
 fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
     let tenant_id: Option<String> = row.try_get("tenant_id")?;
     let revoked: Option<String> = row.try_get("revoked_at")?;
+    let expires: Option<String> = row.try_get("expires_at")?;
+    let last_used: Option<String> = row.try_get("last_used_at")?;
     Ok(TokenRecord {
         info: TokenInfo {
             id: parse_col("token id", &row.try_get::<String, _>("id")?)?,
@@ -60,6 +63,9 @@ fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
             tenant: row.try_get("tenant_name")?,
             created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
             revoked_at: revoked.as_deref().map(parse_ts).transpose()?,
+            expires_at: expires.as_deref().map(parse_ts).transpose()?,
+            last_used_at: last_used.as_deref().map(parse_ts).transpose()?,
+            last_used_from: row.try_get("last_used_from")?,
         },
         tenant_id: tenant_id.as_deref().map(|s| parse_col("tenant id", s)).transpose()?,
     })
@@ -67,7 +73,8 @@ fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
 
 const RACK_SELECT: &str = "SELECT r.id, r.name, r.row_name, r.node_group, r.created_at, s.name AS site_name \
                            FROM racks r JOIN sites s ON s.id = r.site_id";
-const TOKEN_SELECT: &str = "SELECT k.id, k.name, k.role, k.tenant_id, k.created_at, k.revoked_at, t.name AS tenant_name \
+const TOKEN_SELECT: &str = "SELECT k.id, k.name, k.role, k.tenant_id, k.created_at, k.revoked_at, k.expires_at, \
+                            k.last_used_at, k.last_used_from, t.name AS tenant_name \
                             FROM tokens k LEFT JOIN tenants t ON t.id = k.tenant_id";
 
 impl Store {
@@ -364,12 +371,15 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("n")?;
-        let tokens: i64 =
-            sqlx::query::<Any>("SELECT COUNT(*) AS n FROM tokens WHERE tenant_id = $1 AND revoked_at IS NULL")
-                .bind(tenant.id.to_string())
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("n")?;
+        let tokens: i64 = sqlx::query::<Any>(
+            "SELECT COUNT(*) AS n FROM tokens WHERE tenant_id = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(tenant.id.to_string())
+        .bind(ts(now()))
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
         if machines > 0 || tokens > 0 {
             return Err(StoreError::Refused(format!(
                 "tenant `{}` still owns {machines} machines and {tokens} live tokens: \
@@ -405,7 +415,9 @@ impl Store {
 
     // ---- tokens ----
 
-    /// Stores a token by the SHA-256 `hash` of its secret.
+    /// Stores a token by the SHA-256 `hash` of its secret; it stops working
+    /// at `expires_at` (none: never). How long a token may live is the
+    /// server's policy, not the store's.
     pub async fn create_token(
         &self,
         actor: &Actor,
@@ -413,6 +425,7 @@ impl Store {
         role: Role,
         tenant: Option<&str>,
         hash: &str,
+        expires_at: Option<DateTime<Utc>>,
     ) -> Result<TokenInfo> {
         let tenant = match (role, tenant) {
             (Role::Tenant, Some(t)) => Some(self.get_tenant(t).await.map_err(|e| match e {
@@ -446,10 +459,15 @@ impl Store {
             tenant: tenant.as_ref().map(|t| t.name.clone()),
             created_at: now(),
             revoked_at: None,
+            // Stored as text to the microsecond: what is returned equals what is re-read.
+            expires_at: expires_at.map(|t| DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)),
+            last_used_at: None,
+            last_used_from: None,
         };
         let mut tx = self.write_tx().await?;
         sqlx::query::<Any>(
-            "INSERT INTO tokens (id, name, role, tenant_id, hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO tokens (id, name, role, tenant_id, hash, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(info.id.to_string())
         .bind(&info.name)
@@ -457,6 +475,7 @@ impl Store {
         .bind(tenant.as_ref().map(|t| t.id.to_string()))
         .bind(hash)
         .bind(ts(info.created_at))
+        .bind(info.expires_at.map(ts))
         .execute(&mut *tx)
         .await?;
         record(
@@ -476,15 +495,44 @@ impl Store {
         Ok(info)
     }
 
-    /// The live (not revoked) token whose secret hashes to `hash`.
+    /// The token whose secret hashes to `hash`, **revoked and expired ones
+    /// included**, so that a refusal can say which and since when: the
+    /// caller must check [`TokenInfo::state_at`](kiln_types::auth::TokenInfo::state_at).
+    /// Read from the database on every call, never cached, so a revocation
+    /// or an expiry counts from the very next request.
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        let row = sqlx::query::<Any>(built(format!(
-            "{TOKEN_SELECT} WHERE k.hash = $1 AND k.revoked_at IS NULL"
-        )))
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query::<Any>(built(format!("{TOKEN_SELECT} WHERE k.hash = $1")))
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(token_from_row).transpose()
+    }
+
+    /// Records that token `id` authenticated a call at `at` from `from`,
+    /// unless it was already recorded as used after `at - min_interval`:
+    /// the condition is in the UPDATE itself, so servers sharing one
+    /// database write it at most once per interval between them. Returns
+    /// whether a row was written. Not audited: nobody changed anything.
+    pub async fn touch_token(
+        &self,
+        id: TokenId,
+        at: DateTime<Utc>,
+        from: &str,
+        min_interval: std::time::Duration,
+    ) -> Result<bool> {
+        let since = at - chrono::Duration::from_std(min_interval).unwrap_or(chrono::Duration::MAX);
+        let _turn = self.write_turn().await?;
+        let done = sqlx::query::<Any>(
+            "UPDATE tokens SET last_used_at = $1, last_used_from = $2 \
+             WHERE id = $3 AND (last_used_at IS NULL OR last_used_at <= $4)",
+        )
+        .bind(ts(at))
+        .bind(from)
+        .bind(id.to_string())
+        .bind(ts(since))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {

@@ -2,7 +2,7 @@
 
 use kiln_store::{Actor, NewMachine, SealedPassword, Store, StoreError};
 use kiln_test_utils::store_test;
-use kiln_types::auth::{Role, TenantCreate};
+use kiln_types::auth::{Role, TenantCreate, TokenState};
 use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, TaskCreate, TaskKind};
 use kiln_types::event::EventFilter;
 use kiln_types::machine::{BmcDriver, BmcInput, MachineCreate, MachineFilter, MachinePatch, MachineState, Nic};
@@ -545,6 +545,74 @@ store_test!(bmc_tls_settings_round_trip_and_are_audited, |store| {
     assert!(rows[0].1.contains("applies to the redfish driver only"), "{rows:?}");
 });
 
+store_test!(token_expiry_and_last_use, |store| {
+    let t0 = chrono::Utc::now();
+    let soon = t0 + chrono::Duration::seconds(30);
+    let t = store
+        .create_token(&actor(), Some("ci"), Role::Operator, None, "h9", Some(soon))
+        .await
+        .unwrap();
+    let found = store.token_by_hash("h9").await.unwrap().unwrap().info;
+    assert_eq!(found, t, "what is returned is what is read back");
+    assert_eq!(
+        found.expires_at.map(|e| e.timestamp_micros()),
+        Some(soon.timestamp_micros())
+    );
+    assert_eq!(found.state_at(t0), TokenState::Live);
+    assert!(matches!(found.state_at(soon), TokenState::Expired(_)));
+    assert!(found.last_used_at.is_none());
+
+    // Last use: written once, then not again within the interval.
+    let minute = std::time::Duration::from_secs(60);
+    assert!(store.touch_token(t.id, t0, "192.0.2.7", minute).await.unwrap());
+    assert!(
+        !store
+            .touch_token(t.id, t0 + chrono::Duration::seconds(59), "192.0.2.8", minute)
+            .await
+            .unwrap(),
+        "a second use within a minute writes nothing"
+    );
+    let used = store.token_by_hash("h9").await.unwrap().unwrap().info;
+    assert_eq!(
+        used.last_used_at.map(|u| u.timestamp_micros()),
+        Some(t0.timestamp_micros())
+    );
+    assert_eq!(used.last_used_from.as_deref(), Some("192.0.2.7"));
+    let later = t0 + chrono::Duration::seconds(61);
+    assert!(store.touch_token(t.id, later, "192.0.2.8", minute).await.unwrap());
+    let listed = store.list_tokens().await.unwrap();
+    let ci = listed.iter().find(|x| x.name == "ci").unwrap();
+    assert_eq!(ci.last_used_from.as_deref(), Some("192.0.2.8"));
+    assert_eq!(
+        ci.last_used_at.map(|u| u.timestamp_micros()),
+        Some(later.timestamp_micros())
+    );
+
+    // An expired tenant token no longer keeps its tenant alive.
+    store
+        .create_tenant(
+            &actor(),
+            &TenantCreate {
+                name: "gone".into(),
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .create_token(
+            &actor(),
+            None,
+            Role::Tenant,
+            Some("gone"),
+            "h10",
+            Some(t0 - chrono::Duration::seconds(1)),
+        )
+        .await
+        .unwrap();
+    store.delete_tenant(&actor(), "gone").await.unwrap();
+});
+
 store_test!(tokens_tenants_and_catalog, |store| {
     store
         .create_tenant(
@@ -557,17 +625,17 @@ store_test!(tokens_tenants_and_catalog, |store| {
         .await
         .unwrap();
     let err = store
-        .create_token(&actor(), None, Role::Tenant, None, "h0")
+        .create_token(&actor(), None, Role::Tenant, None, "h0", None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("needs --tenant"));
     let err = store
-        .create_token(&actor(), None, Role::Admin, Some("acme"), "h0")
+        .create_token(&actor(), None, Role::Admin, Some("acme"), "h0", None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("only tenant tokens"));
     let t = store
-        .create_token(&actor(), Some("acme-ci"), Role::Tenant, Some("acme"), "h1")
+        .create_token(&actor(), Some("acme-ci"), Role::Tenant, Some("acme"), "h1", None)
         .await
         .unwrap();
     let found = store.token_by_hash("h1").await.unwrap().unwrap();
@@ -580,9 +648,10 @@ store_test!(tokens_tenants_and_catalog, |store| {
         "{err:?}"
     );
     store.revoke_token(&actor(), "acme-ci").await.unwrap();
+    let revoked = store.token_by_hash("h1").await.unwrap().unwrap().info;
     assert!(
-        store.token_by_hash("h1").await.unwrap().is_none(),
-        "a revoked token no longer authenticates"
+        matches!(revoked.state_at(chrono::Utc::now()), TokenState::Revoked(_)),
+        "a revoked token no longer authenticates: {revoked:?}"
     );
     store.delete_tenant(&actor(), "acme").await.unwrap();
 

@@ -61,7 +61,14 @@ impl TestServer {
         let (admin_token, hash) = kiln_server::auth::new_token();
         state
             .store
-            .create_token(&Actor::new("test-setup"), Some("test-admin"), Role::Admin, None, &hash)
+            .create_token(
+                &Actor::new("test-setup"),
+                Some("test-admin"),
+                Role::Admin,
+                None,
+                &hash,
+                None,
+            )
             .await
             .expect("creating the admin token");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding port 0");

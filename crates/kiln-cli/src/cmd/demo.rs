@@ -259,7 +259,7 @@ pub async fn run(args: DemoArgs, out: &mut Out) -> anyhow::Result<()> {
     let (token, hash) = kiln_server::auth::new_token();
     state
         .store
-        .create_token(&Actor::new("demo"), None, Role::Admin, None, &hash)
+        .create_token(&Actor::new("demo"), None, Role::Admin, None, &hash, None)
         .await?;
     let enrolled = format!(
         "kiln demo: embedded SQLite in {}/ ({} machines enrolled now)",

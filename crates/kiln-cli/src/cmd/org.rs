@@ -79,6 +79,11 @@ pub enum TokenCmd {
         /// A label for the audit log.
         #[arg(long)]
         name: Option<String>,
+        /// When the token stops working: a duration from now (`90m`, `12h`,
+        /// `30d`, `8w`) or a time (`2027-01-01T00:00:00Z`). Default, and
+        /// longest: the server's `[auth] max_token_lifetime_days` (365).
+        #[arg(long, value_parser = parse_expires)]
+        expires: Option<Expires>,
         /// Server config file, for offline creation.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -93,6 +98,50 @@ pub enum TokenCmd {
     List,
     /// Revoke a token by id or name.
     Revoke { key: String },
+}
+
+/// `--expires`: in a while, or at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expires {
+    In(chrono::Duration),
+    At(chrono::DateTime<chrono::Utc>),
+}
+
+impl Expires {
+    pub fn at(self, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            Expires::In(d) => now + d,
+            Expires::At(t) => t,
+        }
+    }
+}
+
+/// Parses `30d`-style durations (m, h, d, w) and RFC 3339 times.
+pub fn parse_expires(s: &str) -> Result<Expires, String> {
+    let bad = || {
+        format!(
+            "`{s}` is neither a duration (a whole number and m, h, d or w: 90m, 12h, 30d, 8w) \
+             nor a time in RFC 3339 (2027-01-01T00:00:00Z)"
+        )
+    };
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(Expires::At(t.with_timezone(&chrono::Utc)));
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "m" => chrono::Duration::try_minutes(n),
+        "h" => chrono::Duration::try_hours(n),
+        "d" => chrono::Duration::try_days(n),
+        "w" => chrono::Duration::try_weeks(n),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if n == 0 {
+        return Err(format!("`{s}` is no time at all: a token must live a while (say 30d)"));
+    }
+    Ok(Expires::In(d))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -227,16 +276,31 @@ fn print_created(created: &TokenCreated, out: &mut Out) -> anyhow::Result<()> {
     }
 }
 
+fn minute(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M").to_string()
+}
+
+/// An expiry in the token table: a past one says so.
+fn when(t: chrono::DateTime<chrono::Utc>, now: chrono::DateTime<chrono::Utc>) -> String {
+    if t <= now {
+        format!("{} (expired)", minute(t))
+    } else {
+        minute(t)
+    }
+}
+
 pub async fn run_token(c: TokenCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
     match c {
         TokenCmd::Create {
             role,
             tenant,
             name,
+            expires,
             config,
             data_dir,
             database_url,
         } => {
+            let expires_at = expires.map(|e| e.at(chrono::Utc::now()));
             if config.is_some() || data_dir.is_some() || database_url.is_some() {
                 let config = Config::load(
                     config.as_deref(),
@@ -247,7 +311,8 @@ pub async fn run_token(c: TokenCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
                     },
                 )?;
                 let created =
-                    kiln_server::bootstrap_token(&config, role.into(), tenant.as_deref(), name.as_deref()).await?;
+                    kiln_server::bootstrap_token(&config, role.into(), tenant.as_deref(), name.as_deref(), expires_at)
+                        .await?;
                 eprintln!(
                     "created {} token `{}`; it is shown only now",
                     created.info.role, created.info.name
@@ -265,12 +330,14 @@ pub async fn run_token(c: TokenCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
                     role: role.into(),
                     tenant,
                     name,
+                    expires_at,
                 })
                 .await?;
             print_created(&created, out)
         }
         TokenCmd::List => {
             let tokens = ctx.client()?.list_tokens().await?;
+            let now = chrono::Utc::now();
             let rows = tokens
                 .iter()
                 .map(|t| {
@@ -278,14 +345,30 @@ pub async fn run_token(c: TokenCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<
                         t.name.clone(),
                         t.role.to_string(),
                         opt(&t.tenant),
-                        t.created_at.format("%Y-%m-%d %H:%M").to_string(),
-                        t.revoked_at
-                            .map_or("-".into(), |r| r.format("%Y-%m-%d %H:%M").to_string()),
+                        minute(t.created_at),
+                        t.expires_at.map_or("never".into(), |r| when(r, now)),
+                        t.revoked_at.map_or("-".into(), minute),
+                        t.last_used_at.map_or("never".into(), minute),
+                        opt(&t.last_used_from),
                         t.id.to_string(),
                     ]
                 })
                 .collect();
-            out.table(&tokens, &["NAME", "ROLE", "TENANT", "CREATED", "REVOKED", "ID"], rows)
+            out.table(
+                &tokens,
+                &[
+                    "NAME",
+                    "ROLE",
+                    "TENANT",
+                    "CREATED",
+                    "EXPIRES",
+                    "REVOKED",
+                    "LAST USED",
+                    "FROM",
+                    "ID",
+                ],
+                rows,
+            )
         }
         TokenCmd::Revoke { key } => {
             let t = ctx.client()?.revoke_token(&key).await?;
@@ -402,5 +485,28 @@ pub async fn boot(c: BootCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             out.line("")?;
             out.line(field("script").trim_end())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_takes_durations_and_times() {
+        let d = |s: &str| parse_expires(s).unwrap();
+        assert_eq!(d("90m"), Expires::In(chrono::Duration::minutes(90)));
+        assert_eq!(d("12h"), Expires::In(chrono::Duration::hours(12)));
+        assert_eq!(d("30d"), Expires::In(chrono::Duration::days(30)));
+        assert_eq!(d("8w"), Expires::In(chrono::Duration::weeks(8)));
+        assert_eq!(
+            d("2027-01-01T01:00:00+01:00"),
+            Expires::At("2027-01-01T00:00:00Z".parse().unwrap())
+        );
+        for bad in ["", "30", "d", "-5d", "5x", "1.5d", "99999999999999999w", "2027-01-01"] {
+            let e = parse_expires(bad).unwrap_err();
+            assert!(e.contains("30d") && e.contains("RFC 3339"), "{bad}: {e}");
+        }
+        assert!(parse_expires("0d").unwrap_err().contains("no time at all"));
     }
 }

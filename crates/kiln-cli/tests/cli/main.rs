@@ -3,6 +3,7 @@
 
 mod jobs;
 mod tls;
+mod tokens;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -11,8 +11,8 @@ use utoipa::IntoParams;
 
 use super::extract::{ApiJson, ApiQuery};
 use crate::AppState;
-use crate::auth::{Caller, new_token};
-use crate::error::ApiResult;
+use crate::auth::{Caller, new_token, resolve_expiry};
+use crate::error::{ApiError, ApiResult};
 
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "auth",
     responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)),
@@ -134,7 +134,9 @@ pub async fn delete_tenant(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Creates a token; the answer is the only time it is shown.
+/// Creates a token; the answer is the only time it is shown. It expires at
+/// `expires_at`, which may be at most `[auth] max_token_lifetime_days`
+/// away (also the default).
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "auth", request_body = TokenCreate,
     responses((status = 201, body = TokenCreated), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn create_token(
@@ -143,6 +145,12 @@ pub async fn create_token(
     ApiJson(req): ApiJson<TokenCreate>,
 ) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
     caller.require_admin()?;
+    let expires_at = resolve_expiry(
+        req.expires_at,
+        chrono::Utc::now(),
+        s.auth.settings.max_token_lifetime_days,
+    )
+    .map_err(ApiError::bad_request)?;
     let (token, hash) = new_token();
     let info = s
         .store
@@ -152,6 +160,7 @@ pub async fn create_token(
             req.role,
             req.tenant.as_deref(),
             &hash,
+            expires_at,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(TokenCreated { info, token })))

@@ -739,6 +739,7 @@ api_test!(
                 role: Role::Tenant,
                 tenant: Some("acme".into()),
                 name: None,
+                expires_at: None,
             })
             .await
             .unwrap()

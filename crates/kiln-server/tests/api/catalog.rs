@@ -62,6 +62,7 @@ api_test!(offer_lists_what_fits, |srv| {
             role: Role::Tenant,
             tenant: Some("acme".into()),
             name: None,
+            expires_at: None,
         })
         .await
         .unwrap();

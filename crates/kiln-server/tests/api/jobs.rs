@@ -407,6 +407,7 @@ api_test!(reimage_requests_are_checked_before_a_job_exists, |srv| {
             name: Some("acme-ci".into()),
             role: Role::Tenant,
             tenant: Some("acme".into()),
+            expires_at: None,
         })
         .await
         .unwrap();
