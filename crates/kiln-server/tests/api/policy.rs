@@ -220,6 +220,7 @@ impl World<'_> {
                         role: Role::Operator,
                         tenant: None,
                         name: Some(name),
+                        expires_at: None,
                     })
                     .await
                     .map(|t| t.info.id.to_string()),
@@ -460,6 +461,7 @@ api_test!(
                     role,
                     tenant: tenant.map(String::from),
                     name: None,
+                    expires_at: None,
                 })
                 .await
                 .unwrap();
