@@ -384,7 +384,7 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     let console = lab.console(lab.boots());
     assert!(console.contains("kiln-test-os: booted"), "{console}");
     assert!(console.contains("hostname=vm1"), "{console}");
-    assert!(console.contains("kiln-test-os: stage 5 reported"), "{console}");
+    assert!(console.contains("kiln-firstboot: stage 5 reported to"), "{console}");
     assert!(console.contains("md0"), "/boot is an md mirror:\n{console}");
     let m = lab.json(&["machine", "show", "vm1"]);
     assert_eq!(m["state"], "deployed");
@@ -394,7 +394,7 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     // 4. A second reimage of the same machine.
     let job2 = lab.reimage("testos-1");
     assert_eq!(job2["state"], "succeeded", "{job2:#}\n{}", lab.diagnostics());
-    assert!(lab.console(lab.boots()).contains("kiln-test-os: stage 5 reported"));
+    assert!(lab.console(lab.boots()).contains("kiln-firstboot: stage 5 reported to"));
 
     // 5. An accidental PXE boot of the deployed machine: kiln sends it to
     //    its disk (GRUB starts), and nothing was written.
