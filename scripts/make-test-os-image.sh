@@ -12,10 +12,14 @@
 #       itself: its /init mounts root= (md RAID and LVM assembled first)
 #   busybox (the ramdisk's own, taken out of the archive) with its applets
 #   /sbin/init  prints "kiln-test-os: booted hostname=… serial=… uuid=…",
-#       runs DHCP, reads the NoCloud user-data kiln's agent wrote
-#       (/var/lib/cloud/seed/nocloud/user-data), POSTs stage 5 to
-#       KILN_STAGE_URL with KILN_TOKEN, prints "kiln-test-os: stage 5
-#       reported" (or why not), then stays up.
+#       runs DHCP, then a small subset of cloud-init's NoCloud on the
+#       user-data kiln's agent wrote (/var/lib/cloud/seed/nocloud/user-data):
+#       each `write_files` entry with `encoding: b64` is written to its path
+#       with its permissions, then each `runcmd` entry of the form
+#       `- [/absolute/path]` runs (kiln's firstboot.sh, which runs the job's
+#       post-install script, reports stage 5 and calls the callback: its
+#       lines start "kiln-firstboot:"); any other form is printed as
+#       skipped. Then it stays up.
 #
 # Options:
 #   --artifacts DIR   where `kiln ramdisk build` wrote vmlinuz and
@@ -161,43 +165,84 @@ else
     if [ -n "$lease" ]; then say "network: $lease"; else say "no DHCP lease on$nics"; fi
 fi
 
-# cloud-init's NoCloud, for the one thing kiln needs: write_files'
-# /etc/kiln-firstboot.env, whose content is a JSON-style quoted string
-# "KILN_STAGE_URL=…\nKILN_TOKEN=…\n", then POST stage 5 with the token.
-report() {
-    if [ ! -f "$seed" ]; then
-        say "no user-data at $seed: nothing to report"
-        return
-    fi
-    url=$(sed -n 's/.*KILN_STAGE_URL=\([^\\"]*\).*/\1/p' "$seed" | head -n 1)
-    token=$(sed -n 's/.*KILN_TOKEN=\([^\\"]*\).*/\1/p' "$seed" | head -n 1)
-    if [ -z "$url" ] || [ -z "$token" ]; then
-        say "user-data has no KILN_STAGE_URL and KILN_TOKEN: nothing to report"
-        return
-    fi
-    if [ ! -f /var/lib/kiln-test-os.reported ]; then
-        printf 'KILN_STAGE_URL=%s\nKILN_TOKEN=%s\n' "$url" "$token" >/etc/kiln-firstboot.env
-        chmod 600 /etc/kiln-firstboot.env
-    fi
-    [ -f /etc/kiln-firstboot.env ] || { say "stage 5 already reported on an earlier boot"; return; }
-    body="first boot: serial=${serial:-} uuid=${uuid:-} hostname=${host:-}"
-    for try in 1 2 3 4 5 6 7 8 9 10; do
-        # timeout: busybox 1.35's own wget -T crashes (SIGSEGV).
-        err=$(timeout 20 wget -q -O /dev/null --header "Authorization: Bearer $token" \
-            --header "Content-Type: text/plain" --post-data "$body" "$url/5" 2>&1)
-        rc=$?
-        if [ "$rc" = 0 ]; then
-            rm -f /etc/kiln-firstboot.env
-            : >/var/lib/kiln-test-os.reported
-            sync
-            say "stage 5 reported to $url/5"
-            return
-        fi
-        sleep 3
-    done
-    say "stage 5 report to $url/5 failed after 10 tries: ${err:-wget exit status $rc}"
+# A small, honest subset of cloud-init's NoCloud: the forms kiln-boot's
+# user-data.yaml.j2 writes, and no others (anything else is named on the
+# console as skipped, never half-done). Once per instance, as cloud-init:
+# the marker is on the new disk, so each reimage runs it again.
+#   write_files: each entry with `encoding: b64` (or base64) is decoded to
+#       its absolute `path` (directories made), mode `permissions` (0644);
+#   runcmd: each entry `- [/absolute/path]` (argv of one element, no
+#       shell) runs in order, its output on the console.
+# Values are plain or JSON-quoted scalars without escapes.
+cloud_plan() {
+    awk '
+    function val(v) {
+        sub(/^[ \t]+/, "", v); sub(/[ \t]+$/, "", v)
+        if (v ~ /^".*"$/) v = substr(v, 2, length(v) - 2)
+        return v
+    }
+    function flush() {
+        if (!open) return
+        if (path !~ /^\/[A-Za-z0-9\/._-]+$/) print "S|write_files entry with path `" path "`: not an absolute plain path"
+        else if (enc != "b64" && enc != "base64") print "S|write_files " path ": encoding `" enc "` (only b64)"
+        else if (perm !~ /^0?[0-7][0-7][0-7]$/) print "S|write_files " path ": permissions `" perm "`"
+        else if (content !~ /^[A-Za-z0-9+\/=]*$/) print "S|write_files " path ": content is not base64 on one line"
+        else print "F|" path "|" perm "|" content
+        open = 0
+    }
+    /^[^ \t#-]/ { flush(); sec = $0; sub(/:.*/, "", sec); next }
+    sec == "write_files" && /^  - / { flush(); open = 1; path = ""; perm = "0644"; enc = "(none)"; content = ""; sub(/^  - /, "    ") }
+    sec == "write_files" && open && /^    [a-z_]+:/ {
+        key = $0; sub(/^ +/, "", key); sub(/:.*/, "", key)
+        v = $0; sub(/^ +[a-z_]+:/, "", v); v = val(v)
+        if (key == "path") path = v
+        else if (key == "permissions") perm = v
+        else if (key == "encoding") enc = v
+        else if (key == "content") content = v
+        else print "S|write_files key `" key "` ignored"
+        next
+    }
+    sec == "runcmd" && /^  - / {
+        v = $0; sub(/^  - /, "", v); v = val(v)
+        if (v ~ /^\[\/[A-Za-z0-9\/._-]+\]$/) print "R|" substr(v, 2, length(v) - 2)
+        else print "S|runcmd entry `" v "`: only [/absolute/path]"
+        next
+    }
+    END { flush() }
+    ' "$1"
 }
-report
+cloud_init() {
+    if [ ! -f "$seed" ]; then
+        say "no user-data at $seed: nothing to run"
+        return
+    fi
+    marker=/var/lib/cloud/kiln-test-os.done
+    [ -f $marker ] && { say "cloud-init: already ran on an earlier boot"; return; }
+    cloud_plan "$seed" >/run/cloud-plan
+    while IFS='|' read -r kind a b c; do
+        case $kind in
+        F)
+            mkdir -p "${a%/*}"
+            if printf '%s' "$c" | base64 -d >"$a" && chmod "$b" "$a"; then
+                say "write_files: $a ($b)"
+            else
+                say "write_files: $a: could not write it"
+            fi
+            ;;
+        S) say "cloud-init: skipped $a" ;;
+        esac
+    done </run/cloud-plan
+    while IFS='|' read -r kind a; do
+        [ "$kind" = R ] || continue
+        say "runcmd: $a"
+        "$a" </dev/null
+        say "runcmd: $a exit $?"
+    done </run/cloud-plan
+    mkdir -p /var/lib/cloud
+    : >$marker
+    sync
+}
+cloud_init
 say "up (sleeping; power off through the BMC)"
 while :; do sleep 3600; done
 EOF

@@ -90,7 +90,7 @@ fn kiln_powers_a_qemu_vm_through_ipmi_sim_and_makes_it_pxe_boot() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n[boot]\nhttp_base = \"http://10.79.0.1:7070\"\n\n\
+            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n[api]\nallow_plain_http = true\n\n[boot]\nhttp_base = \"http://10.79.0.1:7070\"\n\n\
              [bmc]\ndeadline_secs = 20\n\n\
              [dhcp]\nmode = \"full\"\ninterfaces = [\"{bridge}\"]\n\n\
              [[dhcp.subnet]]\nnetwork = \"10.79.0.0/24\"\npool = [\"10.79.0.100\", \"10.79.0.120\"]\n\

@@ -100,7 +100,7 @@ fn an_installer_reimage_boots_d_i_which_fetches_the_preseed_and_reports_stage_1(
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n\
+            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n[api]\nallow_plain_http = true\n\n\
              [boot]\nhttp_base = \"http://10.79.0.1:7070\"\nartifacts = \"{}\"\n\n\
              [dhcp]\nmode = \"full\"\ninterfaces = [\"{bridge}\"]\n\n\
              [[dhcp.subnet]]\nnetwork = \"10.79.0.0/24\"\npool = [\"10.79.0.100\", \"10.79.0.120\"]\n\

@@ -60,7 +60,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n\
+                "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n[api]\nallow_plain_http = true\n\n\
                  [boot]\nhttp_base = \"http://10.78.0.1:7070\"\nartifacts = \"{}\"\n{boot_section}\n\n{dhcp_section}",
                 data.display(),
                 art.display()

@@ -2,9 +2,10 @@
 //! the static agent), then the ramdisk under QEMU (software emulation,
 //! direct -kernel/-initrd boot): discovery runs the agent and powers off by
 //! itself; `root=` boots the test OS (scripts/make-test-os-image.sh) from a
-//! plain disk, reporting stage 5 to a listener here, and from LVM on md
-//! RAID 1 as `lvm_raid1` lays it out. Serial consoles are asserted on; QEMU
-//! is stopped by PID.
+//! plain disk with kiln-boot's real user-data, whose first-boot script runs
+//! the job's script there, reports stage 5 and calls the callback (a
+//! listener here), and from LVM on md RAID 1 as `lvm_raid1` lays it out.
+//! Serial consoles are asserted on; QEMU is stopped by PID.
 //!
 //! The static agent: `KILN_TEST_STATIC_AGENT` (scripts/test builds it once
 //! before the tests), else built here with the documented command.
@@ -429,24 +430,65 @@ fn test_os_image(b: &Built, dir: &Path, user_data: Option<&Path>) -> PathBuf {
     image
 }
 
+/// kiln-boot's own cloud-init user-data (the template the server renders
+/// for a disk-image job) for machine `testvm1`, a job whose stage URL and
+/// callback are on `base`, and post-install script `script`.
+fn rendered_user_data(base: &str, job: &str, token: &str, script: &str) -> String {
+    use kiln_boot::templates::{InstallPlan, TemplateContext, TemplateKind, render};
+    use kiln_types::catalog::{Arch, OsImage, OsKind};
+    use kiln_types::machine::{Machine, MachineKind, MachineState};
+    let machine = Machine::sketch("testvm1", MachineKind::Physical, MachineState::Ready);
+    let os = OsImage {
+        id: kiln_types::OsImageId::new(),
+        name: "testos".into(),
+        version: "1".into(),
+        arch: Arch::X86_64,
+        kind: OsKind::DiskImage,
+        tags: vec![],
+        min_ram_bytes: 0,
+        min_disk_bytes: 0,
+        source: "kiln-test-os.ext4".into(),
+        sha256: None,
+        templates: Default::default(),
+        created_at: chrono::Utc::now(),
+    };
+    let plan = InstallPlan {
+        job_id: job.into(),
+        token: kiln_types::Secret::new(token),
+        hostname: None,
+        layout: None,
+        ssh_keys: vec![],
+        root_password_hash: None,
+        post_install_script: Some(script.into()),
+        callback_url: Some(format!("{base}/cb")),
+    };
+    let ctx = TemplateContext::new(&machine, &os, &plan, base).unwrap();
+    render(TemplateKind::UserData, None, &ctx).unwrap()
+}
+
+/// The test OS runs kiln-boot's real user-data through its cloud-init
+/// subset: the job's script runs in the VM, kiln's first-boot script
+/// reports stage 5 with its exit status and output, then calls the
+/// callback with JSON — both requests from the VM.
 #[test]
-fn root_boots_the_test_os_which_reports_stage_5() {
+fn root_boots_the_test_os_which_runs_the_script_reports_stage_5_and_calls_back() {
     need_tools();
     let b = built();
     let dir = tempfile::tempdir().unwrap();
-    // The stage URL points at this listener through QEMU's user network
-    // (10.0.2.2 is the host's loopback there).
+    // The stage URL and the callback point at this listener through QEMU's
+    // user network (10.0.2.2 is the host's loopback there).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let base = format!("http://10.0.2.2:{port}");
     let job = "01900000-0000-7000-8000-000000000005";
-    // The shape of kiln-boot's user-data.yaml.j2: a JSON-style quoted string.
     let user_data = dir.path().join("user-data");
     std::fs::write(
         &user_data,
-        format!(
-            "#cloud-config\nhostname: testvm1\npreserve_hostname: false\nwrite_files:\n  \
-             - path: /etc/kiln-firstboot.env\n    permissions: \"0600\"\n    content: \
-             \"KILN_STAGE_URL=http://10.0.2.2:{port}/api/v1/jobs/{job}/stages\\nKILN_TOKEN=tok-5a5a\\n\"\n"
+        rendered_user_data(
+            &base,
+            job,
+            "tok-5a5a",
+            "#!/bin/sh\necho \"ran on $(hostname)\"\nexit 3\n",
         ),
     )
     .unwrap();
@@ -482,12 +524,34 @@ fn root_boots_the_test_os_which_reports_stage_5() {
     );
     assert!(request.contains("Authorization: Bearer tok-5a5a\r\n"), "{request}");
     assert!(
-        request.ends_with(
-            "first boot: serial=KILN-TEST-SERIAL uuid=4c616200-0000-4000-8000-000000000042 hostname=testvm1"
-        ),
+        request.ends_with("\r\n\r\nfirst boot; post-install script exit 3: ran on testvm1"),
         "{request}"
     );
-    wait_console(&vm, "kiln-test-os: stage 5 reported", Duration::from_secs(30));
+    let callback = accept_one(&listener, Duration::from_secs(60), &vm);
+    assert!(callback.starts_with("POST /cb HTTP/1."), "{callback}");
+    assert!(!callback.contains("Authorization"), "{callback}");
+    let body = callback.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {callback}"));
+    assert_eq!(
+        json,
+        serde_json::json!({"job_id": job, "hostname": "testvm1", "stage": 5, "post_install_exit": 3})
+    );
+    let text = wait_console(
+        &vm,
+        "kiln-test-os: runcmd: /var/lib/kiln/firstboot.sh exit 0",
+        Duration::from_secs(30),
+    );
+    for needle in [
+        "kiln-test-os: write_files: /etc/kiln-firstboot.env (0600)",
+        "kiln-test-os: write_files: /var/lib/kiln/firstboot.sh (0700)",
+        "kiln-test-os: write_files: /var/lib/kiln/post-install.sh (0700)",
+        "kiln-firstboot: post-install script exit 3",
+        &format!("kiln-firstboot: stage 5 reported to {base}/api/v1/jobs/{job}/stages/5"),
+        &format!("kiln-firstboot: callback called: {base}/cb"),
+    ] {
+        assert!(text.contains(needle), "`{needle}` is not on the console:\n{text}");
+    }
+    assert!(!text.contains("kiln-test-os: cloud-init: skipped"), "{text}");
     drop(vm);
 }
 

@@ -2,9 +2,14 @@
 //! virtual disks and an OpenIPMI `ipmi_sim` BMC, enrolled with nothing but
 //! its BMC, is discovered, reimaged with `lvm_raid1` from the test OS image
 //! (scripts/make-test-os-image.sh), boots it from disk and reports stage 5;
-//! reimaged again; PXE-booted by accident (it is sent to its disk, which is
-//! left unchanged); and reimaged with a wrong checksum (the job fails and
-//! the disks do not boot). A stand-in switch sends LLDP on the bridge, and
+//! reimaged again by its tenant (issue 14) with a post-install script that
+//! would leave a canary file on the kiln server and a callback URL on the
+//! tenant's own network: the script runs in the new OS (cloud-init's
+//! `runcmd`), stage 5 carries its exit status and output, the callback
+//! comes from the VM's address, and the server gets no canary and starts no
+//! process; PXE-booted by accident (it is sent to its disk, which is left
+//! unchanged); and reimaged with a wrong checksum (the job fails and the
+//! disks do not boot). A stand-in switch sends LLDP on the bridge, and
 //! discovery records the port.
 //!
 //! Everything is real: kiln's DHCP, TFTP-less HTTP boot through the VM's
@@ -135,7 +140,14 @@ impl Lab {
 
     /// Runs a reimage and waits for its end; the final job.
     fn reimage(&self, os: &str) -> serde_json::Value {
-        let job = self.json(&[
+        self.reimage_as(&self.token, os, &[])
+    }
+
+    /// Runs a reimage with `token` (an admin's or a tenant's) and `extra`
+    /// arguments, and waits for its end (followed with the admin token);
+    /// the final job.
+    fn reimage_as(&self, token: &str, os: &str, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec![
             "reimage",
             "vm1",
             "--os",
@@ -146,7 +158,11 @@ impl Lab {
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2Ekilnkilnkilnkilnkilnkilnkilnkilnkilnkiln e2e@kiln",
             "--root-password-hash",
             ROOT_HASH,
-        ]);
+        ];
+        args.extend(extra);
+        args.extend(["-o", "json"]);
+        let out = kiln(&self.ns.0, token, &args);
+        let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let id = job[0]["job"]["id"]
             .as_str()
             .unwrap_or_else(|| panic!("{job:#}"))
@@ -250,7 +266,7 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n\
+            "data_dir = \"{}\"\nlisten = \"0.0.0.0:7070\"\n\n[api]\nallow_plain_http = true\n\n[outbound]\nallow = [\"10.83.0.0/24\"]\n\n\
              [boot]\ndiscovery = true\nhttp_base = \"http://10.82.0.1:7070\"\nartifacts = \"{}\"\n\n\
              [bmc]\ndeadline_secs = 20\n\n\
              [dhcp]\nmode = \"full\"\ninterfaces = [\"{bridge}\"]\n\n\
@@ -384,17 +400,19 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
     let console = lab.console(lab.boots());
     assert!(console.contains("kiln-test-os: booted"), "{console}");
     assert!(console.contains("hostname=vm1"), "{console}");
-    assert!(console.contains("kiln-test-os: stage 5 reported"), "{console}");
+    assert!(console.contains("kiln-firstboot: stage 5 reported to"), "{console}");
     assert!(console.contains("md0"), "/boot is an md mirror:\n{console}");
     let m = lab.json(&["machine", "show", "vm1"]);
     assert_eq!(m["state"], "deployed");
     let write_line = stage_message(&job, 2);
     let to_stage_5 = secs_between(&stage_at(&job, 1), &stage_at(&job, 5));
 
-    // 4. A second reimage of the same machine.
-    let job2 = lab.reimage("testos-1");
-    assert_eq!(job2["state"], "succeeded", "{job2:#}\n{}", lab.diagnostics());
-    assert!(lab.console(lab.boots()).contains("kiln-test-os: stage 5 reported"));
+    // 4. The machine's tenant reimages it (issue 14), with a script that
+    //    would leave a canary file on the kiln server and a callback to the
+    //    tenant's own listener, on another network. Both must come from the
+    //    new OS (cloud-init's runcmd runs kiln's first-boot script there);
+    //    the server starts no process for them.
+    let tenant = tenant_reimage(&lab, d);
 
     // 5. An accidental PXE boot of the deployed machine: kiln sends it to
     //    its disk (GRUB starts), and nothing was written.
@@ -443,10 +461,299 @@ fn a_blank_vm_is_discovered_and_reimaged_through_its_bmc() {
 
     eprintln!(
         "reimage e2e timings: power-on to discovered {:.1} s; reimage start to stage 5 {:.1} s \
-         (stage 1 to 5: {to_stage_5:.1} s); {write_line}",
+         (stage 1 to 5: {to_stage_5:.1} s); {write_line}; tenant's reimage start to stage 5 {:.1} s, \
+         its stage 5 to callback {:.1} s",
         discovered.as_secs_f64(),
-        reimaged.as_secs_f64()
+        reimaged.as_secs_f64(),
+        tenant.reimaged.as_secs_f64(),
+        tenant.to_callback
     );
+}
+
+/// The tenant's network, 10.83.0.0/24, where its callback listener runs:
+/// namespace `{lab ns}-cb` behind a veth from the lab's namespace, which
+/// routes between it and the VMs' bridge. The listener's address is not
+/// one of the kiln server's.
+const TENANT_ROUTER: &str = "10.83.0.1";
+const TENANT_LISTENER: &str = "10.83.0.2";
+const TENANT_PORT: u16 = 8080;
+/// What the tenant's script exits with, and so what stage 5 and the
+/// callback must carry.
+const SCRIPT_EXIT: u64 = 7;
+
+/// How long the tenant's reimage took.
+struct TenantPhase {
+    /// From the reimage request to the job's end (stage 5 included).
+    reimaged: Duration,
+    /// Seconds from stage 5 in the job to the callback's arrival.
+    to_callback: f64,
+}
+
+/// Step 4: a tenant token reimages the tenant's machine with a
+/// post-install script and a callback URL; everything the request carried
+/// runs in the new OS, nothing on the server.
+fn tenant_reimage(lab: &Lab, d: &Path) -> TenantPhase {
+    let pid = std::process::id();
+    let canary = PathBuf::from(format!("/tmp/kiln-e2e-canary-{pid}"));
+    let _ = std::fs::remove_file(&canary);
+    let marker = format!("kiln-e2e-marker-{pid}");
+    // `sleep 1`: were the script run on the server, the process watch below
+    // would see it, not only its canary.
+    let script = d.join("tenant-post-install.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ntouch {}\necho \"{marker} on $(hostname)\"\nsleep 1\nexit {SCRIPT_EXIT}\n",
+            canary.display()
+        ),
+    )
+    .unwrap();
+
+    let cb_ns = Netns::new(format!("{}-cb", lab.ns.0));
+    let (veth, peer) = ("krcb0", "krcb1");
+    ip(&[
+        "-n", &lab.ns.0, "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", &cb_ns.0,
+    ]);
+    ip(&[
+        "-n",
+        &lab.ns.0,
+        "addr",
+        "add",
+        &format!("{TENANT_ROUTER}/24"),
+        "dev",
+        veth,
+    ]);
+    ip(&["-n", &lab.ns.0, "link", "set", veth, "up"]);
+    ip(&[
+        "-n",
+        &cb_ns.0,
+        "addr",
+        "add",
+        &format!("{TENANT_LISTENER}/24"),
+        "dev",
+        peer,
+    ]);
+    ip(&["-n", &cb_ns.0, "link", "set", peer, "up"]);
+    ip(&["-n", &cb_ns.0, "route", "add", "default", "via", TENANT_ROUTER]);
+    // The VM's default route is the lab's bridge address (DHCP `routers`).
+    run(Command::new("ip").args(["netns", "exec", &lab.ns.0, "sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+    let requests = d.join("tenant-callback.log");
+    let listener = Proc {
+        child: Command::new("ip")
+            .args(["netns", "exec", &cb_ns.0, "python3", "-c", &callback_listener()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&requests).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        log: requests,
+    };
+    listener.wait_for("listening", Duration::from_secs(10));
+
+    kiln(&lab.ns.0, &lab.token, &["tenant", "add", "acme"]);
+    kiln(&lab.ns.0, &lab.token, &["machine", "edit", "vm1", "--owner", "acme"]);
+    let out = kiln(
+        &lab.ns.0,
+        &lab.token,
+        &[
+            "token", "create", "--role", "tenant", "--tenant", "acme", "--name", "acme-e2e",
+        ],
+    );
+    let tenant_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    // `ip netns exec` execs the server: its PID is the child's.
+    let server = lab.server.child.id();
+    let comm = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "kiln", "the server's PID is not kiln's");
+    let watch = Descendants::watch(server);
+    let t = Instant::now();
+    let callback_url = format!("http://{TENANT_LISTENER}:{TENANT_PORT}/kiln-callback");
+    let job = lab.reimage_as(
+        &tenant_token,
+        "testos-1",
+        &[
+            "--post-install-script",
+            &script.display().to_string(),
+            "--callback-url",
+            &callback_url,
+        ],
+    );
+    let reimaged = t.elapsed();
+    assert_eq!(job["state"], "succeeded", "{job:#}\n{}", lab.diagnostics());
+    let console = lab.wait_console(lab.boots(), "kiln-firstboot: callback called", Duration::from_secs(60));
+    let started = watch.stop();
+    let id = job["id"].as_str().unwrap();
+
+    // The script ran in the new OS: stage 5 carries its status and output.
+    let stage5 = stage_message(&job, 5);
+    assert_eq!(
+        stage5,
+        format!("first boot; post-install script exit {SCRIPT_EXIT}: {marker} on vm1"),
+        "{job:#}"
+    );
+    for needle in [
+        "kiln-test-os: runcmd: /var/lib/kiln/firstboot.sh".to_string(),
+        format!("kiln-firstboot: post-install script exit {SCRIPT_EXIT}"),
+        format!("kiln-firstboot: callback called: {callback_url}"),
+    ] {
+        assert!(
+            console.contains(&needle),
+            "`{needle}` is not on the console:\n{console}"
+        );
+    }
+    // Nothing ran on the server: no canary, no child process, no task.
+    assert!(
+        !canary.exists(),
+        "the tenant's script ran on the kiln server: {} exists",
+        canary.display()
+    );
+    assert!(started.is_empty(), "the kiln server started processes: {started:?}");
+    let log = serde_json::to_string(&job["log"]).unwrap();
+    assert!(!log.contains("post-install task"), "{job:#}");
+
+    // The callback: one POST, from the VM's own address, with the JSON.
+    let vm_ip = console
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln-test-os: network: "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_else(|| panic!("no network line on the console:\n{console}"))
+        .to_string();
+    let requests: Vec<serde_json::Value> = listener
+        .log_text()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+    let r = &requests[0];
+    assert_eq!(r["method"], "POST", "{r:#}");
+    assert_eq!(r["path"], "/kiln-callback", "{r:#}");
+    assert!(vm_ip.starts_with("10.82.0."), "{console}");
+    assert_eq!(
+        r["client"],
+        vm_ip.as_str(),
+        "the callback came from the VM, not the server: {r:#}"
+    );
+    assert_eq!(r["content_type"], "application/json", "{r:#}");
+    assert!(
+        r["authorization"].is_null(),
+        "the job token reached the callback: {r:#}"
+    );
+    let body: serde_json::Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"job_id": id, "hostname": "vm1", "stage": 5, "post_install_exit": SCRIPT_EXIT})
+    );
+    let stage5_at = chrono::DateTime::parse_from_rfc3339(&stage_at(&job, 5)).unwrap();
+    let to_callback = r["at"].as_f64().unwrap() - stage5_at.timestamp_millis() as f64 / 1000.0;
+    drop(listener);
+    TenantPhase { reimaged, to_callback }
+}
+
+/// The tenant's callback listener (python3's http.server): one JSON line
+/// per request on stdout — client address, method, path, content type,
+/// authorization header, body, arrival (Unix time) — answered 204.
+fn callback_listener() -> String {
+    format!(
+        "import http.server, json, time\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_POST(self):\n\
+         \x20       n = int(self.headers.get('Content-Length') or 0)\n\
+         \x20       body = self.rfile.read(n).decode('utf-8', 'replace')\n\
+         \x20       print(json.dumps({{'client': self.client_address[0], 'method': self.command, 'path': self.path,\n\
+         \x20           'content_type': self.headers.get('Content-Type'),\n\
+         \x20           'authorization': self.headers.get('Authorization'), 'body': body, 'at': time.time()}}), flush=True)\n\
+         \x20       self.send_response(204)\n\
+         \x20       self.end_headers()\n\
+         \x20   do_GET = do_PUT = do_DELETE = do_POST\n\
+         \x20   def log_message(self, *args):\n\
+         \x20       pass\n\
+         s = http.server.HTTPServer(('{TENANT_LISTENER}', {TENANT_PORT}), H)\n\
+         print('listening', flush=True)\n\
+         s.serve_forever()\n"
+    )
+}
+
+/// Every process below a PID (children, their children…) seen while the
+/// watch runs: /proc is scanned every 50 ms, so a process that lives less
+/// than that may be missed (the canary file covers those).
+struct Descendants {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Descendants {
+    fn watch(root: u32) -> Descendants {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeMap::new();
+            while !flag.load(Ordering::SeqCst) {
+                for (pid, cmdline) in descendants(root) {
+                    seen.entry(pid).or_insert(cmdline);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen.into_iter().map(|(pid, cmd)| format!("{pid}: {cmd}")).collect()
+        });
+        Descendants { stop, thread }
+    }
+
+    /// Stops the watch: `PID: command line` of each process seen.
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The processes below `root` now, with their command lines.
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let mut parent = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent.insert(pid, ppid);
+        }
+    }
+    let below = |mut pid: u32| {
+        while let Some(&p) = parent.get(&pid) {
+            if p == root {
+                return true;
+            }
+            pid = p;
+        }
+        false
+    };
+    parent
+        .keys()
+        .filter(|&&pid| below(pid))
+        .map(|&pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            (pid, String::from_utf8_lossy(&cmd).replace('\0', " ").trim().to_string())
+        })
+        .collect()
+}
+
+/// The watch sees what it is meant to: a child of this test process.
+#[test]
+fn the_process_watch_sees_a_short_lived_child() {
+    let watch = Descendants::watch(std::process::id());
+    let mut child = Command::new("sleep").arg("0.3").spawn().unwrap();
+    child.wait().unwrap();
+    let seen = watch.stop();
+    assert!(seen.iter().any(|p| p.ends_with(": sleep 0.3")), "{seen:?}");
 }
 
 /// A switch's LLDP sender on `bridge` (python3, a raw socket): port
