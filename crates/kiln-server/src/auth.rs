@@ -61,6 +61,24 @@ fn default_max_token_lifetime_days() -> u32 {
     365
 }
 
+/// The longest `max_token_lifetime_days` may be: a century is "for ever"
+/// for a token, and far enough from the calendar's end for any arithmetic.
+pub const MAX_LIFETIME_DAYS: u32 = 36_500;
+
+impl AuthSettings {
+    /// Why these settings cannot be used, if they cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_token_lifetime_days > MAX_LIFETIME_DAYS {
+            return Err(format!(
+                "max_token_lifetime_days = {} is more than a century: write at most {MAX_LIFETIME_DAYS}, \
+                 or 0 for tokens that may never expire",
+                self.max_token_lifetime_days
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for AuthSettings {
     fn default() -> Self {
         AuthSettings {
@@ -106,19 +124,25 @@ pub fn resolve_expiry(
             at.to_rfc3339()
         ));
     }
-    if max_days == 0 {
-        return Ok(requested);
-    }
-    let latest = now + chrono::Duration::days(i64::from(max_days));
+    // No maximum still means at most a century: beyond year 9999 the
+    // stored text would no longer be RFC 3339.
+    let cap = if max_days == 0 { MAX_LIFETIME_DAYS } else { max_days };
+    let latest = now + chrono::Duration::days(i64::from(cap));
     match requested {
+        None if max_days == 0 => Ok(None),
         None => Ok(Some(latest)),
         Some(at) if at <= latest => Ok(Some(at)),
         Some(at) if at <= latest + CLOCK_SLACK => Ok(Some(latest)),
         Some(at) => Err(format!(
-            "expires_at {} is more than {max_days} days away, the longest a token may live on this server: \
-             ask for an earlier expiry (at most {}), or raise [auth] max_token_lifetime_days",
+            "expires_at {} is more than {cap} days away, the longest a token may live on this server: \
+             ask for an earlier expiry (at most {}){}",
             at.to_rfc3339(),
-            latest.to_rfc3339()
+            latest.to_rfc3339(),
+            if cap < MAX_LIFETIME_DAYS {
+                ", or raise [auth] max_token_lifetime_days"
+            } else {
+                ""
+            }
         )),
     }
 }

@@ -383,6 +383,8 @@ pub enum ConfigError {
     Bmc(String),
     #[error("[outbound]: {0}")]
     Outbound(String),
+    #[error("[auth]: {0}")]
+    Auth(String),
     #[error(
         "database_url must start with postgres:// or postgresql:// (leave it out for the embedded SQLite database)"
     )]
@@ -457,6 +459,8 @@ impl Config {
         }
         let bmc = s.bmc.unwrap_or_default();
         bmc.validate().map_err(ConfigError::Bmc)?;
+        let auth = s.auth.unwrap_or_default();
+        auth.validate().map_err(ConfigError::Auth)?;
         let hooks = s.hooks.unwrap_or_default();
         kiln_workflow::hooks::HookRunner::new(hooks.clone()).map_err(|e| ConfigError::Hooks(e.to_string()))?;
         let post_install = s.post_install.unwrap_or_default();
@@ -473,7 +477,7 @@ impl Config {
             jobs: s.jobs.unwrap_or_default(),
             hooks,
             post_install,
-            auth: s.auth.unwrap_or_default(),
+            auth,
             boot: s.boot.unwrap_or_default(),
             dhcp: s.dhcp,
             tftp: s.tftp,
@@ -769,6 +773,9 @@ mod tests {
         let (_d, path) = file("[auth]\nfailures_per_hour = 5\n");
         let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
         assert!(e.contains("failures_per_hour"), "{e}");
+        let (_d, path) = file("[auth]\nmax_token_lifetime_days = 4000000000\n");
+        let e = Config::load(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(e.contains("[auth]") && e.contains("at most 36500"), "{e}");
     }
 
     #[test]

@@ -520,7 +520,10 @@ impl Store {
         from: &str,
         min_interval: std::time::Duration,
     ) -> Result<bool> {
-        let since = at - chrono::Duration::from_std(min_interval).unwrap_or(chrono::Duration::MAX);
+        let since = chrono::Duration::from_std(min_interval)
+            .ok()
+            .and_then(|d| at.checked_sub_signed(d))
+            .unwrap_or(DateTime::UNIX_EPOCH);
         let _turn = self.write_turn().await?;
         let done = sqlx::query::<Any>(
             "UPDATE tokens SET last_used_at = $1, last_used_from = $2 \

@@ -141,6 +141,9 @@ pub fn parse_expires(s: &str) -> Result<Expires, String> {
     if n == 0 {
         return Err(format!("`{s}` is no time at all: a token must live a while (say 30d)"));
     }
+    if d > chrono::Duration::days(36_500) {
+        return Err(format!("`{s}` is more than a century: ask for less (say 365d)"));
+    }
     Ok(Expires::In(d))
 }
 
@@ -508,5 +511,7 @@ mod tests {
             assert!(e.contains("30d") && e.contains("RFC 3339"), "{bad}: {e}");
         }
         assert!(parse_expires("0d").unwrap_err().contains("no time at all"));
+        assert!(parse_expires("99999999w").unwrap_err().contains("century"));
+        assert_eq!(d("36500d"), Expires::In(chrono::Duration::days(36_500)));
     }
 }
