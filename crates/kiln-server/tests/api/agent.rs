@@ -739,3 +739,28 @@ api_test!(
         assert!(r.created);
     }
 );
+
+// Issue 14: placeholder identities name no machine. Two machines whose
+// firmware says "To be filled by O.E.M." and a nil UUID are two machines:
+// the second is not refused as a claim on the first (nor merged into it).
+api_test!(
+    issue_14_placeholder_dmi_values_match_no_machine,
+    settings = discovery_on(),
+    |srv| {
+        for mac in ["52:54:00:ab:cd:81", "52:54:00:ab:cd:82"] {
+            let mut hw = hardware(mac, "To be filled by O.E.M.");
+            hw.dmi.as_mut().unwrap().uuid = Some("00000000-0000-0000-0000-000000000000".into());
+            let r = srv
+                .client(Some(&token_in(&script(&srv, mac).await)))
+                .report_discovery(&DiscoveryReport {
+                    boot_mac: mac.parse().unwrap(),
+                    hardware: hw,
+                    lldp: vec![],
+                })
+                .await
+                .unwrap();
+            assert!(r.created, "{mac}");
+        }
+        assert!(refusals(&srv).await.is_empty());
+    }
+);
