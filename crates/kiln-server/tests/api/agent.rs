@@ -637,6 +637,23 @@ api_test!(
                 .unwrap(),
             kiln_store::TokenUse::Replay { .. }
         ));
+        // Concurrent uses of one token (two servers, or a quick replay):
+        // exactly one is the first.
+        let uses = futures::future::join_all((0..8).map(|_| {
+            let store = store.clone();
+            async move {
+                store
+                    .use_discovery_token("test-race", mac, now + chrono::Duration::hours(1))
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        assert_eq!(
+            uses.iter().filter(|u| **u == kiln_store::TokenUse::First).count(),
+            1,
+            "{uses:?}"
+        );
         store.release_discovery_token("test-new").await.unwrap();
         assert_eq!(
             store
