@@ -133,7 +133,7 @@ fn port_of(machine: Option<&Machine>, mac: MacAddr) -> Option<&str> {
 
 /// Whether a firmware serial number names one machine: vendors fill the
 /// field with placeholders shared by a whole product line.
-fn is_real_serial(s: &str) -> bool {
+pub(crate) fn is_real_serial(s: &str) -> bool {
     const PLACEHOLDERS: [&str; 8] = [
         "",
         "0",

@@ -20,7 +20,7 @@ use kiln_types::{JobId, MacAddr};
 use super::extract::parse_json;
 use crate::AppState;
 use crate::auth::bearer_token;
-use crate::boot_http::base_url;
+use crate::boot_http::{base_url, is_real_serial};
 use crate::discovery::{
     DiscoveryClaims, Found, MAX_REPORT_BYTES, MAX_REPORT_NICS, Refusal, TokenError, Verdict, is_waiting, judge,
     may_complete_by_dmi,
@@ -286,9 +286,13 @@ async fn apply(state: &AppState, claims: &DiscoveryClaims, report: &DiscoveryRep
     let by_mac = state.store.find_machine_by_nic(report.boot_mac, None, None).await?;
     let by_dmi = state
         .store
+        // Placeholders ("To be filled by O.E.M.", a nil UUID) name no one
+        // machine: matching by them would refuse (or, before issue 14,
+        // merge) every other machine of the same product line.
         .find_machine_by_dmi(
-            dmi.and_then(|d| d.uuid.as_deref()).filter(|u| !u.trim().is_empty()),
-            dmi.and_then(|d| d.serial.as_deref()).filter(|s| !s.trim().is_empty()),
+            dmi.and_then(|d| d.uuid.as_deref())
+                .filter(|u| u.parse::<uuid::Uuid>().is_ok_and(|u| !u.is_nil() && !u.is_max())),
+            dmi.and_then(|d| d.serial.as_deref()).filter(|s| is_real_serial(s)),
         )
         .await?;
     let mut nic_holders = vec![];

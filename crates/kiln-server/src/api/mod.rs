@@ -60,7 +60,8 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "the discovery token HTTP boot gives a discovery agent as `kiln.token`",
+                        "the discovery token HTTP boot gives a discovery agent as `kiln.token`: bound to the boot \
+                         MAC, good for one report, until `[boot] discovery_token_secs` after the boot",
                     ))
                     .build(),
             ),

@@ -107,7 +107,10 @@ api_test!(
         let token = token_in(&s);
         // kiln boot explain does not show it.
         let e = srv.admin().boot_explain(mac, None).await.unwrap();
-        assert!(!e.to_string().contains(&token), "{e}");
+        assert!(
+            !e.to_string().contains("kd2.") && e.to_string().contains("kiln.token=[redacted]"),
+            "{e}"
+        );
         let report = DiscoveryReport {
             boot_mac: mac.parse().unwrap(),
             hardware: hardware(mac, "SN-0001"),
@@ -634,6 +637,23 @@ api_test!(
                 .unwrap(),
             kiln_store::TokenUse::Replay { .. }
         ));
+        // Concurrent uses of one token (two servers, or a quick replay):
+        // exactly one is the first.
+        let uses = futures::future::join_all((0..8).map(|_| {
+            let store = store.clone();
+            async move {
+                store
+                    .use_discovery_token("test-race", mac, now + chrono::Duration::hours(1))
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        assert_eq!(
+            uses.iter().filter(|u| **u == kiln_store::TokenUse::First).count(),
+            1,
+            "{uses:?}"
+        );
         store.release_discovery_token("test-new").await.unwrap();
         assert_eq!(
             store
@@ -734,5 +754,30 @@ api_test!(
             .await
             .unwrap();
         assert!(r.created);
+    }
+);
+
+// Issue 14: placeholder identities name no machine. Two machines whose
+// firmware says "To be filled by O.E.M." and a nil UUID are two machines:
+// the second is not refused as a claim on the first (nor merged into it).
+api_test!(
+    issue_14_placeholder_dmi_values_match_no_machine,
+    settings = discovery_on(),
+    |srv| {
+        for mac in ["52:54:00:ab:cd:81", "52:54:00:ab:cd:82"] {
+            let mut hw = hardware(mac, "To be filled by O.E.M.");
+            hw.dmi.as_mut().unwrap().uuid = Some("00000000-0000-0000-0000-000000000000".into());
+            let r = srv
+                .client(Some(&token_in(&script(&srv, mac).await)))
+                .report_discovery(&DiscoveryReport {
+                    boot_mac: mac.parse().unwrap(),
+                    hardware: hw,
+                    lldp: vec![],
+                })
+                .await
+                .unwrap();
+            assert!(r.created, "{mac}");
+        }
+        assert!(refusals(&srv).await.is_empty());
     }
 );
