@@ -168,13 +168,20 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 /// Serves the API over plain HTTP on `listener` until `shutdown` is
 /// cancelled.
 pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    serve_plain(listener, router(state), shutdown)
+        .await
+        .context("the API server failed")
+}
+
+/// Serves `app` over plain HTTP, with each request's peer address
+/// (`ConnectInfo`), until `shutdown`.
+async fn serve_plain(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     axum::serve(
         listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
-    .context("the API server failed")
 }
 
 /// [`run`] over TLS.
@@ -199,13 +206,9 @@ pub async fn run_tls(
 
 /// Serves the boot listener ([`boot_router`], plain HTTP) on `listener`.
 pub async fn run_boot(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(
-        listener,
-        boot_router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
-    .context("the boot HTTP server failed")
+    serve_plain(listener, boot_router(state), shutdown)
+        .await
+        .context("the boot HTTP server failed")
 }
 
 /// The HTTP listeners a server runs on, bound beforehand.

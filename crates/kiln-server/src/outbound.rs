@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use kiln_workflow::hooks::error_chain;
 use serde::Deserialize;
 
 // ---------------------------------------------------------------------------
@@ -849,21 +850,6 @@ fn interface_addrs() -> Result<Vec<IpAddr>, String> {
         }
     }
     Ok(out)
-}
-
-/// An error and its sources on one line (`a: b: c`).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

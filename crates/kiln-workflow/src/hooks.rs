@@ -889,8 +889,8 @@ async fn body_start(mut resp: reqwest::Response) -> String {
 }
 
 /// An error and its sources on one line (`a: b: c`), the way a person
-/// needs it in a job log.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// needs it in a job log (the server's outbound client uses it too).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -149,6 +149,23 @@ pub const FIRSTBOOT_SCRIPT: &str = include_str!("../../templates/firstboot.sh");
 /// The longest callback URL taken.
 const MAX_CALLBACK_URL: usize = 2048;
 
+/// Checks the form of a job's callback URL as the new OS gets it (a line
+/// of `/etc/kiln-firstboot.env`): http(s), not too long, no spaces or
+/// control characters (a newline would start another line there). The API
+/// checks the same when a reimage is asked for, with the outbound rules.
+pub fn check_callback_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_CALLBACK_URL
+        || !(url.starts_with("http://") || url.starts_with("https://"))
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "the callback URL must be an http:// or https:// URL of at most {MAX_CALLBACK_URL} characters, \
+             without spaces or control characters"
+        ));
+    }
+    Ok(())
+}
+
 /// Everything a template sees, under four names: `machine`, `os`, `job`,
 /// `kiln`. Optional values are `none`, never missing, so that a typo is an
 /// undefined-variable error rather than an empty string.
@@ -262,15 +279,8 @@ impl TemplateContext {
             }
         }
 
-        if let Some(url) = &plan.callback_url
-            && (url.len() > MAX_CALLBACK_URL
-                || !(url.starts_with("http://") || url.starts_with("https://"))
-                || url.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err(TemplateError::Input(format!(
-                "the callback URL must be an http:// or https:// URL of at most {MAX_CALLBACK_URL} characters, \
-                 without spaces or control characters"
-            )));
+        if let Some(url) = &plan.callback_url {
+            check_callback_url(url).map_err(TemplateError::Input)?;
         }
         let stage_url = format!("{base_url}/api/v1/jobs/{}/stages", plan.job_id);
         let mut env = format!(

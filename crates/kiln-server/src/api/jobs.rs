@@ -59,8 +59,8 @@ async fn visible_job(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<
 pub(super) async fn request_problems(state: &AppState, req: &ReimageRequest) -> (Option<CryptHash>, Vec<String>) {
     let mut why = vec![];
     if let Some(url) = &req.callback_url {
-        if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            why.push("callback_url must be a URL of at most 2048 characters, without spaces".into());
+        if let Err(e) = kiln_boot::templates::check_callback_url(url) {
+            why.push(format!("callback_url: {e}"));
         } else if let Err(e) = state.outbound.check_url(url).await {
             why.push(format!("callback_url: {e}"));
         }
