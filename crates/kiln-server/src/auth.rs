@@ -198,7 +198,7 @@ impl Caller {
         match self.token.role {
             Role::Admin | Role::Operator => Ok(()),
             Role::Tenant => Err(ApiError::forbidden(
-                "a tenant token cannot change the inventory or the catalog",
+                "this is for operators and admins: a tenant token cannot do it",
             )),
         }
     }

@@ -106,10 +106,14 @@ pub struct InstallArgs {
     /// repeat for more, run in order).
     #[arg(long = "task", value_name = "NAME", help_heading = "Afterwards")]
     tasks: Vec<String>,
-    /// A script of your own, run against the new OS after the tasks.
+    /// A script of your own, run by the new OS itself at its first boot
+    /// (never on the kiln server); its exit status and the end of its
+    /// output come back with install stage 5.
     #[arg(long, value_name = "FILE", help_heading = "Afterwards")]
     post_install_script: Option<PathBuf>,
-    /// URL called (POST, the job as JSON) when each job ends.
+    /// URL the new OS calls (POST, JSON {job_id, hostname, stage,
+    /// post_install_exit}) once it reported stage 5; checked against the
+    /// server's outbound rules.
     #[arg(long, value_name = "URL", help_heading = "Afterwards")]
     callback_url: Option<String>,
     /// Do not run the configured pre- and post-reimage hooks.
