@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 const CANARY: &str = "canary-9f3k-bmc-secret";
+/// A root password a tenant sends in plaintext (the API hashes it).
+const TENANT_CANARY: &str = "canary-Tn4nt-root-pw";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -150,9 +152,58 @@ fn operator_first_hour_and_no_secret_in_logs() {
     for s in &shown {
         assert!(!String::from_utf8_lossy(s).contains(CANARY));
     }
+
+    // A tenant's reimage with a plaintext root password: kept only as a
+    // hash, answered, logged and passed to no process in the clear.
+    let sha = "ab".repeat(32);
+    let os = [
+        "os",
+        "add",
+        "--name",
+        "debian",
+        "--version",
+        "12",
+        "--kind",
+        "disk-image",
+        "--source",
+        "images/debian-12.raw",
+        "--sha256",
+        &sha,
+    ];
+    assert!(cli(&url, &token, &os).status.success());
+    let tenant = cli(
+        &url,
+        &token,
+        &["token", "create", "--role", "tenant", "--tenant", "acme"],
+    );
+    assert!(tenant.status.success(), "{}", String::from_utf8_lossy(&tenant.stderr));
+    let tenant = String::from_utf8(tenant.stdout).unwrap().trim().to_string();
+    kiln_client::install_tls_provider();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/api/v1/machines/db1001/reimage"))
+            .bearer_auth(&tenant)
+            .json(&serde_json::json!({"os": "debian-12", "root_password": TENANT_CANARY}))
+            .send()
+            .await
+            .unwrap();
+        resp.text().await.unwrap()
+    });
+    assert!(!answer.contains(TENANT_CANARY), "{answer}");
+    for pid in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(pid.path().join("cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(TENANT_CANARY),
+            "a process's arguments"
+        );
+    }
+
     let db = std::fs::read(data.join("kiln.db")).unwrap();
     let wal = std::fs::read(data.join("kiln.db-wal")).unwrap_or_default();
-    assert!(!String::from_utf8_lossy(&db).contains(CANARY) && !String::from_utf8_lossy(&wal).contains(CANARY));
+    for canary in [CANARY, TENANT_CANARY] {
+        assert!(!String::from_utf8_lossy(&db).contains(canary) && !String::from_utf8_lossy(&wal).contains(canary));
+    }
 
     // Stop the server and read everything it logged.
     let _ = server.child.kill();
@@ -161,6 +212,14 @@ fn operator_first_hour_and_no_secret_in_logs() {
     assert!(log.contains("kiln server started"), "{log}");
     assert!(log.contains("/api/v1/machines"), "trace logging was on: {log}");
     assert!(!log.contains(CANARY), "the BMC password reached the log");
+    assert!(
+        !log.contains(TENANT_CANARY),
+        "the tenant's root password reached the log"
+    );
+    assert!(
+        log.contains("/reimage"),
+        "the tenant's reimage was logged at trace level: {log}"
+    );
     assert!(!log.contains(&token[5..]), "the token reached the log");
 }
 

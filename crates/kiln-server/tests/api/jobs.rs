@@ -19,8 +19,13 @@ const MAC: &str = "52:54:00:12:34:56";
 
 /// One simulated Redfish BMC, user `admin`, password `rf-secret`.
 pub(crate) async fn sim() -> kiln_sim::Sim {
+    sim_with(1).await
+}
+
+/// `bmcs` simulated Redfish BMCs, as [`sim`]'s.
+pub(crate) async fn sim_with(bmcs: usize) -> kiln_sim::Sim {
     kiln_sim::start(kiln_sim::SimConfig {
-        bmcs: 1,
+        bmcs,
         username: "admin".into(),
         password: "rf-secret".into(),
         ..kiln_sim::SimConfig::default()

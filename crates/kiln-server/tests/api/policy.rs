@@ -24,7 +24,7 @@ use kiln_types::job::JobState;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::jobs::{catalog, machine};
+use super::jobs::{catalog, machine, sim_with};
 
 /// Simulated BMCs: enough for every fresh machine the test makes.
 const BMCS: usize = 400;
@@ -140,40 +140,20 @@ impl World<'_> {
         job.id
     }
 
-    async fn rollout(&self) -> String {
+    /// A rollout's request over a fresh machine of its own (tagged).
+    async fn rollout_body(&self) -> Value {
         let tag = format!("roll{}", self.next());
         let host = self.machine().await;
         self.admin
             .update_machine(&host, &serde_json::from_value(json!({"tags": [tag]})).unwrap())
             .await
             .unwrap();
-        let r: Value = self
-            .raw(
-                &self.srv.admin_token,
-                Method::POST,
-                "/api/v1/rollouts",
-                Some(&self.rollout_body(&tag)),
-            )
-            .await
-            .1;
-        r["id"].as_str().unwrap().to_string()
-    }
-
-    fn rollout_body(&self, tag: &str) -> Value {
         json!({"selector": {"tag": tag}, "reimage": {"os": "debian-12"}})
     }
 
-    async fn raw(&self, token: &str, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.srv.url))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+    async fn rollout(&self) -> String {
+        let body = serde_json::from_value(self.rollout_body().await).unwrap();
+        self.admin.create_rollout(&body).await.unwrap().job.id.to_string()
     }
 
     /// The request for route `r` on fresh objects (valid for its schema).
@@ -268,15 +248,7 @@ impl World<'_> {
                 "hardware": {"memory_bytes": 1 << 30, "disks": [], "nics": []},
                 "lldp": []
             })),
-            ("POST", "/api/v1/rollouts") => {
-                let tag = format!("roll{n}");
-                let host = self.machine().await;
-                self.admin
-                    .update_machine(&host, &serde_json::from_value(json!({"tags": [tag]})).unwrap())
-                    .await
-                    .unwrap();
-                Some(self.rollout_body(&tag))
-            }
+            ("POST", "/api/v1/rollouts") => Some(self.rollout_body().await),
             _ => None,
         };
         let method = Method::from_bytes(r.method.as_bytes()).unwrap();
@@ -398,17 +370,11 @@ fn every_route_has_a_policy() {
 #[test]
 fn docs_security_md_shows_the_policy_table() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/security.md")).unwrap();
+    let table = kiln_server::policy::routes_markdown();
     assert!(
-        doc.contains(&kiln_server::policy::routes_markdown()),
-        "docs/security.md's route table is stale: paste kiln_server::policy::routes_markdown() \
-         (print it with `cargo test -p kiln-server --test api policy::print_table -- --ignored --nocapture`)"
+        doc.contains(&table),
+        "docs/security.md's route table is stale: replace it with this one (kiln_server::policy::routes_markdown()):\n{table}"
     );
-}
-
-#[test]
-#[ignore = "prints the table for docs/security.md"]
-fn print_table() {
-    print!("{}", kiln_server::policy::routes_markdown());
 }
 
 /// Discovery on (for `POST …/discover`), and no failed-authentication
@@ -433,14 +399,7 @@ api_test!(
     settings = discovery_on(),
     |srv| {
         let start = Instant::now();
-        let sim = kiln_sim::start(kiln_sim::SimConfig {
-            bmcs: BMCS,
-            username: "admin".into(),
-            password: "rf-secret".into(),
-            ..kiln_sim::SimConfig::default()
-        })
-        .await
-        .unwrap();
+        let sim = sim_with(BMCS).await;
         let admin = srv.admin();
         catalog(&admin).await;
         admin
