@@ -47,8 +47,8 @@ impl BootContext {
     /// carry: bound to that MAC and port, good once, until `[boot]
     /// discovery_token_secs` from now.
     fn agent(&self, base: &str, mac: MacAddr, port: Option<&str>, secrets: &crate::secrets::SecretBox) -> AgentBoot {
-        let expires_at = Utc::now()
-            + chrono::Duration::seconds(i64::try_from(self.settings.discovery_token_secs).unwrap_or(i64::MAX / 1000));
+        // The config keeps discovery_token_secs within a day.
+        let expires_at = Utc::now() + chrono::Duration::seconds(self.settings.discovery_token_secs as i64);
         let mut cmdline = self.settings.agent_cmdline.clone();
         cmdline.push(format!("kiln.server={base}"));
         cmdline.push("kiln.mode=discover".into());

@@ -5,9 +5,8 @@
 //! both given to the agent on its kernel command line by HTTP boot.
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use chrono::Utc;
 use kiln_store::{Actor, NewMachine, StoreError, TokenUse};
 use kiln_types::agent::{DeployPlan, DiscoveryReport, DiscoveryResult, ExpectedIdentity, ImageFormat, ImageSource};
@@ -17,7 +16,7 @@ use kiln_types::job::ReimageSpec;
 use kiln_types::machine::{Machine, MachineCreate, MachinePatch, MachineState, Nic};
 use kiln_types::{JobId, MacAddr};
 
-use super::extract::parse_json;
+use super::extract::{parse_json, read_bounded};
 use crate::AppState;
 use crate::auth::bearer_token;
 use crate::boot_http::{base_url, is_real_serial};
@@ -138,7 +137,9 @@ pub async fn discovery(State(state): State<AppState>, request: Request) -> ApiRe
             return Err(ApiError::unauthorized(refusal.public));
         }
     };
-    let report: DiscoveryReport = read_report(&parts.headers, body).await?;
+    let bytes = read_bounded(&parts.headers, body, MAX_REPORT_BYTES, "a discovery report").await?;
+    let report: DiscoveryReport =
+        parse_json(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
     let refused = |why: &str, public: String| Refusal {
         public,
         why: why.into(),
@@ -202,35 +203,6 @@ pub async fn discovery(State(state): State<AppState>, request: Request) -> ApiRe
             Err(e)
         }
     }
-}
-
-/// The body of a discovery report, read only up to [`MAX_REPORT_BYTES`]:
-/// a larger declared length is refused unread, a longer body as soon as it
-/// passes the limit.
-async fn read_report(headers: &HeaderMap, body: Body) -> ApiResult<DiscoveryReport> {
-    use futures::StreamExt;
-    let too_large = || {
-        ApiError::too_large(format!(
-            "a discovery report is at most {MAX_REPORT_BYTES} bytes (1 MiB); this one is larger"
-        ))
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_REPORT_BYTES as u64) {
-        return Err(too_large());
-    }
-    let mut bytes = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
-        if bytes.len() + chunk.len() > MAX_REPORT_BYTES {
-            return Err(too_large());
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    parse_json(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 /// A security audit event for a refused report whose token kiln issued.

@@ -6,7 +6,28 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
+
+/// The body of a request to a route open without an API token, read only
+/// once its own token was checked and only up to `limit` bytes: a larger
+/// declared length is refused (413) without reading anything, a longer
+/// body as soon as it passes the limit. `what` names it in the error.
+pub async fn read_bounded(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+    what: &str,
+) -> ApiResult<Bytes> {
+    let too_large = || ApiError::too_large(format!("{what} is at most {limit} bytes; this one is larger"));
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
+}
 
 /// A JSON body. Unknown fields and bad values are refused with their path.
 #[derive(Debug)]

@@ -27,7 +27,7 @@ use kiln_types::job::{
 use kiln_types::machine::Machine;
 use kiln_workflow::{job_view, steps};
 
-use super::extract::{ApiJson, ApiQuery, parse_json};
+use super::extract::{ApiJson, ApiQuery, parse_json, read_bounded};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -357,7 +357,7 @@ pub async fn report_stage(
 ) -> ApiResult<StatusCode> {
     let id = job_id(&id)?;
     check_job_token(&state, &headers, id, "a stage report")?;
-    let body = read_report(body).await?;
+    let body = read_bounded(&headers, body, MAX_REPORT_BYTES, "a report (a short message)").await?;
     let stage = n
         .parse::<u8>()
         .map_err(|_| ApiError::bad_request(format!("stage `{n}` is not a number from 0 to 5")))
@@ -388,7 +388,7 @@ pub async fn report_failure(
 ) -> ApiResult<StatusCode> {
     let id = job_id(&id)?;
     check_job_token(&state, &headers, id, "a failure report")?;
-    let body = read_report(body).await?;
+    let body = read_bounded(&headers, body, MAX_REPORT_BYTES, "a report (a short message)").await?;
     let message = report_message(&headers, &body)?
         .ok_or_else(|| ApiError::bad_request("a failure report needs a message saying what went wrong"))?;
     state.store.report_failure(id, &message).await?;
@@ -399,18 +399,6 @@ pub async fn report_failure(
 /// The most of a report's body that is read: a message is cut to 2,000
 /// characters anyway, and these routes are open to the whole boot network.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
-
-/// A report's body, read only after its token was checked (nobody without
-/// the token makes the server read anything) and at most
-/// [`MAX_REPORT_BYTES`]: a longer one is refused with 413 without reading
-/// the rest.
-async fn read_report(body: axum::body::Body) -> ApiResult<axum::body::Bytes> {
-    axum::body::to_bytes(body, MAX_REPORT_BYTES).await.map_err(|_| {
-        ApiError::too_large(format!(
-            "a report's body is at most {MAX_REPORT_BYTES} bytes: send a short message (it is cut to 2,000 characters)"
-        ))
-    })
-}
 
 /// Refuses a report (`what`) without job `id`'s token.
 fn check_job_token(state: &AppState, headers: &HeaderMap, id: JobId, what: &str) -> ApiResult<()> {
