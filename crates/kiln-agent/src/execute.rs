@@ -386,8 +386,7 @@ fn configure(
     // cloud-init's NoCloud seed: the new OS's first boot configures users,
     // keys and network from it, and phones home (stage 5).
     let seed = target.join("var/lib/cloud/seed/nocloud");
-    for (name, url) in [("user-data", &plan.user_data_url), ("meta-data", &plan.meta_data_url)] {
-        let text = fetch_text(server, url).map_err(|e| DeployError(format!("fetching the {name} seed: {e}")))?;
+    for (name, text) in fetch_seed(server, plan)? {
         write(&seed.join(name), &text, 0o600)?;
     }
     done.push("cloud-init seed");
@@ -417,6 +416,18 @@ fn configure(
         done.push("mdadm.conf");
     }
     Ok(format!("configured: {}", done.join(", ")))
+}
+
+/// The new OS's cloud-init NoCloud seed, as (file name, contents): what
+/// goes into `/var/lib/cloud/seed/nocloud` of a filesystem image, or onto
+/// a `CIDATA` filesystem beside a whole-disk image.
+fn fetch_seed(server: &mut dyn ControlPlane, plan: &DeployPlan) -> Result<Vec<(&'static str, String)>, DeployError> {
+    let mut files = vec![];
+    for (name, url) in [("user-data", &plan.user_data_url), ("meta-data", &plan.meta_data_url)] {
+        let text = fetch_text(server, url).map_err(|e| DeployError(format!("fetching the {name} seed: {e}")))?;
+        files.push((name, text));
+    }
+    Ok(files)
 }
 
 fn fetch_text(server: &mut dyn ControlPlane, url: &str) -> Result<String, String> {
