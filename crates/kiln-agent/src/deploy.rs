@@ -93,6 +93,7 @@ mod tests {
                     })
                     .collect(),
                 protected: false,
+                macs: vec![],
             },
             layout,
             swap_bytes: None,

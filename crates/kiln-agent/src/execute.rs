@@ -94,6 +94,11 @@ fn steps(
 ) -> Result<Deployed, DeployError> {
     let job = DeployJob::from_plan(plan).map_err(DeployError)?;
     let checked = preflight(&job, inventory).map_err(|e| DeployError(format!("refused before writing: {e}")))?;
+    // On the console: what told the agent this is the job's machine.
+    eprintln!(
+        "kiln-agent: the job's machine: {}",
+        checked.confirmed.matched.join(", ")
+    );
     let layout = checked.plan;
     eprint!("kiln-agent: {layout}");
 

@@ -14,12 +14,16 @@
 //! - every identifier the job gives must match (the serial and UUID
 //!   case-insensitively, the UUID also in the byte order some BMCs use);
 //! - every disk the job names must be present, each a different disk;
+//! - when the job lists MACs (the inventory's, given or learned from the
+//!   switch port), one of the machine's NICs must have one of them: a
+//!   server swapped behind a port enrolled by port is not the machine;
 //! - at least one identifier that matched must be real: vendor
 //!   placeholders such as `To Be Filled By O.E.M.` match every board of a
 //!   make, so on their own they prove nothing.
 
 use std::fmt;
 
+use kiln_types::MacAddr;
 use kiln_types::machine::{Disk, Hardware};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +42,9 @@ pub struct ExpectedMachine {
     /// The machine must never be reprovisioned.
     #[serde(default)]
     pub protected: bool,
+    /// The MACs on record; one must be among the machine's NICs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<MacAddr>,
 }
 
 /// A disk the job expects, by serial and/or `/dev/disk/by-id` path.
@@ -85,6 +92,11 @@ pub enum Mismatch {
         name: String,
     },
     DiskUnidentified,
+    /// None of the machine's NICs has a MAC on record.
+    Nic {
+        expected: Vec<MacAddr>,
+        found: Vec<MacAddr>,
+    },
     /// Nothing real matched: only placeholders, or nothing given at all.
     NoRealIdentifier,
 }
@@ -119,6 +131,15 @@ impl fmt::Display for Mismatch {
                 )
             }
             Mismatch::DiskUnidentified => f.write_str("the job names a disk with neither serial nor by-id path"),
+            Mismatch::Nic { expected, found } => {
+                let show = |m: &[MacAddr]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                write!(
+                    f,
+                    "no NIC has a MAC the job expects ({}); this machine's NICs are {}",
+                    show(expected),
+                    if found.is_empty() { "none".into() } else { show(found) }
+                )
+            }
             Mismatch::NoRealIdentifier => f.write_str(
                 "nothing identifies this machine: the job gives no serial, UUID or disk that is not a vendor \
                  placeholder",
@@ -291,6 +312,20 @@ pub fn check_identity(expected: &ExpectedMachine, found: &Hardware) -> Result<Co
             Err(m) => mismatches.push(m),
         }
     }
+    if !expected.macs.is_empty() {
+        match found.nics.iter().find(|n| expected.macs.contains(&n.mac)) {
+            Some(n) => {
+                matched.push(format!("nic {}", n.mac));
+                // A burned-in MAC is one NIC's; the inventory recorded it
+                // (or learned it from the switch port).
+                real = true;
+            }
+            None => mismatches.push(Mismatch::Nic {
+                expected: expected.macs.clone(),
+                found: found.nics.iter().map(|n| n.mac).collect(),
+            }),
+        }
+    }
     if !real && mismatches.iter().all(|m| *m == Mismatch::Protected) {
         mismatches.push(Mismatch::NoRealIdentifier);
     }
@@ -346,6 +381,7 @@ mod tests {
                 },
             ],
             protected: false,
+            macs: vec![],
         }
     }
 
@@ -377,6 +413,48 @@ mod tests {
         ] {
             assert!(text.contains(says), "`{text}` does not say `{says}`");
         }
+    }
+
+    #[test]
+    fn a_mac_on_record_must_be_in_the_machine() {
+        // Issue 15: a server swapped behind a port enrolled by port has
+        // another MAC than the one kiln learned.
+        use kiln_types::machine::HardwareNic;
+        let nic = |m: &str| HardwareNic {
+            mac: m.parse().unwrap(),
+            name: "eno1".into(),
+            driver: None,
+            speed_mbps: None,
+            link: true,
+        };
+        let mut hw = machine();
+        hw.nics = vec![nic("52:54:00:15:00:01"), nic("52:54:00:15:00:02")];
+        let mut want = expected();
+        want.macs = vec![
+            "52:54:00:15:00:02".parse().unwrap(),
+            "52:54:00:99:00:09".parse().unwrap(),
+        ];
+        let ok = check_identity(&want, &hw).unwrap();
+        assert!(
+            ok.matched.contains(&"nic 52:54:00:15:00:02".to_string()),
+            "{:?}",
+            ok.matched
+        );
+        // The MAC alone identifies the machine (its DMI may be placeholders).
+        let only_mac = ExpectedMachine {
+            macs: want.macs.clone(),
+            ..ExpectedMachine::default()
+        };
+        assert!(check_identity(&only_mac, &hw).is_ok());
+        want.macs = vec!["52:54:00:99:00:09".parse().unwrap()];
+        let refusal = check_identity(&want, &hw).unwrap_err();
+        assert_eq!(refusal.mismatches.len(), 1, "{refusal}");
+        let text = refusal.to_string();
+        assert!(
+            text.contains("no NIC has a MAC the job expects (52:54:00:99:00:09)")
+                && text.contains("52:54:00:15:00:01, 52:54:00:15:00:02"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -502,6 +580,7 @@ mod tests {
                 })
                 .collect(),
             protected: false,
+            macs: vec![],
         }
     }
 

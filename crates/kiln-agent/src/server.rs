@@ -78,6 +78,7 @@ impl DeployJob {
                     })
                     .collect(),
                 protected: plan.protected,
+                macs: plan.identity.macs.clone(),
             },
             layout: plan.layout,
             swap_bytes: None,

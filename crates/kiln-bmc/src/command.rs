@@ -267,8 +267,8 @@ impl CommandDriver {
                 vars.insert("bmc_username", u.clone());
             }
         }
-        if let Some(n) = machine.nics.first() {
-            vars.insert("mac", n.mac.to_string());
+        if let Some(mac) = machine.nics.first().and_then(|n| n.mac) {
+            vars.insert("mac", mac.to_string());
         }
         if let Some(ip) = machine.ipv4 {
             vars.insert("ipv4", ip.to_string());

@@ -92,6 +92,11 @@ pub fn decide(
     let disk = |why: String| BootAnswer::LocalDisk {
         reason: format!("{}: {why}", m.hostname),
     };
+    // A swapped server (issue 15): the port showed another MAC, and until an
+    // operator confirms it nothing is installed on it, armed or not.
+    if let Some(alert) = &m.port_alert {
+        return disk(alert.reason());
+    }
     if let Some(arm) = arm {
         if arm.machine_id != m.id {
             return disk(format!("job {} is armed for another machine", arm.job_id));
@@ -199,6 +204,19 @@ mod tests {
         let mut expired = arm(reimaging.id, now);
         expired.expires_at = now - Duration::seconds(1);
         let foreign = arm(MachineId::new(), now);
+        // Issue 15: a port that showed another MAC is never installed.
+        let alert = kiln_types::machine::PortAlert {
+            circuit_id: Some("ge-0/0/1".into()),
+            remote_id: None,
+            recorded_mac: "52:54:00:15:00:01".parse().unwrap(),
+            seen_mac: "52:54:00:15:00:02".parse().unwrap(),
+            seen_at: now,
+        };
+        let mut swapped = machine(MachineState::Reimaging);
+        swapped.port_alert = Some(alert.clone());
+        let swapped_arm = arm(swapped.id, now);
+        let mut swapped_new = machine(MachineState::New);
+        swapped_new.port_alert = Some(alert);
         let protected_arm = arm(protected.id, now);
         let maint_arm = arm(maint.id, now);
 
@@ -276,6 +294,20 @@ mod tests {
                 "machine in maintenance with an arm",
                 Some(&maint),
                 Some(&maint_arm),
+                on,
+                Want::Disk,
+            ),
+            (
+                "port flagged (swapped server) with an arm",
+                Some(&swapped),
+                Some(&swapped_arm),
+                on,
+                Want::Disk,
+            ),
+            (
+                "port flagged, never discovered: no agent either",
+                Some(&swapped_new),
+                None,
                 on,
                 Want::Disk,
             ),

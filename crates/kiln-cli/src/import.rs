@@ -7,7 +7,10 @@
 //! tags separated by `;` or spaces. A machine with several NICs repeats its
 //! hostname on extra rows that fill only NIC columns. `bmc_ca_file` names a
 //! PEM file (relative to the CSV file's directory) whose text becomes the
-//! BMC's `ca_cert`: a certificate does not fit in a cell.
+//! BMC's `ca_cert`: a certificate does not fit in a cell. A NIC row needs a
+//! `mac`, or a switch-port identity (`circuit_id` and/or `remote_id`, as the
+//! DHCP relay sends them) for a NIC whose MAC kiln learns on its first
+//! relayed request (issue 15); the same holds for YAML's `nics`.
 //! YAML: a list of machines (or `machines:` with the list), each as the API's
 //! `MachineCreate` (`bmc.ca_cert` as a block scalar, `|`).
 
@@ -114,16 +117,23 @@ fn parse_bool(column: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// The NIC object of a CSV row, if it has a MAC.
+/// The NIC object of a CSV row, if it has a MAC or a switch-port identity.
 fn csv_nic(cell: &dyn Fn(&str) -> Option<String>) -> Result<Option<Value>, String> {
-    let Some(mac) = cell("mac") else {
+    let mac = cell("mac");
+    if mac.is_none() && cell("circuit_id").is_none() && cell("remote_id").is_none() {
         if NIC_COLUMNS.iter().any(|c| cell(c).is_some()) {
-            return Err("NIC columns are filled but `mac` is empty".into());
+            return Err(
+                "NIC columns are filled but the NIC has neither a `mac` nor a switch-port identity \
+                 (`circuit_id` and/or `remote_id`)"
+                    .into(),
+            );
         }
         return Ok(None);
-    };
+    }
     let mut nic = Map::new();
-    nic.insert("mac".into(), json!(mac));
+    if let Some(mac) = mac {
+        nic.insert("mac".into(), json!(mac));
+    }
     for (col, key) in [
         ("nic_name", "name"),
         ("switch", "switch"),
@@ -525,6 +535,36 @@ mod tests {
         assert_eq!(parsed[0].spec.nics.len(), 2);
         assert_eq!(parsed[0].spec.tags.len(), 2);
         assert_eq!(parsed[1].line, 5);
+    }
+
+    #[test]
+    fn nics_enrolled_by_switch_port_need_no_mac() {
+        // Issue 15 (seed 000): racks cabled in the inventory, no MAC written down.
+        let text = "hostname,mac,switch,port,circuit_id,remote_id\n\
+                    r1,,asw-a1,xe-0/0/1,asw-a1:xe-0/0/1,\n\
+                    r2,,,,,asw-a1-port2\n\
+                    r3,,asw-a1,xe-0/0/3,,\n";
+        let problems = parse_csv(text, Path::new(".")).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems[0].line, 4);
+        assert!(
+            problems[0]
+                .message
+                .contains("neither a `mac` nor a switch-port identity"),
+            "{problems:#?}"
+        );
+        let ok = text.lines().take(3).collect::<Vec<_>>().join("\n");
+        let parsed = parse_csv(&ok, Path::new(".")).unwrap();
+        let r1 = &parsed[0].spec.nics[0];
+        assert_eq!((r1.mac, r1.circuit_id.as_deref()), (None, Some("asw-a1:xe-0/0/1")));
+        assert_eq!(parsed[1].spec.nics[0].remote_id.as_deref(), Some("asw-a1-port2"));
+        let yaml = "- hostname: y1\n  nics:\n  - circuit_id: ge-0/0/9\n- hostname: y2\n  nics:\n  - switch: asw1\n";
+        let problems = parse_yaml(yaml).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].message.contains("needs a `mac` or a switch-port identity"),
+            "{problems:#?}"
+        );
     }
 
     #[test]

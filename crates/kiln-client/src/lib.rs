@@ -312,6 +312,15 @@ impl Client {
         .await
     }
 
+    /// Accepts the MAC a flagged switch port showed (issue 15).
+    pub async fn confirm_port(&self, key: &str) -> Result<Machine> {
+        self.post(
+            &format!("/api/v1/machines/{}/confirm-port", seg(key)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     // ---- sites and racks ----
 
     pub async fn create_site(&self, s: &SiteCreate) -> Result<Site> {

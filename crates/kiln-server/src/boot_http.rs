@@ -127,7 +127,7 @@ fn port_of(machine: Option<&Machine>, mac: MacAddr) -> Option<&str> {
     machine?
         .nics
         .iter()
-        .find(|n| n.mac == mac)
+        .find(|n| n.mac == Some(mac))
         .and_then(|n| n.circuit_id.as_deref())
 }
 
@@ -156,7 +156,13 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
         Ok(m) => m,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let machine = match state.store.find_machine_by_nic(mac, None, None).await {
+    // A MAC its flagged port showed (issue 15: a swapped server) is that
+    // machine, answered with its disk, not an unknown one sent to discovery.
+    let found = match state.store.find_machine_by_nic(mac, None, None).await {
+        Ok(None) => state.store.find_machine_by_alert_mac(mac).await,
+        other => other,
+    };
+    let machine = match found {
         Ok(None) => {
             let uuid = q
                 .uuid
@@ -244,7 +250,11 @@ pub async fn explain(
 ) -> ApiResult<Json<BootExplain>> {
     caller.require_operator()?;
     let machine = match q.target.parse::<MacAddr>() {
-        Ok(mac) => state.store.find_machine_by_nic(mac, None, None).await?,
+        // As `/boot/ipxe` finds it: a MAC its flagged port showed is that machine.
+        Ok(mac) => match state.store.find_machine_by_nic(mac, None, None).await? {
+            None => state.store.find_machine_by_alert_mac(mac).await?,
+            found => found,
+        },
         Err(_) => Some(state.store.get_machine(&q.target, None).await?),
     };
     let base = base_url(&state.boot, &headers);
@@ -255,7 +265,7 @@ pub async fn explain(
         .target
         .parse::<MacAddr>()
         .ok()
-        .or_else(|| machine.as_ref().and_then(|m| m.nics.first().map(|n| n.mac)))
+        .or_else(|| machine.as_ref().and_then(|m| m.nics.iter().find_map(|n| n.mac)))
         .unwrap_or_else(|| "00:00:00:00:00:00".parse().expect("a MAC"));
     let script = render(
         &answer,

@@ -168,8 +168,9 @@ const WRITES_PER_COMMIT: usize = 1024;
 #[derive(Debug, Default)]
 struct Inventory {
     by_mac: HashMap<MacAddr, Arc<Machine>>,
-    /// By option 82 (circuit-id, remote-id), as the relay reports them.
-    by_port: HashMap<(String, Option<String>), Arc<Machine>>,
+    /// By the option 82 sub-options (circuit-id, remote-id) a NIC records
+    /// (either or both); looked up with `kiln_types::port::lookup_keys`.
+    by_port: HashMap<(Option<String>, Option<String>), Arc<Machine>>,
     /// Inventory IPv4 addresses: never handed out from a pool.
     reserved: HashSet<Ipv4Addr>,
 }
@@ -183,9 +184,12 @@ impl Inventory {
                 inv.reserved.insert(ip);
             }
             for nic in &m.nics {
-                inv.by_mac.insert(nic.mac, m.clone());
-                if let Some(c) = &nic.circuit_id {
-                    inv.by_port.insert((c.clone(), nic.remote_id.clone()), m.clone());
+                if let Some(mac) = nic.mac {
+                    inv.by_mac.insert(mac, m.clone());
+                }
+                if nic.has_port_identity() {
+                    inv.by_port
+                        .insert((nic.circuit_id.clone(), nic.remote_id.clone()), m.clone());
                 }
             }
         }
@@ -195,8 +199,9 @@ impl Inventory {
     /// The machine a request comes from: by the switch port its relay
     /// reported, else by MAC.
     fn find(&self, mac: MacAddr, circuit: Option<&str>, remote: Option<&str>) -> Option<&Machine> {
-        circuit
-            .and_then(|c| self.by_port.get(&(c.to_string(), remote.map(str::to_string))))
+        kiln_types::port::lookup_keys(circuit, remote)
+            .into_iter()
+            .find_map(|k| self.by_port.get(&k))
             .or_else(|| self.by_mac.get(&mac))
             .map(|m| &**m)
     }
@@ -540,6 +545,44 @@ async fn serve_interface(
     }
 }
 
+/// A relayed request from a machine's port showed `mac`: when that is news
+/// (a NIC enrolled by port without a MAC, or another MAC than the one on
+/// record), the store learns the MAC or flags the machine
+/// (`Store::observe_port`, which decides again in its transaction).
+///
+/// This is the one place a packet waits for the database, once per port
+/// and MAC: the MAC must be on record before the client, answered, asks
+/// for its boot script by it. A store error is logged and the request is
+/// answered as before; the next request from the port tries again.
+async fn learn_or_flag(
+    service: &Service,
+    machine: &Machine,
+    mac: MacAddr,
+    circuit: Option<&str>,
+    remote: Option<&str>,
+) {
+    use kiln_types::port::{Sighting, observe};
+    match observe(machine, mac, circuit, remote, Utc::now()) {
+        Sighting::NotByPort | Sighting::Known | Sighting::AlreadyFlagged => return,
+        Sighting::Learn { .. } | Sighting::Swapped { .. } => {}
+    }
+    let port = kiln_types::machine::port_label(circuit, remote);
+    match service.store.observe_port(mac, circuit, remote).await {
+        Ok(kiln_store::PortChange::Learned(m)) => {
+            tracing::info!(machine = %m.hostname, %mac, %port, "learned the MAC of a NIC enrolled by switch port");
+        }
+        Ok(kiln_store::PortChange::Flagged(m)) => {
+            tracing::warn!(
+                machine = %m.hostname, %mac, %port,
+                "switch port shows another MAC than the one on record: machine flagged, nothing is installed \
+                 until an operator confirms (kiln machine confirm-port)"
+            );
+        }
+        Ok(kiln_store::PortChange::None) => {}
+        Err(e) => tracing::warn!(machine = %machine.hostname, %mac, %port, error = %e, "port sighting not recorded"),
+    }
+}
+
 /// Option 82 sub-option "relay source port" (RFC 8357 §5.1): the relay
 /// takes replies on the port its request came from, not on 67.
 const RELAY_SOURCE_PORT: u8 = 19;
@@ -569,6 +612,9 @@ async fn answer(
     };
     let inventory = service.inventory().await?;
     let machine = inventory.find(mac, circuit.as_deref(), remote.as_deref());
+    if let Some(m) = machine {
+        learn_or_flag(service, m, mac, circuit.as_deref(), remote.as_deref()).await;
+    }
     let giaddr = msg.giaddr();
     let locator = if giaddr.is_unspecified() { cfg.server_ip } else { giaddr };
     let subnet = service.settings.subnets.iter().find(|sub| sub.contains(locator));

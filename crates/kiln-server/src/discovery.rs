@@ -260,7 +260,7 @@ pub fn judge(report: &DiscoveryReport, claims: &DiscoveryClaims, found: &Found<'
     if let Some(port) = &claims.port {
         let now = found
             .by_mac
-            .and_then(|m| m.nics.iter().find(|n| n.mac == mac))
+            .and_then(|m| m.nics.iter().find(|n| n.mac == Some(mac)))
             .and_then(|n| n.circuit_id.as_deref());
         if now != Some(port.as_str()) {
             return refuse(

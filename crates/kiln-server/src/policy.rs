@@ -104,6 +104,9 @@ pub const ROUTES: &[RoutePolicy] = &[
     route("PATCH", "/api/v1/machines/{key}", OPERATOR, true),
     route("DELETE", "/api/v1/machines/{key}", OPERATOR, true),
     route("GET", "/api/v1/machines/{key}/offer", TENANT, true),
+    // Issue 15: accepting a swapped server's MAC decides which hardware the
+    // machine is, so operators only.
+    route("POST", "/api/v1/machines/{key}/confirm-port", OPERATOR, true),
     // BMC: a tenant powers its machines and sets their next boot only.
     route("GET", "/api/v1/machines/{key}/power", TENANT, true),
     route("POST", "/api/v1/machines/{key}/power", TENANT, true),

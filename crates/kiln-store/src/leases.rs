@@ -358,22 +358,23 @@ impl Store {
         circuit_id: Option<&str>,
         remote_id: Option<&str>,
     ) -> Result<Option<Machine>> {
-        let by_port = match (circuit_id, remote_id) {
-            (Some(c), Some(r)) => {
-                sqlx::query::<Any>("SELECT machine_id FROM nics WHERE circuit_id = $1 AND remote_id = $2")
-                    .bind(c)
-                    .bind(r)
-                    .fetch_optional(&self.pool)
-                    .await?
+        // Every sub-option a NIC records must match (kiln_types::port).
+        let mut by_port = None;
+        for (c, r) in kiln_types::port::lookup_keys(circuit_id, remote_id) {
+            let sql = match (&c, &r) {
+                (Some(_), Some(_)) => "SELECT machine_id FROM nics WHERE circuit_id = $1 AND remote_id = $2",
+                (Some(_), None) => "SELECT machine_id FROM nics WHERE circuit_id = $1 AND remote_id IS NULL",
+                _ => "SELECT machine_id FROM nics WHERE remote_id = $1 AND circuit_id IS NULL",
+            };
+            let mut q = sqlx::query::<Any>(sql);
+            for v in [c, r].into_iter().flatten() {
+                q = q.bind(v);
             }
-            (Some(c), None) => {
-                sqlx::query::<Any>("SELECT machine_id FROM nics WHERE circuit_id = $1 AND remote_id IS NULL")
-                    .bind(c)
-                    .fetch_optional(&self.pool)
-                    .await?
+            by_port = q.fetch_optional(&self.pool).await?;
+            if by_port.is_some() {
+                break;
             }
-            _ => None,
-        };
+        }
         let row = match by_port {
             Some(r) => Some(r),
             None => {

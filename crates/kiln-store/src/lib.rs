@@ -21,6 +21,7 @@ mod jobs;
 mod leases;
 mod machines;
 mod org;
+mod ports;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use jobs::{ArmRecord, JobControl, JobRecord, JobSave, LogLine, NewJob};
 pub use leases::{LeaseWrite, LoadedLeases};
 pub use machines::{NewMachine, SealedPassword};
 pub use org::TokenRecord;
+pub use ports::PortChange;
 
 /// The database behind a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -154,11 +154,19 @@ fn claims(spec: &MachineCreate) -> Vec<(&'static str, String, String)> {
         out.push(("ipv6", "ipv6".into(), ip.to_string()));
     }
     for (i, nic) in spec.nics.iter().enumerate() {
-        out.push(("mac", format!("nics[{i}].mac"), nic.mac.to_string()));
+        if let Some(mac) = nic.mac {
+            out.push(("mac", format!("nics[{i}].mac"), mac.to_string()));
+        }
         if let (Some(sw), Some(port)) = (&nic.switch, &nic.port) {
             out.push(("switch_port", format!("nics[{i}].port"), format!("{sw}\t{port}")));
         }
-        if let (Some(r), Some(c)) = (&nic.remote_id, &nic.circuit_id) {
+        // A port identity names one NIC, whichever sub-options it records
+        // (issue 15: the NIC may have no MAC to tell it apart).
+        if nic.has_port_identity() {
+            let (r, c) = (
+                nic.remote_id.as_deref().unwrap_or(""),
+                nic.circuit_id.as_deref().unwrap_or(""),
+            );
             out.push(("option82", format!("nics[{i}].circuit_id"), format!("{r}\t{c}")));
         }
     }
@@ -174,7 +182,10 @@ fn describe(kind: &str, value: &str) -> String {
         ("ipv4" | "ipv6", _) => format!("IP address {value}"),
         ("mac", _) => format!("MAC {value}"),
         ("switch_port", Some((sw, p))) => format!("switch port {sw} {p}"),
-        ("option82", Some((r, c))) => format!("option 82 remote-id `{r}` circuit-id `{c}`"),
+        ("option82", Some((r, c))) => format!(
+            "option 82 {}",
+            kiln_types::machine::port_label((!c.is_empty()).then_some(c), (!r.is_empty()).then_some(r))
+        ),
         _ => value.to_string(),
     }
 }
@@ -198,7 +209,7 @@ fn claim_sql(kind: &str) -> &'static str {
             "SELECT n.switch || '\t' || n.port AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.switch || '\t' || n.port IN"
         }
         "option82" => {
-            "SELECT n.remote_id || '\t' || n.circuit_id AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE n.remote_id || '\t' || n.circuit_id IN"
+            "SELECT COALESCE(n.remote_id, '') || '\t' || COALESCE(n.circuit_id, '') AS v, m.hostname AS holder, m.id AS holder_id FROM nics n JOIN machines m ON m.id = n.machine_id WHERE COALESCE(n.remote_id, '') || '\t' || COALESCE(n.circuit_id, '') IN"
         }
         _ => unreachable!("unknown claim kind {kind}"),
     }
@@ -367,7 +378,7 @@ async fn insert_nics(conn: &mut AnyConnection, nics: &[(MachineId, usize, &Nic)]
         let mut q = sqlx::query::<Any>(built(sql));
         for (id, position, nic) in chunk {
             q = q
-                .bind(nic.mac.to_string())
+                .bind(nic.mac.map(|m| m.to_string()))
                 .bind(id.to_string())
                 .bind(*position as i64)
                 .bind(nic.name.clone())
@@ -431,6 +442,9 @@ fn machine_from_row(row: &AnyRow) -> Result<Machine> {
         hardware: opt("hardware")?
             .map(|h| serde_json::from_str(&h).map_err(|e| StoreError::Corrupt(format!("hardware: {e}"))))
             .transpose()?,
+        port_alert: opt("port_alert")?
+            .map(|a| serde_json::from_str(&a).map_err(|e| StoreError::Corrupt(format!("port_alert: {e}"))))
+            .transpose()?,
         created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
         updated_at: parse_ts(&row.try_get::<String, _>("updated_at")?)?,
     })
@@ -447,7 +461,7 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 
 /// The machine with id or hostname `key`, visible in `scope` (a tenant's
 /// machines only, when given).
-async fn load(
+pub(crate) async fn load(
     conn: &mut AnyConnection,
     backend: Backend,
     key: &str,
@@ -548,6 +562,8 @@ fn view(
         ipv4: s.ipv4,
         ipv6: s.ipv6,
         hardware: s.hardware.clone(),
+        // Set only by `observe_port`, cleared only by `confirm_port`.
+        port_alert: None,
         created_at,
         updated_at,
     }
@@ -916,7 +932,8 @@ impl Store {
             let nics: Vec<(MachineId, usize, &Nic)> = s.nics.iter().enumerate().map(|(i, n)| (row.id, i, n)).collect();
             insert_nics(&mut tx, &nics).await?;
         }
-        let after = view(&row, &names, before.created_at, updated_at);
+        let mut after = view(&row, &names, before.created_at, updated_at);
+        after.port_alert = before.port_alert.clone();
         record(
             &mut tx,
             actor,

@@ -13,15 +13,7 @@ fn actor() -> Actor {
 }
 
 fn nic(mac: &str) -> Nic {
-    Nic {
-        mac: mac.parse().unwrap(),
-        name: None,
-        switch: None,
-        port: None,
-        vlan: None,
-        circuit_id: None,
-        remote_id: None,
-    }
+    Nic::with_mac(mac.parse().unwrap())
 }
 
 fn machine(host: &str, mac: &str) -> NewMachine {

@@ -77,6 +77,10 @@ pub struct ExpectedIdentity {
     /// Serials of the disks the inventory lists.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk_serials: Vec<String>,
+    /// The MACs on record for the machine's NICs (given, or learned from
+    /// its switch port, issue 15): one of them must be in the machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<crate::MacAddr>,
 }
 
 /// The image to write.

@@ -14,6 +14,7 @@ pub mod job;
 pub mod lease;
 pub mod machine;
 pub mod page;
+pub mod port;
 pub mod power;
 pub mod secret;
 pub mod site;

@@ -249,10 +249,19 @@ pub struct Bmc {
 }
 
 /// A network interface and where it is plugged in.
+///
+/// Known by its MAC, by its switch port (the relay's option 82
+/// `circuit_id` and/or `remote_id`), or both. A NIC enrolled by port only
+/// gets its MAC recorded when its first relayed DHCP request arrives
+/// (`kiln_boot::port`); HTTP boot, discovery and the agent then know it by
+/// that MAC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
-    pub mac: MacAddr,
+    /// Absent for a NIC enrolled by switch port whose MAC kiln has not
+    /// seen yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
     /// Interface name as the OS sees it (`eno1`), if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -273,17 +282,60 @@ pub struct Nic {
 }
 
 impl Nic {
+    /// A NIC known by its MAC only.
+    pub fn with_mac(mac: MacAddr) -> Nic {
+        Nic {
+            mac: Some(mac),
+            name: None,
+            switch: None,
+            port: None,
+            vlan: None,
+            circuit_id: None,
+            remote_id: None,
+        }
+    }
+
+    /// A NIC known by its switch port only: its MAC is learned later.
+    pub fn by_port(circuit_id: Option<String>, remote_id: Option<String>) -> Nic {
+        Nic {
+            mac: None,
+            circuit_id,
+            remote_id,
+            ..Nic::with_mac(MacAddr([0; 6]))
+        }
+    }
+
+    /// Whether the NIC is enrolled by the relay's view of its port.
+    pub fn has_port_identity(&self) -> bool {
+        self.circuit_id.is_some() || self.remote_id.is_some()
+    }
+
+    /// How messages name this NIC: its MAC, else its port identity.
+    pub fn label(&self) -> String {
+        match (&self.mac, &self.circuit_id, &self.remote_id) {
+            (Some(mac), _, _) => mac.to_string(),
+            (None, c, r) => port_label(c.as_deref(), r.as_deref()),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if self.mac.is_none() && !self.has_port_identity() {
+            return Err(
+                "a nic needs a `mac` or a switch-port identity (`circuit_id` and/or `remote_id`, as the DHCP relay \
+                 reports them in option 82)"
+                    .into(),
+            );
+        }
         if self.port.is_some() && self.switch.is_none() {
             return Err(format!(
                 "nic {}: a port needs its switch (give both `switch` and `port`)",
-                self.mac
+                self.label()
             ));
         }
         if let Some(v) = self.vlan
             && !(1..=4094).contains(&v)
         {
-            return Err(format!("nic {}: vlan {v} is outside 1-4094", self.mac));
+            return Err(format!("nic {}: vlan {v} is outside 1-4094", self.label()));
         }
         for (name, v) in [
             ("name", &self.name),
@@ -295,10 +347,51 @@ impl Nic {
             if let Some(v) = v
                 && (v.is_empty() || v.len() > 255)
             {
-                return Err(format!("nic {}: {name} must have 1 to 255 characters", self.mac));
+                return Err(format!("nic {}: {name} must have 1 to 255 characters", self.label()));
             }
         }
         Ok(())
+    }
+}
+
+/// A switch port as the relay names it: `circuit-id C remote-id R`.
+pub fn port_label(circuit_id: Option<&str>, remote_id: Option<&str>) -> String {
+    match (circuit_id, remote_id) {
+        (Some(c), Some(r)) => format!("circuit-id {c} remote-id {r}"),
+        (Some(c), None) => format!("circuit-id {c}"),
+        (None, Some(r)) => format!("remote-id {r}"),
+        (None, None) => "(no port identity)".into(),
+    }
+}
+
+/// A switch port that showed another MAC than the one kiln learned or was
+/// given for it (the server behind it was swapped, or a cable moved).
+/// While it is set the machine is never installed: its boot answer is the
+/// local disk and a reimage is refused, until an operator confirms the new
+/// MAC (`kiln machine confirm-port HOST`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortAlert {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
+    /// The MAC on record for the NIC on that port.
+    pub recorded_mac: MacAddr,
+    /// The MAC the port showed.
+    pub seen_mac: MacAddr,
+    pub seen_at: DateTime<Utc>,
+}
+
+impl PortAlert {
+    /// Why the machine is not installed, for refusals and boot answers.
+    pub fn reason(&self) -> String {
+        format!(
+            "switch port {} showed MAC {} where {} was on record (was the server swapped?): nothing is installed \
+             until an operator confirms the port with `kiln machine confirm-port HOST`",
+            port_label(self.circuit_id.as_deref(), self.remote_id.as_deref()),
+            self.seen_mac,
+            self.recorded_mac
+        )
     }
 }
 
@@ -412,6 +505,10 @@ pub struct Machine {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware: Option<Hardware>,
+    /// Set when a NIC's switch port showed another MAC: the machine is not
+    /// installed until an operator confirms (`PortAlert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_alert: Option<PortAlert>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -440,6 +537,7 @@ impl Machine {
             ipv4: None,
             ipv6: None,
             hardware: None,
+            port_alert: None,
             created_at: now,
             updated_at: now,
         }
@@ -532,12 +630,21 @@ impl MachineCreate {
             problems.push(e);
         }
         let mut macs = std::collections::HashSet::new();
+        let mut ports = std::collections::HashSet::new();
         for nic in &self.nics {
             if let Err(e) = nic.validate() {
                 problems.push(e);
             }
-            if !macs.insert(nic.mac) {
-                problems.push(format!("nic {} is listed twice", nic.mac));
+            if let Some(mac) = nic.mac
+                && !macs.insert(mac)
+            {
+                problems.push(format!("nic {mac} is listed twice"));
+            }
+            if nic.has_port_identity() && !ports.insert((&nic.circuit_id, &nic.remote_id)) {
+                problems.push(format!(
+                    "{} is listed on two nics",
+                    port_label(nic.circuit_id.as_deref(), nic.remote_id.as_deref())
+                ));
             }
         }
         if self.rack.is_none() && self.site.is_some() {
@@ -746,7 +853,7 @@ mod tests {
     #[test]
     fn nic_rules() {
         let mut nic = Nic {
-            mac: "52:54:00:00:00:01".parse().unwrap(),
+            mac: Some("52:54:00:00:00:01".parse().unwrap()),
             name: None,
             switch: None,
             port: Some("ge-0/0/1".into()),
@@ -759,5 +866,34 @@ mod tests {
         assert!(nic.validate().is_ok());
         nic.vlan = Some(5000);
         assert!(nic.validate().unwrap_err().contains("outside 1-4094"));
+        nic.vlan = None;
+        // Issue 15: a NIC may be enrolled by its port alone, but not by
+        // nothing at all.
+        nic.mac = None;
+        assert!(
+            nic.validate()
+                .unwrap_err()
+                .contains("needs a `mac` or a switch-port identity")
+        );
+        nic.remote_id = Some("asw-a1".into());
+        assert!(nic.validate().is_ok(), "remote-id alone");
+        nic.remote_id = None;
+        nic.circuit_id = Some("ge-0/0/1".into());
+        assert!(nic.validate().is_ok(), "circuit-id alone");
+        let by_port: Nic = serde_json::from_str(r#"{"circuit_id": "ge-0/0/1"}"#).unwrap();
+        assert_eq!(by_port.mac, None);
+        assert_eq!(
+            serde_json::to_value(&by_port).unwrap(),
+            serde_json::json!({"circuit_id": "ge-0/0/1"})
+        );
+        let mut m = MachineCreate::new("m1".parse().unwrap());
+        m.nics = vec![by_port.clone(), by_port];
+        assert!(
+            m.validate()
+                .iter()
+                .any(|p| p.contains("circuit-id ge-0/0/1 is listed on two nics")),
+            "{:?}",
+            m.validate()
+        );
     }
 }

@@ -192,6 +192,10 @@ async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Out
             machine.maintenance_reason.as_deref().unwrap_or("no reason given")
         ));
     }
+    // Issue 15: the server on the machine's port may not be the machine.
+    if let Some(alert) = &machine.port_alert {
+        return fail(format!("{}: {}", machine.hostname, alert.reason()));
+    }
     let image = match cx.store.get_os_image(&spec.os_image).await {
         Ok(i) => i,
         Err(e) => return fail(format!("OS image {}: {e}", spec.os_label)),

@@ -310,13 +310,8 @@ fn enrollment(m: &SimMachine, password: &str, ca: Option<&str>) -> anyhow::Resul
     let mut c = MachineCreate::new(host(i).parse().map_err(|e| anyhow::anyhow!("hostname: {e}"))?);
     c.state = MachineState::Deployed;
     c.nics = vec![Nic {
-        mac,
         name: Some("eno1".into()),
-        switch: None,
-        port: None,
-        vlan: None,
-        circuit_id: None,
-        remote_id: None,
+        ..Nic::with_mac(mac)
     }];
     c.bmc = Some(BmcInput {
         driver: BmcDriver::Redfish,

@@ -1,9 +1,9 @@
 //! A relayed client: ISC `dhcrelay` between the client's namespace and
 //! kiln's adds option 82 (the circuit-id is its client-facing interface);
-//! kiln recognises the machine by that switch port — not by its MAC, which
-//! is not in the inventory — answers to the relay (giaddr), and the client
-//! gets the machine's inventory address. All three namespaces are the
-//! test's own.
+//! kiln recognises the machine by that switch port — it is enrolled with no
+//! MAC at all (issue 15) — answers to the relay (giaddr), the client gets
+//! the machine's inventory address, and kiln has learned and recorded its
+//! MAC. All three namespaces are the test's own.
 
 mod common;
 
@@ -68,7 +68,7 @@ fn a_relayed_client_is_recognised_by_its_switch_port() {
     let kiln_server = start_server(&server.0, &config, dir.path(), "DHCP listening");
     // The machine is known by its cabling: the relay's port toward it.
     let m = serde_json::json!({"hostname": "racked1", "ipv4": "10.79.2.50",
-        "nics": [{"mac": "52:54:00:79:00:01", "circuit_id": r2}]});
+        "nics": [{"circuit_id": r2}]});
     let file = dir.path().join("m.yaml");
     std::fs::write(&file, format!("- {m}\n")).unwrap();
     kiln(&server.0, &token, &["machine", "import", &file.display().to_string()]);
@@ -123,6 +123,16 @@ fn a_relayed_client_is_recognised_by_its_switch_port() {
     );
     let log = kiln_server.log_text();
     assert!(log.contains("racked1 (02:00:00:79:00:99): ack 10.79.2.50"), "{log}");
+    // The MAC the port showed is now on record, once.
+    let out = kiln(&server.0, &token, &["machine", "show", "racked1", "-o", "json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["nics"][0]["mac"], "02:00:00:79:00:99", "{shown:#}");
+    assert_eq!(shown["nics"][0]["circuit_id"], r2, "{shown:#}");
+    assert_eq!(
+        log.matches("learned the MAC of a NIC enrolled by switch port").count(),
+        1,
+        "{log}"
+    );
     drop(relay_proc);
     drop(kiln_server);
 }

@@ -166,6 +166,7 @@ fn plan_for(inv: &Inventory, image: &[u8]) -> DeployPlan {
             serial: dmi.serial,
             uuid: dmi.uuid,
             disk_serials: inv.hardware.disks.iter().filter_map(|d| d.serial.clone()).collect(),
+            macs: vec![],
         },
         protected: false,
         image: ImageSource {

@@ -308,12 +308,19 @@ impl TemplateContext {
                 domain,
                 ipv4: machine.ipv4.map(|a| a.to_string()),
                 ipv6: machine.ipv6.map(|a| a.to_string()),
-                macs: machine.nics.iter().map(|n| n.mac.to_string()).collect(),
+                // A NIC enrolled by switch port has no MAC until kiln learned it.
+                macs: machine
+                    .nics
+                    .iter()
+                    .filter_map(|n| n.mac)
+                    .map(|m| m.to_string())
+                    .collect(),
                 nics: machine
                     .nics
                     .iter()
-                    .map(|n| NicVars {
-                        mac: n.mac.to_string(),
+                    .filter_map(|n| n.mac.map(|m| (n, m)))
+                    .map(|(n, mac)| NicVars {
+                        mac: mac.to_string(),
                         name: n.name.clone(),
                     })
                     .collect(),

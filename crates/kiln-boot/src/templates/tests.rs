@@ -27,7 +27,7 @@ fn machine() -> Machine {
     m.fqdn = Some("db1001.eqiad.example.net".parse().unwrap());
     m.ipv4 = Some("10.64.0.11".parse().unwrap());
     m.nics = vec![Nic {
-        mac: "52:54:00:12:34:56".parse().unwrap(),
+        mac: Some("52:54:00:12:34:56".parse().unwrap()),
         name: Some(HOSTILE.into()),
         switch: None,
         port: None,

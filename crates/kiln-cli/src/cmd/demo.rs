@@ -118,7 +118,7 @@ fn sim_machine(rack: u32, n: u32) -> MachineCreate {
         rack: Some(format!("r{rack}")),
         owner: (n < 4).then(|| "acme".to_string()),
         nics: vec![Nic {
-            mac: mac.parse().unwrap(),
+            mac: Some(mac.parse().unwrap()),
             name: Some("eno1".into()),
             switch: Some(format!("asw-r{rack}")),
             port: Some(format!("xe-0/0/{n}")),
@@ -368,7 +368,7 @@ async fn start_fleet(
                 // kiln checks that the BMC's system is this machine.
                 serial: dmi.and_then(|d| d.serial.clone()),
                 uuid: dmi.and_then(|d| d.uuid.as_deref()).and_then(|u| u.parse().ok()),
-                ..MachineSpec::new(Mac(nic.mac.0))
+                ..MachineSpec::new(Mac(nic.mac.expect("demo NICs have a MAC").0))
             }
         })
         .collect();

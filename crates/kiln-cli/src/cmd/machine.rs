@@ -44,6 +44,47 @@ pub enum MachineCmd {
     /// whose report fills in its hardware and NICs (the machine becomes
     /// `ready`). Works for a machine enrolled with only its BMC.
     Discover { host: String },
+    /// Accept the MAC a flagged switch port showed (the server behind it
+    /// was swapped on purpose): the NIC on that port takes it, and the
+    /// machine may be installed again. Operators only.
+    ConfirmPort { host: String },
+}
+
+/// A NIC's switch-port identity as `--add-port` / `--remove-port` take it:
+/// `circuit-id=C`, `remote-id=R`, or both, comma-separated (the values as
+/// the DHCP relay sends them in option 82).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    circuit_id: Option<String>,
+    remote_id: Option<String>,
+}
+
+impl std::str::FromStr for PortSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut spec = PortSpec {
+            circuit_id: None,
+            remote_id: None,
+        };
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("circuit-id", v)) if !v.is_empty() => spec.circuit_id = Some(v.to_string()),
+                Some(("remote-id", v)) if !v.is_empty() => spec.remote_id = Some(v.to_string()),
+                _ => {
+                    return Err(format!(
+                        "`{part}`: give circuit-id=ID and/or remote-id=ID, comma-separated (e.g. circuit-id=ge-0/0/1,remote-id=asw1)"
+                    ));
+                }
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl PortSpec {
+    fn is(&self, nic: &Nic) -> bool {
+        nic.circuit_id == self.circuit_id && nic.remote_id == self.remote_id
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -168,7 +209,9 @@ impl BmcArgs {
 pub struct AddArgs {
     #[arg(long)]
     hostname: Hostname,
-    /// MAC of a NIC (repeat for more; the first is the boot NIC).
+    /// MAC of a NIC (repeat for more; the first is the boot NIC). Without
+    /// one, `--circuit-id`/`--remote-id` enroll the NIC by its switch port
+    /// and kiln learns its MAC from its first relayed DHCP request.
     #[arg(long)]
     mac: Vec<MacAddr>,
     /// Tag (repeat for more).
@@ -189,18 +232,18 @@ pub struct AddArgs {
     #[arg(long)]
     site: Option<String>,
     /// Switch the first NIC is cabled to.
-    #[arg(long, requires = "mac")]
+    #[arg(long)]
     switch: Option<String>,
     /// Switch port of the first NIC.
     #[arg(long, requires = "switch")]
     port: Option<String>,
-    #[arg(long, requires = "mac")]
+    #[arg(long)]
     vlan: Option<u16>,
     /// Option 82 circuit-id of the first NIC's port.
-    #[arg(long, requires = "mac")]
+    #[arg(long)]
     circuit_id: Option<String>,
     /// Option 82 remote-id of the first NIC's port.
-    #[arg(long, requires = "mac")]
+    #[arg(long)]
     remote_id: Option<String>,
     #[arg(long)]
     ipv4: Option<Ipv4Addr>,
@@ -319,6 +362,13 @@ pub struct EditArgs {
     /// Remove the NIC with this MAC.
     #[arg(long)]
     remove_mac: Vec<MacAddr>,
+    /// Add a NIC by its switch port, with no MAC (kiln learns it from the
+    /// first relayed DHCP request): `circuit-id=ID[,remote-id=ID]`.
+    #[arg(long, value_name = "PORT")]
+    add_port: Vec<PortSpec>,
+    /// Remove the NIC enrolled on this port (same form as `--add-port`).
+    #[arg(long, value_name = "PORT")]
+    remove_port: Vec<PortSpec>,
     /// New owner (`-` for none).
     #[arg(long)]
     owner: Option<String>,
@@ -349,19 +399,12 @@ fn dash_none(v: Option<String>) -> Option<Option<String>> {
 pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
     match c {
         MachineCmd::Add(a) => {
-            let mut nics: Vec<Nic> = a
-                .mac
-                .iter()
-                .map(|mac| Nic {
-                    mac: *mac,
-                    name: None,
-                    switch: None,
-                    port: None,
-                    vlan: None,
-                    circuit_id: None,
-                    remote_id: None,
-                })
-                .collect();
+            let mut nics: Vec<Nic> = a.mac.iter().map(|mac| Nic::with_mac(*mac)).collect();
+            let port_given = a.switch.is_some() || a.vlan.is_some() || a.circuit_id.is_some() || a.remote_id.is_some();
+            if nics.is_empty() && port_given {
+                // Enrolled by switch port: the MAC is learned later.
+                nics.push(Nic::by_port(None, None));
+            }
             if let Some(first) = nics.first_mut() {
                 first.switch = a.switch.clone();
                 first.port = a.port.clone();
@@ -431,10 +474,12 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
         }
         MachineCmd::Edit(a) => {
             let client = ctx.client()?;
-            let needs_current =
-                !(a.add_tag.is_empty() && a.remove_tag.is_empty() && a.add_mac.is_empty() && a.remove_mac.is_empty())
-                    || a.bmc.bmc_driver.is_some()
-                    || a.bmc.tls_given();
+            let nics_edited =
+                !(a.add_mac.is_empty() && a.remove_mac.is_empty() && a.add_port.is_empty() && a.remove_port.is_empty());
+            let needs_current = !(a.add_tag.is_empty() && a.remove_tag.is_empty())
+                || nics_edited
+                || a.bmc.bmc_driver.is_some()
+                || a.bmc.tls_given();
             let current = if needs_current {
                 Some(client.get_machine(&a.host).await?)
             } else {
@@ -453,27 +498,28 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 _ => None,
             };
             let nics = match &current {
-                Some(c) if !(a.add_mac.is_empty() && a.remove_mac.is_empty()) => {
-                    if let Some(missing) = a.remove_mac.iter().find(|m| !c.nics.iter().any(|n| n.mac == **m)) {
+                Some(c) if nics_edited => {
+                    if let Some(missing) = a.remove_mac.iter().find(|m| !c.nics.iter().any(|n| n.mac == Some(**m))) {
                         anyhow::bail!("{} has no NIC {missing}", c.hostname);
+                    }
+                    if let Some(missing) = a.remove_port.iter().find(|p| !c.nics.iter().any(|n| p.is(n))) {
+                        anyhow::bail!("{} has no NIC on port {missing:?}", c.hostname);
                     }
                     let mut nics: Vec<Nic> = c
                         .nics
                         .iter()
-                        .filter(|n| !a.remove_mac.contains(&n.mac))
+                        .filter(|n| !n.mac.is_some_and(|m| a.remove_mac.contains(&m)))
+                        .filter(|n| !a.remove_port.iter().any(|p| p.is(n)))
                         .cloned()
                         .collect();
                     for mac in a.add_mac {
-                        if !nics.iter().any(|n| n.mac == mac) {
-                            nics.push(Nic {
-                                mac,
-                                name: None,
-                                switch: None,
-                                port: None,
-                                vlan: None,
-                                circuit_id: None,
-                                remote_id: None,
-                            });
+                        if !nics.iter().any(|n| n.mac == Some(mac)) {
+                            nics.push(Nic::with_mac(mac));
+                        }
+                    }
+                    for p in a.add_port {
+                        if !nics.iter().any(|n| p.is(n)) {
+                            nics.push(Nic::by_port(p.circuit_id, p.remote_id));
                         }
                     }
                     Some(nics)
@@ -510,6 +556,14 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
             Ok(())
         }
         MachineCmd::Import { file, format, dry_run } => import::run(&file, format, dry_run, ctx, out).await,
+        MachineCmd::ConfirmPort { host } => {
+            let m = ctx.client()?.confirm_port(&host).await?;
+            out.line(format!(
+                "{}: port confirmed; its NICs are now {}",
+                m.hostname,
+                m.nics.iter().map(|n| n.label()).collect::<Vec<_>>().join(", ")
+            ))
+        }
         MachineCmd::Discover { host } => {
             let m = ctx.client()?.discover_machine(&host).await?;
             out.line(format!(
@@ -564,6 +618,10 @@ fn flags(m: &Machine) -> String {
     if m.maintenance {
         f.push('M');
     }
+    // A switch port showed another MAC: `kiln machine confirm-port`.
+    if m.port_alert.is_some() {
+        f.push('S');
+    }
     if f.is_empty() { "-".into() } else { f }
 }
 
@@ -578,7 +636,7 @@ fn row(m: &Machine) -> Vec<String> {
         },
         opt(&m.owner),
         opt(&m.ipv4),
-        m.nics.first().map_or("-".into(), |n| n.mac.to_string()),
+        m.nics.first().map_or("-".into(), |n| n.label()),
         flags(m),
         m.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
     ]
@@ -589,7 +647,16 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
         .nics
         .iter()
         .map(|n| {
-            let mut s = n.mac.to_string();
+            let mut s = match n.mac {
+                Some(mac) => mac.to_string(),
+                None => "MAC not seen yet".into(),
+            };
+            if n.has_port_identity() {
+                s.push_str(&format!(
+                    " ({})",
+                    kiln_types::machine::port_label(n.circuit_id.as_deref(), n.remote_id.as_deref())
+                ));
+            }
             if let (Some(sw), Some(p)) = (&n.switch, &n.port) {
                 s.push_str(&format!(" @ {sw} {p}"));
             }
@@ -650,6 +717,7 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
             ("ipv4", opt(&m.ipv4)),
             ("ipv6", opt(&m.ipv6)),
             ("nics", if nics.is_empty() { "-".into() } else { nics }),
+            ("port alert", m.port_alert.as_ref().map_or("-".into(), |a| a.reason())),
             ("bmc", bmc),
             ("hardware", hw),
             ("updated", m.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),

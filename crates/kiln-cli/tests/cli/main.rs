@@ -175,7 +175,7 @@ api_test!(import_a_rack_all_or_nothing, |srv| {
     assert_eq!(code, 0);
     let m = srv.admin().get_machine("db1002").await.unwrap();
     assert_eq!(
-        m.nics.iter().map(|n| n.mac.to_string()).collect::<Vec<_>>(),
+        m.nics.iter().map(|n| n.label()).collect::<Vec<_>>(),
         ["52:54:00:00:00:22"]
     );
     assert!(m.tags.iter().any(|t| t.as_str() == "hot"));
@@ -190,6 +190,64 @@ api_test!(import_a_rack_all_or_nothing, |srv| {
     assert_eq!(srv.admin().get_machine("db1002").await.unwrap().nics.len(), 1);
     let (_, events) = kiln(&srv, &t, &["events", "--target", "db1002"]).await;
     assert!(events.contains("machine.create"), "{events}");
+});
+
+api_test!(machines_enrolled_by_switch_port, |srv| {
+    // Issue 15: `machine add` with a port and no MAC, `edit --add-port` /
+    // `--remove-port`, and `confirm-port` with nothing to confirm.
+    let t = srv.admin_token.clone();
+    let (code, out) = kiln(
+        &srv,
+        &t,
+        &[
+            "machine",
+            "add",
+            "--hostname",
+            "racked1",
+            "--circuit-id",
+            "xe-0/0/7",
+            "--remote-id",
+            "asw-a1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let m = srv.admin().get_machine("racked1").await.unwrap();
+    assert_eq!(m.nics.len(), 1);
+    assert_eq!(
+        (
+            m.nics[0].mac,
+            m.nics[0].circuit_id.as_deref(),
+            m.nics[0].remote_id.as_deref()
+        ),
+        (None, Some("xe-0/0/7"), Some("asw-a1"))
+    );
+    let (code, out) = kiln(
+        &srv,
+        &t,
+        &[
+            "machine",
+            "edit",
+            "racked1",
+            "--add-port",
+            "remote-id=rack7-port2",
+            "--remove-port",
+            "circuit-id=xe-0/0/7,remote-id=asw-a1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let m = srv.admin().get_machine("racked1").await.unwrap();
+    assert_eq!(m.nics.len(), 1);
+    assert_eq!(
+        (m.nics[0].mac, m.nics[0].remote_id.as_deref()),
+        (None, Some("rack7-port2"))
+    );
+    let (code, out) = kiln(&srv, &t, &["machine", "edit", "racked1", "--add-port", "port=1"]).await;
+    assert_ne!(code, 0, "a malformed port is refused: {out}");
+    assert_eq!(srv.admin().get_machine("racked1").await.unwrap().nics.len(), 1);
+    let e = kiln_error(&srv, &t, &["machine", "confirm-port", "racked1"]).await;
+    assert!(e.contains("no port alert"), "{e}");
 });
 
 api_test!(offline_bootstrap_token_works_with_the_server, |srv| {
@@ -271,7 +329,16 @@ api_test!(the_example_racks_import, |srv| {
         .await
         .unwrap()
         .items;
-    assert_eq!(all.len(), 6);
+    assert_eq!(all.len(), 8);
+    // Issue 15: one machine of each file is enrolled by its switch port only.
+    for (host, port) in [("db1003", "xe-0/0/5"), ("web2003", "asw-b1:ge-0/0/3")] {
+        let m = all.iter().find(|m| m.hostname.as_str() == host).unwrap();
+        assert_eq!(
+            (m.nics[0].mac, m.nics[0].circuit_id.as_deref()),
+            (None, Some(port)),
+            "{host}"
+        );
+    }
     let gpu = srv
         .admin()
         .list_machines(&MachineFilter {

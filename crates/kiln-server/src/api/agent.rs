@@ -83,6 +83,7 @@ pub async fn plan(
             disk_serials: hw
                 .map(|h| h.disks.iter().filter_map(|d| d.serial.clone()).collect())
                 .unwrap_or_default(),
+            macs: machine.nics.iter().filter_map(|n| n.mac).collect(),
         },
         protected: machine.protected,
         image: ImageSource {
@@ -335,7 +336,7 @@ fn nics(existing: &[Nic], report: &DiscoveryReport) -> Vec<Nic> {
         macs.insert(0, report.boot_mac);
     }
     for mac in macs {
-        if !out.iter().any(|n| n.mac == mac) {
+        if !out.iter().any(|n| n.mac == Some(mac)) {
             let name = report
                 .hardware
                 .nics
@@ -343,18 +344,13 @@ fn nics(existing: &[Nic], report: &DiscoveryReport) -> Vec<Nic> {
                 .find(|n| n.mac == mac)
                 .map(|n| n.name.clone());
             out.push(Nic {
-                mac,
                 name,
-                switch: None,
-                port: None,
-                vlan: None,
-                circuit_id: None,
-                remote_id: None,
+                ..Nic::with_mac(mac)
             });
         }
     }
     for n in &report.lldp {
-        if let Some(nic) = out.iter_mut().find(|x| x.mac == n.mac) {
+        if let Some(nic) = out.iter_mut().find(|x| x.mac == Some(n.mac)) {
             nic.switch = Some(n.switch.clone());
             nic.port = Some(n.port.clone());
         }

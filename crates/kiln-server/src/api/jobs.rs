@@ -159,7 +159,7 @@ pub(super) fn reimage_spec(
     params(("key" = String, Path, description = "machine id or hostname")),
     request_body = ReimageRequest,
     responses((status = 201, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "the machine has an active job, or is protected or in maintenance")),
+        (status = 409, body = ErrorBody, description = "the machine has an active job, or is protected, in maintenance or its switch port is flagged")),
     security(("bearer" = [])))]
 pub async fn reimage(
     State(state): State<AppState>,
@@ -184,6 +184,9 @@ pub async fn reimage(
             machine.hostname,
             machine.maintenance_reason.as_deref().unwrap_or("no reason given")
         )));
+    }
+    if let Some(alert) = &machine.port_alert {
+        return Err(ApiError::refused(format!("{}: {}", machine.hostname, alert.reason())));
     }
     let image = state.store.get_os_image(&req.os).await?;
     let (root_password_hash, mut why) = request_problems(&state, &req).await;

@@ -205,6 +205,25 @@ pub async fn delete(State(state): State<AppState>, caller: Caller, Path(key): Pa
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Accepts the MAC a flagged switch port showed (issue 15: the server
+/// behind the port was swapped on purpose): the NIC on that port takes the
+/// new MAC, the alert is cleared, and the machine may be installed again.
+/// Audited as `machine.port_confirmed`.
+#[utoipa::path(post, path = "/api/v1/machines/{key}/confirm-port", tag = "machines",
+    params(("key" = String, Path, description = "machine id or hostname")),
+    responses((status = 200, body = Machine), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "no port alert to confirm, or another machine records the new MAC")),
+    security(("bearer" = [])))]
+pub async fn confirm_port(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Machine>> {
+    state.store.get_machine(&key, caller.scope()).await?;
+    caller.require_operator()?;
+    Ok(Json(state.store.confirm_port(&caller.actor(), &key, None).await?))
+}
+
 /// The OS images, tasks and layouts that fit this machine: what its
 /// reinstall form offers.
 #[utoipa::path(get, path = "/api/v1/machines/{key}/offer", tag = "machines",

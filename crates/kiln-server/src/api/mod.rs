@@ -26,7 +26,7 @@ pub use machines::MAX_BULK;
     info(title = "kiln", description = "kiln control plane: inventory, boot, BMC, reimage workflows."),
     paths(
         machines::create, machines::bulk_create, machines::list, machines::get, machines::update,
-        machines::delete, machines::offer,
+        machines::delete, machines::offer, machines::confirm_port,
         power::status, power::power, power::bootdev, power::check, power::discover,
         org::whoami, org::create_site, org::list_sites, org::delete_site,
         org::create_rack, org::list_racks, org::delete_rack,
@@ -103,6 +103,7 @@ pub fn router() -> Router<AppState> {
             get(machines::get).patch(machines::update).delete(machines::delete),
         )
         .route("/api/v1/machines/{key}/offer", get(machines::offer))
+        .route("/api/v1/machines/{key}/confirm-port", post(machines::confirm_port))
         .route("/api/v1/machines/{key}/power", get(power::status).post(power::power))
         .route("/api/v1/machines/{key}/bootdev", put(power::bootdev))
         .route("/api/v1/machines/{key}/bmc/check", post(power::check))

@@ -315,7 +315,7 @@ api_test!(
             ("blank1", MachineState::Ready, false)
         );
         let m = admin.get_machine("blank1").await.unwrap();
-        assert_eq!(m.nics[0].mac.to_string(), mac);
+        assert_eq!(m.nics[0].mac.unwrap().to_string(), mac);
 
         // Ready now: the agent's next report (a fresh boot, a fresh token)
         // changes nothing; an operator's `discover` makes it wait again,

@@ -11,4 +11,5 @@ mod jobs;
 mod machines;
 mod openapi;
 mod policy;
+mod ports;
 mod transport;

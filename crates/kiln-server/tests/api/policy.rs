@@ -464,6 +464,20 @@ api_test!(
                     let release = serde_json::from_value(json!({"owner": null})).unwrap();
                     world.admin.update_machine(host, &release).await.unwrap();
                 }
+                // Issue 15: a port confirmation needs a flagged port — the
+                // fixture's NIC put on a port that then shows another MAC.
+                if r.path.ends_with("/confirm-port") && matches!(cell, Cell::Admin | Cell::Operator) {
+                    let host = call.path.split('/').nth(4).unwrap();
+                    let port = format!("policy-{host}");
+                    let k = world.next() % 100;
+                    let nics = serde_json::from_value(
+                        json!({"nics": [{"mac": format!("52:54:00:71:{k:02}:01"), "circuit_id": port}]}),
+                    )
+                    .unwrap();
+                    world.admin.update_machine(host, &nics).await.unwrap();
+                    let other = format!("52:54:00:71:{k:02}:02").parse().unwrap();
+                    srv.state.store.observe_port(other, Some(&port), None).await.unwrap();
+                }
                 let (status, text) = world.send(&call, cell).await;
                 cells += 1;
                 let ok = match want {
