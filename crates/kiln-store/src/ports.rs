@@ -13,7 +13,7 @@ use sqlx::{Any, Row};
 
 use crate::events::{Change, record, snapshot};
 use crate::machines::{bump_machines_generation, load};
-use crate::{Actor, Backend, Result, Store, StoreError, ts};
+use crate::{Actor, Backend, Result, Store, StoreError, now, ts};
 
 /// What [`Store::observe_port`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,14 +71,29 @@ async fn set_nic_mac(conn: &mut sqlx::AnyConnection, machine: &str, position: us
     Ok(())
 }
 
-async fn set_alert(conn: &mut sqlx::AnyConnection, machine: &str, alert: Option<&PortAlert>) -> Result<()> {
+/// Sets (or clears) the machine's port alert and stamps it changed at `at`.
+async fn set_alert(
+    conn: &mut sqlx::AnyConnection,
+    machine: &str,
+    alert: Option<&PortAlert>,
+    at: chrono::DateTime<Utc>,
+) -> Result<()> {
     let json = alert
         .map(|a| serde_json::to_string(a).map_err(|e| StoreError::Invalid(format!("port alert: {e}"))))
         .transpose()?;
     sqlx::query::<Any>("UPDATE machines SET port_alert = $1, port_alert_mac = $2, updated_at = $3 WHERE id = $4")
         .bind(json)
         .bind(alert.map(|a| a.seen_mac.to_string()))
-        .bind(ts(Utc::now()))
+        .bind(ts(at))
+        .bind(machine)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn touch(conn: &mut sqlx::AnyConnection, machine: &str, at: chrono::DateTime<Utc>) -> Result<()> {
+    sqlx::query::<Any>("UPDATE machines SET updated_at = $1 WHERE id = $2")
+        .bind(ts(at))
         .bind(machine)
         .execute(&mut *conn)
         .await?;
@@ -106,7 +121,8 @@ impl Store {
         let (before, _, _) = load(&mut tx, self.backend, &id, None).await?;
         let port = port_label(circuit, remote);
         let actor = Actor::new(format!("dhcp (relayed from {port})"));
-        let (action, after) = match observe(&before, mac, circuit, remote, Utc::now()) {
+        let at = now();
+        let (action, mut after) = match observe(&before, mac, circuit, remote, at) {
             Sighting::NotByPort | Sighting::Known | Sighting::AlreadyFlagged => return Ok(PortChange::None),
             Sighting::Learn { nic, mac } => {
                 if let Some(holder) = mac_holder(&mut tx, mac, &id).await? {
@@ -117,17 +133,19 @@ impl Store {
                     )));
                 }
                 set_nic_mac(&mut tx, &id, nic, mac).await?;
+                touch(&mut tx, &id, at).await?;
                 let mut after = before.clone();
                 after.nics[nic].mac = Some(mac);
                 ("machine.port_learned", after)
             }
             Sighting::Swapped { alert, .. } => {
-                set_alert(&mut tx, &id, Some(&alert)).await?;
+                set_alert(&mut tx, &id, Some(&alert), at).await?;
                 let mut after = before.clone();
                 after.port_alert = Some(alert);
                 ("machine.port_flagged", after)
             }
         };
+        after.updated_at = at;
         record(
             &mut tx,
             &actor,
@@ -185,8 +203,10 @@ impl Store {
             set_nic_mac(&mut tx, &id, position, alert.seen_mac).await?;
             after.nics = nics;
         }
-        set_alert(&mut tx, &id, None).await?;
+        let at = now();
+        set_alert(&mut tx, &id, None, at).await?;
         after.port_alert = None;
+        after.updated_at = at;
         record(
             &mut tx,
             actor,

@@ -193,13 +193,21 @@ store_test!(port_identities_are_unique_and_nics_need_one, |store| {
         details[0].message.contains("circuit-id krr2") && details[0].message.contains("racked1"),
         "{details:?}"
     );
-    // A NIC with neither MAC nor port identity is refused.
+    // A NIC with neither MAC nor port identity: the API refuses it with
+    // `Nic::validate`'s words; the database refuses it anyway.
     let mut bare = by_port("racked8", "x");
     bare.spec.nics[0].circuit_id = None;
-    let e = store.create_machines(&actor(), vec![bare]).await.unwrap_err();
     assert!(
-        format!("{e:?}").contains("needs a `mac` or a switch-port identity"),
-        "{e:?}"
+        bare.spec
+            .validate()
+            .iter()
+            .any(|p| p.contains("needs a `mac` or a switch-port identity"))
+    );
+    let e = format!("{:?}", store.create_machines(&actor(), vec![bare]).await.unwrap_err());
+    assert!(e.contains("mac IS NOT NULL") || e.contains("nics_identity_ck"), "{e}");
+    assert!(
+        store.get_machine("racked8", None).await.is_err(),
+        "nothing half-created"
     );
     // Several NICs may wait for their MAC at once (NULLs do not clash).
     let mut two = by_port("racked7", "krr7");
