@@ -63,6 +63,7 @@ pub fn discover(
         boot_mac,
         hardware: inventory.hardware.clone(),
         lldp,
+        firmware: Some(inventory.firmware_report()),
     };
     server.report_discovery(&report)
 }

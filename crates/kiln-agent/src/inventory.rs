@@ -8,7 +8,8 @@
 //! sysfs says everything the report needs.
 //!
 //! The result is the wire type [`Hardware`] plus what it has no field for
-//! yet (firmware kind, sockets and threads), and notes on whatever was
+//! (firmware kind and Secure Boot, reported beside it; sockets and
+//! threads), and notes on whatever was
 //! skipped or unreadable, so that a person reading the report knows why a
 //! disk or NIC is not in it.
 
@@ -48,13 +49,57 @@ pub struct CpuSummary {
 pub struct Inventory {
     /// What the server stores for the machine.
     pub hardware: Hardware,
-    /// Not in [`Hardware`] yet.
+    /// Reported beside [`Hardware`] (the machine record keeps it apart).
     pub firmware: Firmware,
     /// Not in [`Hardware`] yet beyond model and cores.
     pub cpu: CpuSummary,
     /// What was skipped or could not be read, one line each, for people.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// UEFI Secure Boot is on (never on BIOS).
+    #[serde(default)]
+    pub secure_boot: bool,
+}
+
+impl Inventory {
+    /// The firmware as the discovery report and the machine record say it.
+    pub fn firmware_report(&self) -> kiln_types::machine::Firmware {
+        kiln_types::machine::Firmware {
+            mode: match self.firmware {
+                Firmware::Uefi => kiln_types::machine::FirmwareMode::Uefi,
+                Firmware::Bios => kiln_types::machine::FirmwareMode::Bios,
+            },
+            secure_boot: self.secure_boot,
+        }
+    }
+}
+
+/// The UEFI global variable `SecureBoot` (EFI_GLOBAL_VARIABLE's GUID) under
+/// efivarfs: 4 bytes of attributes, then one byte, 1 when Secure Boot is on.
+const SECURE_BOOT_VAR: &str = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+/// Whether Secure Boot is on: the variable's last byte. Absent (a firmware
+/// without Secure Boot, or efivarfs not mounted) reads as off, and an
+/// unreadable or malformed variable too, with a note, since the
+/// difference only decides which signed chain a later boot needs.
+fn secure_boot(root: &Path, notes: &mut Vec<String>) -> bool {
+    match fs::read(root.join(SECURE_BOOT_VAR)) {
+        Ok(bytes) if bytes.len() == 5 => bytes[4] == 1,
+        Ok(bytes) => {
+            notes.push(format!(
+                "secure boot: the SecureBoot variable has {} bytes, not 5: read as off",
+                bytes.len()
+            ));
+            false
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            notes.push(format!(
+                "secure boot: cannot read the SecureBoot variable ({e}): read as off"
+            ));
+            false
+        }
+    }
 }
 
 /// Discovery could not read what every Linux system has.
@@ -126,6 +171,7 @@ pub fn collect(root: &Path) -> Result<Inventory, InventoryError> {
     } else {
         Firmware::Bios
     };
+    let secure_boot = firmware == Firmware::Uefi && secure_boot(root, &mut notes);
 
     let hardware = Hardware {
         arch: own_arch(),
@@ -143,6 +189,7 @@ pub fn collect(root: &Path) -> Result<Inventory, InventoryError> {
         firmware,
         cpu,
         notes,
+        secure_boot,
     })
 }
 
@@ -523,6 +570,7 @@ mod tests {
         let inv = collect(&fixture("server-uefi")).unwrap();
         let hw = &inv.hardware;
         assert_eq!(inv.firmware, Firmware::Uefi);
+        assert!(inv.secure_boot, "SecureBoot's last byte is 1");
         assert_eq!((inv.cpu.sockets, inv.cpu.cores, inv.cpu.threads), (2, 4, 8));
         assert_eq!(hw.cpu_cores, 4);
         // Three of four 32 GiB blocks online.
@@ -585,6 +633,26 @@ mod tests {
             Some("4c4c4544-0058-4b10-8032-b7c04f4c4d33"),
             "lowercased"
         );
+    }
+
+    #[test]
+    fn secure_boot_is_the_variables_last_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let var = dir.path().join(SECURE_BOOT_VAR);
+        std::fs::create_dir_all(var.parent().unwrap()).unwrap();
+        let mut notes = vec![];
+        assert!(!secure_boot(dir.path(), &mut notes), "absent is off");
+        assert!(notes.is_empty(), "absent is normal: {notes:?}");
+        std::fs::write(&var, [6, 0, 0, 0, 0]).unwrap();
+        assert!(!secure_boot(dir.path(), &mut notes));
+        std::fs::write(&var, [6, 0, 0, 0, 1]).unwrap();
+        assert!(secure_boot(dir.path(), &mut notes));
+        std::fs::write(&var, [6, 0, 0]).unwrap();
+        assert!(!secure_boot(dir.path(), &mut notes));
+        assert!(notes[0].contains("3 bytes"), "{notes:?}");
+        // BIOS has none, whatever a stray file says.
+        let bios = collect(&fixture("qemu-bios")).unwrap();
+        assert_eq!((bios.firmware, bios.secure_boot), (Firmware::Bios, false));
     }
 
     #[test]

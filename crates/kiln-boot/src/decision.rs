@@ -1,9 +1,15 @@
 //! The boot decision (DESIGN.md, "The boot decision"): every DHCP, TFTP and
 //! HTTP boot request is answered from `decide`, so a machine gets an
 //! installer only while a job has armed it, and boots its disk otherwise.
+//!
+//! The machine's boot policy changes why it asks, not what it is told: a
+//! `disk` machine net-boots only when a job set its next boot to the
+//! network (or by accident), an `always-netboot` one on every boot, so for
+//! it the local-disk answer is the normal way to its installed OS. Either
+//! way an install is answered only while armed.
 
 use chrono::{DateTime, Utc};
-use kiln_types::machine::{Machine, MachineState};
+use kiln_types::machine::{BootPolicy as MachineBootPolicy, Machine, MachineState};
 use kiln_types::{MachineId, Secret};
 use serde::Serialize;
 
@@ -139,7 +145,12 @@ pub fn decide(
                 reason: format!("{}: {} and not yet discovered, discovery is on", m.hostname, m.state),
             }
         }
-        state => disk(format!("{state}, no job armed for net boot")),
+        state => match m.boot_policy {
+            MachineBootPolicy::AlwaysNetboot => disk(format!(
+                "{state}, always-netboot and no job armed: kiln's answer is its local disk"
+            )),
+            MachineBootPolicy::Disk => disk(format!("{state}, no job armed for net boot")),
+        },
     }
 }
 
@@ -317,6 +328,37 @@ mod tests {
             assert_eq!(kind(&got), want, "{name}: {got:?}");
             assert!(!got.reason().is_empty(), "{name}: no reason");
         }
+    }
+
+    /// Seed 004: an always-netboot machine asks kiln on every boot and is
+    /// told its disk unless an install is armed — never an installer
+    /// otherwise, in any state.
+    #[test]
+    fn an_always_netboot_machine_boots_its_disk_unless_armed() {
+        let now = Utc::now();
+        let on = BootPolicy { discovery: true };
+        for state in MachineState::ALL.iter().copied() {
+            let mut m = machine(state);
+            m.boot_policy = MachineBootPolicy::AlwaysNetboot;
+            let got = decide(Some(&m), None, on, now);
+            let want = if matches!(state, MachineState::New | MachineState::Discovering) {
+                Want::Discovery
+            } else {
+                Want::Disk
+            };
+            assert_eq!(kind(&got), want, "{state}: {got:?}");
+            if want == Want::Disk {
+                assert!(got.reason().contains("always-netboot"), "{}", got.reason());
+            }
+            let live = arm(m.id, now);
+            assert_eq!(kind(&decide(Some(&m), Some(&live), on, now)), Want::Install, "{state}");
+            let mut consumed = arm(m.id, now);
+            consumed.consumed = true;
+            assert_eq!(kind(&decide(Some(&m), Some(&consumed), on, now)), Want::Disk, "{state}");
+        }
+        // The disk policy's answer says why it is asked at all.
+        let got = decide(Some(&machine(MachineState::Deployed)), None, on, now);
+        assert!(!got.reason().contains("always-netboot"), "{}", got.reason());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use kiln_boot::decision::{BootAnswer, BootPolicy, decide};
 use kiln_boot::ipxe::{AgentBoot, Firmware, render};
 use kiln_types::MacAddr;
 use kiln_types::error::ApiError as ErrorBody;
-use kiln_types::machine::Machine;
+use kiln_types::machine::{FirmwareMode, Machine};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -81,10 +81,16 @@ pub struct IpxeQuery {
     platform: Option<String>,
 }
 
-fn firmware(platform: Option<&str>) -> Firmware {
+/// How iPXE leaves for the local disk: as iPXE says it runs (`${platform}`),
+/// else as the machine's record says it boots, else BIOS.
+fn firmware(platform: Option<&str>, machine: Option<&Machine>) -> Firmware {
     match platform {
         Some("efi") => Firmware::Uefi,
-        _ => Firmware::Bios,
+        Some("pcbios") => Firmware::Bios,
+        _ => match machine.and_then(|m| m.firmware).map(|f| f.mode) {
+            Some(FirmwareMode::Uefi) => Firmware::Uefi,
+            _ => Firmware::Bios,
+        },
     }
 }
 
@@ -186,7 +192,7 @@ pub async fn ipxe_script(State(state): State<AppState>, headers: HeaderMap, Quer
     let port = port_of(machine.as_ref(), mac);
     match render(
         &answer,
-        firmware(q.platform.as_deref()),
+        firmware(q.platform.as_deref(), machine.as_ref()),
         &state.boot.agent(&base, mac, port, &state.secrets),
     ) {
         Ok(script) => {
@@ -269,7 +275,7 @@ pub async fn explain(
         .unwrap_or_else(|| "00:00:00:00:00:00".parse().expect("a MAC"));
     let script = render(
         &answer,
-        firmware(q.platform.as_deref()),
+        firmware(q.platform.as_deref(), machine.as_ref()),
         &state
             .boot
             .agent(&base, mac, port_of(machine.as_ref(), mac), &state.secrets),

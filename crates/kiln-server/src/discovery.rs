@@ -428,6 +428,7 @@ mod tests {
 
     fn report(boot: &str) -> DiscoveryReport {
         DiscoveryReport {
+            firmware: None,
             boot_mac: mac(boot),
             hardware: dmi("SN1", UUID).unwrap(),
             lldp: vec![],

@@ -17,7 +17,7 @@ use kiln_boot::decision::NetbootArm;
 use kiln_store::{Actor, ArmRecord, JobRecord, Store};
 use kiln_types::catalog::{OsImage, OsKind};
 use kiln_types::job::ReimageSpec;
-use kiln_types::machine::Machine;
+use kiln_types::machine::{FirmwareMode, Machine};
 use kiln_types::power::{BootDevice, PowerAction};
 use kiln_types::{JobId, MachineId};
 use kiln_workflow::hooks::HookRunner;
@@ -60,6 +60,22 @@ impl ServerEffects {
     }
 }
 
+impl ServerEffects {
+    /// Whether `machine`'s boot devices are set in UEFI mode (IPMI's EFI
+    /// bit, Redfish's `BootSourceOverrideMode: UEFI`): its recorded
+    /// firmware. Unknown firmware gets legacy (BIOS) mode, as before kiln
+    /// recorded it: what BMCs assume when they are not told.
+    async fn boots_uefi(&self, machine: MachineId) -> Result<bool, BmcError> {
+        match self.store.get_machine(&machine.to_string(), None).await {
+            Ok(m) => Ok(m.firmware.is_some_and(|f| f.mode == FirmwareMode::Uefi)),
+            Err(e) => Err(BmcError {
+                message: format!("reading the machine's firmware mode failed: {e}"),
+                retryable: !matches!(e, kiln_store::StoreError::NotFound { .. }),
+            }),
+        }
+    }
+}
+
 fn bmc_error(e: BmcCallError) -> BmcError {
     let retryable = match &e {
         BmcCallError::Busy { .. } | BmcCallError::Store(_) => true,
@@ -80,8 +96,6 @@ fn bmc_error(e: BmcCallError) -> BmcError {
 
 impl Effects for ServerEffects {
     async fn bmc(&self, machine: MachineId, action: BmcAction) -> Result<(), BmcError> {
-        // The next boot device is set for legacy BIOS; UEFI machines need
-        // the firmware kind in their inventory first (the agent reports it).
         let op = match action {
             // Reading the power state proves the BMC answers and takes
             // kiln's credentials.
@@ -89,12 +103,12 @@ impl Effects for ServerEffects {
             BmcAction::BootNetworkOnce => Op::BootDevice {
                 device: BootDevice::Network,
                 once: true,
-                uefi: false,
+                uefi: self.boots_uefi(machine).await?,
             },
             BmcAction::BootDisk => Op::BootDevice {
                 device: BootDevice::Disk,
                 once: false,
-                uefi: false,
+                uefi: self.boots_uefi(machine).await?,
             },
             BmcAction::PowerOff => Op::Power(PowerAction::Off),
             BmcAction::PowerOn => Op::Power(PowerAction::On),

@@ -4,7 +4,9 @@
 use std::collections::{HashMap, HashSet};
 
 use kiln_types::error::ErrorDetail;
-use kiln_types::machine::{Bmc, BmcInput, Machine, MachineCreate, MachineFilter, MachinePatch, Nic};
+use kiln_types::machine::{
+    Bmc, BmcInput, Firmware, InstalledOs, Machine, MachineCreate, MachineFilter, MachinePatch, Nic,
+};
 use kiln_types::page::Page;
 use kiln_types::site::Rack;
 use kiln_types::{MachineId, RackId, Tag, TenantId};
@@ -47,6 +49,8 @@ struct Row_ {
     rack_id: Option<RackId>,
     owner_id: Option<TenantId>,
     sealed_password: Option<SealedPassword>,
+    /// Written by [`Store::record_installed_os`] only; carried for the view.
+    installed_os: Option<InstalledOs>,
 }
 
 /// The joins filters refer to: `m` machines, `t` owner, `r` rack, `s` site.
@@ -287,9 +291,10 @@ async fn find_conflicts(
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
-/// Binds a machine's 19 stored columns — `id` to `hardware` in table
-/// order, then `bmc_insecure` and `bmc_ca_cert` (added by migration 0004) —
-/// the shared part of its INSERT and UPDATE.
+/// Binds a machine's 22 stored columns — `id` to `hardware` in table
+/// order, then `bmc_insecure` and `bmc_ca_cert` (added by migration 0004),
+/// then `firmware`, `secure_boot` and `boot_policy` (0011) — the shared
+/// part of its INSERT and UPDATE.
 fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
     let s = &row.spec;
     Ok(q.bind(row.id.to_string())
@@ -310,7 +315,10 @@ fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
         .bind(s.ipv6.map(|ip| ip.to_string()))
         .bind(hardware_json(s)?)
         .bind(s.bmc.as_ref().is_some_and(|b| b.insecure))
-        .bind(s.bmc.as_ref().and_then(|b| b.ca_cert.clone())))
+        .bind(s.bmc.as_ref().and_then(|b| b.ca_cert.clone()))
+        .bind(s.firmware.map(|f| f.mode.as_str()))
+        .bind(s.firmware.is_some_and(|f| f.secure_boot))
+        .bind(s.boot_policy.as_str()))
 }
 
 /// Marks the machines table changed, inside the change's transaction.
@@ -328,8 +336,8 @@ async fn insert_machines(conn: &mut AnyConnection, rows: &[Row_], at: &str) -> R
         let sql = format!(
             "INSERT INTO machines (id, hostname, fqdn, kind, state, owner_id, rack_id, protected, maintenance, \
              maintenance_reason, bmc_driver, bmc_address, bmc_username, bmc_password, ipv4, ipv6, hardware, \
-             bmc_insecure, bmc_ca_cert, created_at, updated_at) VALUES {}",
-            values(chunk.len(), 21)
+             bmc_insecure, bmc_ca_cert, firmware, secure_boot, boot_policy, created_at, updated_at) VALUES {}",
+            values(chunk.len(), 24)
         );
         let mut q = sqlx::query::<Any>(built(sql));
         for row in chunk {
@@ -447,7 +455,46 @@ fn machine_from_row(row: &AnyRow) -> Result<Machine> {
             .transpose()?,
         created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
         updated_at: parse_ts(&row.try_get::<String, _>("updated_at")?)?,
+        firmware: opt("firmware")?
+            .map(|mode| -> Result<Firmware> {
+                Ok(Firmware {
+                    mode: parse_col("firmware", &mode)?,
+                    secure_boot: get_bool(row, "secure_boot")?,
+                })
+            })
+            .transpose()?,
+        boot_policy: parse_col("boot policy", &row.try_get::<String, _>("boot_policy")?)?,
+        installed_os: installed_os_from_row(row)?,
     })
+}
+
+fn installed_os_from_row(row: &AnyRow) -> Result<Option<InstalledOs>> {
+    let opt = |col: &str| -> Result<Option<String>> { Ok(row.try_get::<Option<String>, _>(col)?) };
+    let (Some(image), Some(job), Some(at)) = (opt("os_image_id")?, opt("os_job_id")?, opt("os_installed_at")?) else {
+        return Ok(None);
+    };
+    Ok(Some(InstalledOs {
+        os_image: parse_col("installed os image id", &image)?,
+        name: opt("os_name")?.unwrap_or_default(),
+        version: opt("os_version")?.unwrap_or_default(),
+        sha256: opt("os_sha256")?,
+        job_id: parse_col("installed os job id", &job)?,
+        installed_at: parse_ts(&at)?,
+    }))
+}
+
+/// `NAME` or `NAME:VERSION` of `--os` / `?os=`.
+fn parse_os_filter(os: &str) -> Result<(&str, Option<&str>)> {
+    let (name, version) = match os.split_once(':') {
+        Some((n, v)) => (n.trim(), Some(v.trim())),
+        None => (os.trim(), None),
+    };
+    if name.is_empty() || version.is_some_and(str::is_empty) {
+        return Err(StoreError::Invalid(format!(
+            "os filter `{os}`: give NAME or NAME:VERSION, e.g. `debian` or `debian:12`"
+        )));
+    }
+    Ok((name, version))
 }
 
 /// A flag column: BOOLEAN on PostgreSQL, INTEGER 0/1 on SQLite (whose
@@ -518,6 +565,8 @@ fn to_spec(m: &Machine) -> MachineCreate {
         ipv4: m.ipv4,
         ipv6: m.ipv6,
         hardware: m.hardware.clone(),
+        firmware: m.firmware,
+        boot_policy: m.boot_policy,
     }
 }
 
@@ -566,6 +615,9 @@ fn view(
         port_alert: None,
         created_at,
         updated_at,
+        firmware: s.firmware,
+        boot_policy: s.boot_policy,
+        installed_os: row.installed_os.clone(),
     }
 }
 
@@ -607,6 +659,7 @@ impl Store {
                 rack_id,
                 owner_id,
                 sealed_password: m.sealed_password,
+                installed_os: None,
             });
         }
         let mut tx = self.write_tx().await?;
@@ -702,6 +755,19 @@ impl Store {
         if let Some(owner) = &filter.owner {
             let p = params.add(owner.clone());
             sql.push_str(&format!(" AND t.name = {p}"));
+        }
+        if let Some(mode) = filter.firmware {
+            let p = params.add(mode.to_string());
+            sql.push_str(&format!(" AND m.firmware = {p}"));
+        }
+        if let Some(os) = &filter.os {
+            let (name, version) = parse_os_filter(os)?;
+            let p = params.add(name.to_string());
+            sql.push_str(&format!(" AND m.os_name = {p}"));
+            if let Some(v) = version {
+                let p = params.add(v.to_string());
+                sql.push_str(&format!(" AND m.os_version = {p}"));
+            }
         }
         if let Some(q) = &filter.q {
             let p = params.add(format!("%{}%", escape_like(&q.to_ascii_lowercase())));
@@ -874,6 +940,12 @@ impl Store {
         if let Some(hw) = patch.hardware {
             spec.hardware = hw;
         }
+        if let Some(fw) = patch.firmware {
+            spec.firmware = fw;
+        }
+        if let Some(p) = patch.boot_policy {
+            spec.boot_policy = p;
+        }
         let problems = spec.validate();
         if !problems.is_empty() {
             return Err(StoreError::Rows {
@@ -905,6 +977,7 @@ impl Store {
             rack_id,
             owner_id,
             sealed_password: sealed,
+            installed_os: before.installed_os.clone(),
         };
         let s = &row.spec;
         // NICs go first: their unique indexes must not see the old and new
@@ -923,7 +996,7 @@ impl Store {
             "UPDATE machines SET hostname = $2, fqdn = $3, kind = $4, state = $5, owner_id = $6, rack_id = $7, \
              protected = $8, maintenance = $9, maintenance_reason = $10, bmc_driver = $11, bmc_address = $12, \
              bmc_username = $13, bmc_password = $14, ipv4 = $15, ipv6 = $16, hardware = $17, bmc_insecure = $18, \
-             bmc_ca_cert = $19, updated_at = $20 WHERE id = $1",
+             bmc_ca_cert = $19, firmware = $20, secure_boot = $21, boot_policy = $22, updated_at = $23 WHERE id = $1",
         );
         bind_row(q, &row)?.bind(ts(updated_at)).execute(&mut *tx).await?;
         let tags: Vec<(MachineId, &Tag)> = unique_tags(&s.tags).map(|t| (row.id, t)).collect();
@@ -939,6 +1012,54 @@ impl Store {
             actor,
             Change {
                 action: "machine.update",
+                target_kind: "machine",
+                target_id: after.id.to_string(),
+                target_name: after.hostname.to_string(),
+                before: snapshot(&before),
+                after: snapshot(&after),
+            },
+        )
+        .await?;
+        bump_machines_generation(&mut tx).await?;
+        tx.commit().await?;
+        self.note_machine_change();
+        Ok(after)
+    }
+
+    /// Records what a reimage installed on machine `id` (when its new OS
+    /// phoned home), replacing the previous record; audited. Setting the
+    /// same record again changes nothing, so a step run twice is harmless.
+    pub async fn record_installed_os(&self, actor: &Actor, id: MachineId, os: &InstalledOs) -> Result<Machine> {
+        // As stored (microseconds), so that the same record compares equal.
+        let os = &InstalledOs {
+            installed_at: parse_ts(&ts(os.installed_at))?,
+            ..os.clone()
+        };
+        let mut tx = self.write_tx().await?;
+        let (before, _, _) = load(&mut tx, self.backend, &id.to_string(), None).await?;
+        if before.installed_os.as_ref() == Some(os) {
+            return Ok(before);
+        }
+        sqlx::query::<Any>(
+            "UPDATE machines SET os_image_id = $2, os_name = $3, os_version = $4, os_sha256 = $5, os_job_id = $6, \
+             os_installed_at = $7, updated_at = $8 WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(os.os_image.to_string())
+        .bind(os.name.clone())
+        .bind(os.version.clone())
+        .bind(os.sha256.clone())
+        .bind(os.job_id.to_string())
+        .bind(ts(os.installed_at))
+        .bind(ts(now()))
+        .execute(&mut *tx)
+        .await?;
+        let (after, _, _) = load(&mut tx, self.backend, &id.to_string(), None).await?;
+        record(
+            &mut tx,
+            actor,
+            Change {
+                action: "machine.installed_os",
                 target_kind: "machine",
                 target_id: after.id.to_string(),
                 target_name: after.hostname.to_string(),

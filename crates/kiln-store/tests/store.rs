@@ -1,11 +1,15 @@
 //! Store conformance: every test body runs on SQLite and on PostgreSQL.
 
+use chrono::Timelike;
 use kiln_store::{Actor, NewMachine, SealedPassword, Store, StoreError};
 use kiln_test_utils::store_test;
 use kiln_types::auth::{Role, TenantCreate, TokenState};
 use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, TaskCreate, TaskKind};
 use kiln_types::event::EventFilter;
-use kiln_types::machine::{BmcDriver, BmcInput, MachineCreate, MachineFilter, MachinePatch, MachineState, Nic};
+use kiln_types::machine::{
+    BmcDriver, BmcInput, BootPolicy, Firmware, FirmwareMode, InstalledOs, MachineCreate, MachineFilter, MachinePatch,
+    MachineState, Nic,
+};
 use kiln_types::site::{RackCreate, SiteCreate};
 
 fn actor() -> Actor {
@@ -535,6 +539,168 @@ store_test!(bmc_tls_settings_round_trip_and_are_audited, |store| {
             .unwrap_err(),
     );
     assert!(rows[0].1.contains("applies to the redfish driver only"), "{rows:?}");
+});
+
+store_test!(firmware_boot_policy_and_installed_os_round_trip_and_filter, |store| {
+    // Enrolled by hand with a firmware mode (never inventoried) and the
+    // always-netboot policy; one UEFI with Secure Boot; one unknown.
+    let mut a = machine("fw-bios", "52:54:00:00:10:01");
+    a.spec.firmware = Some(Firmware {
+        mode: FirmwareMode::Bios,
+        secure_boot: false,
+    });
+    a.spec.boot_policy = BootPolicy::AlwaysNetboot;
+    let mut b = machine("fw-uefi", "52:54:00:00:10:02");
+    b.spec.firmware = Some(Firmware {
+        mode: FirmwareMode::Uefi,
+        secure_boot: true,
+    });
+    let c = machine("fw-unknown", "52:54:00:00:10:03");
+    let made = store.create_machines(&actor(), vec![a, b, c]).await.unwrap();
+    for m in &made {
+        assert_eq!(m, &store.get_machine(m.hostname.as_str(), None).await.unwrap());
+    }
+    let got = store.get_machine("fw-bios", None).await.unwrap();
+    assert_eq!(got.boot_policy, BootPolicy::AlwaysNetboot);
+    assert_eq!(got.firmware.unwrap().mode, FirmwareMode::Bios);
+    assert!(
+        store
+            .get_machine("fw-uefi", None)
+            .await
+            .unwrap()
+            .firmware
+            .unwrap()
+            .secure_boot
+    );
+    let unknown = store.get_machine("fw-unknown", None).await.unwrap();
+    assert_eq!((unknown.firmware, unknown.boot_policy), (None, BootPolicy::Disk));
+
+    let hosts = |page: kiln_types::page::Page<kiln_types::machine::Machine>| {
+        page.items
+            .into_iter()
+            .map(|m| m.hostname.to_string())
+            .collect::<Vec<_>>()
+    };
+    let by_fw = |mode| MachineFilter {
+        firmware: Some(mode),
+        ..Default::default()
+    };
+    assert_eq!(
+        hosts(store.list_machines(&by_fw(FirmwareMode::Uefi), None).await.unwrap()),
+        ["fw-uefi"]
+    );
+    assert_eq!(
+        hosts(store.list_machines(&by_fw(FirmwareMode::Bios), None).await.unwrap()),
+        ["fw-bios"]
+    );
+
+    // A patch changes both; a BIOS machine cannot have Secure Boot on.
+    let patch: MachinePatch = serde_json::from_value(serde_json::json!({
+        "firmware": {"mode": "uefi"}, "boot_policy": "disk"
+    }))
+    .unwrap();
+    let after = store
+        .update_machine(&actor(), "fw-bios", patch, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (after.firmware.unwrap().mode, after.boot_policy),
+        (FirmwareMode::Uefi, BootPolicy::Disk)
+    );
+    assert_eq!(after, store.get_machine("fw-bios", None).await.unwrap());
+    let patch: MachinePatch = serde_json::from_value(serde_json::json!({
+        "firmware": {"mode": "bios", "secure_boot": true}
+    }))
+    .unwrap();
+    let (_, rows) = rows_of(
+        store
+            .update_machine(&actor(), "fw-bios", patch, None, None)
+            .await
+            .unwrap_err(),
+    );
+    assert!(rows[0].1.contains("BIOS has no Secure Boot"), "{rows:?}");
+    let patch: MachinePatch = serde_json::from_value(serde_json::json!({"firmware": null})).unwrap();
+    let after = store
+        .update_machine(&actor(), "fw-bios", patch, None, None)
+        .await
+        .unwrap();
+    assert_eq!(after.firmware, None, "null forgets it");
+
+    // What runs where: recorded, kept across other updates, replaced by
+    // the next install, filtered by NAME and NAME:VERSION.
+    let os = |name: &str, version: &str| InstalledOs {
+        os_image: kiln_types::OsImageId::new(),
+        name: name.into(),
+        version: version.into(),
+        sha256: Some("ab".repeat(32)),
+        job_id: kiln_types::JobId::new(),
+        installed_at: chrono::Utc::now().with_nanosecond(123_456_000).unwrap(),
+    };
+    let deb12 = os("debian", "12");
+    let m = store.record_installed_os(&actor(), made[0].id, &deb12).await.unwrap();
+    assert_eq!(m.installed_os.as_ref(), Some(&deb12));
+    store
+        .record_installed_os(&actor(), made[1].id, &os("debian", "11"))
+        .await
+        .unwrap();
+    store
+        .record_installed_os(&actor(), made[2].id, &os("rocky", "9"))
+        .await
+        .unwrap();
+    let patch = MachinePatch {
+        protected: Some(true),
+        ..Default::default()
+    };
+    let after = store
+        .update_machine(&actor(), "fw-bios", patch, None, None)
+        .await
+        .unwrap();
+    assert_eq!(after.installed_os.as_ref(), Some(&deb12), "an edit keeps the record");
+    assert_eq!(
+        store.get_machine("fw-bios", None).await.unwrap().installed_os,
+        Some(deb12.clone())
+    );
+    let by_os = |os: &str| MachineFilter {
+        os: Some(os.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        hosts(store.list_machines(&by_os("debian"), None).await.unwrap()),
+        ["fw-bios", "fw-uefi"]
+    );
+    assert_eq!(
+        hosts(store.list_machines(&by_os("debian:12"), None).await.unwrap()),
+        ["fw-bios"]
+    );
+    assert_eq!(
+        hosts(store.list_machines(&by_os("rocky:9"), None).await.unwrap()),
+        ["fw-unknown"]
+    );
+    assert!(hosts(store.list_machines(&by_os("debian:13"), None).await.unwrap()).is_empty());
+    let e = store
+        .list_machines(&by_os("debian:"), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NAME:VERSION"), "{e}");
+    // Reinstalled: the new record replaces the old, and is audited.
+    let rocky = os("rocky", "9");
+    store.record_installed_os(&actor(), made[0].id, &rocky).await.unwrap();
+    assert_eq!(
+        hosts(store.list_machines(&by_os("debian"), None).await.unwrap()),
+        ["fw-uefi"]
+    );
+    let ev = store
+        .list_events(&EventFilter {
+            target: Some("fw-bios".into()),
+            action: Some("machine.installed_os".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert_eq!(ev[0].after.as_ref().unwrap()["installed_os"]["name"], "rocky");
 });
 
 store_test!(token_expiry_and_last_use, |store| {

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use crate::catalog::StorageLayout;
 use crate::install::{CryptHash, SshPublicKey};
-use crate::machine::{Hardware, MachineState};
+use crate::machine::{Firmware, Hardware, MachineState};
 use crate::{Hostname, JobId, MacAddr, MachineId, string_enum};
 
 /// An LLDP neighbour seen on one of the machine's NICs: the switch port it
@@ -33,6 +33,10 @@ pub struct DiscoveryReport {
     pub hardware: Hardware,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lldp: Vec<LldpNeighbor>,
+    /// How the machine booted the agent (UEFI or BIOS, Secure Boot); absent
+    /// from agents older than issue 15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
 }
 
 /// The machine a discovery report created or updated.

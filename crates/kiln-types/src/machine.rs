@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::catalog::Arch;
-use crate::{Fqdn, Hostname, MacAddr, MachineId, RackId, Secret, validate::Tag};
+use crate::{Fqdn, Hostname, JobId, MacAddr, MachineId, OsImageId, RackId, Secret, validate::Tag};
 
 /// Declares a string-valued enum with serde, `Display`, `FromStr` (whose
 /// error lists the accepted values) and `ALL`.
@@ -76,6 +76,68 @@ string_enum!(
     /// How kiln talks to a machine's BMC.
     BmcDriver { Ipmi = "ipmi", Redfish = "redfish", Command = "command" }
 );
+
+string_enum!(
+    /// How the machine's firmware boots: UEFI, or legacy BIOS (also a
+    /// UEFI firmware's CSM). Decides the mode a BMC sets the next boot
+    /// device in and the boot partition a layout makes.
+    FirmwareMode { Uefi = "uefi", Bios = "bios" }
+);
+
+string_enum!(
+    /// How a machine boots in normal operation. `disk`: from its disk; a
+    /// reimage sets a one-time network boot, then the disk again.
+    /// `always-netboot`: always from the network, and kiln's answer decides
+    /// (its local disk, or an installer while a job is armed); a reimage
+    /// never changes its boot device, only its power.
+    BootPolicy { Disk = "disk", AlwaysNetboot = "always-netboot" }
+);
+
+impl Default for BootPolicy {
+    fn default() -> Self {
+        BootPolicy::Disk
+    }
+}
+
+impl BootPolicy {
+    fn is_default(&self) -> bool {
+        *self == BootPolicy::Disk
+    }
+}
+
+/// The machine's firmware, as the agent last reported it or an operator
+/// set it (for a machine never inventoried).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Firmware {
+    pub mode: FirmwareMode,
+    /// UEFI Secure Boot is on. Always off on BIOS.
+    #[serde(default)]
+    pub secure_boot: bool,
+}
+
+impl Firmware {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mode == FirmwareMode::Bios && self.secure_boot {
+            return Err("firmware.secure_boot needs mode `uefi`: BIOS has no Secure Boot".into());
+        }
+        Ok(())
+    }
+}
+
+/// The OS a reimage installed, recorded when the new OS phoned home
+/// (stage 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstalledOs {
+    pub os_image: OsImageId,
+    pub name: String,
+    pub version: String,
+    /// The image's SHA-256 as the catalog had it, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub job_id: JobId,
+    pub installed_at: DateTime<Utc>,
+}
 
 /// BMC settings as given by an operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -511,6 +573,15 @@ pub struct Machine {
     pub port_alert: Option<PortAlert>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Unknown until the agent reports it or an operator sets it; a
+    /// reimage then sets boot devices in legacy (BIOS) mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    #[serde(default)]
+    pub boot_policy: BootPolicy,
+    /// What the last reimage installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_os: Option<InstalledOs>,
 }
 
 impl Machine {
@@ -540,6 +611,9 @@ impl Machine {
             port_alert: None,
             created_at: now,
             updated_at: now,
+            firmware: None,
+            boot_policy: BootPolicy::Disk,
+            installed_os: None,
         }
     }
 }
@@ -587,6 +661,11 @@ pub struct MachineCreate {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware: Option<Hardware>,
+    /// For a machine never inventoried; the agent's report replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    #[serde(default, skip_serializing_if = "BootPolicy::is_default")]
+    pub boot_policy: BootPolicy,
 }
 
 fn default_kind() -> MachineKind {
@@ -617,6 +696,8 @@ impl MachineCreate {
             ipv4: None,
             ipv6: None,
             hardware: None,
+            firmware: None,
+            boot_policy: BootPolicy::Disk,
         }
     }
 
@@ -646,6 +727,11 @@ impl MachineCreate {
                     port_label(nic.circuit_id.as_deref(), nic.remote_id.as_deref())
                 ));
             }
+        }
+        if let Some(fw) = &self.firmware
+            && let Err(e) = fw.validate()
+        {
+            problems.push(e);
         }
         if self.rack.is_none() && self.site.is_some() {
             problems.push("`site` is given without `rack`: machines belong to a rack".into());
@@ -708,6 +794,12 @@ pub struct MachinePatch {
     #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Hardware>)]
     pub hardware: Option<Option<Hardware>>,
+    /// `null` forgets it (unknown: legacy boot devices).
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Firmware>)]
+    pub firmware: Option<Option<Firmware>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_policy: Option<BootPolicy>,
 }
 
 /// Filters for listing machines; all given filters must match.
@@ -733,6 +825,15 @@ pub struct MachineFilter {
     /// Substring of the hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub q: Option<String>,
+    /// Firmware mode (`uefi`, `bios`); machines of unknown firmware match
+    /// neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>)]
+    pub firmware: Option<FirmwareMode>,
+    /// Installed OS: `NAME` or `NAME:VERSION`, as recorded at its last
+    /// reimage's stage 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,

@@ -12,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use kiln_store::{ArmRecord, StoreError};
 use kiln_types::fit::{layout_fits, os_image_fits};
 use kiln_types::job::{JobLogKind, ReimageSpec, Stage};
-use kiln_types::machine::MachineState;
+use kiln_types::machine::{BootPolicy, InstalledOs, MachineState};
 use serde::Deserialize;
 
 use crate::engine::{BmcAction, BmcError, Effects, Ending, Outcome, StepCx};
@@ -127,6 +127,14 @@ pub async fn run_step<E: Effects>(step: &str, cx: &mut StepCx<'_, E>) -> Outcome
         cx.log(JobLogKind::Note, "skipped: --no-pxe (the OS is already written)");
         return Outcome::Next;
     }
+    if matches!(step, "boot_network" | "boot_disk") && always_netboot(cx) {
+        cx.log(
+            JobLogKind::Note,
+            "skipped: boot policy always-netboot (the machine always boots from the network and kiln's answer \
+             decides: its installer while armed, its disk after)",
+        );
+        return Outcome::Next;
+    }
     match step {
         "validate" => validate(cx, &spec).await,
         "pre_hooks" => hooks(cx, &spec, "pre_reimage").await,
@@ -146,7 +154,10 @@ pub async fn run_step<E: Effects>(step: &str, cx: &mut StepCx<'_, E>) -> Outcome
         "wait_configured" => wait_stage(cx, Stage::CONFIGURED, t.configured_secs, INSTALL_STALLED),
         "wait_finishing" => wait_stage(cx, Stage::FINISHING, t.finishing_secs, INSTALL_STALLED),
         "boot_disk" => bmc(cx, BmcAction::BootDisk).await,
-        "wait_first_boot" => wait_stage(cx, Stage::FIRST_BOOT, t.first_boot_secs, NEVER_PHONED_HOME),
+        "wait_first_boot" => match wait_stage(cx, Stage::FIRST_BOOT, t.first_boot_secs, NEVER_PHONED_HOME) {
+            Outcome::Next => record_installed_os(cx, &spec).await,
+            other => other,
+        },
         "post_install" => match cx.effects.post_install(cx.job, &spec).await {
             Ok(lines) => {
                 lines.into_iter().for_each(|l| cx.log(JobLogKind::Note, l));
@@ -158,6 +169,12 @@ pub async fn run_step<E: Effects>(step: &str, cx: &mut StepCx<'_, E>) -> Outcome
         "finish" => finish(cx, &spec).await,
         other => fail(format!("unknown step `{other}` (a newer server wrote this job?)")),
     }
+}
+
+/// The job's machine always boots from the network (as validated): its
+/// boot device is never changed.
+fn always_netboot<E>(cx: &StepCx<'_, E>) -> bool {
+    cx.data.get("boot_policy").and_then(|p| p.as_str()) == Some(BootPolicy::AlwaysNetboot.as_str())
 }
 
 fn fail(reason: impl Into<String>) -> Outcome {
@@ -219,6 +236,11 @@ async fn validate<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Out
     if !cx.data.contains_key("previous_state") {
         cx.set("previous_state", machine.state.as_str());
     }
+    // The policy is the machine's at validation: an operator changing it
+    // mid-job does not leave this job half one way, half the other.
+    if !cx.data.contains_key("boot_policy") {
+        cx.set("boot_policy", machine.boot_policy.as_str());
+    }
     if spec.no_pxe {
         return Outcome::Next;
     }
@@ -258,6 +280,50 @@ async fn finish<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Outco
     }
     cx.set_machine_state(MachineState::Deployed);
     Outcome::Next
+}
+
+/// The new OS phoned home: the machine now runs `spec`'s image, and its
+/// record says so (what lists filter by). The image's name and version as
+/// the catalog has them now; the job's own label if it was deleted since.
+async fn record_installed_os<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec) -> Outcome {
+    let Some(id) = cx.job.machine_id else {
+        return fail("the machine was deleted");
+    };
+    let image = match cx.store.get_os_image(&spec.os_image).await {
+        Ok(i) => i,
+        Err(StoreError::NotFound { .. }) => {
+            cx.log(
+                JobLogKind::Note,
+                format!(
+                    "{} was deleted from the catalog since: the machine's installed OS is not recorded",
+                    spec.os_label
+                ),
+            );
+            return Outcome::Next;
+        }
+        Err(e) => return retry(cx, format!("reading the OS image failed: {e}")),
+    };
+    let (name, version, sha256) = (image.name, image.version, image.sha256);
+    let os = InstalledOs {
+        os_image: image.id,
+        name,
+        version,
+        sha256,
+        job_id: cx.job.id,
+        installed_at: cx.now,
+    };
+    let actor = kiln_store::Actor::new(format!("job {}", cx.job.id));
+    match cx.store.record_installed_os(&actor, id, &os).await {
+        Ok(_) => {
+            cx.log(
+                JobLogKind::Note,
+                format!("{} now runs {} {}", cx.job.hostname, os.name, os.version),
+            );
+            Outcome::Next
+        }
+        Err(StoreError::NotFound { .. }) => fail("the machine was deleted"),
+        Err(e) => retry(cx, format!("recording the installed OS failed: {e}")),
+    }
 }
 
 async fn hooks<E: Effects>(cx: &mut StepCx<'_, E>, spec: &ReimageSpec, event: &'static str) -> Outcome {
@@ -383,6 +449,7 @@ pub async fn undo<E: Effects>(cx: &mut StepCx<'_, E>, ending: Ending) {
     // From the moment "next boot: network" may have been sent until the
     // disk was set back, the BMC may still point at the network.
     if !no_pxe
+        && !always_netboot(cx)
         && (index("boot_network")..=index("boot_disk")).contains(&step)
         && let Some(machine) = cx.job.machine_id
         && let Err(e) = cx.effects.bmc(machine, BmcAction::BootDisk).await

@@ -12,7 +12,7 @@ use common::*;
 use kiln_store::{JobRecord, JobSave, Store};
 use kiln_test_utils::store_test;
 use kiln_types::job::{JobState, Stage};
-use kiln_types::machine::MachineState;
+use kiln_types::machine::{BootPolicy, MachineState};
 use kiln_types::{JobId, MachineId};
 use kiln_workflow::engine::StepCx;
 use kiln_workflow::reimage::{self, STEPS};
@@ -78,6 +78,64 @@ store_test!(a_reimage_runs_to_deployed, |store| {
     assert_eq!(*fx.hooks.lock().unwrap(), vec!["pre_reimage", "post_reimage"]);
     let log = store.job_log(id, 0).await.unwrap();
     assert!(log.iter().any(|l| l.stage == Some(Stage(5))));
+    // What runs where: stage 5 recorded the image on the machine.
+    let os = store
+        .get_machine("web1", None)
+        .await
+        .unwrap()
+        .installed_os
+        .expect("the installed OS is recorded at stage 5");
+    assert_eq!((os.name.as_str(), os.version.as_str(), os.job_id), ("debian", "12", id));
+});
+
+store_test!(an_always_netboot_machine_never_has_its_boot_device_changed, |store| {
+    let fx = Recorder::new(Fault::None);
+    let engine = engine(&store, fx.clone(), "s1");
+    let (id, m) = create(&store, "pxe1", false).await;
+    let patch = kiln_types::machine::MachinePatch {
+        boot_policy: Some(BootPolicy::AlwaysNetboot),
+        ..Default::default()
+    };
+    store
+        .update_machine(&common::actor(), "pxe1", patch, None, None)
+        .await
+        .unwrap();
+    engine.run_due_once().await.unwrap();
+    assert!(
+        store.netboot_arm(m).await.unwrap().is_some(),
+        "armed: kiln's answer is the installer"
+    );
+    install(&store, &engine, id).await;
+    let job = store.get_job(id).await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.reason);
+    use BmcAction::*;
+    assert_eq!(*fx.bmc.lock().unwrap(), vec![Check, PowerOff, PowerOn], "only power");
+    let log = store.job_log(id, 0).await.unwrap();
+    assert!(
+        log.iter().filter(|l| l.message.contains("always-netboot")).count() == 2,
+        "both boot-device steps say why they were skipped: {log:?}"
+    );
+
+    // A failing job of such a machine does not set the disk either.
+    let fx = Recorder::new(Fault::Bmc(PowerOn));
+    let failing = common::engine(&store, fx.clone(), "s1");
+    let (id, _) = create(&store, "pxe2", false).await;
+    let patch = kiln_types::machine::MachinePatch {
+        boot_policy: Some(BootPolicy::AlwaysNetboot),
+        ..Default::default()
+    };
+    store
+        .update_machine(&common::actor(), "pxe2", patch, None, None)
+        .await
+        .unwrap();
+    failing.run_due_once().await.unwrap();
+    let job = store.get_job(id).await.unwrap();
+    assert_eq!(job.state, JobState::Failed, "{:?}", job.reason);
+    assert!(
+        !fx.bmc.lock().unwrap().contains(&BootDisk),
+        "{:?}",
+        fx.bmc.lock().unwrap()
+    );
 });
 
 store_test!(no_pxe_skips_the_net_boot, |store| {

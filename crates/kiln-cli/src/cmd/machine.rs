@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use kiln_types::machine::{
-    BmcDriver, BmcInput, Machine, MachineCreate, MachineFilter, MachineKind, MachinePatch, MachineState, Nic,
+    BmcDriver, BmcInput, BootPolicy, Firmware, FirmwareMode, Machine, MachineCreate, MachineFilter, MachineKind,
+    MachinePatch, MachineState, Nic,
 };
 use kiln_types::{Fqdn, Hostname, MacAddr, Secret, Tag};
 
@@ -254,6 +255,63 @@ pub struct AddArgs {
     protected: bool,
     #[command(flatten)]
     bmc: BmcArgs,
+    #[command(flatten)]
+    boot: BootArgs,
+}
+
+/// Firmware and boot policy flags of `machine add` and `machine edit`.
+#[derive(Debug, clap::Args)]
+pub struct BootArgs {
+    /// Firmware mode, for a machine never inventoried (the agent's report
+    /// replaces it): uefi or bios; `-` forgets it (edit).
+    #[arg(long, value_name = "uefi|bios|-")]
+    firmware: Option<String>,
+    /// With --firmware uefi: Secure Boot is on.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    secure_boot: Option<bool>,
+    /// disk (boots its disk; a reimage sets a one-time network boot) or
+    /// always-netboot (always boots from the network; kiln's answer
+    /// decides; a reimage only powers it). Operators only.
+    #[arg(long)]
+    boot_policy: Option<BootPolicy>,
+}
+
+impl BootArgs {
+    /// `--firmware`/`--secure-boot`: not given (`None`), forget (`Some(None)`),
+    /// or set. Secure Boot alone changes the current mode's flag.
+    fn firmware(&self, current: Option<&Machine>) -> anyhow::Result<Option<Option<Firmware>>> {
+        let mode = match self.firmware.as_deref() {
+            None => None,
+            Some("-") => {
+                if self.secure_boot.is_some() {
+                    anyhow::bail!("--secure-boot needs a firmware mode: leave it out with --firmware -");
+                }
+                return Ok(Some(None));
+            }
+            Some(m) => Some(
+                m.parse::<FirmwareMode>()
+                    .map_err(|e| anyhow::anyhow!("--firmware: {e}"))?,
+            ),
+        };
+        let Some(mode) = mode.or_else(|| self.secure_boot.and(current.and_then(|m| m.firmware).map(|f| f.mode))) else {
+            if self.secure_boot.is_some() {
+                anyhow::bail!("--secure-boot needs --firmware uefi: the machine's firmware mode is not known");
+            }
+            return Ok(None);
+        };
+        let secure_boot = self
+            .secure_boot
+            .or_else(|| {
+                current
+                    .and_then(|m| m.firmware)
+                    .filter(|f| f.mode == mode)
+                    .map(|f| f.secure_boot)
+            })
+            .unwrap_or(false);
+        let fw = Firmware { mode, secure_boot };
+        fw.validate().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(Some(fw)))
+    }
 }
 
 /// The selectors `machine list` and the BMC verbs share.
@@ -274,6 +332,13 @@ pub struct MachineSelectors {
     /// Only machines of this tenant.
     #[arg(long)]
     owner: Option<String>,
+    /// Only machines of this firmware mode (uefi, bios).
+    #[arg(long)]
+    firmware: Option<FirmwareMode>,
+    /// Only machines whose last reimage installed this OS: NAME or
+    /// NAME:VERSION (e.g. `debian:12`).
+    #[arg(long, value_name = "NAME[:VERSION]")]
+    os: Option<String>,
 }
 
 impl MachineSelectors {
@@ -284,6 +349,8 @@ impl MachineSelectors {
             || self.site.is_some()
             || self.state.is_some()
             || self.owner.is_some()
+            || self.firmware.is_some()
+            || self.os.is_some()
     }
 
     /// The API filter for these selectors (no search, default page).
@@ -294,6 +361,8 @@ impl MachineSelectors {
             site: self.site.clone(),
             state: self.state,
             owner: self.owner.clone(),
+            firmware: self.firmware,
+            os: self.os.clone(),
             ..MachineFilter::default()
         }
     }
@@ -319,7 +388,10 @@ pub async fn resolve_hosts(
         hosts.extend(found.into_iter().map(|m| m.hostname.to_string()));
     }
     if hosts.is_empty() {
-        anyhow::bail!("name at least one host, or select machines with --tag, --rack, --site, --state or --owner");
+        anyhow::bail!(
+            "name at least one host, or select machines with --tag, --rack, --site, --state, --owner, --firmware \
+             or --os"
+        );
     }
     let mut seen = std::collections::HashSet::new();
     hosts.retain(|h| seen.insert(h.clone()));
@@ -390,6 +462,8 @@ pub struct EditArgs {
     ipv6: Option<Ipv6Addr>,
     #[command(flatten)]
     bmc: BmcArgs,
+    #[command(flatten)]
+    boot: BootArgs,
 }
 
 fn dash_none(v: Option<String>) -> Option<Option<String>> {
@@ -425,6 +499,8 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 nics,
                 ipv4: a.ipv4,
                 ipv6: a.ipv6,
+                firmware: a.boot.firmware(None)?.flatten(),
+                boot_policy: a.boot.boot_policy.unwrap_or_default(),
                 ..MachineCreate::new(a.hostname)
             };
             let problems = spec.validate();
@@ -479,7 +555,8 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
             let needs_current = !(a.add_tag.is_empty() && a.remove_tag.is_empty())
                 || nics_edited
                 || a.bmc.bmc_driver.is_some()
-                || a.bmc.tls_given();
+                || a.bmc.tls_given()
+                || a.boot.secure_boot.is_some();
             let current = if needs_current {
                 Some(client.get_machine(&a.host).await?)
             } else {
@@ -543,6 +620,8 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 ipv4: a.ipv4.map(Some),
                 ipv6: a.ipv6.map(Some),
                 hardware: None,
+                firmware: a.boot.firmware(current.as_ref())?,
+                boot_policy: a.boot.boot_policy,
             };
             let m = client.update_machine(&a.host, &patch).await?;
             show(&m, out)
@@ -642,6 +721,32 @@ fn row(m: &Machine) -> Vec<String> {
     ]
 }
 
+/// `uefi, secure boot on`, or why it is not known.
+fn firmware_text(m: &Machine) -> String {
+    match m.firmware {
+        Some(f) if f.mode == FirmwareMode::Uefi => {
+            format!("uefi, secure boot {}", if f.secure_boot { "on" } else { "off" })
+        }
+        Some(f) => f.mode.to_string(),
+        None => "- (unknown until discovered: boot devices are set in legacy BIOS mode)".into(),
+    }
+}
+
+/// What the last reimage installed, from which job and when.
+fn installed_os_text(m: &Machine) -> String {
+    m.installed_os.as_ref().map_or("-".into(), |os| {
+        format!(
+            "{} {} (image {}{}), job {}, {}",
+            os.name,
+            os.version,
+            os.os_image,
+            os.sha256.as_ref().map_or(String::new(), |d| format!(", sha256 {d}")),
+            os.job_id,
+            os.installed_at.format("%Y-%m-%d %H:%M:%S UTC")
+        )
+    })
+}
+
 fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
     let nics = m
         .nics
@@ -720,6 +825,9 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
             ("port alert", m.port_alert.as_ref().map_or("-".into(), |a| a.reason())),
             ("bmc", bmc),
             ("hardware", hw),
+            ("firmware", firmware_text(m)),
+            ("boot policy", m.boot_policy.to_string()),
+            ("os", installed_os_text(m)),
             ("updated", m.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
         ],
     )

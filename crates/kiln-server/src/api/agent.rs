@@ -369,6 +369,9 @@ async fn update(
         hardware: Some(Some(report.hardware.clone())),
         nics: Some(nics(&m.nics, report)),
         state: Some(MachineState::Ready),
+        // What the machine says it booted with wins over what an operator
+        // guessed; an older agent that does not say keeps the record.
+        firmware: report.firmware.map(Some),
         ..Default::default()
     };
     let guard = |now: &Machine| {
@@ -396,6 +399,7 @@ async fn create(state: &AppState, actor: &Actor, report: &DiscoveryReport) -> Re
     );
     spec.state = MachineState::Ready;
     spec.hardware = Some(report.hardware.clone());
+    spec.firmware = report.firmware;
     spec.nics = nics(&[], report);
     let mut made = state
         .store

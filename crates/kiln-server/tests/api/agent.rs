@@ -9,7 +9,7 @@ use kiln_test_utils::{TestServer, api_test};
 use kiln_types::agent::{DiscoveryReport, ImageFormat, LldpNeighbor};
 use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, StorageLayout};
 use kiln_types::job::{JobState, ReimageRequest};
-use kiln_types::machine::{Disk, Dmi, Hardware, HardwareNic, MachineState};
+use kiln_types::machine::{Disk, Dmi, Firmware, FirmwareMode, Hardware, HardwareNic, MachineState};
 
 const GIB: u64 = 1 << 30;
 
@@ -112,6 +112,10 @@ api_test!(
             "{e}"
         );
         let report = DiscoveryReport {
+            firmware: Some(Firmware {
+                mode: FirmwareMode::Uefi,
+                secure_boot: true,
+            }),
             boot_mac: mac.parse().unwrap(),
             hardware: hardware(mac, "SN-0001"),
             lldp: vec![LldpNeighbor {
@@ -138,6 +142,7 @@ api_test!(
         assert_eq!(m.hardware.as_ref().unwrap().disks.len(), 2);
         assert_eq!(m.nics[0].switch.as_deref(), Some("asw-a1"));
         assert_eq!(m.nics[0].port.as_deref(), Some("ge-0/0/7"));
+        assert_eq!(m.firmware, report.firmware, "the record keeps the reported firmware");
         // Again (a second boot, a fresh token): the machine is ready now,
         // so the report changes nothing — re-inventory is an operator's
         // `kiln machine discover`, which makes it `discovering` first.
@@ -155,12 +160,21 @@ api_test!(
         assert_eq!(m.hardware.unwrap().memory_bytes, 8 * GIB);
         // An enrolled machine (known by its MAC) is updated and made ready.
         let mut enrolled = kiln_types::machine::MachineCreate::new("db7".parse().unwrap());
+        // An operator's guess; the agent's report is the truth.
+        enrolled.firmware = Some(Firmware {
+            mode: FirmwareMode::Bios,
+            secure_boot: false,
+        });
         enrolled.nics = vec![serde_json::from_value(serde_json::json!({ "mac": "52:54:00:ab:cd:03" })).unwrap()];
         srv.admin().create_machine(&enrolled).await.unwrap();
         let mac3 = "52:54:00:ab:cd:03";
         let r3 = srv
             .client(Some(&token_in(&script(&srv, mac3).await)))
             .report_discovery(&DiscoveryReport {
+                firmware: Some(Firmware {
+                    mode: FirmwareMode::Uefi,
+                    secure_boot: false,
+                }),
                 boot_mac: mac3.parse().unwrap(),
                 hardware: hardware(mac3, "SN-0003"),
                 lldp: vec![],
@@ -171,6 +185,8 @@ api_test!(
             (r3.hostname.as_str(), r3.state, r3.created),
             ("db7", MachineState::Ready, false)
         );
+        let db7 = srv.admin().get_machine("db7").await.unwrap();
+        assert_eq!(db7.firmware.map(|f| f.mode), Some(FirmwareMode::Uefi));
     }
 );
 
@@ -304,6 +320,7 @@ api_test!(
         let r = srv
             .client(Some(&token))
             .report_discovery(&DiscoveryReport {
+                firmware: None,
                 boot_mac: mac.parse().unwrap(),
                 hardware: hardware(mac, &sim.bmc(0).serial(0)),
                 lldp: vec![],
@@ -323,6 +340,7 @@ api_test!(
         let mut bigger = hardware(mac, &sim.bmc(0).serial(0));
         bigger.memory_bytes = 16 * GIB;
         let report = DiscoveryReport {
+            firmware: None,
             boot_mac: mac.parse().unwrap(),
             hardware: bigger,
             lldp: vec![],
@@ -434,6 +452,7 @@ api_test!(
         // gets a discovery token (discovery is on) and claims the victim.
         let attacker = "52:54:00:ee:00:01";
         let spoof = DiscoveryReport {
+            firmware: None,
             boot_mac: attacker.parse().unwrap(),
             hardware: hardware(attacker, "SN-VICTIM"),
             lldp: vec![],
@@ -483,6 +502,7 @@ api_test!(
         // NIC is not moved; the answer names only the MAC it was sent.
         let attacker3 = "52:54:00:ee:00:03";
         let mut steal_nic = DiscoveryReport {
+            firmware: None,
             boot_mac: attacker3.parse().unwrap(),
             hardware: hardware(attacker3, "SN-ATTACKER"),
             lldp: vec![],
@@ -519,6 +539,7 @@ api_test!(
     |srv| {
         let (a, b) = ("52:54:00:ab:cd:61", "52:54:00:ab:cd:62");
         let report = |mac: &str| DiscoveryReport {
+            firmware: None,
             boot_mac: mac.parse().unwrap(),
             hardware: hardware(mac, &format!("SN-{mac}")),
             lldp: vec![],
@@ -747,6 +768,7 @@ api_test!(
         let r = srv
             .client(Some(&token))
             .report_discovery(&DiscoveryReport {
+                firmware: None,
                 boot_mac: mac.parse().unwrap(),
                 hardware: hardware(mac, "SN-0071"),
                 lldp: vec![],
@@ -770,6 +792,7 @@ api_test!(
             let r = srv
                 .client(Some(&token_in(&script(&srv, mac).await)))
                 .report_discovery(&DiscoveryReport {
+                    firmware: None,
                     boot_mac: mac.parse().unwrap(),
                     hardware: hw,
                     lldp: vec![],

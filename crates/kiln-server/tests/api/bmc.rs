@@ -15,7 +15,8 @@ use kiln_test_utils::{TestServer, api_test};
 use kiln_types::Secret;
 use kiln_types::auth::{Role, TenantCreate, TokenCreate};
 use kiln_types::event::EventFilter;
-use kiln_types::machine::{BmcDriver, BmcInput, MachineCreate, MachinePatch};
+use kiln_types::job::JobState;
+use kiln_types::machine::{BmcDriver, BmcInput, Firmware, FirmwareMode, MachineCreate, MachinePatch};
 use kiln_types::power::{BootDevice, BootDeviceRequest, PowerAction, PowerState};
 use sqlx::Row;
 
@@ -245,6 +246,82 @@ async fn database_text(srv: &TestServer, canary: &str) -> String {
     }
     all
 }
+
+// Issue 15: a reimage sets boot devices in the machine's recorded mode.
+// Through the job engine, the BMC service and the IPMI driver against
+// ipmi_sim: the job's two boot-device calls go out as UEFI (each call's
+// audit event records the mode the driver was given, and the driver's
+// bytes for it — the EFI bit, 0xa0 / 0xe0 — are checked in
+// kiln-bmc's `cmd.rs`), and ipmi_sim carries out PXE, then the disk.
+// ipmi_sim's chassis hook sees only the device, not the EFI bit, so the
+// bit cannot be read back from it; `redfish_uefi_reimage` (kiln-sim)
+// reads the mode back from the BMC.
+api_test!(a_uefi_machine_is_reimaged_with_uefi_boot_devices_over_ipmi, |srv| {
+    let sim = Sim::start().await;
+    let admin = srv.admin();
+    crate::jobs::catalog(&admin).await;
+    let mac = "52:54:00:fe:00:01";
+    let mut m = crate::jobs::machine("uefi1", mac, "http://unused.invalid");
+    m.bmc = Some(BmcInput {
+        username: Some(USER.into()),
+        password: Some(Secret::new(CANARY)),
+        ..BmcInput::new(BmcDriver::Ipmi, &sim.addr().to_string())
+    });
+    m.firmware = Some(Firmware {
+        mode: FirmwareMode::Uefi,
+        secure_boot: false,
+    });
+    admin.create_machine(&m).await.unwrap();
+    let id = admin
+        .reimage("uefi1", &crate::jobs::request())
+        .await
+        .unwrap()
+        .id
+        .to_string();
+    crate::jobs::until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    let token = crate::jobs::token_in(&crate::jobs::ipxe(&srv, mac).await);
+    let agent = srv.client(Some(&token));
+    for n in 1..=4 {
+        agent.report_stage(&id, n, "ok").await.unwrap();
+    }
+    crate::jobs::until(&admin, &id, "the first-boot wait", |j| {
+        j.step == "wait_first_boot" && j.state == JobState::Waiting
+    })
+    .await;
+    let sets: Vec<String> = sim.actions().into_iter().filter(|a| a.starts_with("set ")).collect();
+    let at = |a: &str| {
+        sets.iter()
+            .position(|s| s == a)
+            .unwrap_or_else(|| panic!("no {a}: {sets:?}"))
+    };
+    assert!(
+        at("set boot pxe") < at("set power 1"),
+        "next boot set before power on: {sets:?}"
+    );
+    assert_eq!(sets.last().map(String::as_str), Some("set boot default"), "{sets:?}");
+    let boot_calls: Vec<(String, bool, bool)> = bmc_events(&srv, "uefi1")
+        .await
+        .iter()
+        .filter(|e| e.action == "bmc.bootdev")
+        .map(|e| {
+            let d = e.after.as_ref().unwrap();
+            (
+                d["device"].as_str().unwrap().to_string(),
+                d["once"].as_bool().unwrap(),
+                d["uefi"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    // Newest first.
+    assert_eq!(
+        boot_calls,
+        [("disk".to_string(), false, true), ("network".to_string(), true, true)],
+        "both in UEFI mode"
+    );
+});
 
 api_test!(ipmi_power_bootdev_and_check_through_the_api, |srv| {
     let sim = Sim::start().await;

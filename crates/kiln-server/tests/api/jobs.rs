@@ -12,7 +12,9 @@ use kiln_types::Secret;
 use kiln_types::auth::{Role, TenantCreate, TokenCreate};
 use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, StorageLayout};
 use kiln_types::job::{Job, JobFilter, JobLogKind, JobState, ReimageRequest, RetryRequest};
-use kiln_types::machine::{BmcDriver, BmcInput, Disk, Hardware, MachineCreate, MachinePatch, MachineState};
+use kiln_types::machine::{
+    BmcDriver, BmcInput, BootPolicy, Disk, Firmware, FirmwareMode, Hardware, MachineCreate, MachinePatch, MachineState,
+};
 
 const GIB: u64 = 1 << 30;
 const MAC: &str = "52:54:00:12:34:56";
@@ -124,7 +126,7 @@ pub(crate) async fn ipxe(srv: &TestServer, mac: &str) -> String {
 }
 
 /// The `kiln.token=` argument of an iPXE script.
-fn token_in(script: &str) -> String {
+pub(crate) fn token_in(script: &str) -> String {
     script
         .split_whitespace()
         .find_map(|w| w.strip_prefix("kiln.token="))
@@ -157,8 +159,10 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
     // The BMC was told: next boot network, once; then off and on. The
     // simulated machine booted once, from the network (which consumed the
     // one-time override).
-    let boots: Vec<String> = sim.bmc(0).boots().into_iter().map(|b| b.target).collect();
-    assert_eq!(boots, vec!["Pxe".to_string()]);
+    let boots: Vec<(String, String)> = sim.bmc(0).boots().into_iter().map(|b| (b.target, b.mode)).collect();
+    // Firmware unknown (never inventoried): legacy mode, as before kiln
+    // recorded it.
+    assert_eq!(boots, vec![("Pxe".to_string(), "Legacy".to_string())]);
     assert_eq!(sim.bmc(0).power(0), kiln_sim::Power::On);
     let resets = sim.bmc(0).stats().resets;
     assert!(
@@ -214,6 +218,31 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
     let m = admin.get_machine("web1").await.unwrap();
     assert_eq!(m.state, MachineState::Deployed);
+    // What runs where: stage 5 recorded the image, and lists filter by it.
+    let os = m.installed_os.as_ref().expect("the installed OS is recorded");
+    assert_eq!((os.name.as_str(), os.version.as_str()), ("debian", "12"));
+    assert_eq!(
+        (os.job_id.to_string(), os.sha256.clone()),
+        (id.clone(), Some("ab".repeat(32)))
+    );
+    for (filter, want) in [("debian", 1), ("debian:12", 1), ("debian:11", 0), ("rocky", 0)] {
+        let page = admin
+            .list_machines(&kiln_types::machine::MachineFilter {
+                os: Some(filter.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.items.len(), want, "--os {filter}");
+    }
+    let e = admin
+        .list_machines(&kiln_types::machine::MachineFilter {
+            os: Some(":12".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
     let boots = sim.bmc(0).with(|b| b.systems[0].override_target.clone());
     assert_eq!(boots, "Hdd", "the boot device is back on disk");
     // A retried report after the end is accepted and changes nothing.
@@ -243,6 +272,113 @@ api_test!(a_reimage_through_bmc_boot_and_stage_reports, |srv| {
         .await
         .unwrap();
     assert_eq!(listed.len(), 1);
+    sim.shutdown().await;
+});
+
+// Issue 15: a UEFI machine's reimage sets its boot devices in UEFI mode,
+// read back from the (simulated) Redfish BMC, which starts in Legacy.
+api_test!(redfish_uefi_reimage, |srv| {
+    let sim = sim().await;
+    sim.bmc(0).with(|b| b.systems[0].override_mode = "Legacy".into());
+    let admin = srv.admin();
+    catalog(&admin).await;
+    let mut m = machine("uefi2", MAC, sim.bmc(0).url());
+    m.firmware = Some(Firmware {
+        mode: FirmwareMode::Uefi,
+        secure_boot: true,
+    });
+    admin.create_machine(&m).await.unwrap();
+    let id = admin.reimage("uefi2", &request()).await.unwrap().id.to_string();
+    until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    let boots: Vec<(String, String)> = sim.bmc(0).boots().into_iter().map(|b| (b.target, b.mode)).collect();
+    assert_eq!(boots, vec![("Pxe".to_string(), "UEFI".to_string())]);
+    // The armed script is rendered for UEFI from the record when iPXE does
+    // not say its platform.
+    let script = reqwest::get(format!("{}/boot/ipxe?mac={MAC}", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(script.contains("initrd --name initrd0"), "{script}");
+    let agent = srv.client(Some(&token_in(&script)));
+    for n in 1..=4 {
+        agent.report_stage(&id, n, "ok").await.unwrap();
+    }
+    until(&admin, &id, "the first-boot wait", |j| j.step == "wait_first_boot").await;
+    let (target, enabled, mode) = sim.bmc(0).with(|b| {
+        let s = &b.systems[0];
+        (
+            s.override_target.clone(),
+            s.override_enabled.clone(),
+            s.override_mode.clone(),
+        )
+    });
+    assert_eq!(
+        (target.as_str(), enabled.as_str(), mode.as_str()),
+        ("Hdd", "Continuous", "UEFI")
+    );
+    sim.shutdown().await;
+});
+
+// Seed 004: an always-netboot machine is reimaged with power alone; its
+// net boot gets the installer while armed and its local disk after.
+api_test!(an_always_netboot_machine_is_reimaged_by_power_alone, |srv| {
+    let sim = sim().await;
+    let admin = srv.admin();
+    catalog(&admin).await;
+    let mut m = machine("pxe1", MAC, sim.bmc(0).url());
+    m.boot_policy = BootPolicy::AlwaysNetboot;
+    admin.create_machine(&m).await.unwrap();
+    // Unarmed: its local disk, the way iPXE leaves for it on each firmware.
+    let s = ipxe(&srv, MAC).await;
+    assert!(
+        s.contains("sanboot --no-describe --drive 0x80") && !s.contains("kernel"),
+        "{s}"
+    );
+    let id = admin.reimage("pxe1", &request()).await.unwrap().id.to_string();
+    until(&admin, &id, "the installer wait", |j| {
+        j.step == "wait_installer" && j.state == JobState::Waiting
+    })
+    .await;
+    let script = ipxe(&srv, MAC).await;
+    assert!(script.contains("kiln.mode=deploy"), "armed: the installer: {script}");
+    let agent = srv.client(Some(&token_in(&script)));
+    agent.report_stage(&id, 1, "agent started").await.unwrap();
+    until(&admin, &id, "disarm", |j| j.step == "wait_base_installed").await;
+    let s = reqwest::get(format!("{}/boot/ipxe?mac={MAC}&platform=efi", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        s.ends_with("exit\n") && !s.contains("kernel"),
+        "after stage 1, UEFI: {s}"
+    );
+    for n in 2..=5 {
+        agent.report_stage(&id, n, "ok").await.unwrap();
+    }
+    let done = until(&admin, &id, "the end", |j| j.state.is_final()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.reason);
+    // No boot override was ever written (no PATCH of the system at all):
+    // only power changed.
+    assert_eq!(sim.bmc(0).stats().patches, 0, "{:?}", sim.bmc(0).stats());
+    let boots: Vec<String> = sim.bmc(0).boots().into_iter().map(|b| b.target).collect();
+    assert_eq!(
+        boots,
+        ["Hdd"],
+        "it powered on without an override (its boot order is the network's)"
+    );
+    let log = admin.get_job(&id).await.unwrap().log;
+    assert_eq!(
+        log.iter().filter(|l| l.message.contains("always-netboot")).count(),
+        2,
+        "both boot-device steps say why they were skipped"
+    );
     sim.shutdown().await;
 });
 
