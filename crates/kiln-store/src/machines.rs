@@ -276,9 +276,9 @@ async fn find_conflicts(
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
-/// Binds a machine's 19 stored columns — `id` to `hardware` in table
-/// order, then `bmc_insecure` and `bmc_ca_cert` (added by migration 0004) —
-/// the shared part of its INSERT and UPDATE.
+/// Binds a machine's 20 stored columns — `id` to `hardware` in table
+/// order, then `bmc_insecure` and `bmc_ca_cert` (added by migration 0004)
+/// and `system_disk` (0012) — the shared part of its INSERT and UPDATE.
 fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
     let s = &row.spec;
     Ok(q.bind(row.id.to_string())
@@ -299,7 +299,8 @@ fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
         .bind(s.ipv6.map(|ip| ip.to_string()))
         .bind(hardware_json(s)?)
         .bind(s.bmc.as_ref().is_some_and(|b| b.insecure))
-        .bind(s.bmc.as_ref().and_then(|b| b.ca_cert.clone())))
+        .bind(s.bmc.as_ref().and_then(|b| b.ca_cert.clone()))
+        .bind(s.system_disk.clone()))
 }
 
 /// Marks the machines table changed, inside the change's transaction.
@@ -317,8 +318,8 @@ async fn insert_machines(conn: &mut AnyConnection, rows: &[Row_], at: &str) -> R
         let sql = format!(
             "INSERT INTO machines (id, hostname, fqdn, kind, state, owner_id, rack_id, protected, maintenance, \
              maintenance_reason, bmc_driver, bmc_address, bmc_username, bmc_password, ipv4, ipv6, hardware, \
-             bmc_insecure, bmc_ca_cert, created_at, updated_at) VALUES {}",
-            values(chunk.len(), 21)
+             bmc_insecure, bmc_ca_cert, system_disk, created_at, updated_at) VALUES {}",
+            values(chunk.len(), 22)
         );
         let mut q = sqlx::query::<Any>(built(sql));
         for row in chunk {
@@ -433,6 +434,7 @@ fn machine_from_row(row: &AnyRow) -> Result<Machine> {
             .transpose()?,
         created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
         updated_at: parse_ts(&row.try_get::<String, _>("updated_at")?)?,
+        system_disk: opt("system_disk")?,
     })
 }
 
@@ -504,6 +506,7 @@ fn to_spec(m: &Machine) -> MachineCreate {
         ipv4: m.ipv4,
         ipv6: m.ipv6,
         hardware: m.hardware.clone(),
+        system_disk: m.system_disk.clone(),
     }
 }
 
@@ -550,6 +553,7 @@ fn view(
         hardware: s.hardware.clone(),
         created_at,
         updated_at,
+        system_disk: s.system_disk.clone(),
     }
 }
 
@@ -858,6 +862,9 @@ impl Store {
         if let Some(hw) = patch.hardware {
             spec.hardware = hw;
         }
+        if let Some(disk) = patch.system_disk {
+            spec.system_disk = disk;
+        }
         let problems = spec.validate();
         if !problems.is_empty() {
             return Err(StoreError::Rows {
@@ -907,7 +914,7 @@ impl Store {
             "UPDATE machines SET hostname = $2, fqdn = $3, kind = $4, state = $5, owner_id = $6, rack_id = $7, \
              protected = $8, maintenance = $9, maintenance_reason = $10, bmc_driver = $11, bmc_address = $12, \
              bmc_username = $13, bmc_password = $14, ipv4 = $15, ipv6 = $16, hardware = $17, bmc_insecure = $18, \
-             bmc_ca_cert = $19, updated_at = $20 WHERE id = $1",
+             bmc_ca_cert = $19, system_disk = $20, updated_at = $21 WHERE id = $1",
         );
         bind_row(q, &row)?.bind(ts(updated_at)).execute(&mut *tx).await?;
         let tags: Vec<(MachineId, &Tag)> = unique_tags(&s.tags).map(|t| (row.id, t)).collect();

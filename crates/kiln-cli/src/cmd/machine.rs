@@ -340,6 +340,10 @@ pub struct EditArgs {
     ipv6: Option<Ipv6Addr>,
     #[command(flatten)]
     bmc: BmcArgs,
+    /// The disk `flat` and `lvm_hba` put the OS on, by serial or WWN (`-`
+    /// for none: the layout's default, the first or the smallest disk).
+    #[arg(long, value_name = "SERIAL|WWN")]
+    system_disk: Option<String>,
 }
 
 fn dash_none(v: Option<String>) -> Option<Option<String>> {
@@ -497,6 +501,7 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 ipv4: a.ipv4.map(Some),
                 ipv6: a.ipv6.map(Some),
                 hardware: None,
+                system_disk: dash_none(a.system_disk),
             };
             let m = client.update_machine(&a.host, &patch).await?;
             show(&m, out)
@@ -652,6 +657,7 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
             ("nics", if nics.is_empty() { "-".into() } else { nics }),
             ("bmc", bmc),
             ("hardware", hw),
+            ("system disk", opt(&m.system_disk)),
             ("updated", m.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
         ],
     )
