@@ -50,12 +50,8 @@ pub fn preflight(job: &DeployJob, inventory: &Inventory) -> Result<Preflight, Pr
     let mut options = LayoutOptions::new(inventory.firmware);
     options.swap_bytes = job.swap_bytes.unwrap_or(0);
     options.root_bytes = job.root_bytes;
-    let plan = plan(
-        job.layout,
-        &disks,
-        inventory.hardware.raid_controller.is_some(),
-        &options,
-    )?;
+    options.system_disk = job.system_disk.clone();
+    let plan = plan(job.layout, &disks, &options)?;
     Ok(Preflight { confirmed, plan })
 }
 
@@ -103,6 +99,7 @@ mod tests {
                 format: ImageFormat::Qcow2,
                 sha256: Sha256([0; 32]),
             },
+            system_disk: None,
         }
     }
 
@@ -144,9 +141,31 @@ mod tests {
         job.machine.disks.clear();
         assert_eq!(preflight(&job, &inv).unwrap_err(), PreflightError::NoDisks);
         // The right job: UEFI, so an ESP on the first disk.
-        let ok = preflight(&job_for(&inv, StorageLayout::LvmHba), &inv).unwrap();
+        let ok = preflight(&job_for(&inv, StorageLayout::Lvm), &inv).unwrap();
         assert_eq!(ok.plan.disks.len(), 3);
         assert_eq!(ok.plan.filesystems[0].mountpoint.as_deref(), Some("/boot/efi"));
+        // A system disk the machine lacks: refused before any write.
+        let mut job = job_for(&inv, StorageLayout::LvmHba);
+        job.system_disk = Some("NOSUCHDISK".into());
+        let e = preflight(&job, &inv).unwrap_err();
+        assert!(matches!(e, PreflightError::Layout(PlanError::Rule(_))), "{e}");
+        assert!(e.to_string().contains("system disk NOSUCHDISK"), "{e}");
+    }
+
+    #[test]
+    fn hba_takes_the_smallest_disk_or_the_system_disk() {
+        let inv = inventory("server-uefi");
+        // nvme0n1 1.9 TB, sda 480 GB (SSD), sdb 8 TB (HDD).
+        let on = |system_disk: Option<&str>| {
+            let mut job = job_for(&inv, StorageLayout::LvmHba);
+            job.system_disk = system_disk.map(String::from);
+            let plan = preflight(&job, &inv).unwrap().plan;
+            plan.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(on(None), ["sda"]);
+        assert_eq!(on(Some("S64GNE0R123456")), ["nvme0n1"], "by serial");
+        assert_eq!(on(Some("naa.55cd2e415a1b2c3d")), ["sda"], "by WWN, as sysfs spells it");
+        assert_eq!(on(Some("ZL2ABCDE")), ["sdb"]);
     }
 
     #[test]

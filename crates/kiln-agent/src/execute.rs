@@ -101,28 +101,7 @@ fn steps(
     );
     let layout = checked.plan;
     eprint!("kiln-agent: {layout}");
-
-    let mut wiped = false;
-    for command in &layout.commands {
-        // After the old arrays and volume groups are stopped, before the
-        // first partition table: the disks' boot code goes (MBR, GPT, a
-        // BIOS boot partition's GRUB core), so a deploy that fails from
-        // here leaves nothing that boots.
-        if !command.may_fail && !wiped {
-            for disk in &layout.disks {
-                zero_ends(system, &disk.device)?;
-            }
-            wiped = true;
-        }
-        for device in devices_needed(&command.argv) {
-            system.wait_for_device(device).map_err(fail("laying out the disks"))?;
-        }
-        match system.run(&command.argv) {
-            Ok(_) => {}
-            Err(e) if command.may_fail => eprintln!("kiln-agent: ({}) {e}", command.why),
-            Err(e) => return Err(DeployError(format!("laying out the disks ({}): {e}", command.why))),
-        }
-    }
+    lay_out(system, &layout)?;
 
     let written = write_root(server, system, &job, &layout)?;
     server
@@ -152,6 +131,33 @@ fn steps(
         root_device: layout.root_device.clone(),
         boot_disks,
     })
+}
+
+/// Runs `layout`'s commands in order: what deploy mode does before it
+/// writes the image, and what `kiln-agent plan --apply` does alone.
+pub fn lay_out(system: &mut dyn System, layout: &LayoutPlan) -> Result<(), DeployError> {
+    let mut wiped = false;
+    for command in &layout.commands {
+        // After the old arrays and volume groups are stopped, before the
+        // first partition table: the disks' boot code goes (MBR, GPT, a
+        // BIOS boot partition's GRUB core), so a deploy that fails from
+        // here leaves nothing that boots.
+        if !command.may_fail && !wiped {
+            for disk in &layout.disks {
+                zero_ends(system, &disk.device)?;
+            }
+            wiped = true;
+        }
+        for device in devices_needed(&command.argv) {
+            system.wait_for_device(device).map_err(fail("laying out the disks"))?;
+        }
+        match system.run(&command.argv) {
+            Ok(_) => {}
+            Err(e) if command.may_fail => eprintln!("kiln-agent: ({}) {e}", command.why),
+            Err(e) => return Err(DeployError(format!("laying out the disks ({}): {e}", command.why))),
+        }
+    }
+    Ok(())
 }
 
 fn fail<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> DeployError {
@@ -374,6 +380,10 @@ fn configure(
             _ => None,
         };
         if let Some((at, kind, options, pass)) = line {
+            // A mount point the image lacks (lvm_raid10s's /data).
+            if at.starts_with('/') {
+                mkdir(&target.join(at.trim_start_matches('/')))?;
+            }
             let (uuid, _) = &ids[&fs.device];
             let _ = writeln!(fstab, "UUID={uuid} {at} {kind} {options} 0 {pass}");
         }
@@ -603,7 +613,7 @@ fn install_bootloader(
         args,
     };
     let boot = boot_dir.display().to_string();
-    let disks: Vec<String> = layout.disks.iter().map(|d| d.device.clone()).collect();
+    let disks: Vec<String> = layout.boot_disks().map(|d| d.device.clone()).collect();
     match layout.firmware {
         Firmware::Bios => {
             for disk in &disks {

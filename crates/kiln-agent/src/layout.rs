@@ -19,13 +19,26 @@
 //! | 2 | `/boot` | 1 GiB | outside md/LVM on `flat`/`lvm`; an md RAID 1 (metadata 1.0, at the end, so GRUB reads a member as a plain ext4) on the RAID layouts |
 //! | 3 | data | the rest | root (`flat`), an LVM PV (`lvm`, `lvm_hba`) or an md member |
 //!
-//! `lvm` and `lvm_hba` put partitions 1 and 2 on the first disk only and a
-//! single PV partition on the others. The last MiB of every disk stays free
-//! for GPT's backup header.
+//! `lvm` puts partitions 1 and 2 on the first disk only and a single PV
+//! partition on the others. The last MiB of every disk stays free for GPT's
+//! backup header.
+//!
+//! Which disks a layout uses (seed 001's meanings):
+//! - `flat`, `lvm_hba`: one disk — the machine's system disk if an
+//!   operator named one (serial or WWN), else the first (`flat`) or the
+//!   smallest (`lvm_hba`, first on a tie). No command names another disk,
+//!   and neither layout stops the old md arrays and volume groups (which
+//!   may live on the disks it leaves alone): the deploy ramdisk assembles
+//!   none, so there is nothing to stop.
+//! - `lvm_raid10s`: the smallest pair (disks sorted by size, taken two by
+//!   two) gets the OS exactly as `lvm_raid1` lays out a pair; the other
+//!   pairs get one md member partition each, a RAID 10 over them, and the
+//!   volume group `vgdata` with one volume `data` (ext4, `/data`).
+//! - every other layout: all the disks it is given.
 
 use std::fmt;
 
-use kiln_types::catalog::StorageLayout;
+use kiln_types::catalog::{PAIR_TOLERANCE_PERCENT, StorageLayout};
 use kiln_types::machine::Disk;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +58,9 @@ const PV_HEADER: u64 = MIB;
 /// The smallest data partition worth planning: below it md's and LVM's
 /// overheads are most of the disk.
 const MIN_DATA_PARTITION: u64 = GIB;
+/// `lvm_raid10s`'s data volume group and volume.
+pub const DATA_VG: &str = "vgdata";
+const DATA_LV: &str = "data";
 
 /// What the plan may vary; the defaults suit most servers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +79,10 @@ pub struct LayoutOptions {
     /// How much (in percent of the larger) two disks of a mirror pair may
     /// differ: a mirror is as large as its smaller disk, the rest is lost.
     pub pair_tolerance_percent: u32,
+    /// The disk (serial or WWN) `flat` and `lvm_hba` put the OS on; a plan
+    /// naming one the disks do not include is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk: Option<String>,
 }
 
 impl LayoutOptions {
@@ -76,7 +96,8 @@ impl LayoutOptions {
             min_root_bytes: 2 * GIB,
             root: RootSource::Image,
             volume_group: "vg0".into(),
-            pair_tolerance_percent: 3,
+            pair_tolerance_percent: PAIR_TOLERANCE_PERCENT,
+            system_disk: None,
         }
     }
 }
@@ -272,6 +293,17 @@ pub struct LayoutPlan {
     pub root_bytes: u64,
     /// Everything to run, in order.
     pub commands: Vec<Command>,
+    /// `lvm_raid10s`'s data volume, apart from the OS's volume group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_volume: Option<DataVolume>,
+}
+
+/// A volume group of its own with one volume filling it, for data (the
+/// OS's volume group is [`LayoutPlan::volume_group`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataVolume {
+    pub volume_group: VolumeGroup,
+    pub logical_volume: LogicalVolume,
 }
 
 /// A size for people: `1 MiB`, `512 MiB`, `7.0 GiB`, `1.8 TiB`.
@@ -324,11 +356,32 @@ impl fmt::Display for LayoutPlan {
             let size = lv.size_bytes.map_or_else(|| "the rest".to_string(), human);
             writeln!(f, "lv {}: {size}", lv.device)?;
         }
+        if let Some(d) = &self.data_volume {
+            let vg = &d.volume_group;
+            writeln!(
+                f,
+                "vg {} on {}: {}",
+                vg.name,
+                vg.physical_volumes.join(" "),
+                human(vg.size_bytes)
+            )?;
+            writeln!(f, "lv {}: all of it", d.logical_volume.device)?;
+        }
         writeln!(f, "root {} ({})", self.root_device, human(self.root_bytes))
     }
 }
 
 impl LayoutPlan {
+    /// The disks that carry a boot partition (ESP or BIOS boot), where the
+    /// bootloader goes: not `lvm_raid10s`'s data disks.
+    pub fn boot_disks(&self) -> impl Iterator<Item = &PlannedDisk> {
+        self.disks.iter().filter(|d| {
+            d.partitions
+                .iter()
+                .any(|p| matches!(p.kind, PartitionKind::Esp | PartitionKind::BiosBoot))
+        })
+    }
+
     fn firmware_name(&self) -> &'static str {
         match self.firmware {
             Firmware::Uefi => "UEFI",
@@ -430,13 +483,9 @@ fn data_room(disk: &Disk, head: &[(PartitionKind, u64)]) -> u64 {
 }
 
 /// The plan for `layout` on `disks` (in the job's order: `flat` uses the
-/// first, `lvm` puts the boot partitions on the first).
-pub fn plan(
-    layout: StorageLayout,
-    disks: &[Disk],
-    has_hba: bool,
-    options: &LayoutOptions,
-) -> Result<LayoutPlan, PlanError> {
+/// first unless a system disk is named, `lvm` puts the boot partitions on
+/// the first).
+pub fn plan(layout: StorageLayout, disks: &[Disk], options: &LayoutOptions) -> Result<LayoutPlan, PlanError> {
     check_options(options)?;
     for (i, d) in disks.iter().enumerate() {
         if d.name.is_empty()
@@ -449,7 +498,11 @@ pub fn plan(
             return Err(PlanError::DuplicateDisk(d.name.clone()));
         }
     }
-    layout.check(disks.len(), has_hba).map_err(PlanError::Rule)?;
+    // Number and system disk; sizes are checked below, pair by pair, with
+    // this plan's tolerance.
+    layout
+        .check_shape(disks, options.system_disk.as_deref())
+        .map_err(PlanError::Rule)?;
 
     let boot_part = match options.firmware {
         Firmware::Uefi => (PartitionKind::Esp, options.esp_bytes),
@@ -469,17 +522,47 @@ pub fn plan(
             root_device: String::new(),
             root_bytes: 0,
             commands: vec![],
+            data_volume: None,
         },
     };
     match layout {
-        StorageLayout::Flat => planner.flat(&disks[0], boot_part)?,
-        StorageLayout::Lvm | StorageLayout::LvmHba => planner.lvm(disks, boot_part)?,
+        StorageLayout::Flat => planner.flat(os_disk(layout, disks, options)?, boot_part)?,
+        StorageLayout::LvmHba => {
+            let disk = os_disk(layout, disks, options)?.clone();
+            planner.lvm(&[disk], boot_part)?
+        }
+        StorageLayout::Lvm => planner.lvm(disks, boot_part)?,
         StorageLayout::LvmRaid0 => planner.raid(disks, boot_part, RaidLevel::Raid0)?,
         StorageLayout::LvmRaid1 => planner.raid(disks, boot_part, RaidLevel::Raid1)?,
-        StorageLayout::LvmRaid10 | StorageLayout::LvmRaid10s => planner.raid(disks, boot_part, RaidLevel::Raid10)?,
+        StorageLayout::LvmRaid10 | StorageLayout::LvmRaid10Spare => {
+            planner.raid(disks, boot_part, RaidLevel::Raid10)?
+        }
+        StorageLayout::LvmRaid10s => planner.raid10s(disks, boot_part)?,
     }
     planner.plan.commands = commands(&planner.plan);
     Ok(planner.plan)
+}
+
+/// The disk a one-disk layout puts the OS on: the system disk if one is
+/// named, else the first (`flat`) or the smallest, first on a tie
+/// (`lvm_hba`).
+fn os_disk<'a>(layout: StorageLayout, disks: &'a [Disk], o: &LayoutOptions) -> Result<&'a Disk, PlanError> {
+    if let Some(id) = &o.system_disk {
+        // check_shape refused a name no disk has; this is its twin.
+        return disks
+            .iter()
+            .find(|d| d.is_known_as(id))
+            .ok_or_else(|| PlanError::Rule(format!("no disk is the system disk {id}")));
+    }
+    let first = disks.first().ok_or_else(|| PlanError::Rule("no disks".into()))?;
+    Ok(match layout {
+        StorageLayout::LvmHba => disks
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, d)| (d.size_bytes, *i))
+            .map_or(first, |(_, d)| d),
+        _ => first,
+    })
 }
 
 fn check_options(o: &LayoutOptions) -> Result<(), PlanError> {
@@ -514,6 +597,11 @@ fn check_options(o: &LayoutOptions) -> Result<(), PlanError> {
     let vg = &o.volume_group;
     if vg.is_empty() || vg.len() > 32 || !vg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return bad(format!("volume_group `{vg}` must be 1 to 32 of A-Z a-z 0-9 _"));
+    }
+    if vg == DATA_VG {
+        return bad(format!(
+            "volume_group `{vg}` is lvm_raid10s's data volume group: pick another name"
+        ));
     }
     if o.pair_tolerance_percent > 50 {
         return bad("pair_tolerance_percent is above 50".into());
@@ -738,6 +826,64 @@ impl Planner<'_> {
         self.volume_group(pvs)
     }
 
+    /// `lvm_raid10s`: the OS on the smallest pair as `lvm_raid1` lays out
+    /// a pair; RAID 10 over the other pairs for a data volume.
+    fn raid10s(&mut self, disks: &[Disk], boot_part: (PartitionKind, u64)) -> Result<(), PlanError> {
+        let (sorted, _) = self.pairs(disks)?;
+        let (os, rest) = sorted.split_at(2);
+        self.raid(os, boot_part, RaidLevel::Raid1)?;
+        // One member partition per data disk, all the size of the smallest
+        // (RAID 10 uses no more of any member).
+        for d in rest {
+            if data_room(d, &[]) < MIN_DATA_PARTITION + MD_DATA_OFFSET {
+                return Err(self.too_small(d, &[], MIN_DATA_PARTITION + MD_DATA_OFFSET));
+            }
+        }
+        let member = rest
+            .iter()
+            .map(|d| floor_to(data_room(d, &[]), MIB))
+            .min()
+            .expect("at least one data pair");
+        let mut members = vec![];
+        for d in rest {
+            let parts = partition_disk(d, &[], PartitionKind::Raid, Some(member));
+            members.push(parts[0].device.clone());
+            self.add_disk(d, false, parts);
+        }
+        let size_bytes = (member - MD_DATA_OFFSET) * members.len() as u64 / 2;
+        let array = MdArray {
+            device: format!("/dev/md{}", self.plan.arrays.len()),
+            name: DATA_LV.into(),
+            level: RaidLevel::Raid10,
+            members,
+            spares: vec![],
+            metadata: "1.2".into(),
+            size_bytes,
+        };
+        let vg_bytes = floor_to(size_bytes.saturating_sub(PV_HEADER), EXTENT);
+        let lv = format!("/dev/{DATA_VG}/{DATA_LV}");
+        self.plan.data_volume = Some(DataVolume {
+            volume_group: VolumeGroup {
+                name: DATA_VG.into(),
+                physical_volumes: vec![array.device.clone()],
+                size_bytes: vg_bytes,
+            },
+            logical_volume: LogicalVolume {
+                name: DATA_LV.into(),
+                device: lv.clone(),
+                size_bytes: None,
+            },
+        });
+        self.plan.arrays.push(array);
+        self.plan.filesystems.push(Filesystem {
+            device: lv,
+            kind: FsKind::Ext4,
+            label: DATA_LV.into(),
+            mountpoint: Some("/data".into()),
+        });
+        Ok(())
+    }
+
     /// The data disks in mirror order (each pair adjacent) and the spare.
     /// Disks are paired by size, so that a pair wastes as little as it can;
     /// a pair that still differs by more than the tolerance is refused.
@@ -848,14 +994,18 @@ fn commands(plan: &LayoutPlan) -> Vec<Command> {
     // Old arrays or volume groups on these disks hold them open, and
     // partitioning an open disk fails; the ramdisk runs nothing from disk,
     // so stopping all of them is safe. Nothing to stop is not an error.
-    let mut cleanup = |why: &str, argv: &[&str]| {
-        out.push(Command {
-            may_fail: true,
-            ..cmd(why, argv)
-        })
-    };
-    cleanup("deactivate old LVM volume groups", &["vgchange", "--activate", "n"]);
-    cleanup("stop old md arrays", &["mdadm", "--stop", "--scan"]);
+    // Not for the one-disk layouts: what they stop could live on the disks
+    // they promise to leave alone.
+    if !plan.layout.rule().one_disk {
+        let mut cleanup = |why: &str, argv: &[&str]| {
+            out.push(Command {
+                may_fail: true,
+                ..cmd(why, argv)
+            })
+        };
+        cleanup("deactivate old LVM volume groups", &["vgchange", "--activate", "n"]);
+        cleanup("stop old md arrays", &["mdadm", "--stop", "--scan"]);
+    }
 
     for d in &plan.disks {
         out.push(cmd(
@@ -952,6 +1102,35 @@ fn commands(plan: &LayoutPlan) -> Vec<Command> {
                 ],
             ));
         }
+    }
+    if let Some(d) = &plan.data_volume {
+        let vg = &d.volume_group;
+        let mut argv = vec!["pvcreate".to_string(), "--yes".into()];
+        argv.extend(vg.physical_volumes.iter().cloned());
+        out.push(Command {
+            argv,
+            why: "make the data array an LVM physical volume".into(),
+            may_fail: false,
+        });
+        let mut argv = vec!["vgcreate".to_string(), "--yes".into(), vg.name.clone()];
+        argv.extend(vg.physical_volumes.iter().cloned());
+        out.push(Command {
+            argv,
+            why: format!("create volume group {}", vg.name),
+            may_fail: false,
+        });
+        out.push(cmd(
+            format!("create logical volume {}", d.logical_volume.name),
+            &[
+                "lvcreate",
+                "--yes",
+                "--wipesignatures=y",
+                "--zero=y",
+                &format!("--name={}", d.logical_volume.name),
+                "--extents=100%FREE",
+                &vg.name,
+            ],
+        ));
     }
     for fs in &plan.filesystems {
         let argv: Vec<&str> = match fs.kind {

@@ -57,9 +57,10 @@ enum Command {
         root: PathBuf,
     },
     /// Prints the plan and commands for a storage layout on this machine's
-    /// disks. Runs nothing.
+    /// disks. Runs nothing unless `--apply` is given.
     Plan {
-        /// flat, lvm, lvm_raid0, lvm_raid1, lvm_raid10, lvm_raid10s, lvm_hba.
+        /// flat, lvm, lvm_raid0, lvm_raid1, lvm_raid10, lvm_raid10s,
+        /// lvm_hba, lvm_raid10_spare.
         #[arg(long)]
         layout: StorageLayout,
         #[arg(long, default_value = "/")]
@@ -76,6 +77,14 @@ enum Command {
         /// The plan as JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The disk `flat` and `lvm_hba` put the OS on, by serial or WWN.
+        #[arg(long, value_name = "SERIAL|WWN")]
+        system_disk: Option<String>,
+        /// Runs the commands too, as deploy mode does before it writes the
+        /// image: DESTROYS what is on the plan's disks (and only theirs).
+        /// For trying a layout on a machine in the ramdisk, and the tests.
+        #[arg(long)]
+        apply: bool,
     },
     /// Writes an image file to a disk (or file), checking format and
     /// SHA-256; a failed write leaves the target unbootable.
@@ -125,7 +134,9 @@ fn main() {
             swap,
             root_size,
             json,
-        } => plan(layout, &root, &disks, swap, root_size, json),
+            system_disk,
+            apply,
+        } => plan(layout, &root, &disks, swap, root_size, json, system_disk, apply),
         Command::WriteImage {
             source,
             target,
@@ -249,6 +260,7 @@ fn listen(interfaces: &[String], wait: u64, root: &Path) -> Result<()> {
     print_json(&discover::neighbors(&seen))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plan(
     layout: StorageLayout,
     root: &Path,
@@ -256,6 +268,8 @@ fn plan(
     swap: Option<u64>,
     root_size: Option<u64>,
     json: bool,
+    system_disk: Option<String>,
+    apply: bool,
 ) -> Result<()> {
     let inventory = collect(root)?;
     let disks = if names.is_empty() {
@@ -272,7 +286,17 @@ fn plan(
     let mut options = LayoutOptions::new(inventory.firmware);
     options.swap_bytes = swap.unwrap_or(0);
     options.root_bytes = root_size;
-    let plan = layout::plan(layout, &disks, inventory.hardware.raid_controller.is_some(), &options)?;
+    options.system_disk = system_disk;
+    let plan = layout::plan(layout, &disks, &options)?;
+    if apply {
+        let started = std::time::Instant::now();
+        execute::lay_out(&mut HostSystem, &plan)?;
+        eprintln!(
+            "kiln-agent: {layout} laid out on {} in {:.1} s",
+            plan.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(" "),
+            started.elapsed().as_secs_f64()
+        );
+    }
     if json {
         return print_json(&plan);
     }

@@ -35,6 +35,9 @@ pub struct DeployJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_bytes: Option<u64>,
     pub image: ImageSource,
+    /// The disk (serial or WWN) `flat` and `lvm_hba` put the OS on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk: Option<String>,
 }
 
 /// Where the image is and what it must be.
@@ -88,6 +91,7 @@ impl DeployJob {
                 format,
                 sha256,
             },
+            system_disk: plan.system_disk.clone(),
         })
     }
 }

@@ -1,8 +1,10 @@
 //! The partitioning commands of real plans, run by the real `sgdisk` on
 //! sparse files standing in for disks, then read back: the partitions
 //! sgdisk makes are exactly the ones the plan describes (start, size, type,
-//! name). Skipped, saying so, where sgdisk (Debian's `gdisk`) is missing.
+//! name) — and the disks a plan leaves alone (`lvm_hba`'s) keep every byte.
+//! Fails, saying so, where sgdisk (Debian's `gdisk`) is missing.
 
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
 
@@ -82,30 +84,114 @@ fn sgdisk_makes_the_planned_partitions() {
             vec![disk("nvme0n1", 30 * GIB), disk("nvme1n1", 30 * GIB + MIB)],
             0,
         ),
+        // HBA on unequal disks: the OS on the smallest (vdb, the first of
+        // two), the others left alone.
+        (
+            StorageLayout::LvmHba,
+            Firmware::Uefi,
+            vec![
+                disk("vda", 30 * GIB),
+                disk("vdb", 10 * GIB),
+                disk("vdc", 20 * GIB),
+                disk("vdd", 10 * GIB),
+            ],
+            0,
+        ),
+        (
+            StorageLayout::LvmRaid0,
+            Firmware::Bios,
+            vec![disk("vda", 10 * GIB), disk("vdb", 25 * GIB + 7 * MIB)],
+            0,
+        ),
+        (
+            StorageLayout::LvmRaid10,
+            Firmware::Uefi,
+            vec![
+                disk("vda", 10 * GIB),
+                disk("vdb", 10 * GIB),
+                disk("vdc", 10 * GIB + MIB),
+                disk("vdd", 10 * GIB),
+            ],
+            2 * GIB,
+        ),
+        // RAID10S with two small and two big disks, mixed up.
+        (
+            StorageLayout::LvmRaid10s,
+            Firmware::Uefi,
+            vec![
+                disk("vda", 40 * GIB),
+                disk("vdb", 8 * GIB),
+                disk("vdc", 40 * GIB),
+                disk("vdd", 8 * GIB),
+            ],
+            0,
+        ),
     ];
+    /// A pattern in the first and last MiB of a disk file, to see whether
+    /// anything wrote there.
+    fn mark(file: &Path) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+        f.write_all(&pattern).unwrap();
+        f.seek(SeekFrom::End(-(MIB as i64))).unwrap();
+        f.write_all(&pattern).unwrap();
+    }
+    fn marked(file: &Path) -> bool {
+        let mut f = std::fs::File::open(file).unwrap();
+        let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+        let mut buf = vec![0; MIB as usize];
+        f.read_exact(&mut buf).unwrap();
+        let head = buf == pattern;
+        f.seek(SeekFrom::End(-(MIB as i64))).unwrap();
+        f.read_exact(&mut buf).unwrap();
+        head && buf == pattern
+    }
     for (layout, firmware, disks, swap) in cases {
         let mut options = LayoutOptions::new(firmware);
         options.swap_bytes = swap;
-        let p = plan(layout, &disks, false, &options).unwrap();
-        for d in &p.disks {
-            let file = dir.path().join(&d.name);
+        let p = plan(layout, &disks, &options).unwrap();
+        let case = dir.path().join(layout.as_str());
+        std::fs::create_dir(&case).unwrap();
+        // A file for every disk of the machine, marked; the plan's are
+        // laid out below, the others must keep their marks.
+        for d in &disks {
+            let file = case.join(&d.name);
             std::fs::File::create(&file).unwrap().set_len(d.size_bytes).unwrap();
-            let on_file = |argv: &Vec<String>| -> Vec<String> {
-                argv.iter()
-                    .map(|a| {
-                        if *a == d.device {
-                            file.display().to_string()
-                        } else {
-                            a.clone()
-                        }
-                    })
-                    .collect()
-            };
-            // The commands for this whole disk (the others name partitions,
-            // arrays and volumes a file does not have).
-            for c in p.commands.iter().filter(|c| c.argv.last() == Some(&d.device)) {
-                run(&on_file(&c.argv));
+            mark(&file);
+        }
+        let untouched: Vec<&Disk> = disks
+            .iter()
+            .filter(|d| !p.disks.iter().any(|u| u.name == d.name))
+            .collect();
+        if layout == StorageLayout::LvmHba {
+            assert_eq!(p.disks.len(), 1);
+            assert_eq!(p.disks[0].name, "vdb", "the smallest disk");
+            assert_eq!(untouched.len(), 3);
+        } else {
+            assert!(untouched.is_empty(), "{layout} uses every disk");
+        }
+        // Every command on whole disks — of any disk of the machine, so
+        // one naming a disk the plan should leave alone would write on its
+        // file — with the disks' files for their devices, in plan order.
+        // Commands on partitions, arrays and volumes are skipped (a file
+        // has none), and so are those naming no device (`mdadm --stop
+        // --scan` would act on this host).
+        let file_of = |arg: &String| {
+            disks
+                .iter()
+                .find(|d| *arg == format!("/dev/{}", d.name))
+                .map(|d| case.join(&d.name).display().to_string())
+        };
+        for c in &p.commands {
+            let devices: Vec<&String> = c.argv.iter().filter(|a| a.starts_with("/dev/")).collect();
+            if devices.is_empty() || devices.iter().any(|a| file_of(a).is_none()) {
+                continue;
             }
+            let argv: Vec<String> = c.argv.iter().map(|a| file_of(a).unwrap_or_else(|| a.clone())).collect();
+            run(&argv);
+        }
+        for d in &p.disks {
+            let file = case.join(&d.name);
             for part in &d.partitions {
                 let (first, sectors, guid, name) = read_back(&file, part.number);
                 assert_eq!(
@@ -128,6 +214,16 @@ fn sgdisk_makes_the_planned_partitions() {
             // sgdisk agrees the table is sound, backup header included.
             let verify = run(&["sgdisk".into(), "--verify".into(), file.display().to_string()]);
             assert!(verify.contains("No problems found"), "{layout} {}: {verify}", d.name);
+        }
+        for d in untouched {
+            assert!(marked(&case.join(&d.name)), "{layout} wrote on {}", d.name);
+            let device = format!("/dev/{}", d.name);
+            assert!(
+                p.commands
+                    .iter()
+                    .all(|c| c.argv.iter().all(|a| !a.starts_with(&device))),
+                "{layout}: a command names {device}"
+            );
         }
     }
 }

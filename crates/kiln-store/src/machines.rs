@@ -291,10 +291,10 @@ async fn find_conflicts(
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
-/// Binds a machine's 22 stored columns — `id` to `hardware` in table
+/// Binds a machine's 23 stored columns — `id` to `hardware` in table
 /// order, then `bmc_insecure` and `bmc_ca_cert` (added by migration 0004),
-/// then `firmware`, `secure_boot` and `boot_policy` (0011) — the shared
-/// part of its INSERT and UPDATE.
+/// `firmware`, `secure_boot` and `boot_policy` (0011) and `system_disk`
+/// (0012) — the shared part of its INSERT and UPDATE.
 fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
     let s = &row.spec;
     Ok(q.bind(row.id.to_string())
@@ -318,7 +318,8 @@ fn bind_row<'q>(q: AnyQuery<'q>, row: &Row_) -> Result<AnyQuery<'q>> {
         .bind(s.bmc.as_ref().and_then(|b| b.ca_cert.clone()))
         .bind(s.firmware.map(|f| f.mode.as_str()))
         .bind(s.firmware.is_some_and(|f| f.secure_boot))
-        .bind(s.boot_policy.as_str()))
+        .bind(s.boot_policy.as_str())
+        .bind(s.system_disk.clone()))
 }
 
 /// Marks the machines table changed, inside the change's transaction.
@@ -336,8 +337,9 @@ async fn insert_machines(conn: &mut AnyConnection, rows: &[Row_], at: &str) -> R
         let sql = format!(
             "INSERT INTO machines (id, hostname, fqdn, kind, state, owner_id, rack_id, protected, maintenance, \
              maintenance_reason, bmc_driver, bmc_address, bmc_username, bmc_password, ipv4, ipv6, hardware, \
-             bmc_insecure, bmc_ca_cert, firmware, secure_boot, boot_policy, created_at, updated_at) VALUES {}",
-            values(chunk.len(), 24)
+             bmc_insecure, bmc_ca_cert, firmware, secure_boot, boot_policy, system_disk, created_at, updated_at) \
+             VALUES {}",
+            values(chunk.len(), 25)
         );
         let mut q = sqlx::query::<Any>(built(sql));
         for row in chunk {
@@ -465,6 +467,7 @@ fn machine_from_row(row: &AnyRow) -> Result<Machine> {
             .transpose()?,
         boot_policy: parse_col("boot policy", &row.try_get::<String, _>("boot_policy")?)?,
         installed_os: installed_os_from_row(row)?,
+        system_disk: opt("system_disk")?,
     })
 }
 
@@ -567,6 +570,7 @@ fn to_spec(m: &Machine) -> MachineCreate {
         hardware: m.hardware.clone(),
         firmware: m.firmware,
         boot_policy: m.boot_policy,
+        system_disk: m.system_disk.clone(),
     }
 }
 
@@ -618,6 +622,7 @@ fn view(
         firmware: s.firmware,
         boot_policy: s.boot_policy,
         installed_os: row.installed_os.clone(),
+        system_disk: s.system_disk.clone(),
     }
 }
 
@@ -946,6 +951,9 @@ impl Store {
         if let Some(p) = patch.boot_policy {
             spec.boot_policy = p;
         }
+        if let Some(disk) = patch.system_disk {
+            spec.system_disk = disk;
+        }
         let problems = spec.validate();
         if !problems.is_empty() {
             return Err(StoreError::Rows {
@@ -996,7 +1004,8 @@ impl Store {
             "UPDATE machines SET hostname = $2, fqdn = $3, kind = $4, state = $5, owner_id = $6, rack_id = $7, \
              protected = $8, maintenance = $9, maintenance_reason = $10, bmc_driver = $11, bmc_address = $12, \
              bmc_username = $13, bmc_password = $14, ipv4 = $15, ipv6 = $16, hardware = $17, bmc_insecure = $18, \
-             bmc_ca_cert = $19, firmware = $20, secure_boot = $21, boot_policy = $22, updated_at = $23 WHERE id = $1",
+             bmc_ca_cert = $19, firmware = $20, secure_boot = $21, boot_policy = $22, system_disk = $23, \
+             updated_at = $24 WHERE id = $1",
         );
         bind_row(q, &row)?.bind(ts(updated_at)).execute(&mut *tx).await?;
         let tags: Vec<(MachineId, &Tag)> = unique_tags(&s.tags).map(|t| (row.id, t)).collect();

@@ -118,4 +118,8 @@ pub struct DeployPlan {
     pub meta_data_url: String,
     /// POST `{stage_url}/{n}` with the job token to report stage `n`.
     pub stage_url: String,
+    /// The machine's system disk (serial or WWN), for the layouts that put
+    /// the OS on one disk; the agent refuses a plan naming a disk it lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk: Option<String>,
 }

@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::fit::human_bytes;
+use crate::machine::Disk;
 use crate::{OsImageId, TaskId, string_enum};
 
 string_enum!(
@@ -30,7 +32,8 @@ string_enum!(
 );
 
 string_enum!(
-    /// How the agent lays out a machine's disks.
+    /// How the agent lays out a machine's disks (seed 001's schemes, and
+    /// kiln's own `flat`, `lvm` and `lvm_raid10_spare`).
     StorageLayout {
         Flat = "flat",
         Lvm = "lvm",
@@ -39,77 +42,160 @@ string_enum!(
         LvmRaid10 = "lvm_raid10",
         LvmRaid10s = "lvm_raid10s",
         LvmHba = "lvm_hba",
+        LvmRaid10Spare = "lvm_raid10_spare",
     }
 );
+
+/// How much (in percent of the larger) two disks that mirror each other
+/// may differ by default: a mirror is as large as its smaller disk.
+pub const PAIR_TOLERANCE_PERCENT: u32 = 3;
 
 /// The disks a layout needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LayoutRule {
     pub min_disks: u32,
-    /// Data disks must come in pairs (mirrors).
+    /// Disks come in pairs of similar size (mirrors).
     pub pairs: bool,
     /// One disk more than the pairs is kept as a hot spare.
     pub spare: bool,
-    /// The disks sit behind a hardware RAID controller / HBA.
-    pub needs_hba: bool,
+    /// The OS goes on one disk — the machine's system disk if an operator
+    /// named one, else the layout's default (`flat`: the first disk,
+    /// `lvm_hba`: the smallest) — and no other disk is touched.
+    pub one_disk: bool,
 }
 
 impl StorageLayout {
     pub fn rule(self) -> LayoutRule {
-        let r = |min_disks, pairs, spare, needs_hba| LayoutRule {
+        let r = |min_disks, pairs, spare, one_disk| LayoutRule {
             min_disks,
             pairs,
             spare,
-            needs_hba,
+            one_disk,
         };
         match self {
-            StorageLayout::Flat | StorageLayout::Lvm => r(1, false, false, false),
+            StorageLayout::Flat => r(1, false, false, true),
+            StorageLayout::Lvm => r(1, false, false, false),
             StorageLayout::LvmRaid0 => r(2, false, false, false),
             StorageLayout::LvmRaid1 => r(2, true, false, false),
-            StorageLayout::LvmRaid10 => r(4, true, false, false),
-            StorageLayout::LvmRaid10s => r(5, true, true, false),
-            StorageLayout::LvmHba => r(1, false, false, true),
+            StorageLayout::LvmRaid10 | StorageLayout::LvmRaid10s => r(4, true, false, false),
+            StorageLayout::LvmHba => r(2, false, false, true),
+            StorageLayout::LvmRaid10Spare => r(5, true, true, false),
         }
     }
 
     pub fn description(self) -> &'static str {
         match self {
-            StorageLayout::Flat => "plain partitions on the first disk",
-            StorageLayout::Lvm => "one LVM volume group over all disks",
+            StorageLayout::Flat => {
+                "plain partitions on one disk (the system disk, else the first); the others untouched"
+            }
+            StorageLayout::Lvm => "one LVM volume group over all disks (no redundancy)",
             StorageLayout::LvmRaid0 => "LVM on a RAID 0 stripe over all disks (no redundancy)",
-            StorageLayout::LvmRaid1 => "LVM on RAID 1 mirrors of disk pairs",
-            StorageLayout::LvmRaid10 => "LVM on RAID 10 over an even number of disks (at least 4)",
-            StorageLayout::LvmRaid10s => "LVM on RAID 10 over an even number of disks (at least 4) plus one hot spare",
-            StorageLayout::LvmHba => "LVM on the volume a hardware RAID controller (HBA) presents",
+            StorageLayout::LvmRaid1 => "LVM on RAID 1 mirrors of disk pairs of similar size",
+            StorageLayout::LvmRaid10 => "LVM on RAID 10 over all disk pairs (at least 2 pairs)",
+            StorageLayout::LvmRaid10s => {
+                "the OS on RAID 1 over the smallest pair; a data volume (/data) on RAID 10 over the other pairs"
+            }
+            StorageLayout::LvmHba => {
+                "the OS (LVM) on the smallest disk, or the system disk; the other disks untouched (at least 2 disks)"
+            }
+            StorageLayout::LvmRaid10Spare => {
+                "LVM on RAID 10 over disk pairs plus one hot spare (an odd number, at least 5)"
+            }
         }
     }
 
-    /// Whether `disks` disks (with or without an HBA) satisfy the rule; the
-    /// error says what is missing.
-    pub fn check(self, disks: usize, has_hba: bool) -> Result<(), String> {
+    /// What the layout needs, in words, for refusals.
+    fn needs(self) -> &'static str {
+        match self {
+            StorageLayout::Flat | StorageLayout::Lvm => "at least 1 disk",
+            StorageLayout::LvmRaid0 => "at least 2 disks",
+            StorageLayout::LvmRaid1 => "disks in pairs of similar size (at least 2 disks)",
+            StorageLayout::LvmRaid10 => "an even number of disks, at least 4, in pairs of similar size",
+            StorageLayout::LvmRaid10s => {
+                "an even number of disks, at least 4, in pairs of similar size (RAID 1 on the smallest pair for the \
+                 OS, RAID 10 over the others)"
+            }
+            StorageLayout::LvmHba => {
+                "at least 2 disks (the OS on the smallest or the system disk, the others untouched)"
+            }
+            StorageLayout::LvmRaid10Spare => "an odd number of disks, at least 5: pairs of similar size plus one spare",
+        }
+    }
+
+    /// Whether `disks` suit the layout by number and by `system_disk` (a
+    /// serial or WWN the machine must have, for the layouts that use it),
+    /// not by size. The error says what the layout needs and what the
+    /// machine has.
+    pub fn check_shape(self, disks: &[Disk], system_disk: Option<&str>) -> Result<(), String> {
         let rule = self.rule();
-        let name = self.as_str();
-        if disks < rule.min_disks as usize {
-            return Err(format!(
-                "{name} needs at least {} disks, the machine has {disks}",
-                rule.min_disks
-            ));
+        let n = disks.len();
+        let has = || describe_disks(disks);
+        let data = if rule.spare { n.saturating_sub(1) } else { n };
+        if n < rule.min_disks as usize || (rule.pairs && data % 2 != 0) {
+            return Err(format!("{self} needs {}; the machine has {}", self.needs(), has()));
         }
-        let data = if rule.spare { disks - 1 } else { disks };
-        if rule.pairs && data % 2 != 0 {
-            return Err(if rule.spare {
-                format!("{name} needs an even number of data disks plus one spare, the machine has {disks} disks")
-            } else {
-                format!("{name} needs disks in pairs, the machine has {disks}")
-            });
-        }
-        if rule.needs_hba && !has_hba {
+        if rule.one_disk
+            && let Some(id) = system_disk
+            && !disks.iter().any(|d| d.is_known_as(id))
+        {
             return Err(format!(
-                "{name} needs a hardware RAID controller, the inventory shows none"
+                "{self} puts the OS on the system disk {id}, which the machine does not have; it has {} (set \
+                 another with `kiln machine edit HOST --system-disk SERIAL|WWN`, or clear it with `--system-disk \
+                 -`)",
+                has()
             ));
         }
         Ok(())
     }
+
+    /// [`Self::check_shape`], and for the layouts that mirror, pairs (the
+    /// disks sorted by size, taken two by two) that differ by at most
+    /// [`PAIR_TOLERANCE_PERCENT`]. `lvm_raid10_spare`'s pairs depend on
+    /// which disk the agent makes the spare, so the agent checks them.
+    pub fn check(self, disks: &[Disk], system_disk: Option<&str>) -> Result<(), String> {
+        self.check_shape(disks, system_disk)?;
+        let rule = self.rule();
+        if !rule.pairs || rule.spare {
+            return Ok(());
+        }
+        let mut sorted: Vec<&Disk> = disks.iter().collect();
+        sorted.sort_by_key(|d| (d.size_bytes, d.name.as_str()));
+        for pair in sorted.chunks(2) {
+            let (small, large) = (pair[0], pair[1]);
+            let diff = large.size_bytes - small.size_bytes;
+            if diff.saturating_mul(100) > u64::from(PAIR_TOLERANCE_PERCENT) * large.size_bytes {
+                return Err(format!(
+                    "{self} needs {}, but {} ({}) and {} ({}) would mirror each other and differ by {:.1}%, more \
+                     than {PAIR_TOLERANCE_PERCENT}%; the machine has {}",
+                    self.needs(),
+                    small.name,
+                    human_bytes(small.size_bytes),
+                    large.name,
+                    human_bytes(large.size_bytes),
+                    diff as f64 * 100.0 / large.size_bytes as f64,
+                    describe_disks(disks)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `3 disks: sda 447 GiB, sdb 447 GiB, sdc 7.3 TiB` (`no disks`).
+fn describe_disks(disks: &[Disk]) -> String {
+    if disks.is_empty() {
+        return "no disks".into();
+    }
+    let list: Vec<String> = disks
+        .iter()
+        .map(|d| format!("{} {}", d.name, human_bytes(d.size_bytes)))
+        .collect();
+    format!(
+        "{} disk{}: {}",
+        disks.len(),
+        if disks.len() == 1 { "" } else { "s" },
+        list.join(", ")
+    )
 }
 
 /// A layout and its rule, as the API lists them.
@@ -344,37 +430,100 @@ impl TaskCreate {
 mod tests {
     use super::*;
 
+    const GIB: u64 = 1 << 30;
+
+    fn disks(sizes_gib: &[u64]) -> Vec<Disk> {
+        sizes_gib
+            .iter()
+            .enumerate()
+            .map(|(i, g)| Disk {
+                name: format!("sd{}", (b'a' + i as u8) as char),
+                size_bytes: g * GIB,
+                rotational: false,
+                model: None,
+                serial: Some(format!("SN{i}")),
+                by_id: Some(format!("/dev/disk/by-id/wwn-0x500{i}")),
+            })
+            .collect()
+    }
+
     #[test]
     fn layout_rules_table() {
         use StorageLayout::*;
-        // (layout, disks, hba, fits)
-        let table = [
-            (Flat, 0, false, false),
-            (Flat, 1, false, true),
-            (Lvm, 3, false, true),
-            (LvmRaid0, 1, false, false),
-            (LvmRaid0, 3, false, true),
-            (LvmRaid1, 1, false, false),
-            (LvmRaid1, 2, false, true),
-            (LvmRaid1, 3, false, false),
-            (LvmRaid1, 4, false, true),
-            (LvmRaid10, 2, false, false),
-            (LvmRaid10, 4, false, true),
-            (LvmRaid10, 5, false, false),
-            (LvmRaid10s, 4, false, false),
-            (LvmRaid10s, 5, false, true),
-            (LvmRaid10s, 6, false, false),
-            (LvmHba, 1, false, false),
-            (LvmHba, 1, true, true),
+        // (layout, disk sizes in GiB, fits)
+        let table: [(StorageLayout, &[u64], bool); 22] = [
+            (Flat, &[], false),
+            (Flat, &[100], true),
+            (Lvm, &[100, 200, 300], true),
+            (LvmRaid0, &[100], false),
+            (LvmRaid0, &[100, 400, 900], true),
+            (LvmRaid1, &[100], false),
+            (LvmRaid1, &[100, 100], true),
+            (LvmRaid1, &[100, 100, 100], false),
+            (LvmRaid1, &[100, 400, 100, 400], true),
+            (LvmRaid1, &[100, 200], false),
+            (LvmRaid10, &[100, 100], false),
+            (LvmRaid10, &[100; 4], true),
+            (LvmRaid10, &[100; 5], false),
+            // RAID10S: the smallest pair for the OS, the others RAID 10.
+            (LvmRaid10s, &[4000, 240, 4000, 240], true),
+            (LvmRaid10s, &[240, 240, 4000], false),
+            (LvmRaid10s, &[240, 480, 4000, 4000], false),
+            (LvmRaid10s, &[240, 240, 4000, 4000, 8000, 8000], true),
+            // HBA: the OS on one disk of several, any sizes.
+            (LvmHba, &[100], false),
+            (LvmHba, &[100, 4000, 8000], true),
+            (LvmRaid10Spare, &[100; 4], false),
+            (LvmRaid10Spare, &[100; 5], true),
+            (LvmRaid10Spare, &[100; 6], false),
         ];
-        for (layout, disks, hba, fits) in table {
-            assert_eq!(
-                layout.check(disks, hba).is_ok(),
-                fits,
-                "{layout} with {disks} disks, hba={hba}: {:?}",
-                layout.check(disks, hba)
-            );
+        for (layout, sizes, fits) in table {
+            let result = layout.check(&disks(sizes), None);
+            assert_eq!(result.is_ok(), fits, "{layout} on {sizes:?} GiB: {result:?}");
         }
+    }
+
+    #[test]
+    fn refusals_say_what_the_layout_needs_and_what_the_machine_has() {
+        let e = StorageLayout::LvmRaid10s
+            .check(&disks(&[240, 240, 4000]), None)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "lvm_raid10s needs an even number of disks, at least 4, in pairs of similar size (RAID 1 on the \
+             smallest pair for the OS, RAID 10 over the others); the machine has 3 disks: sda 240 GiB, sdb 240 \
+             GiB, sdc 3.9 TiB"
+        );
+        let e = StorageLayout::LvmRaid1.check(&disks(&[480, 500]), None).unwrap_err();
+        assert!(
+            e.contains("sda (480 GiB) and sdb (500 GiB) would mirror each other and differ by 4.0%"),
+            "{e}"
+        );
+        let e = StorageLayout::LvmHba.check(&disks(&[480]), None).unwrap_err();
+        assert!(
+            e.contains("at least 2 disks") && e.ends_with("1 disk: sda 480 GiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_system_disk_must_be_one_the_machine_has() {
+        let set = disks(&[480, 240, 960]);
+        for layout in [StorageLayout::Flat, StorageLayout::LvmHba] {
+            // By serial (any case) or WWN (with or without `wwn-`).
+            for id in ["SN2", "sn2", "0x5002", "wwn-0x5002"] {
+                assert!(layout.check(&set, Some(id)).is_ok(), "{layout} {id}");
+            }
+            let e = layout.check(&set, Some("SN9")).unwrap_err();
+            assert!(
+                e.contains("system disk SN9, which the machine does not have; it has 3 disks: sda 480 GiB"),
+                "{e}"
+            );
+            // A kernel name is no stable name: not a match.
+            assert!(layout.check(&set, Some("sdb")).is_err());
+        }
+        // Layouts that use every disk do not look at it.
+        assert!(StorageLayout::Lvm.check(&set, Some("SN9")).is_ok());
     }
 
     #[test]

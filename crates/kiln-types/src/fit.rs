@@ -70,12 +70,14 @@ pub fn task_fits(machine: &Machine, task: &Task) -> Result<(), String> {
     }
 }
 
-/// `Ok` if `layout` can be applied to `machine`'s disks, else why not.
+/// `Ok` if `layout` can be applied to `machine`'s disks (and its system
+/// disk, for the layouts that use one), else what the layout needs and
+/// what the machine has.
 pub fn layout_fits(machine: &Machine, layout: StorageLayout) -> Result<(), String> {
     let Some(hw) = &machine.hardware else {
         return Err("no hardware inventory yet: discover the machine first".into());
     };
-    layout.check(hw.disks.len(), hw.raid_controller.is_some())
+    layout.check(&hw.disks, machine.system_disk.as_deref())
 }
 
 /// Bytes in binary units, for messages: `512 MiB`, `1.5 TiB`.

@@ -474,6 +474,48 @@ pub struct Disk {
     pub by_id: Option<String>,
 }
 
+impl Disk {
+    /// Whether an operator's name for a disk — its serial, or its WWN
+    /// (`0x5000c500a1b2c3d4`, `wwn-0x…`, `naa.…`, or a whole
+    /// `/dev/disk/by-id/…` path) — is this disk. Compared case-insensitively.
+    /// Kernel names (`sda`) are not stable across boots and never match.
+    pub fn is_known_as(&self, id: &str) -> bool {
+        let id = id.trim().to_ascii_lowercase();
+        if id.is_empty() {
+            return false;
+        }
+        if self
+            .serial
+            .as_deref()
+            .is_some_and(|s| s.trim().eq_ignore_ascii_case(&id))
+        {
+            return true;
+        }
+        let Some(by_id) = self.by_id.as_deref().map(str::to_ascii_lowercase) else {
+            return false;
+        };
+        let link = by_id.rsplit('/').next().unwrap_or_default();
+        let wwn = match id.strip_prefix("naa.") {
+            Some(hex) => format!("wwn-0x{hex}"),
+            None if id.starts_with("wwn-") => id.clone(),
+            None => format!("wwn-{id}"),
+        };
+        by_id == id || link == id || link == wwn
+    }
+}
+
+/// Checks a system disk name: a serial or WWN of 1 to 128 printable
+/// ASCII characters.
+pub fn check_system_disk(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!(
+            "system_disk `{}` is not a disk serial or WWN: give 1 to 128 printable ASCII characters",
+            id.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// A NIC as the agent found it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HardwareNic {
@@ -582,6 +624,11 @@ pub struct Machine {
     /// What the last reimage installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_os: Option<InstalledOs>,
+    /// The disk the one-disk layouts (`flat`, `lvm_hba`) put the OS on, by
+    /// serial or WWN; set by operators (seed 004). None: the layout's
+    /// default (`flat` the first disk, `lvm_hba` the smallest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk: Option<String>,
 }
 
 impl Machine {
@@ -614,6 +661,7 @@ impl Machine {
             firmware: None,
             boot_policy: BootPolicy::Disk,
             installed_os: None,
+            system_disk: None,
         }
     }
 }
@@ -666,6 +714,11 @@ pub struct MachineCreate {
     pub firmware: Option<Firmware>,
     #[serde(default, skip_serializing_if = "BootPolicy::is_default")]
     pub boot_policy: BootPolicy,
+    /// The disk the one-disk layouts (`flat`, `lvm_hba`) put the OS on, by
+    /// serial or WWN; set by operators (seed 004). None: the layout's
+    /// default (`flat` the first disk, `lvm_hba` the smallest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk: Option<String>,
 }
 
 fn default_kind() -> MachineKind {
@@ -698,6 +751,7 @@ impl MachineCreate {
             hardware: None,
             firmware: None,
             boot_policy: BootPolicy::Disk,
+            system_disk: None,
         }
     }
 
@@ -735,6 +789,11 @@ impl MachineCreate {
         }
         if self.rack.is_none() && self.site.is_some() {
             problems.push("`site` is given without `rack`: machines belong to a rack".into());
+        }
+        if let Some(disk) = &self.system_disk
+            && let Err(e) = check_system_disk(disk)
+        {
+            problems.push(e);
         }
         problems
     }
@@ -800,6 +859,10 @@ pub struct MachinePatch {
     pub firmware: Option<Option<Firmware>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_policy: Option<BootPolicy>,
+    /// The system disk by serial or WWN; `null` clears it.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub system_disk: Option<Option<String>>,
 }
 
 /// Filters for listing machines; all given filters must match.

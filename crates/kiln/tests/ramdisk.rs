@@ -643,3 +643,232 @@ fn root_on_lvm_over_md_raid1_boots_the_test_os() {
     wait_console(&vm, "kiln-test-os: no user-data", Duration::from_secs(60));
     drop(vm);
 }
+
+/// The lines of `text` from `=== {name}` to `TIME {name}`: one layout's
+/// part of the console.
+fn section<'a>(text: &'a str, name: &str) -> &'a str {
+    let start = text
+        .find(&format!("=== {name}\n"))
+        .unwrap_or_else(|| panic!("no `=== {name}` on the console:\n{text}"));
+    let rest = &text[start..];
+    let end = rest
+        .find(&format!("TIME {name} "))
+        .unwrap_or_else(|| panic!("`{name}` never finished:\n{rest}"));
+    &rest[..end]
+}
+
+/// Issue 15, test 4: seed 001's layouts laid out by the agent on four real
+/// (virtio) disks in one boot of the ramdisk — the agent's own
+/// `kiln-agent plan --layout L --apply` (the plan and the commands deploy
+/// mode runs) — each checked from the kernel's view (`/sys/block/md*`,
+/// `mdadm --detail`, `lvs`, the partitions) and torn down (arrays stopped,
+/// volume groups deactivated, as a reboot would) before the next. The
+/// disks are 4, 4, 8 and 8 GiB (sparse files), so that "the smallest"
+/// means something. `lvm_hba` and `flat` with a system disk must leave the
+/// other disks' bytes as they were: their first 4 MiB (GPT, md 1.2
+/// superblocks and LVM labels of partitions starting there), 4 MiB at
+/// 1 GiB (where the third partition's start, and its md superblock, sit
+/// on the OS disks) and their last 4 MiB (backup GPT, md 1.0 superblocks).
+#[test]
+fn seed_001_layouts_on_four_real_disks() {
+    need_tools();
+    let b = built();
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = dir.path().join("overlay");
+    std::fs::create_dir_all(&overlay).unwrap();
+    std::fs::write(
+        overlay.join("layouts"),
+        r#"#!/bin/sh
+export PATH=/usr/sbin:/usr/bin DM_DISABLE_UDEV=1
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /run/lvm /run/lock/lvm /tmp
+for m in virtio_pci virtio_blk md_mod raid0 raid1 raid10 dm_mod ext4; do modprobe $m; done
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do [ -b /dev/vdd ] && break; sleep 0.5; done
+# md resyncs new mirrors in the background: not what is tested, and slow
+# under emulation.
+echo 1000 >/proc/sys/dev/raid/speed_limit_min; echo 1000 >/proc/sys/dev/raid/speed_limit_max
+now() { cut -d' ' -f1 /proc/uptime; }
+show() {
+  for md in /sys/block/md*; do
+    case "$(cat $md/md/array_state 2>/dev/null)" in clear|inactive|'') continue;; esac
+    n=${md##*/}
+    echo "CHECK $n level=$(cat $md/md/level) members=$(ls $md/slaves | tr '\n' ' ')"
+    mdadm --detail /dev/$n | grep -E 'Raid Level|Raid Devices|Layout|Array Size'
+  done
+  lvs --noheadings -o lv_path,lv_size --units m 2>/dev/null | while read p s; do echo "CHECK lv $p $s"; done
+  for d in vda vdb vdc vdd; do echo "CHECK parts $d: $(ls /sys/block/$d | grep "^$d" | tr '\n' ' ')"; done
+}
+teardown() { vgchange -an >/dev/null 2>&1; mdadm --stop --scan >/dev/null 2>&1; }
+windows() {
+  for d in "$@"; do
+    mib=$(( $(cat /sys/block/$d/size) / 2048 ))
+    a=$(dd if=/dev/$d bs=1M count=4 2>/dev/null | md5sum | cut -c1-32)
+    b=$(dd if=/dev/$d bs=1M skip=1024 count=4 2>/dev/null | md5sum | cut -c1-32)
+    c=$(dd if=/dev/$d bs=1M skip=$((mib - 4)) count=4 2>/dev/null | md5sum | cut -c1-32)
+    echo "$d $a $b $c"
+  done
+}
+apply() {
+  l=$1; shift
+  echo "=== $l"
+  t=$(now)
+  if kiln-agent plan --layout ${l%%+*} "$@" --apply >/tmp/plan 2>/tmp/log; then
+    sed 's/^/plan: /' /tmp/plan
+  else
+    echo "FAILED $l"; tail -n 30 /tmp/log
+  fi
+  show
+  echo "TIME $l $(awk -v a=$t -v b=$(now) 'BEGIN { printf "%.1f", b - a }')"
+  teardown
+}
+echo "LAYOUTS START $(now)"
+apply lvm_raid0
+apply lvm_raid10
+apply lvm_raid10s
+windows vda vdc vdd >/tmp/before
+apply lvm_hba
+windows vda vdc vdd >/tmp/after
+if cmp -s /tmp/before /tmp/after; then echo "UNTOUCHED hba: vda vdc vdd"; else echo "CHANGED hba"; cat /tmp/before /tmp/after; fi
+apply flat+system-disk --system-disk kiln-disk-c
+windows vda vdd >/tmp/after
+grep -E '^(vda|vdd) ' /tmp/before >/tmp/before2
+if cmp -s /tmp/before2 /tmp/after; then echo "UNTOUCHED flat: vda vdd"; else echo "CHANGED flat"; cat /tmp/before2 /tmp/after; fi
+echo "LAYOUTS END $(now)"
+poweroff -f
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        overlay.join("layouts"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let initrd = dir.path().join("layouts.cpio.gz");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && echo layouts | busybox cpio -o -H newc 2>/dev/null | gzip >{} && cat {} {} >{}",
+        overlay.display(),
+        dir.path().join("overlay.cpio.gz").display(),
+        b.out.join("kiln-agent.cpio.gz").display(),
+        dir.path().join("overlay.cpio.gz").display(),
+        initrd.display()
+    )));
+    // vda 8 GiB, vdb 4 GiB, vdc 8 GiB + 16 MiB, vdd 4 GiB + 16 MiB: two
+    // pairs of similar disks, the smallest not the first.
+    let sizes: [(&str, u64); 4] = [
+        ("a", 8 << 30),
+        ("b", 4 << 30),
+        ("c", (8 << 30) + (16 << 20)),
+        ("d", (4 << 30) + (16 << 20)),
+    ];
+    let mut drives = Vec::new();
+    for (letter, size) in sizes {
+        let file = dir.path().join(format!("disk-{letter}"));
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        drives.push("-drive".to_string());
+        drives.push(format!("file={},format=raw,if=none,id=d{letter}", file.display()));
+        drives.push("-device".to_string());
+        drives.push(format!("virtio-blk-pci,drive=d{letter},serial=kiln-disk-{letter}"));
+    }
+    drives.extend(["-nic".to_string(), "none".to_string()]);
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let mut vm = qemu(
+        dir.path(),
+        "layouts",
+        &b.out.join("vmlinuz"),
+        &initrd,
+        "rdinit=/layouts",
+        &drives,
+    );
+    let booted = wait_console(&vm, "LAYOUTS START", Duration::from_secs(120));
+    let boot_secs = started.elapsed().as_secs_f64();
+    drop(booted);
+    wait_exit(&mut vm, Duration::from_secs(300));
+    let text = console(&vm);
+    drop(vm);
+    let total = started.elapsed().as_secs_f64();
+    assert!(text.contains("LAYOUTS END"), "{text}");
+    assert!(!text.contains("FAILED"), "{text}");
+
+    let expect = |name: &str, lines: &[&str], absent: &[&str]| {
+        let part = section(&text, name);
+        for line in lines {
+            assert!(part.contains(line), "{name}: no `{line}` in\n{part}");
+        }
+        for line in absent {
+            assert!(!part.contains(line), "{name}: `{line}` should not be in\n{part}");
+        }
+    };
+    // RAID 0: /boot mirrored on all four, the stripe over all four.
+    expect(
+        "lvm_raid0",
+        &[
+            "CHECK md0 level=raid1 members=vda2 vdb2 vdc2 vdd2",
+            "CHECK md1 level=raid0 members=vda3 vdb3 vdc3 vdd3",
+            "CHECK lv /dev/vg0/root",
+        ],
+        &["CHECK md2"],
+    );
+    // RAID 10 over both pairs, near=2.
+    expect(
+        "lvm_raid10",
+        &[
+            "CHECK md0 level=raid1 members=vda2 vdb2 vdc2 vdd2",
+            "CHECK md1 level=raid10 members=vda3 vdb3 vdc3 vdd3",
+            "near=2",
+            "CHECK lv /dev/vg0/root",
+        ],
+        &["CHECK md2"],
+    );
+    // RAID10S: the OS on RAID 1 over the small pair (vdb, vdd), the data
+    // volume on RAID 10 over the big pair (vda, vdc), which have no boot
+    // partitions.
+    expect(
+        "lvm_raid10s",
+        &[
+            "CHECK md0 level=raid1 members=vdb2 vdd2",
+            "CHECK md1 level=raid1 members=vdb3 vdd3",
+            "CHECK md2 level=raid10 members=vda1 vdc1",
+            "CHECK lv /dev/vg0/root",
+            "CHECK lv /dev/vgdata/data",
+            "CHECK parts vda: vda1 \n",
+            "CHECK parts vdb: vdb1 vdb2 vdb3 \n",
+        ],
+        &[],
+    );
+    // HBA: the OS on the smallest disk, no arrays, the others untouched.
+    expect(
+        "lvm_hba",
+        &[
+            "plan: disk /dev/vdb (4.0 GiB)",
+            "CHECK lv /dev/vg0/root",
+            "CHECK parts vdb: vdb1 vdb2 vdb3 \n",
+        ],
+        &[
+            "CHECK md",
+            "plan: disk /dev/vda",
+            "plan: disk /dev/vdc",
+            "plan: disk /dev/vdd",
+        ],
+    );
+    assert!(text.contains("UNTOUCHED hba: vda vdc vdd"), "{text}");
+    // flat on the operator's system disk (by serial), not the first.
+    expect(
+        "flat+system-disk",
+        &["plan: disk /dev/vdc (8.0 GiB)", "CHECK parts vdc: vdc1 vdc2 vdc3 \n"],
+        &["plan: disk /dev/vda", "plan: disk /dev/vdd"],
+    );
+    assert!(text.contains("UNTOUCHED flat: vda vdd"), "{text}");
+
+    let times: Vec<&str> = text.lines().filter(|l| l.starts_with("TIME ")).collect();
+    let uptime = |mark: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(mark)).unwrap();
+        line[mark.len()..].trim().parse().unwrap()
+    };
+    eprintln!(
+        "seed 001 layouts in QEMU: boot to script {boot_secs:.1} s; the layouts and checks {:.1} s ({}); total \
+         {total:.1} s",
+        uptime("LAYOUTS END") - uptime("LAYOUTS START"),
+        times.join(", ")
+    );
+}

@@ -184,6 +184,7 @@ fn plan_for(inv: &Inventory, image: &[u8]) -> DeployPlan {
         user_data_url: format!("{base}/user-data?token=t"),
         meta_data_url: format!("{base}/meta-data?token=t"),
         stage_url: format!("{base}/stages"),
+        system_disk: None,
     }
 }
 

@@ -39,7 +39,7 @@ fn flat_uses_the_first_disk_only() {
     let mut o = LayoutOptions::new(Firmware::Bios);
     o.swap_bytes = 4 * GIB;
     o.root = RootSource::Ext4;
-    let p = plan(StorageLayout::Flat, &[disk("nvme0n1", TB), disk("sda", TB)], false, &o).unwrap();
+    let p = plan(StorageLayout::Flat, &[disk("nvme0n1", TB), disk("sda", TB)], &o).unwrap();
     assert_eq!(p.disks.len(), 1);
     let parts: Vec<(&str, PartitionKind, u64)> = p.disks[0]
         .partitions
@@ -80,13 +80,7 @@ fn flat_uses_the_first_disk_only() {
 
 #[test]
 fn lvm_spans_every_disk() {
-    let p = plan(
-        StorageLayout::Lvm,
-        &[disk("sda", TB), disk("sdb", 2 * TB)],
-        false,
-        &uefi(),
-    )
-    .unwrap();
+    let p = plan(StorageLayout::Lvm, &[disk("sda", TB), disk("sdb", 2 * TB)], &uefi()).unwrap();
     assert_eq!(p.disks[0].partitions.len(), 3);
     assert_eq!(p.disks[1].partitions.len(), 1, "a single PV partition on the others");
     let vg = p.volume_group.as_ref().unwrap();
@@ -95,9 +89,186 @@ fn lvm_spans_every_disk() {
     assert_eq!(p.root_device, "/dev/vg0/root");
     assert_eq!(p.root_bytes, vg.size_bytes, "root takes it all");
     assert_eq!(p.filesystems[0].mountpoint.as_deref(), Some("/boot/efi"));
-    // lvm_hba plans the same, given a controller.
-    let hba = plan(StorageLayout::LvmHba, &[disk("sda", TB)], true, &uefi()).unwrap();
-    assert_eq!(hba.volume_group.unwrap().physical_volumes, ["/dev/sda3"]);
+}
+
+/// Every argument of every command that names a device under `/dev/`.
+fn devices_named(plan: &LayoutPlan) -> BTreeSet<String> {
+    plan.commands
+        .iter()
+        .flat_map(|c| c.argv.iter().filter(|a| a.starts_with("/dev/")).cloned())
+        .collect()
+}
+
+#[test]
+fn hba_puts_the_os_on_the_smallest_disk_and_names_no_other() {
+    let set = [
+        disk("sda", 2 * TB),
+        disk("sdb", 480 * GIB),
+        disk("sdc", 480 * GIB),
+        disk("nvme0n1", 960 * GIB),
+    ];
+    let p = plan(StorageLayout::LvmHba, &set, &uefi()).unwrap();
+    // The smallest; of two equal, the first.
+    assert_eq!(p.disks.len(), 1);
+    assert_eq!(p.disks[0].name, "sdb");
+    let kinds: Vec<PartitionKind> = p.disks[0].partitions.iter().map(|q| q.kind).collect();
+    assert_eq!(kinds, [PartitionKind::Esp, PartitionKind::Boot, PartitionKind::Lvm]);
+    assert_eq!(p.volume_group.as_ref().unwrap().physical_volumes, ["/dev/sdb3"]);
+    assert_eq!(p.root_device, "/dev/vg0/root");
+    // Nothing but sdb is named, and nothing global (stopping every old md
+    // array or volume group) runs: the other disks stay as they were.
+    assert!(
+        devices_named(&p)
+            .iter()
+            .all(|d| d.starts_with("/dev/sdb") || d.starts_with("/dev/vg0/")),
+        "{:?}",
+        devices_named(&p)
+    );
+    assert!(
+        p.commands
+            .iter()
+            .all(|c| !c.may_fail && c.argv[0] != "vgchange" && c.argv[0] != "mdadm"),
+        "{:?}",
+        argvs(&p)
+    );
+    assert_eq!(p.boot_disks().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["sdb"]);
+
+    // The operator's system disk wins, by serial or by WWN.
+    let mut o = uefi();
+    o.system_disk = Some("SN-nvme0n1".into());
+    assert_eq!(plan(StorageLayout::LvmHba, &set, &o).unwrap().disks[0].name, "nvme0n1");
+    let mut wwn = set.to_vec();
+    wwn[0].by_id = Some("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4".into());
+    o.system_disk = Some("0x5000C500A1B2C3D4".into());
+    assert_eq!(plan(StorageLayout::LvmHba, &wwn, &o).unwrap().disks[0].name, "sda");
+    // One the machine does not have is refused, saying what it has.
+    o.system_disk = Some("SN-gone".into());
+    let e = plan(StorageLayout::LvmHba, &set, &o).unwrap_err();
+    assert!(matches!(e, PlanError::Rule(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("system disk SN-gone, which the machine does not have; it has 4 disks: sda 1.8 TiB, sdb 480 GiB"),
+        "{e}"
+    );
+    // One disk is not what seed 001 sells as HBA.
+    let e = plan(StorageLayout::LvmHba, &set[..1], &uefi()).unwrap_err();
+    assert!(e.to_string().contains("needs at least 2 disks"), "{e}");
+}
+
+#[test]
+fn flat_takes_the_system_disk_when_one_is_named() {
+    let set = [disk("sda", TB), disk("sdb", 2 * TB)];
+    let mut o = uefi();
+    o.system_disk = Some("sn-sdb".into());
+    let p = plan(StorageLayout::Flat, &set, &o).unwrap();
+    assert_eq!(p.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["sdb"]);
+    assert!(devices_named(&p).iter().all(|d| d.starts_with("/dev/sdb")));
+    // Layouts over every disk ignore it.
+    let p = plan(StorageLayout::Lvm, &set, &o).unwrap();
+    assert_eq!(p.disks.len(), 2);
+}
+
+#[test]
+fn raid10s_mirrors_the_smallest_pair_for_the_os_and_stripes_the_other_pairs() {
+    // Two small and two big disks, mixed up.
+    let set = [
+        disk("sda", 4 * TB),
+        disk("sdb", 480 * GIB),
+        disk("sdc", 4 * TB),
+        disk("sdd", 480 * GIB),
+    ];
+    let p = plan(StorageLayout::LvmRaid10s, &set, &uefi()).unwrap();
+    let arrays: Vec<(&str, &str, RaidLevel, Vec<&str>)> = p
+        .arrays
+        .iter()
+        .map(|a| {
+            (
+                a.device.as_str(),
+                a.name.as_str(),
+                a.level,
+                a.members.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        arrays,
+        [
+            ("/dev/md0", "boot", RaidLevel::Raid1, vec!["/dev/sdb2", "/dev/sdd2"]),
+            ("/dev/md1", "pv0", RaidLevel::Raid1, vec!["/dev/sdb3", "/dev/sdd3"]),
+            ("/dev/md2", "data", RaidLevel::Raid10, vec!["/dev/sda1", "/dev/sdc1"]),
+        ]
+    );
+    // The OS: vg0 on the small mirror only.
+    assert_eq!(p.volume_group.as_ref().unwrap().physical_volumes, ["/dev/md1"]);
+    assert_eq!(p.root_device, "/dev/vg0/root");
+    assert!(p.root_bytes < 480 * GIB);
+    // The data: its own volume group on the big disks' RAID 10.
+    let data = p.data_volume.as_ref().unwrap();
+    assert_eq!(data.volume_group.name, "vgdata");
+    assert_eq!(data.volume_group.physical_volumes, ["/dev/md2"]);
+    assert!(data.volume_group.size_bytes > 4 * TB - 2 * GIB && data.volume_group.size_bytes < 4 * TB);
+    // Boot partitions and ESPs on the OS pair only; one member on the others.
+    assert_eq!(
+        p.boot_disks().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+        ["sdb", "sdd"]
+    );
+    for name in ["sda", "sdc"] {
+        let d = p.disks.iter().find(|d| d.name == name).unwrap();
+        assert_eq!(d.partitions.len(), 1);
+        assert_eq!(d.partitions[0].kind, PartitionKind::Raid);
+    }
+    let mounts: Vec<(&str, Option<&str>)> = p
+        .filesystems
+        .iter()
+        .map(|f| (f.device.as_str(), f.mountpoint.as_deref()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("/dev/sdb1", Some("/boot/efi")),
+            ("/dev/sdd1", None),
+            ("/dev/md0", Some("/boot")),
+            ("/dev/vgdata/data", Some("/data")),
+        ]
+    );
+    let commands = argvs(&p);
+    for expected in [
+        "mdadm --create /dev/md2 --run --name=data --metadata=1.2 --level=10 --raid-devices=2 --layout=n2 \
+         /dev/sda1 /dev/sdc1",
+        "pvcreate --yes /dev/md2",
+        "vgcreate --yes vgdata /dev/md2",
+        "lvcreate --yes --wipesignatures=y --zero=y --name=data --extents=100%FREE vgdata",
+        "mkfs.ext4 -F -q -L data /dev/vgdata/data",
+    ] {
+        assert!(
+            commands.iter().any(|c| c == expected),
+            "no `{expected}` in {commands:#?}"
+        );
+    }
+    assert!(p.to_string().contains("vg vgdata on /dev/md2"), "{p}");
+
+    // Three pairs: RAID 10 over the four bigger disks, pair by pair.
+    let mut six = set.to_vec();
+    six.push(disk("sde", 4 * TB + 10 * GIB));
+    six.push(disk("sdf", 4 * TB + 10 * GIB));
+    let p = plan(StorageLayout::LvmRaid10s, &six, &uefi()).unwrap();
+    assert_eq!(
+        p.arrays[2].members,
+        ["/dev/sda1", "/dev/sdc1", "/dev/sde1", "/dev/sdf1"]
+    );
+    // Unequal pairs are refused as for any mirror.
+    let e = plan(
+        StorageLayout::LvmRaid10s,
+        &[
+            disk("sda", 480 * GIB),
+            disk("sdb", 960 * GIB),
+            disk("sdc", TB),
+            disk("sdd", TB),
+        ],
+        &uefi(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, PlanError::UnequalPair { .. }), "{e}");
 }
 
 #[test]
@@ -109,7 +280,7 @@ fn raid1_mirrors_pairs_of_equal_disks() {
         disk("sdc", TB),
         disk("sdd", 2 * TB),
     ];
-    let p = plan(StorageLayout::LvmRaid1, &set, false, &uefi()).unwrap();
+    let p = plan(StorageLayout::LvmRaid1, &set, &uefi()).unwrap();
     let arrays: Vec<(&str, RaidLevel, Vec<&str>)> = p
         .arrays
         .iter()
@@ -152,12 +323,12 @@ fn raid1_mirrors_pairs_of_equal_disks() {
 fn raid1_pairs_of_nearly_equal_disks_use_the_smaller() {
     // 960 GB and 1 TB differ by 4%: refused at 3%, planned at 5%.
     let set = [disk("sda", 960_000_000_000), disk("sdb", TB)];
-    let e = plan(StorageLayout::LvmRaid1, &set, false, &uefi()).unwrap_err();
+    let e = plan(StorageLayout::LvmRaid1, &set, &uefi()).unwrap_err();
     assert!(matches!(e, PlanError::UnequalPair { ref small, ref large, .. } if small == "sda" && large == "sdb"));
     assert!(e.to_string().contains("differ by 4.0%, more than 3%"), "{e}");
     let mut o = uefi();
     o.pair_tolerance_percent = 5;
-    let p = plan(StorageLayout::LvmRaid1, &set, false, &o).unwrap();
+    let p = plan(StorageLayout::LvmRaid1, &set, &o).unwrap();
     let sizes: Vec<u64> = p.disks.iter().map(|d| d.partitions[2].size_bytes).collect();
     assert_eq!(sizes[0], sizes[1], "both members as large as the smaller disk's room");
 }
@@ -166,7 +337,7 @@ fn raid1_pairs_of_nearly_equal_disks_use_the_smaller() {
 fn raid10_with_spare_picks_the_odd_disk_as_spare() {
     let mut set = disks(4, 2 * TB);
     set.insert(2, disk("sdx", 4 * TB));
-    let p = plan(StorageLayout::LvmRaid10s, &set, false, &uefi()).unwrap();
+    let p = plan(StorageLayout::LvmRaid10Spare, &set, &uefi()).unwrap();
     let spare: Vec<&str> = p.disks.iter().filter(|d| d.spare).map(|d| d.name.as_str()).collect();
     assert_eq!(spare, ["sdx"]);
     let data = &p.arrays[1];
@@ -194,7 +365,6 @@ fn raid0_stripes_unequal_disks_whole() {
     let p = plan(
         StorageLayout::LvmRaid0,
         &[disk("sda", TB), disk("sdb", 2 * TB)],
-        false,
         &uefi(),
     )
     .unwrap();
@@ -213,12 +383,18 @@ fn refusals_say_why() {
             StorageLayout::Flat,
             vec![],
             false,
-            "flat needs at least 1 disks, the machine has 0",
+            "flat needs at least 1 disk; the machine has no disks",
         ),
         (StorageLayout::LvmRaid1, disks(3, TB), false, "needs disks in pairs"),
-        (StorageLayout::LvmRaid10, disks(2, TB), false, "at least 4 disks"),
-        (StorageLayout::LvmRaid10s, disks(6, TB), false, "plus one spare"),
-        (StorageLayout::LvmHba, disks(1, TB), false, "hardware RAID controller"),
+        (StorageLayout::LvmRaid10, disks(2, TB), false, "at least 4"),
+        (
+            StorageLayout::LvmRaid10s,
+            disks(3, TB),
+            false,
+            "RAID 1 on the smallest pair",
+        ),
+        (StorageLayout::LvmRaid10Spare, disks(6, TB), false, "plus one spare"),
+        (StorageLayout::LvmHba, disks(1, TB), false, "at least 2 disks"),
         (
             StorageLayout::Flat,
             vec![disk("sda", 3 * GIB)],
@@ -244,8 +420,8 @@ fn refusals_say_why() {
             "sda is listed twice",
         ),
     ];
-    for (layout, set, hba, says) in cases {
-        let e = plan(layout, &set, hba, &o).unwrap_err().to_string();
+    for (layout, set, _, says) in cases {
+        let e = plan(layout, &set, &o).unwrap_err().to_string();
         assert!(
             e.contains(says),
             "{layout} on {} disks: `{e}` does not say `{says}`",
@@ -254,7 +430,7 @@ fn refusals_say_why() {
     }
     let mut big_root = uefi();
     big_root.root_bytes = Some(2048 * GIB);
-    let e = plan(StorageLayout::Lvm, &disks(1, TB), false, &big_root).unwrap_err();
+    let e = plan(StorageLayout::Lvm, &disks(1, TB), &big_root).unwrap_err();
     assert!(
         matches!(e, PlanError::RootTooSmall { needed_bytes, .. } if needed_bytes == 2048 * GIB),
         "{e}"
@@ -266,9 +442,7 @@ fn bad_options_are_refused() {
     let check = |f: &dyn Fn(&mut LayoutOptions), says: &str| {
         let mut o = uefi();
         f(&mut o);
-        let e = plan(StorageLayout::Lvm, &disks(1, TB), false, &o)
-            .unwrap_err()
-            .to_string();
+        let e = plan(StorageLayout::Lvm, &disks(1, TB), &o).unwrap_err().to_string();
         assert!(e.contains(says), "`{e}` does not say `{says}`");
     };
     check(&|o| o.esp_bytes = 100 * MIB, "too small for FAT32");
@@ -278,7 +452,7 @@ fn bad_options_are_refused() {
     // BIOS has no ESP, so its size does not matter.
     let mut o = LayoutOptions::new(Firmware::Bios);
     o.esp_bytes = 0;
-    assert!(plan(StorageLayout::Flat, &disks(1, TB), false, &o).is_ok());
+    assert!(plan(StorageLayout::Flat, &disks(1, TB), &o).is_ok());
 }
 
 /// The whole command list of one plan, as the executor will run it.
@@ -289,7 +463,6 @@ fn lvm_raid1_commands() {
     let p = plan(
         StorageLayout::LvmRaid1,
         &[disk("vda", 20 * GIB), disk("vdb", 20 * GIB)],
-        false,
         &o,
     )
     .unwrap();
@@ -335,7 +508,7 @@ fn lvm_raid1_commands() {
 
 #[test]
 fn plans_serialize() {
-    let p = plan(StorageLayout::LvmRaid10, &disks(4, TB), false, &uefi()).unwrap();
+    let p = plan(StorageLayout::LvmRaid10, &disks(4, TB), &uefi()).unwrap();
     let json = serde_json::to_string(&p).unwrap();
     assert!(json.contains(r#""level":"raid10""#), "{json}");
     assert_eq!(serde_json::from_str::<LayoutPlan>(&json).unwrap(), p);
@@ -403,11 +576,11 @@ fn disk_of<'a>(plan: &'a LayoutPlan, device: &str) -> &'a str {
 fn the_generators_mostly_make_plannable_cases() {
     use proptest::strategy::ValueTree;
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let strategy = (arb_layout(), arb_disks(), prop::bool::ANY, arb_options());
+    let strategy = (arb_layout(), arb_disks(), arb_options());
     let mut planned = 0;
     for _ in 0..1000 {
-        let (layout, set, hba, o) = strategy.new_tree(&mut runner).unwrap().current();
-        planned += usize::from(plan(layout, &set, hba, &o).is_ok());
+        let (layout, set, o) = strategy.new_tree(&mut runner).unwrap().current();
+        planned += usize::from(plan(layout, &set, &o).is_ok());
     }
     assert!(planned > 300, "only {planned} of 1000 cases planned");
 }
@@ -416,9 +589,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn plans_keep_the_rules(layout in arb_layout(), set in arb_disks(), hba in prop::bool::ANY, o in arb_options()) {
-        let rule_ok = layout.check(set.len(), hba).is_ok();
-        let result = plan(layout, &set, hba, &o);
+    fn plans_keep_the_rules(layout in arb_layout(), set in arb_disks(), o in arb_options(), system in prop::option::of(0usize..10)) {
+        // Sometimes a system disk: one of the set's (by serial), or one
+        // it does not have.
+        let mut o = o;
+        o.system_disk = system.map(|i| set.get(i).map_or("SN-gone".into(), |d| format!("SN-{}", d.name)));
+        let rule_ok = layout.check_shape(&set, o.system_disk.as_deref()).is_ok();
+        let result = plan(layout, &set, &o);
         let p = match result {
             Err(e) => {
                 // Refused: with a reason, and always when the rule says no.
@@ -432,10 +609,16 @@ proptest! {
         };
         prop_assert!(rule_ok, "planned what the rule refuses");
 
-        // Disks: flat uses the first; every other layout all of them.
+        // Disks: flat uses the system disk or the first, lvm_hba the system
+        // disk or the smallest (the first of equals); every other layout
+        // all of them.
         let used: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
+        let named = o.system_disk.as_deref().and_then(|id| set.iter().find(|d| d.is_known_as(id)));
         if layout == StorageLayout::Flat {
-            prop_assert_eq!(used, vec![set[0].name.as_str()]);
+            prop_assert_eq!(used, vec![named.unwrap_or(&set[0]).name.as_str()]);
+        } else if layout == StorageLayout::LvmHba {
+            let smallest = set.iter().enumerate().min_by_key(|(i, d)| (d.size_bytes, *i)).unwrap().1;
+            prop_assert_eq!(used, vec![named.unwrap_or(smallest).name.as_str()]);
         } else {
             prop_assert_eq!(used.iter().copied().collect::<BTreeSet<_>>(), set.iter().map(|d| d.name.as_str()).collect::<BTreeSet<_>>());
         }
@@ -492,6 +675,7 @@ proptest! {
         let planned: BTreeSet<String> = p.disks.iter().flat_map(|d| std::iter::once(d.device.clone()).chain(d.partitions.iter().map(|q| q.device.clone())))
             .chain(p.arrays.iter().map(|a| a.device.clone()))
             .chain(p.logical_volumes.iter().map(|l| l.device.clone()))
+            .chain(p.data_volume.iter().map(|d| d.logical_volume.device.clone()))
             .collect();
         for c in &p.commands {
             for arg in c.argv.iter().filter(|a| a.starts_with("/dev/")) {
@@ -502,6 +686,20 @@ proptest! {
             let device = format!("/dev/{}", other.name);
             let named = p.commands.iter().any(|c| c.argv.iter().any(|a| a.starts_with(&device)));
             prop_assert!(!named, "a command names {}, which the plan does not use", device);
+        }
+        // A layout that leaves disks alone runs nothing that reaches past
+        // its own disk (stopping every md array or volume group).
+        if layout.rule().one_disk {
+            prop_assert!(p.commands.iter().all(|c| !c.may_fail), "{:?}", p.commands);
+        }
+        // The bootloader goes only where there is a boot partition, and
+        // there is one on every disk of every layout but lvm_raid10s's
+        // data disks.
+        let boot = p.boot_disks().count();
+        if layout == StorageLayout::LvmRaid10s {
+            prop_assert_eq!(boot, 2);
+        } else if layout != StorageLayout::Lvm {
+            prop_assert_eq!(boot, p.disks.len());
         }
         // Each new partition and array is wiped before anything uses it
         // (creating the array is not using it).

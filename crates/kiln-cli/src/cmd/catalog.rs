@@ -337,8 +337,8 @@ pub async fn layouts(ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             if r.spare {
                 need.push_str(", + 1 spare");
             }
-            if r.needs_hba {
-                need.push_str(", hardware RAID");
+            if r.one_disk {
+                need.push_str(", OS on one (the system disk)");
             }
             vec![l.name.to_string(), need, l.description.clone()]
         })

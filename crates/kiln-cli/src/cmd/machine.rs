@@ -464,6 +464,10 @@ pub struct EditArgs {
     bmc: BmcArgs,
     #[command(flatten)]
     boot: BootArgs,
+    /// The disk `flat` and `lvm_hba` put the OS on, by serial or WWN (`-`
+    /// for none: the layout's default, the first or the smallest disk).
+    #[arg(long, value_name = "SERIAL|WWN")]
+    system_disk: Option<String>,
 }
 
 fn dash_none(v: Option<String>) -> Option<Option<String>> {
@@ -622,6 +626,7 @@ pub async fn run(c: MachineCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> 
                 hardware: None,
                 firmware: a.boot.firmware(current.as_ref())?,
                 boot_policy: a.boot.boot_policy,
+                system_disk: dash_none(a.system_disk),
             };
             let m = client.update_machine(&a.host, &patch).await?;
             show(&m, out)
@@ -828,6 +833,7 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
             ("firmware", firmware_text(m)),
             ("boot policy", m.boot_policy.to_string()),
             ("os", installed_os_text(m)),
+            ("system disk", opt(&m.system_disk)),
             ("updated", m.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
         ],
     )

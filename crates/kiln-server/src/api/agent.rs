@@ -97,6 +97,7 @@ pub async fn plan(
         user_data_url: files("user-data"),
         meta_data_url: files("meta-data"),
         stage_url: format!("{base}/api/v1/jobs/{id}/stages"),
+        system_disk: machine.system_disk.clone(),
     }))
 }
 

@@ -226,6 +226,9 @@ api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
         insecure: false,
         ca_cert: None,
     });
+    // The operator's system disk travels in the plan (lvm_raid1 does not
+    // use it; the agent decides that).
+    m.system_disk = Some(format!("{serial}-vdb"));
     admin.create_machine(&m).await.unwrap();
     let job = admin
         .reimage(
@@ -262,6 +265,7 @@ api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
     let plan = agent.deploy_plan(&id).await.unwrap();
     assert_eq!(plan.hostname.as_str(), "web10");
     assert_eq!(plan.layout, StorageLayout::LvmRaid1);
+    assert_eq!(plan.system_disk, Some(format!("{serial}-vdb")));
     assert_eq!(plan.image.format, ImageFormat::RawZstd);
     assert_eq!(plan.image.sha256, sha);
     assert!(

@@ -82,14 +82,16 @@ api_test!(offer_lists_what_fits, |srv| {
             StorageLayout::Flat,
             StorageLayout::Lvm,
             StorageLayout::LvmRaid0,
-            StorageLayout::LvmRaid1
+            StorageLayout::LvmRaid1,
+            // Two disks: the OS on one, the other left alone.
+            StorageLayout::LvmHba
         ]
     );
     // Tenants may read the catalog but not change it.
     let t = srv.client(Some(&tenant.token));
     assert_eq!(t.list_os_images().await.unwrap().len(), 5);
     assert_eq!(t.delete_os_image("plain-1").await.unwrap_err().status(), Some(403));
-    assert_eq!(t.list_layouts().await.unwrap().len(), 7);
+    assert_eq!(t.list_layouts().await.unwrap().len(), 8);
 });
 
 api_test!(catalog_validation, |srv| {

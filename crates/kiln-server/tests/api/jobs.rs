@@ -505,6 +505,30 @@ api_test!(reimage_requests_are_checked_before_a_job_exists, |srv| {
     let e = admin.reimage("web3", &req).await.unwrap_err();
     assert_eq!(e.status(), Some(400));
     assert!(e.to_string().contains("lvm_raid10"), "{e}");
+    // A system disk the machine does not have: refused for the layouts
+    // that put the OS on it, saying which disks it has.
+    let set_disk = |d: Option<&str>| MachinePatch {
+        system_disk: Some(d.map(String::from)),
+        ..Default::default()
+    };
+    let m = admin.update_machine("web3", &set_disk(Some("SN-GONE"))).await.unwrap();
+    assert_eq!(m.system_disk.as_deref(), Some("SN-GONE"));
+    let mut req = request();
+    req.layout = Some(StorageLayout::LvmHba);
+    let e = admin.reimage("web3", &req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(
+        e.to_string()
+            .contains("system disk SN-GONE, which the machine does not have; it has 2 disks: vda 100 GiB, vdb 100 GiB"),
+        "{e}"
+    );
+    // A name that is no serial or WWN is refused when set; cleared, the
+    // layout's default (the smallest disk) is used and the check passes
+    // that point.
+    let e = admin.update_machine("web3", &set_disk(Some("a\nb"))).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let m = admin.update_machine("web3", &set_disk(None)).await.unwrap();
+    assert_eq!(m.system_disk, None);
     let mut req = request();
     req.os = "nope".into();
     assert_eq!(admin.reimage("web3", &req).await.unwrap_err().status(), Some(404));
