@@ -447,7 +447,7 @@ pub(crate) fn get_bool(row: &AnyRow, col: &str) -> Result<bool> {
 
 /// The machine with id or hostname `key`, visible in `scope` (a tenant's
 /// machines only, when given).
-async fn load(
+pub(crate) async fn load(
     conn: &mut AnyConnection,
     backend: Backend,
     key: &str,
