@@ -438,7 +438,11 @@ fn configure(
 /// a `CIDATA` filesystem beside a whole-disk image.
 fn fetch_seed(server: &mut dyn ControlPlane, plan: &DeployPlan) -> Result<Vec<(&'static str, String)>, DeployError> {
     let mut files = vec![];
-    for (name, url) in [("user-data", &plan.user_data_url), ("meta-data", &plan.meta_data_url)] {
+    let network = plan.network_config_url.as_ref().map(|url| ("network-config", url));
+    for (name, url) in [("user-data", &plan.user_data_url), ("meta-data", &plan.meta_data_url)]
+        .into_iter()
+        .chain(network)
+    {
         let text = fetch_text(server, url).map_err(|e| DeployError(format!("fetching the {name} seed: {e}")))?;
         files.push((name, text));
     }

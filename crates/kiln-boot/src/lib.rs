@@ -8,6 +8,8 @@
 //! turns a plaintext root password into the `$6$` hash they take.
 //! `installer` is what an installer image net-boots: its kernel, initrd and
 //! the command line that points it at the job's preseed or kickstart.
+//! `network` renders a machine's interfaces, bonds and VLANs as cloud-init
+//! network-config and the installers' static network settings.
 //! `dhcp` and `tftp` are the protocols' codecs and decisions, without sockets.
 //!
 //! The DHCP, TFTP and HTTP listeners (issue 3, in progress) are thin I/O
@@ -18,6 +20,7 @@ pub mod dhcp;
 pub mod firmware;
 pub mod installer;
 pub mod ipxe;
+pub mod network;
 pub mod password;
 pub mod templates;
 pub mod tftp;

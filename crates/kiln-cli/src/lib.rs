@@ -74,6 +74,13 @@ pub enum Command {
     Task(cmd::catalog::TaskCmd),
     /// Storage layouts and the disks each needs.
     Layouts,
+    /// Subnets: add, list, show, edit, remove.
+    #[command(subcommand)]
+    Subnet(cmd::network::SubnetCmd),
+    /// A machine's network (interfaces, bonds, VLANs, addresses): show,
+    /// set, and the cloud-init network-config it renders to.
+    #[command(subcommand)]
+    Network(cmd::network::NetworkCmd),
     /// Sites.
     #[command(subcommand)]
     Site(cmd::org::SiteCmd),
@@ -327,6 +334,8 @@ pub async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Res
         Command::Os(c) => cmd::catalog::run_os(c, ctx, out).await,
         Command::Task(c) => cmd::catalog::run_task(c, ctx, out).await,
         Command::Layouts => cmd::catalog::layouts(ctx, out).await,
+        Command::Subnet(c) => cmd::network::run_subnet(c, ctx, out).await,
+        Command::Network(c) => cmd::network::run_network(c, ctx, out).await,
         Command::Site(c) => cmd::org::run_site(c, ctx, out).await,
         Command::Rack(c) => cmd::org::run_rack(c, ctx, out).await,
         Command::Tenant(c) => cmd::org::run_tenant(c, ctx, out).await,

@@ -17,6 +17,7 @@ use kiln_types::job::{
     Job, JobDetail, JobFilter, JobLogEntry, ReimageRequest, RetryRequest, Rollout, RolloutRequest, StageReport,
 };
 use kiln_types::machine::{Machine, MachineBulkCreate, MachineCreate, MachineFilter, MachineOffer, MachinePatch};
+use kiln_types::network::{MachineNetwork, Subnet, SubnetCreate, SubnetDetail, SubnetPatch};
 use kiln_types::page::Page;
 use kiln_types::power::{
     BmcCheck, BootDeviceRequest, BootDeviceResult, PowerAction, PowerRequest, PowerResult, PowerStatus,
@@ -384,6 +385,61 @@ impl Client {
     pub async fn revoke_token(&self, key: &str) -> Result<TokenInfo> {
         self.call::<(), (), _>(Method::DELETE, &format!("/api/v1/tokens/{}", seg(key)), None, None)
             .await
+    }
+
+    // ---- network ----
+
+    pub async fn create_subnet(&self, new: &SubnetCreate) -> Result<Subnet> {
+        self.post("/api/v1/subnets", new).await
+    }
+
+    pub async fn list_subnets(&self) -> Result<Vec<Subnet>> {
+        self.get("/api/v1/subnets").await
+    }
+
+    pub async fn get_subnet(&self, key: &str) -> Result<SubnetDetail> {
+        self.get(&format!("/api/v1/subnets/{}", seg(key))).await
+    }
+
+    pub async fn update_subnet(&self, key: &str, patch: &SubnetPatch) -> Result<Subnet> {
+        self.call::<_, (), _>(
+            Method::PATCH,
+            &format!("/api/v1/subnets/{}", seg(key)),
+            None,
+            Some(patch),
+        )
+        .await
+    }
+
+    pub async fn delete_subnet(&self, key: &str) -> Result<()> {
+        self.delete_q::<()>(&format!("/api/v1/subnets/{}", seg(key)), None)
+            .await
+    }
+
+    pub async fn machine_network(&self, key: &str) -> Result<MachineNetwork> {
+        self.get(&format!("/api/v1/machines/{}/network", seg(key))).await
+    }
+
+    /// Replaces the machine's network; the answer has every static address.
+    pub async fn set_machine_network(&self, key: &str, net: &MachineNetwork) -> Result<MachineNetwork> {
+        self.call::<_, (), _>(
+            Method::PUT,
+            &format!("/api/v1/machines/{}/network", seg(key)),
+            None,
+            Some(net),
+        )
+        .await
+    }
+
+    /// The cloud-init network-config (YAML) the machine's new OS gets.
+    pub async fn machine_network_config(&self, key: &str) -> Result<String> {
+        self.call_text::<(), ()>(
+            Method::GET,
+            &format!("/api/v1/machines/{}/network-config", seg(key)),
+            None,
+            None,
+        )
+        .await
     }
 
     // ---- catalog ----

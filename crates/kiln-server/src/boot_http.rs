@@ -297,6 +297,9 @@ pub async fn explain(
     }))
 }
 
+/// The job file that is the machine's network-config (not a template).
+const NETWORK_CONFIG: &str = "network-config";
+
 /// `?token=` of `/boot/job/…`: installers fetch `preseed/url=` and `ks=`
 /// without headers, so the job token rides in the query (the request log
 /// records paths only).
@@ -306,10 +309,11 @@ pub struct JobFileQuery {
     token: Option<String>,
 }
 
-/// `GET /boot/job/{id}/{preseed|kickstart|user-data|meta-data|ignition}?token=…`:
+/// `GET /boot/job/{id}/{preseed|kickstart|user-data|meta-data|ignition|network-config}?token=…`:
 /// the installer file of a running reimage, rendered from its OS image's
-/// template (or kiln's built-in one) with the machine and the job. Only with
-/// the job's token, only while the job runs.
+/// template (or kiln's built-in one) with the machine and the job, or the
+/// machine's network-config from the inventory. Only with the job's token,
+/// only while the job runs.
 pub async fn job_file(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -317,12 +321,13 @@ pub async fn job_file(
     Query(q): Query<JobFileQuery>,
 ) -> Response {
     use kiln_boot::templates::{InstallPlan, TemplateContext, TemplateKind};
-    let Some(kind) = TemplateKind::parse(&file) else {
+    let kind = TemplateKind::parse(&file);
+    if kind.is_none() && file != NETWORK_CONFIG {
         return text(
             StatusCode::NOT_FOUND,
-            "no such file: a job serves preseed, kickstart, user-data, meta-data and ignition\n".into(),
+            "no such file: a job serves preseed, kickstart, user-data, meta-data, ignition and network-config\n".into(),
         );
-    };
+    }
     let Ok(id) = id.parse::<kiln_types::JobId>() else {
         return text(StatusCode::NOT_FOUND, "no such job\n".into());
     };
@@ -354,6 +359,24 @@ pub async fn job_file(
         Ok(both) => both,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let (net, subnets) = match state.store.get_machine_network(machine.id).await {
+        Ok(n) => n,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(kind) = kind else {
+        return match kiln_boot::network::network_config(&net, &subnets) {
+            Some(body) => {
+                tracing::info!(job = %id, machine = %machine.hostname, file = NETWORK_CONFIG, "installer file");
+                text(StatusCode::OK, body)
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                format!("machine {} has no network in the inventory\n", machine.hostname),
+            ),
+        };
+    };
+    let boot_mac = machine.nics.first().map(|n| n.mac);
+    let install_net = kiln_boot::network::install_network(&net, &subnets, boot_mac);
     let plan = InstallPlan {
         job_id: id.to_string(),
         token: state.secrets.job_token(id),
@@ -366,6 +389,7 @@ pub async fn job_file(
     };
     let base = base_url(&state.boot, &headers);
     let rendered = TemplateContext::new(&machine, &image, &plan, &base).and_then(|ctx| {
+        let ctx = ctx.with_install_network(install_net);
         kiln_boot::templates::render(kind, image.templates.get(kind.as_str()).map(String::as_str), &ctx)
     });
     match rendered {

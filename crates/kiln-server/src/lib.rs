@@ -56,6 +56,9 @@ pub struct AppState {
     pub trusted_proxies: peer::TrustedProxies,
     /// Token lifetimes and the failed-authentication limit (`[auth]`).
     pub auth: std::sync::Arc<auth::AuthGuard>,
+    /// kiln's own DHCP pools (`[[dhcp.subnet]] pool`): no subnet's static
+    /// range or static address may meet them.
+    pub dhcp_pools: std::sync::Arc<Vec<kiln_types::network::DynamicPool>>,
 }
 
 /// Largest request body: a bulk import of `MAX_BULK` machines fits.
@@ -71,6 +74,8 @@ impl AppState {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
         let store = open_store(config).await?;
+        let dhcp_pools = kiln_boot::network::kiln_pools(config.dhcp.as_ref().map_or(&[][..], |d| &d.subnets));
+        check_subnets(&store, &dhcp_pools).await?;
         let secrets = SecretBox::load_or_create(&config.secret_key_file)?;
         let artifacts = config.artifacts_dir();
         std::fs::create_dir_all(&artifacts)
@@ -99,8 +104,31 @@ impl AppState {
             outbound,
             trusted_proxies: peer::TrustedProxies(std::sync::Arc::new(config.api.trusted_proxies.clone())),
             auth: std::sync::Arc::new(auth::AuthGuard::new(config.auth.clone())),
+            dhcp_pools: std::sync::Arc::new(dhcp_pools),
         })
     }
+}
+
+/// Refuses to start when a subnet in the inventory meets one of kiln's DHCP
+/// pools (the config changed since the subnet was checked): a dynamic
+/// lease could take a machine's static address.
+async fn check_subnets(store: &Store, pools: &[kiln_types::network::DynamicPool]) -> anyhow::Result<()> {
+    let mut why = vec![];
+    for subnet in store.list_subnets().await.context("cannot read the subnets")? {
+        why.extend(subnet.problems(pools));
+        for a in store.subnet_assignments(&subnet.id.to_string()).await? {
+            if let Some(e) = subnet.refuses_static(a.address, pools) {
+                why.push(format!("machine {} has {}, but {e}", a.hostname, a.address));
+            }
+        }
+    }
+    if !why.is_empty() {
+        anyhow::bail!(
+            "the inventory's subnets and [dhcp] do not agree: {}; change the [[dhcp.subnet]] pool or the subnet (kiln subnet edit)",
+            why.join("; ")
+        );
+    }
+    Ok(())
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<Store> {

@@ -116,6 +116,16 @@ pub const ROUTES: &[RoutePolicy] = &[
     },
     route("POST", "/api/v1/machines/{key}/bmc/check", OPERATOR, true),
     route("POST", "/api/v1/machines/{key}/discover", OPERATOR, true),
+    // Network: operators describe subnets and set each machine's links and
+    // addresses; a tenant reads its own machine's.
+    route("GET", "/api/v1/machines/{key}/network", TENANT, true),
+    route("PUT", "/api/v1/machines/{key}/network", OPERATOR, true),
+    route("GET", "/api/v1/machines/{key}/network-config", TENANT, true),
+    route("POST", "/api/v1/subnets", OPERATOR, false),
+    route("GET", "/api/v1/subnets", OPERATOR, false),
+    route("GET", "/api/v1/subnets/{key}", OPERATOR, false),
+    route("PATCH", "/api/v1/subnets/{key}", OPERATOR, false),
+    route("DELETE", "/api/v1/subnets/{key}", OPERATOR, false),
     // Sites, racks, tenants, tokens.
     route("POST", "/api/v1/sites", OPERATOR, false),
     route("GET", "/api/v1/sites", OPERATOR, false),

@@ -20,6 +20,7 @@ mod events;
 mod jobs;
 mod leases;
 mod machines;
+mod network;
 mod org;
 mod ports;
 
@@ -38,6 +39,7 @@ pub use discovery::TokenUse;
 pub use jobs::{ArmRecord, JobControl, JobRecord, JobSave, LogLine, NewJob};
 pub use leases::{LeaseWrite, LoadedLeases};
 pub use machines::{NewMachine, SealedPassword};
+pub use network::Assignment;
 pub use org::TokenRecord;
 pub use ports::PortChange;
 

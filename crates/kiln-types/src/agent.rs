@@ -116,6 +116,11 @@ pub struct DeployPlan {
     /// the query; fetch them, do not print them).
     pub user_data_url: String,
     pub meta_data_url: String,
+    /// The seed's `network-config` (cloud-init v2), when the inventory has
+    /// a network for the machine; absent: the new OS keeps its default
+    /// (DHCP on its first NIC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config_url: Option<String>,
     /// POST `{stage_url}/{n}` with the job token to report stage `n`.
     pub stage_url: String,
     /// The machine's system disk (serial or WWN), for the layouts that put

@@ -83,3 +83,7 @@ uuid_id!(
     /// A job (a durable workflow instance).
     JobId
 );
+uuid_id!(
+    /// A subnet in the inventory.
+    SubnetId
+);

@@ -13,6 +13,7 @@ pub mod install;
 pub mod job;
 pub mod lease;
 pub mod machine;
+pub mod network;
 pub mod page;
 pub mod port;
 pub mod power;

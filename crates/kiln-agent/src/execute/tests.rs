@@ -43,6 +43,7 @@ impl ControlPlane for FakeServer {
             IMAGE_URL => self.image.clone(),
             u if u.contains("user-data") => b"#cloud-config\nhostname: web1\n".to_vec(),
             u if u.contains("meta-data") => b"instance-id: kiln-job\n".to_vec(),
+            u if u.contains("network-config") => b"version: 2\nethernets: {}\n".to_vec(),
             other => panic!("unexpected fetch {other}"),
         };
         let len = bytes.len() as u64;
@@ -183,6 +184,7 @@ fn plan_for(inv: &Inventory, image: &[u8]) -> DeployPlan {
         ],
         user_data_url: format!("{base}/user-data?token=t"),
         meta_data_url: format!("{base}/meta-data?token=t"),
+        network_config_url: Some(format!("{base}/network-config?token=t")),
         stage_url: format!("{base}/stages"),
         system_disk: None,
     }
@@ -303,6 +305,11 @@ fn a_deploy_reports_each_stage_and_leaves_a_bootable_layout() {
     );
     assert!(read("root/.ssh/authorized_keys").contains("ops@example.net"));
     assert!(read("var/lib/cloud/seed/nocloud/user-data").starts_with("#cloud-config"));
+    assert_eq!(
+        read("var/lib/cloud/seed/nocloud/network-config"),
+        "version: 2\nethernets: {}\n",
+        "the inventory's network goes beside user-data and meta-data"
+    );
     let mode = fs::metadata(root.join("var/lib/cloud/seed/nocloud/user-data"))
         .unwrap()
         .permissions()

@@ -195,6 +195,10 @@ pub struct MachineVars {
     pub owner: Option<String>,
     pub site: Option<String>,
     pub rack: Option<String>,
+    /// The install NIC's static IPv4 settings from the inventory's network
+    /// ([`crate::network::install_network`]); `none`: DHCP. Set with
+    /// [`TemplateContext::with_install_network`].
+    pub network: Option<crate::network::InstallNetwork>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -330,6 +334,7 @@ impl TemplateContext {
                 owner: machine.owner.clone(),
                 site: machine.site.clone(),
                 rack: machine.rack.clone(),
+                network: None,
             },
             os: OsVars {
                 name: os.name.clone(),
@@ -353,6 +358,14 @@ impl TemplateContext {
                 firstboot_script: FIRSTBOOT_SCRIPT,
             },
         })
+    }
+}
+
+impl TemplateContext {
+    /// The context with the install NIC's static settings (`None`: DHCP).
+    pub fn with_install_network(mut self, network: Option<crate::network::InstallNetwork>) -> Self {
+        self.machine.network = network;
+        self
     }
 }
 

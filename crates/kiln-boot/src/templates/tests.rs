@@ -789,3 +789,52 @@ fn firstboot_runs_the_script_reports_stage_5_then_calls_back() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
     assert!(!marker.exists());
 }
+
+/// The install NIC's static address from the inventory reaches d-i's netcfg
+/// (re-run by the early command, since d-i fetched the preseed over DHCP)
+/// and anaconda's `network` line; without one, both keep DHCP.
+#[test]
+fn installers_get_the_install_nics_static_address() {
+    let net = crate::network::InstallNetwork {
+        mac: "52:54:00:12:34:56".into(),
+        interface: "lan0".into(),
+        address: "10.0.0.7".into(),
+        prefix_len: 24,
+        netmask: "255.255.255.0".into(),
+        gateway: Some("10.0.0.1".into()),
+        nameservers: Some("10.0.0.53 10.0.0.54".into()),
+        nameservers_csv: Some("10.0.0.53,10.0.0.54".into()),
+    };
+    let p = bare();
+    let with = ctx(&p).with_install_network(Some(net));
+    let preseed = render(TemplateKind::Preseed, None, &with).unwrap();
+    let lines = preseed_lines(&preseed);
+    assert_eq!(directive(&lines, "netcfg/choose_interface"), Some("52:54:00:12:34:56"));
+    assert_eq!(directive(&lines, "netcfg/disable_autoconfig"), Some("true"));
+    assert_eq!(directive(&lines, "netcfg/get_ipaddress"), Some("10.0.0.7"));
+    assert_eq!(directive(&lines, "netcfg/get_netmask"), Some("255.255.255.0"));
+    assert_eq!(directive(&lines, "netcfg/get_gateway"), Some("10.0.0.1"));
+    assert_eq!(directive(&lines, "netcfg/get_nameservers"), Some("10.0.0.53 10.0.0.54"));
+    assert_eq!(directive(&lines, "netcfg/confirm_static"), Some("true"));
+    assert!(
+        directive(&lines, "preseed/early_command")
+            .unwrap()
+            .ends_with("; kill-all-dhcp; netcfg"),
+        "{preseed}"
+    );
+    let ks = render(TemplateKind::Kickstart, None, &with).unwrap();
+    let line = ks.lines().find(|l| l.starts_with("network ")).unwrap();
+    assert_eq!(
+        line,
+        "network --device='52:54:00:12:34:56' --bootproto=static --ip='10.0.0.7' --netmask='255.255.255.0' \
+         --gateway='10.0.0.1' --nameserver='10.0.0.53,10.0.0.54' --activate --onboot=yes --hostname='db1001.eqiad.example.net'"
+    );
+
+    let dhcp = render(TemplateKind::Preseed, None, &ctx(&p)).unwrap();
+    let lines = preseed_lines(&dhcp);
+    assert_eq!(directive(&lines, "netcfg/choose_interface"), Some("auto"));
+    assert!(directive(&lines, "netcfg/get_ipaddress").is_none());
+    assert!(!directive(&lines, "preseed/early_command").unwrap().contains("netcfg"));
+    let ks = render(TemplateKind::Kickstart, None, &ctx(&p)).unwrap();
+    assert!(ks.lines().any(|l| l.starts_with("network --bootproto=dhcp")), "{ks}");
+}

@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod demo;
 pub mod job;
 pub mod machine;
+pub mod network;
 pub mod org;
 pub mod power;
 pub mod ramdisk;

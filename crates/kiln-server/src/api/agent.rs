@@ -74,6 +74,7 @@ pub async fn plan(
     let hw = machine.hardware.as_ref();
     let dmi = hw.and_then(|h| h.dmi.as_ref());
     let files = |kind: &str| format!("{base}/boot/job/{id}/{kind}?token={token}");
+    let (net, _) = state.store.get_machine_network(machine.id).await?;
     Ok(Json(DeployPlan {
         job_id: id,
         hostname: spec.hostname.clone(),
@@ -96,6 +97,7 @@ pub async fn plan(
         ssh_keys: spec.ssh_keys,
         user_data_url: files("user-data"),
         meta_data_url: files("meta-data"),
+        network_config_url: (!net.is_empty()).then(|| files("network-config")),
         stage_url: format!("{base}/api/v1/jobs/{id}/stages"),
         system_disk: machine.system_disk.clone(),
     }))

@@ -8,6 +8,7 @@ mod events;
 pub mod extract;
 mod jobs;
 mod machines;
+mod network;
 mod org;
 mod power;
 mod rollouts;
@@ -40,6 +41,8 @@ pub use machines::MAX_BULK;
         jobs::report_stage, jobs::report_failure, jobs::events,
         agent::plan, agent::discovery,
         rollouts::create, rollouts::list, rollouts::get, rollouts::pause, rollouts::resume, rollouts::abort,
+        network::create_subnet, network::list_subnets, network::get_subnet, network::update_subnet, network::delete_subnet,
+        network::get_network, network::set_network, network::network_config,
     ),
     modifiers(&BearerAuth),
 )]
@@ -108,6 +111,21 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/machines/{key}/bootdev", put(power::bootdev))
         .route("/api/v1/machines/{key}/bmc/check", post(power::check))
         .route("/api/v1/machines/{key}/discover", post(power::discover))
+        .route(
+            "/api/v1/machines/{key}/network",
+            get(network::get_network).put(network::set_network),
+        )
+        .route("/api/v1/machines/{key}/network-config", get(network::network_config))
+        .route(
+            "/api/v1/subnets",
+            post(network::create_subnet).get(network::list_subnets),
+        )
+        .route(
+            "/api/v1/subnets/{key}",
+            get(network::get_subnet)
+                .patch(network::update_subnet)
+                .delete(network::delete_subnet),
+        )
         .route("/api/v1/sites", post(org::create_site).get(org::list_sites))
         .route("/api/v1/sites/{name}", delete(org::delete_site))
         .route("/api/v1/racks", post(org::create_rack).get(org::list_racks))

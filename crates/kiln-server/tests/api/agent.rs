@@ -230,6 +230,14 @@ api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
     // use it; the agent decides that).
     m.system_disk = Some(format!("{serial}-vdb"));
     admin.create_machine(&m).await.unwrap();
+    // The inventory's network for it: the plan points at its network-config.
+    let subnet =
+        serde_json::from_value(serde_json::json!({"name": "prod", "prefix": "10.0.0.0/24", "gateway": "10.0.0.1"}));
+    admin.create_subnet(&subnet.unwrap()).await.unwrap();
+    let net = serde_json::from_value(serde_json::json!({
+        "interfaces": [{"name": "eth0", "mac": mac, "addresses": [{"subnet": "prod", "default_route": true}]}]
+    }));
+    admin.set_machine_network("web10", &net.unwrap()).await.unwrap();
     let job = admin
         .reimage(
             "web10",
@@ -279,6 +287,16 @@ api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
         [format!("{serial}-vda"), format!("{serial}-vdb")]
     );
     assert!(plan.user_data_url.contains("/boot/job/") && plan.stage_url.ends_with("/stages"));
+    let network_config = plan.network_config_url.clone().expect("the machine has a network");
+    let yaml = reqwest::get(&network_config).await.unwrap().text().await.unwrap();
+    assert!(
+        yaml.contains(r#"macaddress: "52:54:00:ab:cd:10""#)
+            && yaml.contains(r#""10.0.0.2/24""#)
+            && yaml.contains(r#"via: "10.0.0.1""#),
+        "{yaml}"
+    );
+    let without_token = network_config.split('?').next().unwrap().to_string();
+    assert_eq!(reqwest::get(&without_token).await.unwrap().status(), 401);
     let e = srv.client(Some(&srv.admin_token)).deploy_plan(&id).await.unwrap_err();
     assert_eq!(e.status(), Some(401));
     admin.job_action(&id, "cancel").await.unwrap();

@@ -9,6 +9,7 @@ mod catalog;
 mod fleet;
 mod jobs;
 mod machines;
+mod network;
 mod openapi;
 mod policy;
 mod ports;

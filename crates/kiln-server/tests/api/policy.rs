@@ -162,7 +162,13 @@ impl World<'_> {
         let mut job = None;
         let mut path = r.path.to_string();
         if path.contains("/machines/{key}") {
-            path = path.replace("{key}", &self.machine().await);
+            let host = self.machine().await;
+            if path.ends_with("/network-config") {
+                let net =
+                    serde_json::from_value(json!({"interfaces": [{"name": "eth0", "addresses": [{"dhcp": "v4"}]}]}));
+                self.admin.set_machine_network(&host, &net.unwrap()).await.unwrap();
+            }
+            path = path.replace("{key}", &host);
         } else if path.contains("/jobs/{id}") {
             let id = self.job(path.ends_with("/retry")).await;
             job = Some(id);
@@ -214,6 +220,11 @@ impl World<'_> {
                     .create_task(&serde_json::from_value(task(&name)).unwrap())
                     .await
                     .map(|_| name),
+                "subnets" => self
+                    .admin
+                    .create_subnet(&serde_json::from_value(subnet(&name, n)).unwrap())
+                    .await
+                    .map(|_| name),
                 other => panic!("no fixture for /{other}/…: add one to World::call"),
             }
             .unwrap();
@@ -239,6 +250,11 @@ impl World<'_> {
             ("PATCH", "/api/v1/os-images/{key}") => Some(json!({"min_ram_bytes": 1 << 30})),
             ("POST", "/api/v1/tasks") => Some(task(&format!("task{n}"))),
             ("PATCH", "/api/v1/tasks/{key}") => Some(json!({"content": "echo edited\n"})),
+            ("POST", "/api/v1/subnets") => Some(subnet(&format!("sub{n}"), n)),
+            ("PATCH", "/api/v1/subnets/{key}") => Some(json!({"mtu": 9000})),
+            ("PUT", "/api/v1/machines/{key}/network") => {
+                Some(json!({"interfaces": [{"name": "eth0", "addresses": [{"dhcp": "v4"}]}]}))
+            }
             ("POST", "/api/v1/machines/{key}/reimage") => Some(json!({"os": "debian-12"})),
             ("POST", "/api/v1/jobs/{id}/retry") => Some(json!({})),
             ("POST", "/api/v1/jobs/{id}/stages/{n}") => Some(json!({"message": "base system installed"})),
@@ -311,6 +327,11 @@ fn os_image(name: &str) -> kiln_types::catalog::OsImageCreate {
         "source": "images/x.raw", "sha256": "ab".repeat(32)
     }))
     .unwrap()
+}
+
+/// A subnet of its own /24 (subnets may not overlap).
+fn subnet(name: &str, n: u32) -> Value {
+    json!({"name": name, "prefix": format!("10.{}.{}.0/24", 100 + n / 256, n % 256)})
 }
 
 fn task(name: &str) -> Value {
