@@ -665,6 +665,8 @@ store_test!(tokens_tenants_and_catalog, |store| {
         min_disk_bytes: 10 << 30,
         source: "http://mirror/debian-12.raw.zst".into(),
         sha256: Some("AB".repeat(32)),
+        format: None,
+        content: Default::default(),
         templates: Default::default(),
     };
     let created = store.create_os_image(&actor(), &img).await.unwrap();
