@@ -228,8 +228,45 @@ fn whole_disk_steps(
     server
         .report_stage(Stage::BASE_INSTALLED, &written)
         .map_err(fail("reporting stage 2"))?;
+    let configured = match finish_whole_disk(server, system, plan, &device) {
+        Ok(configured) => configured,
+        Err(e) => {
+            // The image is on the disk but has no seed: it must not boot
+            // (an OS without its configuration), so its boot code and both
+            // GPTs go, as after a failed write.
+            if let Err(z) = zero_ends(system, &device) {
+                eprintln!("kiln-agent: could not make {device} unbootable: {z}");
+            }
+            return Err(e);
+        }
+    };
+    server
+        .report_stage(Stage::CONFIGURED, &configured)
+        .map_err(fail("reporting stage 3"))?;
+    system.run(&argv(&["sync"])).map_err(fail("syncing"))?;
+    server
+        .report_stage(
+            Stage::FINISHING,
+            &format!("the image's own bootloader on {device}; rebooting"),
+        )
+        .map_err(fail("reporting stage 4"))?;
+    Ok(Deployed {
+        hostname: plan.hostname.to_string(),
+        root_device: device.clone(),
+        boot_disks: vec![device],
+    })
+}
 
-    // The partition table: backup to the disk's end, grow, add CIDATA.
+/// After a whole-disk image is written: the backup GPT to the disk's end,
+/// the last partition grown, `CIDATA` added and the seed written; the line
+/// stage 3 reports.
+fn finish_whole_disk(
+    server: &mut dyn ControlPlane,
+    system: &mut dyn System,
+    plan: &DeployPlan,
+    device: &str,
+) -> Result<String, DeployError> {
+    let device = device.to_string();
     system
         .run(&argv(&["sgdisk", "--move-second-header", &device]))
         .map_err(fail("moving the image's backup GPT to the disk's end"))?;
@@ -261,24 +298,10 @@ fn whole_disk_steps(
         .map_err(|e| DeployError(format!("syncing {device}: {e}")))?;
     drop(disk);
     let names: Vec<&str> = seed.iter().map(|(name, _)| *name).collect();
-    server
-        .report_stage(
-            Stage::CONFIGURED,
-            &format!("configured: {finish}, with the NoCloud seed ({})", names.join(", ")),
-        )
-        .map_err(fail("reporting stage 3"))?;
-    system.run(&argv(&["sync"])).map_err(fail("syncing"))?;
-    server
-        .report_stage(
-            Stage::FINISHING,
-            &format!("the image's own bootloader on {device}; rebooting"),
-        )
-        .map_err(fail("reporting stage 4"))?;
-    Ok(Deployed {
-        hostname: plan.hostname.to_string(),
-        root_device: device.clone(),
-        boot_disks: vec![device],
-    })
+    Ok(format!(
+        "configured: {finish}, with the NoCloud seed ({})",
+        names.join(", ")
+    ))
 }
 
 /// Streams the image onto `device` (the layout's root volume, or a whole

@@ -541,4 +541,8 @@ fn a_whole_disk_image_as_large_as_the_disk_fails_with_the_reason() {
     let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
     assert!(e.0.contains("no room") && e.0.contains("CIDATA"), "{e}");
     assert_eq!(server.failures, std::slice::from_ref(&e.0));
+    // Written but not configured: it must not boot.
+    let bytes = fs::read(machine.device_path("/dev/vda")).unwrap();
+    assert!(bytes[..2 << 20].iter().all(|b| *b == 0), "boot code and GPT zeroed");
+    assert!(crate::whole_disk::read_gpt(&bytes).is_err());
 }
