@@ -31,6 +31,47 @@ pub enum PreflightError {
     NoDisks,
     #[error("cannot lay out the disks: {0}")]
     Layout(#[from] PlanError),
+    /// A whole-disk image with a layout it cannot combine with.
+    #[error("{0}")]
+    WholeDisk(String),
+}
+
+/// Where a whole-disk image goes, once the machine is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WholeDiskTarget {
+    pub confirmed: Confirmed,
+    /// The system disk's kernel name and device path.
+    pub disk: String,
+    pub device: String,
+    /// The job's other disks: left as they are.
+    pub others: Vec<String>,
+}
+
+/// Checks the machine against the job and picks the system disk for a
+/// whole-disk image ([`crate::whole_disk::system_disk`]); refuses a layout
+/// other than `flat` (the server refuses it too, at validation).
+pub fn preflight_whole_disk(job: &DeployJob, inventory: &Inventory) -> Result<WholeDiskTarget, PreflightError> {
+    if let Some(why) = crate::whole_disk::layout_refusal(job.layout) {
+        return Err(PreflightError::WholeDisk(why));
+    }
+    let confirmed = check_identity(&job.machine, &inventory.hardware)?;
+    let disks: Vec<Disk> = confirmed
+        .disks
+        .iter()
+        .filter_map(|name| inventory.hardware.disks.iter().find(|d| d.name == *name).cloned())
+        .collect();
+    let disk = crate::whole_disk::system_disk(&disks).ok_or(PreflightError::NoDisks)?;
+    let name = disk.name.clone();
+    Ok(WholeDiskTarget {
+        device: format!("/dev/{name}"),
+        others: disks
+            .iter()
+            .filter(|d| d.name != name)
+            .map(|d| d.name.clone())
+            .collect(),
+        disk: name,
+        confirmed,
+    })
 }
 
 /// Checks the machine against the job and plans its disks: the job's
@@ -59,7 +100,7 @@ pub fn preflight(job: &DeployJob, inventory: &Inventory) -> Result<Preflight, Pr
 mod tests {
     use std::path::Path;
 
-    use kiln_types::catalog::StorageLayout;
+    use kiln_types::catalog::{ImageContent, StorageLayout};
 
     use super::*;
     use crate::identity::{ExpectedDisk, ExpectedMachine, Mismatch};
@@ -98,6 +139,7 @@ mod tests {
                 url: "http://10.0.0.1/images/debian.qcow2".into(),
                 format: ImageFormat::Qcow2,
                 sha256: Sha256([0; 32]),
+                content: ImageContent::Filesystem,
             },
             system_disk: None,
         }
@@ -166,6 +208,35 @@ mod tests {
         assert_eq!(on(Some("S64GNE0R123456")), ["nvme0n1"], "by serial");
         assert_eq!(on(Some("naa.55cd2e415a1b2c3d")), ["sda"], "by WWN, as sysfs spells it");
         assert_eq!(on(Some("ZL2ABCDE")), ["sdb"]);
+    }
+
+    #[test]
+    fn whole_disk_images_go_onto_the_smallest_disk_of_a_flat_layout() {
+        let inv = inventory("server-uefi");
+        let mut job = job_for(&inv, StorageLayout::Flat);
+        job.image.content = ImageContent::WholeDisk;
+        let ok = preflight_whole_disk(&job, &inv).unwrap();
+        let smallest = inv.hardware.disks.iter().min_by_key(|d| d.size_bytes).unwrap();
+        assert_eq!(ok.disk, smallest.name);
+        assert_eq!(ok.device, format!("/dev/{}", smallest.name));
+        assert_eq!(ok.others.len(), inv.hardware.disks.len() - 1);
+        // RAID layouts are refused with the reason, before the identity.
+        job.layout = StorageLayout::LvmRaid1;
+        let e = preflight_whole_disk(&job, &inv).unwrap_err();
+        assert!(
+            matches!(&e, PreflightError::WholeDisk(w) if w.contains("`flat` layout only")),
+            "{e}"
+        );
+        // Another machine's job is refused as always.
+        job.layout = StorageLayout::Flat;
+        job.machine.serial = Some("OTHER01".into());
+        assert!(matches!(
+            preflight_whole_disk(&job, &inv),
+            Err(PreflightError::Identity(_))
+        ));
+        let mut job = job_for(&inv, StorageLayout::Flat);
+        job.machine.disks.clear();
+        assert_eq!(preflight_whole_disk(&job, &inv).unwrap_err(), PreflightError::NoDisks);
     }
 
     #[test]

@@ -16,6 +16,15 @@
 //!    seed, root password hash, SSH keys, mdadm.conf); stage 3;
 //! 6. GRUB on every disk of the layout, so any surviving disk boots;
 //!    unmount; stage 4; the caller reboots.
+//!
+//! A whole-disk image ([`ImageContent::WholeDisk`], docs/images.md) takes
+//! a shorter path after the same stage 1 and identity check: the layout
+//! must be `flat` (refused otherwise, before anything is written); the
+//! system disk's ends are zeroed; the image streams onto the whole disk and
+//! its SHA-256 is checked (stage 2); the backup GPT moves to the disk's
+//! end, the image's last partition grows, and a `CIDATA` partition with the
+//! NoCloud seed is added behind it, then `sgdisk -v` checks the table
+//! (stage 3); the image's own bootloader boots it (stage 4).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,14 +35,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_types::agent::DeployPlan;
+use kiln_types::catalog::ImageContent;
 use kiln_types::job::Stage;
 
-use crate::deploy::preflight;
+use crate::deploy::{preflight, preflight_whole_disk};
 use crate::image::{ExpectedImage, Progress, SyncOnFlush, WriteOptions, write_image};
 use crate::inventory::{Firmware, Inventory};
 use crate::layout::{FsKind, LayoutPlan};
 use crate::server::{ControlPlane, DeployJob};
 use crate::system::{System, devices_needed};
+use crate::whole_disk::{GPT_HEAD_BYTES, Window, plan_finish, read_gpt, write_cidata};
 
 /// Where deploy mode works.
 #[derive(Debug, Clone)]
@@ -93,6 +104,9 @@ fn steps(
     env: &DeployEnv,
 ) -> Result<Deployed, DeployError> {
     let job = DeployJob::from_plan(plan).map_err(DeployError)?;
+    if job.image.content == ImageContent::WholeDisk {
+        return whole_disk_steps(server, system, plan, &job, inventory);
+    }
     let checked = preflight(&job, inventory).map_err(|e| DeployError(format!("refused before writing: {e}")))?;
     // On the console: what told the agent this is the job's machine.
     eprintln!(
@@ -103,7 +117,7 @@ fn steps(
     eprint!("kiln-agent: {layout}");
     lay_out(system, &layout)?;
 
-    let written = write_root(server, system, &job, &layout)?;
+    let written = write_to(server, system, &job, &layout.root_device)?;
     server
         .report_stage(Stage::BASE_INSTALLED, &written)
         .map_err(fail("reporting stage 2"))?;
@@ -191,18 +205,127 @@ fn zero_ends(system: &mut dyn System, device: &str) -> Result<(), DeployError> {
     file.sync_data().map_err(failed)
 }
 
-/// Streams the image onto the root device; the line stage 2 reports.
-fn write_root(
+/// Deploys a whole-disk image onto the system disk (see the module's
+/// documentation): stages 2 to 4.
+fn whole_disk_steps(
+    server: &mut dyn ControlPlane,
+    system: &mut dyn System,
+    plan: &DeployPlan,
+    job: &DeployJob,
+    inventory: &Inventory,
+) -> Result<Deployed, DeployError> {
+    let target =
+        preflight_whole_disk(job, inventory).map_err(|e| DeployError(format!("refused before writing: {e}")))?;
+    let device = target.device.clone();
+    eprintln!(
+        "kiln-agent: whole-disk image onto {device} (the smallest of the job's disks){}",
+        if target.others.is_empty() {
+            String::new()
+        } else {
+            format!("; {} left as they are", target.others.join(", "))
+        }
+    );
+    // Old arrays or volume groups on the disk would hold it open.
+    for cleanup in [&["vgchange", "--activate", "n"][..], &["mdadm", "--stop", "--scan"][..]] {
+        if let Err(e) = system.run(&argv(cleanup)) {
+            eprintln!("kiln-agent: (stopping old volumes) {e}");
+        }
+    }
+    system.wait_for_device(&device).map_err(fail("writing the image"))?;
+    // The old boot code and both old GPTs go first: the backup GPT at the
+    // disk's end would otherwise outlive the image (which ends earlier).
+    zero_ends(system, &device)?;
+    let written = write_to(server, system, job, &device)?;
+    server
+        .report_stage(Stage::BASE_INSTALLED, &written)
+        .map_err(fail("reporting stage 2"))?;
+    let configured = match finish_whole_disk(server, system, plan, &device) {
+        Ok(configured) => configured,
+        Err(e) => {
+            // The image is on the disk but has no seed: it must not boot
+            // (an OS without its configuration), so its boot code and both
+            // GPTs go, as after a failed write.
+            if let Err(z) = zero_ends(system, &device) {
+                eprintln!("kiln-agent: could not make {device} unbootable: {z}");
+            }
+            return Err(e);
+        }
+    };
+    server
+        .report_stage(Stage::CONFIGURED, &configured)
+        .map_err(fail("reporting stage 3"))?;
+    system.run(&argv(&["sync"])).map_err(fail("syncing"))?;
+    server
+        .report_stage(
+            Stage::FINISHING,
+            &format!("the image's own bootloader on {device}; rebooting"),
+        )
+        .map_err(fail("reporting stage 4"))?;
+    Ok(Deployed {
+        hostname: plan.hostname.to_string(),
+        root_device: device.clone(),
+        boot_disks: vec![device],
+    })
+}
+
+/// After a whole-disk image is written: the backup GPT to the disk's end,
+/// the last partition grown, `CIDATA` added and the seed written; the line
+/// stage 3 reports.
+fn finish_whole_disk(
+    server: &mut dyn ControlPlane,
+    system: &mut dyn System,
+    plan: &DeployPlan,
+    device: &str,
+) -> Result<String, DeployError> {
+    let device = device.to_string();
+    system
+        .run(&argv(&["sgdisk", "--move-second-header", &device]))
+        .map_err(fail("moving the image's backup GPT to the disk's end"))?;
+    let path = system.device_path(&device);
+    let mut disk = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DeployError(format!("cannot open {}: {e}", path.display())))?;
+    let mut head = vec![0u8; GPT_HEAD_BYTES];
+    disk.read_exact(&mut head)
+        .map_err(|e| DeployError(format!("reading the image's partition table on {device}: {e}")))?;
+    let gpt = read_gpt(&head).map_err(|e| DeployError(format!("the image on {device}: {e}")))?;
+    let finish = plan_finish(&gpt, &device).map_err(|e| DeployError(format!("the image on {device}: {e}")))?;
+    system
+        .run(&finish.argv)
+        .map_err(fail("growing the image's last partition and adding CIDATA"))?;
+    system
+        .run(&argv(&["sgdisk", "--verify", &device]))
+        .map_err(fail("checking the partition table"))?;
+
+    // The seed, written through the disk's own node at the partition's
+    // offset: no partition node has to appear (no udev in the ramdisk).
+    let seed = fetch_seed(server, plan)?;
+    let (offset, len) = finish.cidata_bytes();
+    write_cidata(&mut Window::new(&mut disk, offset, len), &seed)
+        .map_err(|e| DeployError(format!("writing the NoCloud seed: {e}")))?;
+    disk.sync_all()
+        .map_err(|e| DeployError(format!("syncing {device}: {e}")))?;
+    drop(disk);
+    let names: Vec<&str> = seed.iter().map(|(name, _)| *name).collect();
+    Ok(format!(
+        "configured: {finish}, with the NoCloud seed ({})",
+        names.join(", ")
+    ))
+}
+
+/// Streams the image onto `device` (the layout's root volume, or a whole
+/// disk); the line stage 2 reports.
+fn write_to(
     server: &mut dyn ControlPlane,
     system: &mut dyn System,
     job: &DeployJob,
-    layout: &LayoutPlan,
+    device: &str,
 ) -> Result<String, DeployError> {
-    system
-        .wait_for_device(&layout.root_device)
-        .map_err(fail("writing the image"))?;
+    system.wait_for_device(device).map_err(fail("writing the image"))?;
     let (source, file_bytes) = server.open(&job.image.url).map_err(fail("fetching the image"))?;
-    let path = system.device_path(&layout.root_device);
+    let path = system.device_path(device);
     let mut file = OpenOptions::new()
         .write(true)
         .open(&path)
@@ -233,13 +356,12 @@ fn write_root(
             p.rate_bytes_per_sec() / 1048576.0
         );
     };
-    let mut device = SyncOnFlush(file);
-    let report = write_image(source, &mut device, &expected, &options, &mut show)
-        .map_err(|e| DeployError(format!("writing the image to {}: {e}", layout.root_device)))?;
+    let mut target = SyncOnFlush(file);
+    let report = write_image(source, &mut target, &expected, &options, &mut show)
+        .map_err(|e| DeployError(format!("writing the image to {device}: {e}")))?;
     let secs = report.elapsed.as_secs_f64().max(0.001);
     Ok(format!(
-        "image written to {}: {} MiB of {} in {secs:.1} s ({:.1} MiB/s), sha256 checked",
-        layout.root_device,
+        "image written to {device}: {} MiB of {} in {secs:.1} s ({:.1} MiB/s), sha256 checked",
         report.image_bytes >> 20,
         report.format,
         report.image_bytes as f64 / 1048576.0 / secs

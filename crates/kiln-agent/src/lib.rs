@@ -31,3 +31,4 @@ pub mod layout;
 pub mod lldp;
 pub mod server;
 pub mod system;
+pub mod whole_disk;

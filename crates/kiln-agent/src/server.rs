@@ -12,7 +12,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use kiln_types::agent::{DeployPlan, DiscoveryReport, DiscoveryResult};
-use kiln_types::catalog::StorageLayout;
+use kiln_types::catalog::{ImageContent, StorageLayout};
 use kiln_types::job::Stage;
 use kiln_types::{JobId, Secret};
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,10 @@ pub struct ImageSource {
     pub format: ImageFormat,
     /// The catalog's `sha256`: of the image file's bytes.
     pub sha256: Sha256,
+    /// A root filesystem for the layout, or a whole disk for the system
+    /// disk.
+    #[serde(default)]
+    pub content: ImageContent,
 }
 
 impl DeployJob {
@@ -90,6 +94,7 @@ impl DeployJob {
                 url: plan.image.url.clone(),
                 format,
                 sha256,
+                content: plan.image.content,
             },
             system_disk: plan.system_disk.clone(),
         })

@@ -261,6 +261,8 @@ mod tests {
             min_disk_bytes: 0,
             source: source.into(),
             sha256: None,
+            format: Default::default(),
+            content: Default::default(),
             templates: Default::default(),
             created_at: chrono::Utc::now(),
         }

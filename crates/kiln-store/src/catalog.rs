@@ -50,6 +50,8 @@ fn image_from_row(row: &AnyRow) -> Result<OsImage> {
         min_disk_bytes: row.try_get::<i64, _>("min_disk_bytes")? as u64,
         source: row.try_get("source")?,
         sha256: row.try_get("sha256")?,
+        format: parse_col("image format", &row.try_get::<String, _>("format")?)?,
+        content: parse_col("image content", &row.try_get::<String, _>("content")?)?,
         templates: serde_json::from_str(&row.try_get::<String, _>("templates")?)
             .map_err(|e| StoreError::Corrupt(format!("OS image templates: {e}")))?,
         created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
@@ -87,6 +89,8 @@ impl Store {
             min_disk_bytes: new.min_disk_bytes,
             source: new.source.trim().to_string(),
             sha256: new.sha256.as_ref().map(|h| h.to_ascii_lowercase()),
+            format: new.format(),
+            content: new.content,
             templates: new.templates.clone(),
             created_at: now(),
         };
@@ -106,7 +110,7 @@ impl Store {
         }
         sqlx::query::<Any>(
             "INSERT INTO os_images (id, name, version, arch, kind, tags, min_ram_bytes, min_disk_bytes, source, sha256, \
-             created_at, templates) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             created_at, templates, format, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(image.id.to_string())
         .bind(&image.name)
@@ -120,6 +124,8 @@ impl Store {
         .bind(&image.sha256)
         .bind(ts(image.created_at))
         .bind(templates_json(&image.templates))
+        .bind(image.format.as_str())
+        .bind(image.content.as_str())
         .execute(&mut *tx)
         .await?;
         record(
@@ -191,6 +197,8 @@ impl Store {
             min_ram_bytes: wanted.min_ram_bytes,
             min_disk_bytes: wanted.min_disk_bytes,
             source: wanted.source.trim().to_string(),
+            format: wanted.format(),
+            content: wanted.content,
             sha256: wanted.sha256.map(|h| h.to_ascii_lowercase()),
             templates: wanted.templates,
             ..before.clone()
@@ -198,7 +206,7 @@ impl Store {
         let mut tx = self.write_tx().await?;
         sqlx::query::<Any>(
             "UPDATE os_images SET kind = $2, tags = $3, min_ram_bytes = $4, min_disk_bytes = $5, source = $6, sha256 = $7, \
-             templates = $8 WHERE id = $1",
+             templates = $8, format = $9, content = $10 WHERE id = $1",
         )
         .bind(after.id.to_string())
         .bind(after.kind.as_str())
@@ -208,6 +216,8 @@ impl Store {
         .bind(&after.source)
         .bind(&after.sha256)
         .bind(templates_json(&after.templates))
+        .bind(after.format.as_str())
+        .bind(after.content.as_str())
         .execute(&mut *tx)
         .await?;
         record(

@@ -3,8 +3,9 @@
 use chrono::Timelike;
 use kiln_store::{Actor, NewMachine, SealedPassword, Store, StoreError};
 use kiln_test_utils::store_test;
+use kiln_types::agent::ImageFormat;
 use kiln_types::auth::{Role, TenantCreate, TokenState};
-use kiln_types::catalog::{Arch, OsImageCreate, OsKind, PlatformTag, TaskCreate, TaskKind};
+use kiln_types::catalog::{Arch, ImageContent, OsImageCreate, OsImagePatch, OsKind, PlatformTag, TaskCreate, TaskKind};
 use kiln_types::event::EventFilter;
 use kiln_types::machine::{
     BmcDriver, BmcInput, BootPolicy, Firmware, FirmwareMode, InstalledOs, MachineCreate, MachineFilter, MachinePatch,
@@ -823,12 +824,54 @@ store_test!(tokens_tenants_and_catalog, |store| {
         min_disk_bytes: 10 << 30,
         source: "http://mirror/debian-12.raw.zst".into(),
         sha256: Some("AB".repeat(32)),
+        format: None,
+        content: Default::default(),
         templates: Default::default(),
     };
     let created = store.create_os_image(&actor(), &img).await.unwrap();
     assert_eq!(created.tags, [PlatformTag::Bm, PlatformTag::Vm]);
     assert_eq!(store.get_os_image("debian-12").await.unwrap(), created);
     assert_eq!(store.get_os_image("debian").await.unwrap(), created);
+    // The format comes from the source's name and is stored; an edit of
+    // the source alone follows it, a given format wins.
+    assert_eq!(created.format, ImageFormat::RawZstd);
+    assert_eq!(created.content, ImageContent::Filesystem);
+    let edited = store
+        .update_os_image(
+            &actor(),
+            "debian-12",
+            &OsImagePatch {
+                source: Some("http://mirror/debian-12-genericcloud-amd64.qcow2".into()),
+                content: Some(ImageContent::WholeDisk),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (edited.format, edited.content),
+        (ImageFormat::Qcow2, ImageContent::WholeDisk)
+    );
+    assert_eq!(
+        store.get_os_image("debian-12").await.unwrap(),
+        edited,
+        "read back the same"
+    );
+    let edited = store
+        .update_os_image(
+            &actor(),
+            "debian-12",
+            &OsImagePatch {
+                format: Some(ImageFormat::Raw),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (edited.format, edited.content),
+        (ImageFormat::Raw, ImageContent::WholeDisk)
+    );
     assert!(matches!(
         store.create_os_image(&actor(), &img).await,
         Err(StoreError::Conflict(_))

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::catalog::StorageLayout;
+use crate::catalog::{ImageContent, StorageLayout};
 use crate::install::{CryptHash, SshPublicKey};
 use crate::machine::{Firmware, Hardware, MachineState};
 use crate::{Hostname, JobId, MacAddr, MachineId, string_enum};
@@ -55,6 +55,12 @@ string_enum!(
     ImageFormat { Raw = "raw", RawZstd = "raw+zstd", Qcow2 = "qcow2" }
 );
 
+impl Default for ImageFormat {
+    fn default() -> Self {
+        ImageFormat::Raw
+    }
+}
+
 impl ImageFormat {
     /// The format an image's source names by its extension: `.qcow2`,
     /// `.zst` / `.zstd`, anything else raw.
@@ -94,6 +100,10 @@ pub struct ImageSource {
     pub format: ImageFormat,
     /// Lowercase hex SHA-256 of the image file as served.
     pub sha256: String,
+    /// A root filesystem for the layout's root volume, or a whole disk for
+    /// the system disk.
+    #[serde(default)]
+    pub content: ImageContent,
 }
 
 /// `GET /api/v1/jobs/{id}/plan`: what the deploy agent of a reimage does.

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 
 use crate::fit::human_bytes;
 use crate::machine::Disk;
+use crate::agent::ImageFormat;
 use crate::{OsImageId, TaskId, string_enum};
 
 string_enum!(
@@ -20,6 +21,38 @@ string_enum!(
     /// A disk image written by the agent, or an installer that runs itself.
     OsKind { DiskImage = "disk-image", Installer = "installer" }
 );
+
+string_enum!(
+    /// What a disk image holds (docs/images.md). `filesystem`: one root
+    /// filesystem; kiln lays out the disks (the plan's layout) and writes it
+    /// onto the root volume, then installs the bootloader. `whole-disk`: a
+    /// disk with its own partition table and bootloader, as Debian, Ubuntu,
+    /// Rocky and Flatcar publish; the agent streams it onto the system disk,
+    /// grows its last partition and adds a `CIDATA` NoCloud seed partition
+    /// after it. Only the `flat` layout combines with it.
+    ImageContent { Filesystem = "filesystem", WholeDisk = "whole-disk" }
+);
+
+impl Default for ImageContent {
+    fn default() -> Self {
+        ImageContent::Filesystem
+    }
+}
+
+impl ImageContent {
+    /// Whether an image of this content can be deployed with `layout`; the
+    /// error is the reason, for the operator.
+    pub fn check_layout(self, layout: StorageLayout) -> Result<(), String> {
+        match (self, layout) {
+            (ImageContent::Filesystem, _) | (ImageContent::WholeDisk, StorageLayout::Flat) => Ok(()),
+            (ImageContent::WholeDisk, other) => Err(format!(
+                "a whole-disk image brings its own partition table and goes onto one disk: it combines with \
+                 the `flat` layout only, not `{other}` (use a filesystem image of the OS for RAID and LVM \
+                 layouts)"
+            )),
+        }
+    }
+}
 
 string_enum!(
     /// What platform an image or task is for: bare metal, VM, GPU, vGPU.
@@ -235,6 +268,13 @@ pub struct OsImage {
     /// Lowercase hex SHA-256 of the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// How a disk image's file is encoded; the agent refuses a file whose
+    /// magic says otherwise. (Not used for installers.)
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// What a disk image holds. (Not used for installers.)
+    #[serde(default)]
+    pub content: ImageContent,
     /// The operator's installer templates by kind (see [`TEMPLATE_KINDS`]);
     /// kinds not given use kiln's built-in template.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -286,6 +326,14 @@ pub struct OsImageCreate {
     /// cannot verify.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// How the disk image's file is encoded: `raw`, `raw+zstd` or `qcow2`.
+    /// Default: from the source's name (`.qcow2`, `.zst`, else raw). The
+    /// agent checks the file's magic against it before writing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
+    /// What the disk image holds: `filesystem` (default) or `whole-disk`.
+    #[serde(default)]
+    pub content: ImageContent,
     /// Installer templates by kind (`preseed`, `kickstart`, `user-data`,
     /// `meta-data`, `ignition`); the server checks that each compiles.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -308,6 +356,12 @@ pub fn check_catalog_name(field: &str, value: &str) -> Result<(), String> {
 }
 
 impl OsImageCreate {
+    /// The image file's format: as given, else from the source's name.
+    pub fn format(&self) -> ImageFormat {
+        self.format
+            .unwrap_or_else(|| ImageFormat::from_source(self.source.trim()))
+    }
+
     /// Every problem with this record, one per entry.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = vec![];
@@ -327,6 +381,9 @@ impl OsImageCreate {
                 problems.push("sha256 is required for a disk image: the agent verifies what it writes".into())
             }
             _ => {}
+        }
+        if self.kind == OsKind::Installer && self.content == ImageContent::WholeDisk {
+            problems.push("content `whole-disk` is for disk images; an installer lays out the disks itself".into());
         }
         if self.tags.contains(&PlatformTag::Vgpu) && self.tags.contains(&PlatformTag::Bm) {
             problems.push("tags `vgpu` and `bm` exclude each other: vGPUs live in VMs".into());
@@ -352,6 +409,12 @@ pub struct OsImagePatch {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// A new format; when only `source` changes, the format follows the
+    /// new source's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<ImageContent>,
     /// Replaces all templates (`{}` removes them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub templates: Option<BTreeMap<String, String>>,
@@ -370,6 +433,12 @@ impl OsImagePatch {
             min_disk_bytes: self.min_disk_bytes.unwrap_or(image.min_disk_bytes),
             source: self.source.clone().unwrap_or_else(|| image.source.clone()),
             sha256: self.sha256.clone().or_else(|| image.sha256.clone()),
+            format: self.format.or(if self.source.is_some() {
+                None
+            } else {
+                Some(image.format)
+            }),
+            content: self.content.unwrap_or(image.content),
             templates: self.templates.clone().unwrap_or_else(|| image.templates.clone()),
         }
     }
@@ -538,6 +607,8 @@ mod tests {
             min_disk_bytes: 0,
             source: "http://x/img.raw".into(),
             sha256: None,
+            format: None,
+            content: ImageContent::Filesystem,
             templates: Default::default(),
         };
         assert!(img.validate()[0].contains("sha256 is required"));
@@ -548,5 +619,68 @@ mod tests {
         img.kind = OsKind::Installer;
         img.sha256 = None;
         assert!(img.validate().is_empty());
+        img.content = ImageContent::WholeDisk;
+        assert!(img.validate()[0].contains("whole-disk` is for disk images"));
+    }
+
+    #[test]
+    fn format_defaults_to_the_source_name_and_follows_a_new_source() {
+        let mut img = OsImageCreate {
+            name: "debian".into(),
+            version: "12".into(),
+            arch: Arch::X86_64,
+            kind: OsKind::DiskImage,
+            tags: vec![],
+            min_ram_bytes: 0,
+            min_disk_bytes: 0,
+            source: "http://x/debian-12-genericcloud-amd64.qcow2".into(),
+            sha256: Some("a".repeat(64)),
+            format: None,
+            content: ImageContent::WholeDisk,
+            templates: Default::default(),
+        };
+        assert_eq!(img.format(), ImageFormat::Qcow2);
+        img.format = Some(ImageFormat::Raw);
+        assert_eq!(img.format(), ImageFormat::Raw, "a given format wins over the name");
+        let stored = OsImage {
+            id: OsImageId::new(),
+            name: img.name.clone(),
+            version: img.version.clone(),
+            arch: img.arch,
+            kind: img.kind,
+            tags: vec![],
+            min_ram_bytes: 0,
+            min_disk_bytes: 0,
+            source: "http://x/d.qcow2".into(),
+            sha256: img.sha256.clone(),
+            format: ImageFormat::Raw,
+            content: ImageContent::WholeDisk,
+            templates: Default::default(),
+            created_at: Utc::now(),
+        };
+        let keep = OsImagePatch::default().apply(&stored);
+        assert_eq!(
+            (keep.format(), keep.content),
+            (ImageFormat::Raw, ImageContent::WholeDisk)
+        );
+        let moved = OsImagePatch {
+            source: Some("http://x/d.raw.zst".into()),
+            ..Default::default()
+        }
+        .apply(&stored);
+        assert_eq!(moved.format(), ImageFormat::RawZstd);
+    }
+
+    #[test]
+    fn whole_disk_images_take_the_flat_layout_only() {
+        for layout in StorageLayout::ALL {
+            assert!(ImageContent::Filesystem.check_layout(*layout).is_ok());
+            let whole = ImageContent::WholeDisk.check_layout(*layout);
+            assert_eq!(whole.is_ok(), *layout == StorageLayout::Flat, "{layout}: {whole:?}");
+        }
+        let e = ImageContent::WholeDisk
+            .check_layout(StorageLayout::LvmRaid1)
+            .unwrap_err();
+        assert!(e.contains("`flat` layout only, not `lvm_raid1`"), "{e}");
     }
 }

@@ -144,6 +144,8 @@ mod tests {
             min_disk_bytes: disk_gib * GIB,
             source: "x".into(),
             sha256: None,
+            format: Default::default(),
+            content: Default::default(),
             templates: Default::default(),
             created_at: chrono::Utc::now(),
         }

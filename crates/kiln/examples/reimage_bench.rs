@@ -501,6 +501,8 @@ async fn main() -> anyhow::Result<()> {
             min_disk_bytes: 20 * GIB,
             source: "http://images.example/debian-12.raw.zst".into(),
             sha256: Some("0".repeat(64)),
+            format: None,
+            content: Default::default(),
             templates: Default::default(),
         })
         .await

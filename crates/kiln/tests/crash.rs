@@ -288,6 +288,8 @@ async fn fixture(backend: Backend, bmcs: usize) -> Fixture {
             min_disk_bytes: 10 * GIB,
             source: "images/debian-12.raw".into(),
             sha256: Some("ab".repeat(32)),
+            format: None,
+            content: Default::default(),
             templates: Default::default(),
         })
         .await

@@ -449,6 +449,8 @@ fn rendered_user_data(base: &str, job: &str, token: &str, script: &str) -> Strin
         min_disk_bytes: 0,
         source: "kiln-test-os.ext4".into(),
         sha256: None,
+        format: Default::default(),
+        content: Default::default(),
         templates: Default::default(),
         created_at: chrono::Utc::now(),
     };

@@ -8,7 +8,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use kiln_types::agent::{ExpectedIdentity, ImageSource};
-use kiln_types::catalog::StorageLayout;
+use kiln_types::catalog::{ImageContent, StorageLayout};
 use kiln_types::install::{CryptHash, SshPublicKey};
 use tempfile::TempDir;
 
@@ -68,6 +68,9 @@ struct FakeMachine {
     mounted: BTreeMap<String, String>,
     /// A command (by program) that fails.
     failing: Option<&'static str>,
+    /// sgdisk runs for real on the files (whole-disk tests); else it is
+    /// only recorded.
+    real_sgdisk: bool,
 }
 
 impl FakeMachine {
@@ -77,6 +80,7 @@ impl FakeMachine {
             commands: vec![],
             mounted: BTreeMap::new(),
             failing: None,
+            real_sgdisk: false,
         }
     }
     fn fs(&self, device: &str) -> PathBuf {
@@ -131,6 +135,17 @@ impl System for FakeMachine {
                 Ok(String::new())
             }
             ["cp", ..] => HostSystem.run(argv),
+            // The real sgdisk, on the files that stand for the disks.
+            ["sgdisk", ..] if self.real_sgdisk => {
+                let mapped: Vec<String> = argv
+                    .iter()
+                    .map(|a| match a.starts_with("/dev/") {
+                        true => self.device_path(a).display().to_string(),
+                        false => a.clone(),
+                    })
+                    .collect();
+                HostSystem.run(&mapped)
+            }
             ["blkid", "-s", "UUID", "-o", "value", device] => Ok(format!("uuid-of-{}\n", device.replace('/', "_"))),
             ["blkid", "-s", "TYPE", "-o", "value", _] => Ok("ext4\n".into()),
             ["mdadm", "--detail", "--scan"] => Ok("ARRAY /dev/md0 metadata=1.0 UUID=aa\n".into()),
@@ -174,6 +189,7 @@ fn plan_for(inv: &Inventory, image: &[u8]) -> DeployPlan {
             url: IMAGE_URL.into(),
             format: kiln_types::agent::ImageFormat::Raw,
             sha256: Sha256::of(image).to_string(),
+            content: ImageContent::Filesystem,
         },
         layout: StorageLayout::LvmRaid1,
         root_password_hash: Some(HASH.parse::<CryptHash>().unwrap()),
@@ -422,4 +438,120 @@ fn small_edits_of_the_new_root() {
         with_keys("ssh-ed25519 AAA a", &keys),
         "ssh-ed25519 AAA a\nssh-ed25519 BBB b\n"
     );
+}
+
+/// A small whole-disk image like a distribution's: GPT, an ESP and a
+/// root partition with recognisable bytes, `mib` MiB.
+fn whole_disk_image(dir: &Path, mib: u64) -> Vec<u8> {
+    let path = dir.join("image.raw");
+    fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
+    let out = std::process::Command::new("sgdisk")
+        .args([
+            "-n",
+            "1:2048:+4M",
+            "-t",
+            "1:EF00",
+            "-n",
+            "15:0:0",
+            "-t",
+            "15:8304",
+            "-c",
+            "15:root",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut bytes = fs::read(&path).unwrap();
+    let root_at = 6 << 20;
+    bytes[root_at..root_at + 9].copy_from_slice(b"ROOT-DATA");
+    bytes
+}
+
+fn whole_disk_setup(disk_mib: u64) -> (FakeServer, FakeMachine, DeployPlan, Inventory) {
+    let (mut server, mut machine, _) = setup();
+    machine.real_sgdisk = true;
+    // vda is the smaller of the lab VM's two disks in the fake: 64 MiB.
+    for (disk, mib) in [("/dev/vda", disk_mib), ("/dev/vdb", disk_mib * 2)] {
+        let f = fs::File::create(machine.device_path(disk)).unwrap();
+        f.set_len(mib << 20).unwrap();
+    }
+    server.image = whole_disk_image(machine.dir.path(), 16);
+    let inv = inventory();
+    let mut plan = plan_for(&inv, &server.image);
+    plan.layout = StorageLayout::Flat;
+    plan.image.content = ImageContent::WholeDisk;
+    (server, machine, plan, inv)
+}
+
+#[test]
+fn a_whole_disk_image_is_written_grown_and_seeded() {
+    let (mut server, mut machine, plan, inv) = whole_disk_setup(64);
+    let env = DeployEnv {
+        target: machine.dir.path().join("mnt/kiln"),
+        kernel_args: vec![],
+    };
+    let done = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap();
+    assert!(server.failures.is_empty(), "{:?}", server.failures);
+    let stages: Vec<u8> = server.stages.iter().map(|(n, _)| *n).collect();
+    assert_eq!(stages, [1, 2, 3, 4]);
+    let disk = inv.hardware.disks.iter().min_by_key(|d| d.size_bytes).unwrap();
+    let device = format!("/dev/{}", disk.name);
+    assert_eq!(done.boot_disks, [device.clone()]);
+    assert!(server.stages[1].1.contains("sha256 checked"), "{:?}", server.stages[1]);
+    assert_eq!(
+        server.stages[2].1,
+        "configured: partition 15 (root) grown from 10 MiB to 54 MiB; CIDATA is partition 2 (4 MiB), with the \
+         NoCloud seed (user-data, meta-data)"
+    );
+    // Nothing of the filesystem path ran: no layout, no mount, no GRUB.
+    for program in ["wipefs", "mount", "grub-install", "mdadm --create"] {
+        assert!(machine.ran(program).is_empty(), "{program} ran: {:?}", machine.commands);
+    }
+    let bytes = fs::read(machine.device_path(&device)).unwrap();
+    assert_eq!(&bytes[6 << 20..(6 << 20) + 9], b"ROOT-DATA", "the image is on the disk");
+    let gpt = crate::whole_disk::read_gpt(&bytes).unwrap();
+    assert_eq!(
+        gpt.last_usable_lba,
+        (64 << 20) / 512 - 34,
+        "backup GPT at the disk's end"
+    );
+    let cidata = gpt.partitions.iter().find(|p| p.name == "CIDATA").unwrap();
+    let fat = &bytes[(cidata.first_lba * 512) as usize..];
+    assert_eq!(&fat[510..512], &[0x55, 0xaa], "a FAT boot sector");
+    assert!(fat[..512].windows(6).any(|w| w == b"CIDATA"), "labelled CIDATA");
+}
+
+#[test]
+fn a_whole_disk_image_with_a_raid_layout_is_refused_before_any_write() {
+    let (mut server, mut machine, mut plan, inv) = whole_disk_setup(64);
+    plan.layout = StorageLayout::LvmRaid1;
+    let env = DeployEnv {
+        target: machine.dir.path().join("mnt/kiln"),
+        kernel_args: vec![],
+    };
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(
+        e.0.starts_with("refused before writing:") && e.0.contains("`flat` layout only"),
+        "{e}"
+    );
+    assert!(machine.commands.is_empty(), "{:?}", machine.commands);
+    assert_eq!(server.stages.len(), 1);
+}
+
+#[test]
+fn a_whole_disk_image_as_large_as_the_disk_fails_with_the_reason() {
+    // The image fills the disk: no room for CIDATA behind it.
+    let (mut server, mut machine, plan, inv) = whole_disk_setup(16);
+    let env = DeployEnv {
+        target: machine.dir.path().join("mnt/kiln"),
+        kernel_args: vec![],
+    };
+    let e = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap_err();
+    assert!(e.0.contains("no room") && e.0.contains("CIDATA"), "{e}");
+    assert_eq!(server.failures, std::slice::from_ref(&e.0));
+    // Written but not configured: it must not boot.
+    let bytes = fs::read(machine.device_path("/dev/vda")).unwrap();
+    assert!(bytes[..2 << 20].iter().all(|b| *b == 0), "boot code and GPT zeroed");
+    assert!(crate::whole_disk::read_gpt(&bytes).is_err());
 }

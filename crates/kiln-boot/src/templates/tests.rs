@@ -58,6 +58,8 @@ fn os(kind: OsKind) -> OsImage {
         min_disk_bytes: 0,
         source: "http://mirror/debian".into(),
         sha256: None,
+        format: Default::default(),
+        content: Default::default(),
         templates: Default::default(),
         created_at: chrono::Utc::now(),
     }

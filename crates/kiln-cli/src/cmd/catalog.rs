@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use kiln_types::catalog::{Arch, OsImageCreate, OsImagePatch, OsKind, PlatformTag, TaskCreate, TaskKind, TaskPatch};
+use kiln_types::agent::ImageFormat;
+use kiln_types::catalog::{
+    Arch, ImageContent, OsImageCreate, OsImagePatch, OsKind, PlatformTag, TaskCreate, TaskKind, TaskPatch,
+};
 use kiln_types::fit::human_bytes;
 
 use crate::Ctx;
@@ -37,6 +40,15 @@ pub enum OsCmd {
         /// SHA-256 of the image (required for disk images).
         #[arg(long)]
         sha256: Option<String>,
+        /// How the image file is encoded: raw, raw+zstd or qcow2 (default:
+        /// from the source's name: .qcow2, .zst, else raw).
+        #[arg(long)]
+        format: Option<ImageFormat>,
+        /// What the disk image holds: filesystem (a root filesystem kiln
+        /// lays out disks for) or whole-disk (its own partition table and
+        /// bootloader, as distributions publish; flat layout only).
+        #[arg(long, default_value = "filesystem")]
+        content: ImageContent,
         /// An installer template of the image: KIND=FILE, KIND one of
         /// preseed, kickstart, user-data, meta-data, ignition (repeatable).
         #[arg(long = "template", value_name = "KIND=FILE", value_parser = parse_template)]
@@ -57,6 +69,12 @@ pub enum OsCmd {
         source: Option<String>,
         #[arg(long)]
         sha256: Option<String>,
+        /// raw, raw+zstd or qcow2 (with only --source: from its name).
+        #[arg(long)]
+        format: Option<ImageFormat>,
+        /// filesystem or whole-disk.
+        #[arg(long)]
+        content: Option<ImageContent>,
         /// Replace the image's templates with these KIND=FILE (repeatable).
         #[arg(long = "template", value_name = "KIND=FILE", value_parser = parse_template, conflicts_with = "no_templates")]
         templates: Vec<(String, String)>,
@@ -164,6 +182,8 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                 ("min disk", human_bytes(i.min_disk_bytes)),
                 ("source", i.source.clone()),
                 ("sha256", opt(&i.sha256)),
+                ("format", i.format.to_string()),
+                ("content", i.content.to_string()),
                 (
                     "templates",
                     if i.templates.is_empty() {
@@ -187,6 +207,8 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             min_disk,
             source,
             sha256,
+            format,
+            content,
             templates,
         } => {
             let i = client
@@ -200,6 +222,8 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                     min_disk_bytes: min_disk,
                     source,
                     sha256,
+                    format,
+                    content,
                     templates: templates.into_iter().collect(),
                 })
                 .await?;
@@ -213,6 +237,8 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
             min_disk,
             source,
             sha256,
+            format,
+            content,
             templates,
             no_templates,
         } => {
@@ -223,6 +249,8 @@ pub async fn run_os(c: OsCmd, ctx: &Ctx, out: &mut Out) -> anyhow::Result<()> {
                 min_disk_bytes: min_disk,
                 source,
                 sha256,
+                format,
+                content,
                 templates: (no_templates || !templates.is_empty()).then(|| templates.into_iter().collect()),
             };
             show(&client.update_os_image(&key, &patch).await?, out)

@@ -191,6 +191,8 @@ pub async fn seed_demo_fleet(store: &Store, per_rack: u32) -> anyhow::Result<usi
         min_disk_bytes: 20 * GIB,
         source: format!("http://images.example/{name}-{version}.raw.zst"),
         sha256: Some("0".repeat(64)),
+        format: None,
+        content: Default::default(),
         templates: Default::default(),
     };
     store

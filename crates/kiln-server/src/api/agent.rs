@@ -9,7 +9,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::HeaderMap;
 use chrono::Utc;
 use kiln_store::{Actor, NewMachine, StoreError, TokenUse};
-use kiln_types::agent::{DeployPlan, DiscoveryReport, DiscoveryResult, ExpectedIdentity, ImageFormat, ImageSource};
+use kiln_types::agent::{DeployPlan, DiscoveryReport, DiscoveryResult, ExpectedIdentity, ImageSource};
 use kiln_types::catalog::StorageLayout;
 use kiln_types::error::ApiError as ErrorBody;
 use kiln_types::job::ReimageSpec;
@@ -89,8 +89,9 @@ pub async fn plan(
         protected: machine.protected,
         image: ImageSource {
             url,
-            format: ImageFormat::from_source(&image.source),
+            format: image.format,
             sha256,
+            content: image.content,
         },
         layout: spec.layout.unwrap_or(StorageLayout::Flat),
         root_password_hash: spec.root_password_hash,

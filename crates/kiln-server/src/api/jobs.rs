@@ -17,7 +17,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use kiln_store::{JobControl, NewJob};
 use kiln_types::JobId;
-use kiln_types::catalog::OsImage;
+use kiln_types::catalog::{OsImage, OsKind, StorageLayout};
 use kiln_types::error::ApiError as ErrorBody;
 use kiln_types::fit::{layout_fits, os_image_fits};
 use kiln_types::install::CryptHash;
@@ -104,6 +104,12 @@ pub(super) async fn machine_problems(
         && let Err(w) = layout_fits(machine, layout)
     {
         why.push(format!("layout {layout}: {w}"));
+    }
+    // Whatever the machine: a whole-disk image brings its own partitions.
+    if image.kind == OsKind::DiskImage
+        && let Err(w) = image.content.check_layout(req.layout.unwrap_or(StorageLayout::Flat))
+    {
+        why.push(format!("OS image {}-{}: {w}", image.name, image.version));
     }
     if let Some(h) = &req.hostname
         && *h != machine.hostname

@@ -205,6 +205,8 @@ api_test!(a_deploy_plan_is_given_to_the_job_token_only, |srv| {
             min_disk_bytes: 20 * GIB,
             source: "images/debian-12.raw.zst".into(),
             sha256: Some(sha.clone()),
+            format: None,
+            content: Default::default(),
             templates: Default::default(),
         })
         .await

@@ -16,6 +16,8 @@ fn image(name: &str, tags: &[PlatformTag], min_ram_gib: u64) -> OsImageCreate {
         min_disk_bytes: 10 << 30,
         source: format!("http://images/{name}.raw"),
         sha256: Some("0".repeat(64)),
+        format: None,
+        content: Default::default(),
         templates: Default::default(),
     }
 }

@@ -79,6 +79,8 @@ pub(crate) async fn catalog(admin: &Client) {
             min_disk_bytes: 20 * GIB,
             source: "images/debian-12.raw.zst".into(),
             sha256: Some("ab".repeat(32)),
+            format: None,
+            content: Default::default(),
             templates: Default::default(),
         })
         .await
@@ -772,6 +774,8 @@ api_test!(installer_files_are_served_to_the_job_token_only, |srv| {
         min_disk_bytes: 20 * GIB,
         source: "images/debian-12.raw.zst".into(),
         sha256: Some("ab".repeat(32)),
+        format: None,
+        content: Default::default(),
         templates: [("meta-data".to_string(), "instance-id: {{ job.id \n".to_string())].into(),
     };
     let e = admin.create_os_image(&image).await.unwrap_err();
@@ -844,6 +848,8 @@ api_test!(an_installer_image_boots_d_i_with_the_job_preseed, |srv| {
         min_disk_bytes: 10 * GIB,
         source: "../etc".into(),
         sha256: None,
+        format: None,
+        content: Default::default(),
         templates: Default::default(),
     };
     // A source the installer could not be served from is refused.

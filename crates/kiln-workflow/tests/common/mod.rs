@@ -159,6 +159,8 @@ pub async fn setup(store: &Store, host: &str) -> (MachineId, OsImage) {
                     min_disk_bytes: 10 * GIB,
                     source: "images/debian-12.raw".into(),
                     sha256: Some("ab".repeat(32)),
+                    format: None,
+                    content: Default::default(),
                     templates: Default::default(),
                 },
             )
