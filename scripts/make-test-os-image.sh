@@ -11,8 +11,8 @@
 #   /boot/vmlinuz, /boot/initrd.img  the ramdisk's kernel and the ramdisk
 #       itself: its /init mounts root= (md RAID and LVM assembled first)
 #   busybox (the ramdisk's own, taken out of the archive) with its applets
-#   /sbin/init  prints "kiln-test-os: booted hostname=… serial=… uuid=…",
-#       runs DHCP, then a small subset of cloud-init's NoCloud on the
+#   /sbin/init  prints "kiln-test-os: booted hostname=… serial=… uuid=…"
+#       and "kiln-test-os: firmware: uefi" (or bios), runs DHCP, then a small subset of cloud-init's NoCloud on the
 #       user-data kiln's agent wrote (/var/lib/cloud/seed/nocloud/user-data):
 #       each `write_files` entry with `encoding: b64` is written to its path
 #       with its permissions, then each `runcmd` entry of the form
@@ -141,6 +141,8 @@ host=$(cat /etc/hostname 2>/dev/null)
 [ -n "$host" ] || host=$(sed -n 's/^hostname: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$seed" 2>/dev/null | head -n 1)
 [ -n "$host" ] && hostname "$host"
 say "booted hostname=${host:-(none)} serial=${serial:-(none)} uuid=${uuid:-(none)}"
+# Which firmware booted it (the UEFI tests check it came up in UEFI mode).
+if [ -d /sys/firmware/efi ]; then say "firmware: uefi"; else say "firmware: bios"; fi
 
 # DHCP on every Ethernet NIC until one has a lease (up to ~20 s).
 ip link set lo up

@@ -14,8 +14,9 @@
 //!    before step 6); stage 2;
 //! 5. the new root is configured (fstab, hostname, cloud-init NoCloud
 //!    seed, root password hash, SSH keys, mdadm.conf); stage 3;
-//! 6. GRUB on every disk of the layout, so any surviving disk boots;
-//!    unmount; stage 4; the caller reboots.
+//! 6. GRUB on every disk of the layout, so any surviving disk boots (on
+//!    UEFI: at the removable path of every ESP, and a named NVRAM entry
+//!    per ESP); unmount; stage 4; the caller reboots.
 //!
 //! A whole-disk image ([`ImageContent::WholeDisk`], docs/images.md) takes
 //! a shorter path after the same stage 1 and identity check: the layout
@@ -781,6 +782,7 @@ fn install_bootloader(
                     .map_err(fail("copying the ESP"))?;
                 system.run(&argv(&["umount", &at])).map_err(fail("unmounting an ESP"))?;
             }
+            nvram_entries(system, plan.hostname.as_str(), layout);
         }
     }
     write(
@@ -789,6 +791,85 @@ fn install_bootloader(
         0o644,
     )?;
     Ok(disks)
+}
+
+/// What the agent's NVRAM boot entries are called: `HOST (kiln, DISK)`.
+/// Every entry whose label has `(kiln` is one of kiln's and is replaced on
+/// the next reimage, so entries do not pile up.
+fn nvram_label(hostname: &str, disk: &str) -> String {
+    format!("{hostname} (kiln, {})", disk.trim_start_matches("/dev/"))
+}
+
+/// The boot numbers (`0004`) of kiln's entries in `efibootmgr`'s listing
+/// (`Boot0004* web1 (kiln, vda)\tHD(…)`; the device path is printed by
+/// efibootmgr 18, not 17).
+pub fn kiln_entries(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("Boot")?;
+            let (num, label) = rest.split_at_checked(4)?;
+            if !num.chars().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            let label = label.strip_prefix('*').unwrap_or(label);
+            let label = label.split('\t').next().unwrap_or_default();
+            label.contains("(kiln").then(|| num.to_string())
+        })
+        .collect()
+}
+
+/// The installed OS as named UEFI boot entries, one per ESP, the first
+/// disk's first in `BootOrder` (`efibootmgr --create` puts the entry it
+/// makes first, so they are made last disk first). A one-shot network boot
+/// (`BootNext`, which a BMC's "PXE once" sets) is taken before `BootOrder`
+/// and is left alone, so it still wins. Best effort: every ESP already
+/// holds GRUB at the removable path (`\EFI\BOOT\BOOTX64.EFI`), which
+/// firmware boots without an entry, so a machine whose variables cannot be
+/// written (no efivarfs, a firmware that refuses) still boots; the reason
+/// is printed on the console.
+fn nvram_entries(system: &mut dyn System, hostname: &str, layout: &LayoutPlan) {
+    let esps: Vec<(String, u32)> = layout
+        .disks
+        .iter()
+        .flat_map(|d| {
+            d.partitions
+                .iter()
+                .filter(|p| p.kind == crate::layout::PartitionKind::Esp)
+                .map(|p| (d.device.clone(), p.number))
+        })
+        .collect();
+    let result = (|| -> Result<(), DeployError> {
+        let listing = system
+            .run(&argv(&["efibootmgr"]))
+            .map_err(fail("reading the UEFI boot entries"))?;
+        for num in kiln_entries(&listing) {
+            system
+                .run(&argv(&["efibootmgr", "--quiet", "--bootnum", &num, "--delete-bootnum"]))
+                .map_err(fail("removing an old kiln boot entry"))?;
+        }
+        for (disk, part) in esps.iter().rev() {
+            system
+                .run(&argv(&[
+                    "efibootmgr",
+                    "--quiet",
+                    "--create",
+                    "--disk",
+                    disk,
+                    "--part",
+                    &part.to_string(),
+                    "--label",
+                    &nvram_label(hostname, disk),
+                    "--loader",
+                    "\\EFI\\BOOT\\BOOTX64.EFI",
+                ]))
+                .map_err(fail("writing the UEFI boot entry"))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        eprintln!("kiln-agent: no NVRAM boot entry ({e}); the disks boot by GRUB's removable path");
+    }
 }
 
 #[cfg(test)]

@@ -470,6 +470,10 @@ fn load(file: &std::fs::File, stamp: Stamp) -> io::Result<Bytes> {
 pub struct Artifacts {
     /// Canonical: a file is served only if its own canonical path is under it.
     root: PathBuf,
+    /// Files served from elsewhere when the root has none of that name
+    /// (request path → file): iPXE's first stages from Debian's `ipxe`
+    /// package ([`crate::first_stage`]).
+    fallback: HashMap<PathBuf, PathBuf>,
     cache: FileCache,
 }
 
@@ -491,8 +495,16 @@ impl Artifacts {
         );
         Ok(Artifacts {
             root,
+            fallback: HashMap::new(),
             cache: FileCache::new(limits),
         })
+    }
+
+    /// Serves `fallback`'s files (request path → file) when the root has
+    /// none of that name: the root's own file wins.
+    pub fn with_fallback(mut self, fallback: impl IntoIterator<Item = (PathBuf, PathBuf)>) -> Artifacts {
+        self.fallback = fallback.into_iter().collect();
+        self
     }
 
     pub fn cache(&self) -> &FileCache {
@@ -503,14 +515,21 @@ impl Artifacts {
     /// followed, but what they lead to must be under the root too.
     async fn open(&self, rel: PathBuf) -> Result<(PathBuf, std::fs::File, Metadata), OpenError> {
         let root = self.root.clone();
+        let fallback = self.fallback.get(&rel).cloned();
         let opened = tokio::task::spawn_blocking(move || {
-            let full = root.join(&rel).canonicalize()?;
-            if !full.starts_with(&root) {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "leads out of the artifacts root",
-                ));
-            }
+            let full = match root.join(&rel).canonicalize() {
+                Ok(full) if full.starts_with(&root) => full,
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "leads out of the artifacts root",
+                    ));
+                }
+                // The root has no such file: a first stage comes from
+                // Debian's iPXE.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => fallback.ok_or(e)?,
+                Err(e) => return Err(e),
+            };
             let file = std::fs::File::open(&full)?;
             let meta = file.metadata()?;
             if !meta.is_file() {

@@ -39,7 +39,8 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub dhcp: Option<DhcpSettings>,
-    /// Net boot: the TFTP service (file only: `[tftp]`).
+    /// Net boot: the TFTP service (file only: `[tftp]`; on beside `[dhcp]`
+    /// unless `enabled = false`).
     #[arg(skip)]
     #[serde(default)]
     pub tftp: Option<crate::tftp::TftpSettings>,
@@ -173,6 +174,12 @@ pub struct BootSettings {
     /// Directory served at `/boot/file/` (default: DATA_DIR/artifacts).
     #[serde(default)]
     pub artifacts: Option<PathBuf>,
+    /// Where iPXE's first-stage binaries are (`undionly.kpxe`,
+    /// `snponly.efi`, `ipxe.efi`; Debian's `ipxe` package installs them
+    /// here): served over HTTP and TFTP when the artifacts directory (the
+    /// TFTP root) does not have a file of that name.
+    #[serde(default = "default_ipxe_dir")]
+    pub ipxe_dir: PathBuf,
     /// The discovery agent's kernel and initrd, relative to `artifacts`.
     #[serde(default = "default_agent_kernel")]
     pub agent_kernel: String,
@@ -217,6 +224,10 @@ impl BootSettings {
     }
 }
 
+fn default_ipxe_dir() -> PathBuf {
+    PathBuf::from(crate::first_stage::DEBIAN_IPXE_DIR)
+}
+
 fn default_agent_kernel() -> String {
     "vmlinuz".into()
 }
@@ -238,6 +249,7 @@ impl Default for BootSettings {
             listen: None,
             http_base: None,
             artifacts: None,
+            ipxe_dir: default_ipxe_dir(),
             agent_kernel: default_agent_kernel(),
             agent_initrd: default_agent_initrd(),
             agent_cmdline: default_agent_cmdline(),
@@ -333,6 +345,9 @@ pub struct Config {
     pub api: ApiConfig,
     pub boot: BootSettings,
     pub dhcp: Option<DhcpSettings>,
+    /// `None`: no TFTP. On when `[tftp]` is given or `[dhcp]` is (whose
+    /// PXE clients are sent their first stage by TFTP), unless
+    /// `[tftp] enabled = false`.
     pub tftp: Option<crate::tftp::TftpSettings>,
     pub bmc: crate::bmc::BmcSettings,
     pub jobs: kiln_workflow::EngineSettings,
@@ -375,6 +390,10 @@ pub enum ConfigError {
     Boot(String),
     #[error("[tftp]: {0}")]
     Tftp(String),
+    /// A file kiln's DHCP would offer that kiln cannot serve
+    /// ([`crate::first_stage::check`]).
+    #[error("boot files: {0}")]
+    BootFiles(String),
     #[error("[[hooks]]: {0}")]
     Hooks(String),
     #[error("[post_install]: {0}")]
@@ -479,8 +498,11 @@ impl Config {
             post_install,
             auth,
             boot: s.boot.unwrap_or_default(),
+            tftp: match s.tftp {
+                Some(t) => t.enabled.then_some(t),
+                None => s.dhcp.is_some().then(crate::tftp::TftpSettings::default),
+            },
             dhcp: s.dhcp,
-            tftp: s.tftp,
             secret_key_file: s.secret_key_file.unwrap_or_else(|| data_dir.join("secret.key")),
             data_dir,
             listen,

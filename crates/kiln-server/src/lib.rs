@@ -13,6 +13,7 @@ pub mod dhcp;
 pub mod discovery;
 pub mod error;
 pub mod failure_limit;
+pub mod first_stage;
 pub mod jobs;
 pub mod outbound;
 pub mod peer;
@@ -80,7 +81,8 @@ impl AppState {
         let artifacts = config.artifacts_dir();
         std::fs::create_dir_all(&artifacts)
             .with_context(|| format!("cannot create the artifacts directory {}", artifacts.display()))?;
-        let files = boot_files::Artifacts::new(&artifacts, config.boot.file_cache_limits())?;
+        let files = boot_files::Artifacts::new(&artifacts, config.boot.file_cache_limits())?
+            .with_fallback(first_stage::fallback_files(config));
         let boot = std::sync::Arc::new(boot_http::BootContext {
             settings: config.boot.clone(),
             artifacts,
@@ -284,6 +286,9 @@ impl Listeners {
 /// Opens everything `config` names, binds its listen addresses (and DHCP's
 /// sockets) and serves.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before anything opens: a DHCP that offers a file nothing serves is
+    // a configuration error, not a fleet that silently fails to boot.
+    first_stage::check(&config)?;
     let state = AppState::open(&config).await?;
     let listeners = Listeners::bind(&config).await?;
     let dhcp = match &config.dhcp {
@@ -337,8 +342,8 @@ pub async fn serve_on(
         services.spawn(async move { ("DHCP", dhcp::run_on(store, settings, dhcp, boot, port, stop).await) });
     }
     if let Some(t) = config.tftp.clone() {
-        let stop = shutdown.clone();
-        services.spawn(async move { ("TFTP", tftp::run(t, stop).await) });
+        let (stop, fallback) = (shutdown.clone(), first_stage::fallback_files(config));
+        services.spawn(async move { ("TFTP", tftp::run(t, fallback, stop).await) });
     }
     if config.bmc.sync_interval_secs > 0 {
         let (bmc, stop) = (state.bmc.clone(), shutdown.clone());

@@ -58,6 +58,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TftpSettings {
+    /// Serve TFTP. Without a `[tftp]` section TFTP runs when `[dhcp]` does;
+    /// `false` turns it off (then `[dhcp]` is refused: its PXE clients
+    /// would be sent a file nothing serves).
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
     /// Directory served (Debian's `ipxe` package installs its binaries in
     /// /usr/lib/ipxe).
     #[serde(default = "default_root")]
@@ -88,6 +93,7 @@ pub struct TftpSettings {
 impl Default for TftpSettings {
     fn default() -> Self {
         TftpSettings {
+            enabled: default_enabled(),
             root: default_root(),
             listen: default_listen(),
             max_transfers: default_max_transfers(),
@@ -139,8 +145,12 @@ impl TftpSettings {
     }
 }
 
+fn default_enabled() -> bool {
+    true
+}
+
 fn default_root() -> PathBuf {
-    PathBuf::from("/usr/lib/ipxe")
+    PathBuf::from(crate::first_stage::DEBIAN_IPXE_DIR)
 }
 
 fn default_listen() -> SocketAddr {
@@ -241,6 +251,9 @@ pub struct TftpServer {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// First-stage files served from elsewhere when the root lacks them
+    /// (request path → file): Debian's iPXE ([`crate::first_stage`]).
+    fallback: std::collections::BTreeMap<PathBuf, PathBuf>,
     slots: Mutex<SlotTable>,
     cache: Mutex<Cache>,
     timing: Timing,
@@ -326,6 +339,16 @@ impl Inner {
 
 impl TftpServer {
     pub fn new(root: &Path, bounds: Bounds) -> anyhow::Result<TftpServer> {
+        Self::with_fallback(root, bounds, Default::default())
+    }
+
+    /// A server whose root is `root`, and which serves `fallback`'s files
+    /// (request path → file) when the root has none of that name.
+    pub fn with_fallback(
+        root: &Path,
+        bounds: Bounds,
+        fallback: std::collections::BTreeMap<PathBuf, PathBuf>,
+    ) -> anyhow::Result<TftpServer> {
         let root = root
             .canonicalize()
             .with_context(|| format!("the TFTP root {} does not exist", root.display()))?;
@@ -333,6 +356,7 @@ impl TftpServer {
         Ok(TftpServer {
             inner: Arc::new(Inner {
                 root,
+                fallback,
                 slots: Mutex::new(SlotTable {
                     slots: Slots::new(bounds.max_transfers, bounds.max_per_client),
                     ends: HashMap::new(),
@@ -394,15 +418,26 @@ impl TftpServer {
         {
             return Err(OUTSIDE);
         }
-        let full = root.join(relative).canonicalize().map_err(|_| NOT_FOUND)?;
+        let Ok(full) = root.join(relative).canonicalize() else {
+            return self.fallback(relative);
+        };
         // A symlink may point anywhere; what it resolves to must stay inside.
         if !full.starts_with(root) {
             return Err(OUTSIDE);
         }
         if !full.is_file() {
-            return Err(NOT_FOUND);
+            return self.fallback(relative);
         }
         Ok(full)
+    }
+
+    /// The fallback file for `relative` (the root has none), if any.
+    fn fallback(&self, relative: &Path) -> Result<PathBuf, Refusal> {
+        let relative: PathBuf = relative.components().filter(|c| *c != Component::CurDir).collect();
+        match self.inner.fallback.get(&relative) {
+            Some(file) if file.is_file() => Ok(file.clone()),
+            _ => Err(NOT_FOUND),
+        }
     }
 
     /// The contents to send for `path`: shared from the cache when small
@@ -544,8 +579,12 @@ impl Source {
 }
 
 /// Serves TFTP until `shutdown`.
-pub async fn run(settings: TftpSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let server = TftpServer::new(&settings.root, settings.bounds())?;
+pub async fn run(
+    settings: TftpSettings,
+    fallback: std::collections::BTreeMap<PathBuf, PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let server = TftpServer::with_fallback(&settings.root, settings.bounds(), fallback)?;
     let socket = std::net::UdpSocket::bind(settings.listen).with_context(|| {
         format!(
             "binding TFTP on {} (port 69 needs root or CAP_NET_BIND_SERVICE)",
@@ -984,6 +1023,31 @@ mod tests {
             assert_eq!(h.resolve(Path::new(bad)), Err(NOT_FOUND), "{bad} must be refused");
         }
         assert!(h.resolve(Path::new("")).is_err());
+    }
+
+    #[test]
+    fn first_stage_files_fall_back_to_debians_ipxe_and_the_root_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, ipxe) = (dir.path().join("root"), dir.path().join("ipxe"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&ipxe).unwrap();
+        std::fs::write(root.join("undionly.kpxe"), b"the operator's").unwrap();
+        for f in ["undionly.kpxe", "snponly.efi", "other.efi"] {
+            std::fs::write(ipxe.join(f), b"debian's").unwrap();
+        }
+        let fallback = ["undionly.kpxe", "snponly.efi", "ipxe.efi"]
+            .into_iter()
+            .map(|n| (PathBuf::from(n), ipxe.join(n)))
+            .collect();
+        let h = TftpServer::with_fallback(&root, Bounds::default(), fallback).unwrap();
+        let root = root.canonicalize().unwrap();
+        assert_eq!(h.resolve(Path::new("/undionly.kpxe")), Ok(root.join("undionly.kpxe")));
+        assert_eq!(h.resolve(Path::new("/snponly.efi")), Ok(ipxe.join("snponly.efi")));
+        assert_eq!(h.resolve(Path::new("./snponly.efi")), Ok(ipxe.join("snponly.efi")));
+        // Only the first-stage names, and only files that exist.
+        assert_eq!(h.resolve(Path::new("other.efi")), Err(NOT_FOUND));
+        assert_eq!(h.resolve(Path::new("ipxe.efi")), Err(NOT_FOUND));
+        assert_eq!(h.resolve(Path::new("../ipxe/snponly.efi")), Err(OUTSIDE));
     }
 
     #[test]

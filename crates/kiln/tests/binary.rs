@@ -98,6 +98,32 @@ fn operator_first_hour_and_no_secret_in_logs() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A DHCP that would send PXE clients a file nothing serves (TFTP
+    // off) is refused at start-up, with the fix, before anything opens.
+    let off_data = dir.path().join("tftp-off");
+    let off_cfg = dir.path().join("tftp-off.toml");
+    std::fs::write(
+        &off_cfg,
+        format!(
+            "data_dir = \"{}\"\n[dhcp]\nmode = \"proxy\"\ninterfaces = [\"lo\"]\nport = 0\n[tftp]\nenabled = false\n",
+            off_data.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(KILN)
+        .args(["server", "--config"])
+        .arg(&off_cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("[dhcp] sends BIOS PXE clients `undionly.kpxe` by TFTP from this server, but TFTP is off")
+            && err.contains("remove `enabled = false`"),
+        "{err}"
+    );
+    assert!(!off_data.exists(), "the refused server made its data directory");
+
     let log_path = dir.path().join("server.log");
     let (mut server, url) = start_server(&["--log", "trace"], &data_s, &log_path, &token);
     let key = std::fs::metadata(data.join("secret.key")).unwrap();

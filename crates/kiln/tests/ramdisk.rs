@@ -123,6 +123,7 @@ fn the_ramdisk_holds_the_agent_the_tools_and_every_library_they_need() {
         "usr/sbin/mkfs.vfat".into(),
         "usr/sbin/grub-install".into(),
         "usr/sbin/grub-bios-setup".into(),
+        "usr/bin/efibootmgr".into(),
         "usr/lib/grub/i386-pc/boot.img".into(),
         "usr/lib/grub/x86_64-efi/kernel.img".into(),
         "etc/lvm/lvm.conf".into(),
@@ -146,8 +147,33 @@ fn the_ramdisk_holds_the_agent_the_tools_and_every_library_they_need() {
     }
     let init = std::fs::read_to_string(root.join("init")).unwrap();
     assert!(init.contains("kiln-agent run"));
-    // modprobe finds a module's dependencies: ext4 needs jbd2 and mbcache.
+    // A UEFI deploy mounts the ESP it makes (FAT: its code page and the
+    // `ascii` I/O charset Debian's kernel mounts FAT with; without
+    // nls_ascii, "FAT-fs: IO charset ascii not found") and writes the NVRAM
+    // boot entry through efivarfs, which init mounts.
     let dep = std::fs::read_to_string(root.join(format!("{m}/modules.dep"))).unwrap();
+    let listed = std::fs::read_to_string(root.join("etc/kiln/modules")).unwrap();
+    for (module, ko) in [
+        ("vfat", "kernel/fs/fat/vfat.ko"),
+        ("nls_cp437", "kernel/fs/nls/nls_cp437.ko"),
+        ("nls_ascii", "kernel/fs/nls/nls_ascii.ko"),
+        ("efivarfs", "kernel/fs/efivarfs/efivarfs.ko"),
+    ] {
+        assert!(
+            listed.lines().any(|l| l == module),
+            "{module} is not in the modules init loads:\n{listed}"
+        );
+        assert!(
+            dep.lines().any(|l| l.starts_with(&format!("{ko}:"))),
+            "{ko} is not in modules.dep"
+        );
+        assert!(root.join(format!("{m}/{ko}")).is_file(), "{ko} is missing");
+    }
+    assert!(
+        init.contains("mount -t efivarfs efivarfs /sys/firmware/efi/efivars"),
+        "init does not mount efivarfs"
+    );
+    // modprobe finds a module's dependencies: ext4 needs jbd2 and mbcache.
     let ext4 = dep.lines().find(|l| l.starts_with("kernel/fs/ext4/ext4.ko:")).unwrap();
     assert!(ext4.contains("jbd2.ko") && ext4.contains("mbcache.ko"), "{ext4}");
 
@@ -204,6 +230,7 @@ fn the_ramdisk_holds_the_agent_the_tools_and_every_library_they_need() {
         "sfdisk --version",
         "mkswap --version",
         "blockdev --version",
+        "efibootmgr --version",
         "kiln-agent --help",
     ] {
         // Run as the agent runs them: exec'd through PATH, not through

@@ -149,6 +149,10 @@ impl System for FakeMachine {
             ["blkid", "-s", "UUID", "-o", "value", device] => Ok(format!("uuid-of-{}\n", device.replace('/', "_"))),
             ["blkid", "-s", "TYPE", "-o", "value", _] => Ok("ext4\n".into()),
             ["mdadm", "--detail", "--scan"] => Ok("ARRAY /dev/md0 metadata=1.0 UUID=aa\n".into()),
+            // A machine reimaged before: its old kiln entry, the firmware's own.
+            ["efibootmgr"] => Ok("BootCurrent: 0001\nBootOrder: 0003,0001,0000\nBoot0000* UiApp\n\
+                 Boot0001* UEFI PXEv4 (MAC:525400820001)\nBoot0003* old-name (kiln, vda)\tHD(1,GPT,aa)/File(\\EFI\\BOOT\\BOOTX64.EFI)\n"
+                .into()),
             ["lvcreate", ..] => {
                 let root = self.device_path("/dev/vg0/root");
                 fs::create_dir_all(root.parent().unwrap()).unwrap();
@@ -554,4 +558,70 @@ fn a_whole_disk_image_as_large_as_the_disk_fails_with_the_reason() {
     let bytes = fs::read(machine.device_path("/dev/vda")).unwrap();
     assert!(bytes[..2 << 20].iter().all(|b| *b == 0), "boot code and GPT zeroed");
     assert!(crate::whole_disk::read_gpt(&bytes).is_err());
+#[test]
+fn uefi_puts_grub_on_every_esp_and_names_the_os_in_nvram() {
+    let (mut server, mut machine, env) = setup();
+    let mut inv = inventory();
+    inv.firmware = Firmware::Uefi;
+    let plan = plan_for(&inv, &server.image);
+    let done = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap();
+    assert_eq!(done.boot_disks, ["/dev/vda", "/dev/vdb"]);
+    assert!(server.failures.is_empty(), "{:?}", server.failures);
+    let efi = env.target.join("boot/efi");
+    assert_eq!(
+        machine.ran("grub-install"),
+        [format!(
+            "grub-install --target=x86_64-efi --efi-directory={} --boot-directory={}/boot --removable --no-nvram",
+            efi.display(),
+            env.target.display()
+        )]
+    );
+    // The second disk's ESP gets a copy of the first's.
+    let esp_copy: Vec<String> = machine.ran("cp").into_iter().filter(|c| c.contains("kiln.esp")).collect();
+    assert_eq!(
+        esp_copy,
+        [format!("cp -a {}/. {}.esp", efi.display(), env.target.display())]
+    );
+    // The old kiln entry goes, the firmware's stay; one entry per ESP,
+    // the first disk's made last so that it is first in BootOrder.
+    assert_eq!(
+        machine.ran("efibootmgr"),
+        [
+            "efibootmgr".to_string(),
+            "efibootmgr --quiet --bootnum 0003 --delete-bootnum".into(),
+            "efibootmgr --quiet --create --disk /dev/vdb --part 1 --label web1 (kiln, vdb) --loader \\EFI\\BOOT\\BOOTX64.EFI"
+                .into(),
+            "efibootmgr --quiet --create --disk /dev/vda --part 1 --label web1 (kiln, vda) --loader \\EFI\\BOOT\\BOOTX64.EFI"
+                .into(),
+        ]
+    );
+    assert!(machine.mounted.is_empty(), "{:?}", machine.mounted);
+}
+
+#[test]
+fn a_firmware_that_refuses_variables_still_gets_a_bootable_disk() {
+    let (mut server, mut machine, env) = setup();
+    machine.failing = Some("efibootmgr");
+    let mut inv = inventory();
+    inv.firmware = Firmware::Uefi;
+    let plan = plan_for(&inv, &server.image);
+    let done = deploy(&mut server, &mut machine, &plan, &inv, &env).unwrap();
+    assert_eq!(done.boot_disks, ["/dev/vda", "/dev/vdb"]);
+    assert_eq!(machine.ran("grub-install").len(), 1);
+    assert_eq!(
+        machine.ran("efibootmgr"),
+        ["efibootmgr"],
+        "nothing written after the refusal"
+    );
+}
+
+#[test]
+fn kiln_entries_are_found_in_either_efibootmgr_listing() {
+    let v17 = "BootCurrent: 0002\nTimeout: 0 seconds\nBootOrder: 0004,0002\nBoot0000* UiApp\n\
+               Boot0002* UEFI PXEv4 (MAC:525400820001)\nBoot0004* web1 (kiln, vda)\nBoot000A  web1 (kiln, vdb)\n";
+    assert_eq!(kiln_entries(v17), ["0004", "000A"]);
+    let v18 = "BootOrder: 0004\nBoot0004* web1 (kiln, nvme0n1)\tHD(1,GPT,0b0e,0x800,0x100000)/\\EFI\\BOOT\\BOOTX64.EFI\n\
+               Boot0005* debian\tHD(1,GPT,0b0e)/\\EFI\\debian\\shimx64.efi (kiln-less)\n";
+    assert_eq!(kiln_entries(v18), ["0004"], "a path that says kiln is not a label");
+    assert!(kiln_entries("BootNext: 0001\nBootXYZW* x (kiln, a)\n").is_empty());
 }

@@ -253,6 +253,14 @@ pub async fn run(args: DemoArgs, out: &mut Out) -> anyhow::Result<()> {
         data_dir: Some(args.data_dir.clone()),
         listen: Some(args.listen.clone()),
         dhcp: Some(loopback_dhcp()),
+        // The simulated machines are iPXE clients sent to HTTP boot: no
+        // TFTP (whose port 69 would need privileges). `kiln server` would
+        // refuse this (its PXE clients' first stage would not be served);
+        // the demo runs no PXE client.
+        tftp: Some(kiln_server::tftp::TftpSettings {
+            enabled: false,
+            ..Default::default()
+        }),
         ..Default::default()
     })?;
     init_logging("warn");

@@ -303,3 +303,44 @@ async fn files_are_served_with_ranges_from_disk() {
     assert_eq!(srv.state.boot.files.cache().used(), 0);
     srv.stop().await;
 }
+
+/// iPXE's first stages are served at `/boot/file/` with no configuration:
+/// from `[boot] ipxe_dir` (Debian's `ipxe` package, /usr/lib/ipxe, where
+/// UEFI HTTP boot clients are sent for `snponly.efi`), unless the
+/// artifacts directory has its own, which wins; other files of that
+/// directory are not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipxe_first_stages_are_served_from_debians_package_and_the_artifacts_win() {
+    let debian = std::path::Path::new(kiln_server::first_stage::DEBIAN_IPXE_DIR);
+    assert!(
+        debian.join("snponly.efi").is_file(),
+        "Debian's iPXE is not installed: apt-get install ipxe (scripts/test installs it)"
+    );
+    let srv = TestServer::start(Backend::Sqlite).await;
+    let http = reqwest::Client::new();
+    let get = |name: &str| http.get(format!("{}/boot/file/{name}", srv.url)).send();
+    for name in ["snponly.efi", "ipxe.efi", "undionly.kpxe"] {
+        let r = get(name).await.unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let want = std::fs::read(debian.join(name)).unwrap();
+        assert_eq!(header(&r, "content-length"), want.len().to_string(), "{name}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &want[..], "{name}");
+    }
+    // Range works on them too (UEFI HTTP boot resumes).
+    let r = http
+        .get(format!("{}/boot/file/snponly.efi", srv.url))
+        .header("range", "bytes=0-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"MZ", "a PE image");
+    // Not the rest of /usr/lib/ipxe.
+    assert_eq!(raw_status(&srv, "/boot/file/ipxe.lkrn").await, 404);
+    assert_eq!(raw_status(&srv, "/boot/file/qemu/efi-virtio.rom").await, 404);
+    // The operator's own build wins.
+    std::fs::write(srv.state.boot.artifacts.join("snponly.efi"), b"my own iPXE").unwrap();
+    let r = get("snponly.efi").await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"my own iPXE");
+    srv.stop().await;
+}

@@ -86,6 +86,13 @@ for m in $(cat /etc/kiln/modules); do
 done
 say "modules loaded: $n of $(wc -l </etc/kiln/modules) ($(cut -d' ' -f1 /proc/modules | wc -l) in the kernel)"
 
+# UEFI variables, for efibootmgr (the agent's NVRAM boot entry): only on
+# UEFI firmware, and only if the kernel did not mount them itself.
+if [ -d /sys/firmware/efi/efivars ] && ! grep -q " /sys/firmware/efi/efivars " /proc/mounts; then
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null ||
+        say "cannot mount efivarfs: no NVRAM boot entry will be written"
+fi
+
 ip link set lo up 2>/dev/null
 
 # MAC from BOOTIF= (52:54:00:aa:bb:cc or pxelinux's 01-52-54-00-aa-bb-cc),
@@ -173,6 +180,7 @@ if has_arg root; then
     [ "$vgs" -gt 0 ] && say "lvm: $vgs volume group(s) active"
     dev=
     end=$(($(cut -d. -f1 /proc/uptime) + 10))
+    degraded=
     while :; do
         case "$root" in
         UUID=* | LABEL=*) dev=$(blkid -l -o device -t "$root" 2>/dev/null) ;;
@@ -186,6 +194,19 @@ if has_arg root; then
         sleep 0.5
         # A disk that came late may hold arrays or volumes.
         mdadm --assemble --scan >/dev/null 2>&1
+        # A mirror with a disk gone is assembled but not started (mdadm
+        # waits for the missing half). After 3 s start what is there, as
+        # Debian's initramfs does, so the machine boots with either disk
+        # of a mirrored layout gone.
+        if [ -z "$degraded" ] && [ "$(cut -d. -f1 /proc/uptime)" -ge $((end - 7)) ]; then
+            degraded=1
+            for md in /dev/md[0-9]* /dev/md/*; do
+                [ -b "$md" ] || continue
+                md=$(readlink -f "$md")
+                grep -q "^${md##*/} : inactive" /proc/mdstat 2>/dev/null || continue
+                mdadm --run "$md" >/dev/null 2>&1 && say "md: $md started degraded"
+            done
+        fi
         lvm vgchange -ay --sysinit >/dev/null 2>&1
     done
     mkdir -p /newroot

@@ -266,6 +266,12 @@ const TOOLS: &[Tool] = &[
         path: "usr/lib/grub/i386-pc/grub-bios-setup",
         links: &[],
     },
+    // The NVRAM boot entry of a UEFI machine's installed OS.
+    Tool {
+        package: "efibootmgr",
+        path: "bin/efibootmgr",
+        links: &[],
+    },
 ];
 
 /// Whole directories taken from packages: GRUB's platform files, which

@@ -42,11 +42,19 @@ pub const WANTED: &[&str] = &[
     "raid10",
     "dm_mod",
     "dm_raid",
-    // filesystems the layouts make and the ESP
+    // filesystems the layouts make and the ESP: FAT needs its code page
+    // (cp437) and its I/O charset (Debian's kernel mounts FAT with
+    // `iocharset=ascii` unless told otherwise: without nls_ascii an ESP
+    // does not mount, "FAT-fs: IO charset ascii not found")
     "ext4",
     "vfat",
     "nls_cp437",
+    "nls_ascii",
     "nls_iso8859_1",
+    "nls_utf8",
+    // UEFI variables (/sys/firmware/efi/efivars), for efibootmgr's NVRAM
+    // boot entry
+    "efivarfs",
     // LLDP's raw sockets
     "af_packet",
     // in-band IPMI (absent on most VMs: loading is allowed to fail)
