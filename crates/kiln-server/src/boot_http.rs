@@ -375,7 +375,7 @@ pub async fn job_file(
             ),
         };
     };
-    let boot_mac = machine.nics.first().map(|n| n.mac);
+    let boot_mac = machine.nics.iter().find_map(|n| n.mac);
     let install_net = kiln_boot::network::install_network(&net, &subnets, boot_mac);
     let plan = InstallPlan {
         job_id: id.to_string(),
