@@ -558,6 +558,8 @@ fn a_whole_disk_image_as_large_as_the_disk_fails_with_the_reason() {
     let bytes = fs::read(machine.device_path("/dev/vda")).unwrap();
     assert!(bytes[..2 << 20].iter().all(|b| *b == 0), "boot code and GPT zeroed");
     assert!(crate::whole_disk::read_gpt(&bytes).is_err());
+}
+
 #[test]
 fn uefi_puts_grub_on_every_esp_and_names_the_os_in_nvram() {
     let (mut server, mut machine, env) = setup();
