@@ -170,6 +170,18 @@ fn operator_first_hour_and_no_secret_in_logs() {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed[0]["hostname"], "db1001");
     assert_eq!(listed[0]["bmc"]["password_set"], true);
+    // The system disk (seed 004): set by serial or WWN, cleared with `-`.
+    let edit = |value: &str| {
+        let out = cli(
+            &url,
+            &token,
+            &["machine", "edit", "db1001", "--system-disk", value, "-o", "json"],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["system_disk"].clone()
+    };
+    assert_eq!(edit("0x5000c500a1b2c3d4"), "0x5000c500a1b2c3d4");
+    assert_eq!(edit("-"), serde_json::Value::Null);
     let shown = [
         out.stdout,
         cli(&url, &token, &["machine", "show", "db1001", "-o", "json"]).stdout,
