@@ -142,6 +142,20 @@ SUSHY_EMULATOR_FAKE_SYSTEMS = [
     s
 }
 
+/// The system resource as sushy shows it, read apart from the driver.
+async fn system(s: &Sushy, uuid: &str) -> serde_json::Value {
+    tls::client(&TlsPolicy::Insecure)
+        .unwrap()
+        .get(format!("{}/redfish/v1/Systems/{uuid}", s.url))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn config(s: &Sushy, uuid: &str) -> RedfishConfig {
     let mut c = RedfishConfig::new(&s.url, USER, Password::new(PASSWORD));
     c.ca_pem = Some(s.ca_pem.clone());
@@ -165,6 +179,13 @@ async fn sushy_fake_driver_power_and_boot_override() {
     b.set_boot_device(BootDevice::Network, BootPersistence::Once, BootFirmware::Uefi)
         .await
         .unwrap();
+    // Issue 15: the mode a UEFI machine's reimage asks for, read back from
+    // the peer (the legacy disk override below reads back `Legacy`).
+    // sushy's fake driver shows every override as `Continuous`, so `Once`
+    // cannot be read back here (kiln-sim checks it).
+    let sys = system(&s, UUID_B).await;
+    assert_eq!(sys["Boot"]["BootSourceOverrideTarget"], "Pxe", "{sys}");
+    assert_eq!(sys["Boot"]["BootSourceOverrideMode"], "UEFI", "{sys}");
 
     let t = Instant::now();
     b.power(PowerAction::On).await.unwrap();

@@ -93,6 +93,8 @@ string_enum!(
     BootPolicy { Disk = "disk", AlwaysNetboot = "always-netboot" }
 );
 
+// By hand: `string_enum!` owns the derive list.
+#[allow(clippy::derivable_impls)]
 impl Default for BootPolicy {
     fn default() -> Self {
         BootPolicy::Disk

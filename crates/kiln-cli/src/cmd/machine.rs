@@ -838,3 +838,57 @@ fn show(m: &Machine, out: &mut Out) -> anyhow::Result<()> {
         ],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(firmware: Option<&str>, secure_boot: Option<bool>) -> BootArgs {
+        BootArgs {
+            firmware: firmware.map(str::to_string),
+            secure_boot,
+            boot_policy: None,
+        }
+    }
+
+    fn with_firmware(mode: FirmwareMode, secure_boot: bool) -> Machine {
+        let mut m = Machine::sketch("m1", MachineKind::Physical, MachineState::Ready);
+        m.firmware = Some(Firmware { mode, secure_boot });
+        m
+    }
+
+    #[test]
+    fn firmware_flags() {
+        let fw = |mode, secure_boot| Some(Some(Firmware { mode, secure_boot }));
+        assert_eq!(args(None, None).firmware(None).unwrap(), None, "not given: kept");
+        assert_eq!(args(Some("-"), None).firmware(None).unwrap(), Some(None), "forgotten");
+        assert_eq!(
+            args(Some("uefi"), Some(true)).firmware(None).unwrap(),
+            fw(FirmwareMode::Uefi, true)
+        );
+        // Secure Boot alone changes the recorded mode's flag; a new mode
+        // alone keeps the flag only if the mode stays.
+        let uefi_sb = with_firmware(FirmwareMode::Uefi, true);
+        assert_eq!(
+            args(None, Some(false)).firmware(Some(&uefi_sb)).unwrap(),
+            fw(FirmwareMode::Uefi, false)
+        );
+        assert_eq!(
+            args(Some("uefi"), None).firmware(Some(&uefi_sb)).unwrap(),
+            fw(FirmwareMode::Uefi, true)
+        );
+        assert_eq!(
+            args(Some("bios"), None).firmware(Some(&uefi_sb)).unwrap(),
+            fw(FirmwareMode::Bios, false)
+        );
+        for (a, says) in [
+            (args(Some("bios"), Some(true)), "BIOS has no Secure Boot"),
+            (args(None, Some(true)), "needs --firmware uefi"),
+            (args(Some("-"), Some(true)), "needs a firmware mode"),
+            (args(Some("efi"), None), "expected one of uefi, bios"),
+        ] {
+            let e = a.firmware(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{e} does not say {says}");
+        }
+    }
+}
