@@ -179,9 +179,12 @@ impl Store {
         pools: &[DynamicPool],
     ) -> Result<Subnet> {
         let mut tx = self.write_tx().await?;
+        // Lock first (the key is a name or an id), then read: the checks
+        // below see what no allocation or other change can move meanwhile.
+        lock_subnet(&mut tx, "name", key).await?;
+        lock_subnet(&mut tx, "id", key).await?;
         let all = all_subnets(&mut tx).await?;
         let before = find(&all, key)?.clone();
-        lock_subnet(&mut tx, "id", &before.id.to_string()).await?;
         let after = patch.apply(&before);
         let mut problems = after.problems(pools);
         for (ip, host) in assigned_in(&mut tx, after.id).await? {

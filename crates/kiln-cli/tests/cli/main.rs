@@ -2,6 +2,7 @@
 //! One binary; a module per area beyond the first ones here.
 
 mod jobs;
+mod network;
 mod tls;
 mod tokens;
 
