@@ -61,16 +61,23 @@ pub struct AgentBoot {
 /// says so and exits to the next boot device.
 pub fn render(answer: &BootAnswer, firmware: Firmware, agent: &AgentBoot) -> Result<String, ScriptError> {
     let mut s = String::from("#!ipxe\n");
+    // Hands control back to the firmware, which boots the next device. On
+    // UEFI the status must be an error: EDK2-based firmware (OVMF, most
+    // servers') takes a boot option that returns success as "the user is
+    // done" and opens its setup menu instead of trying the next option.
+    let give_up = match firmware {
+        Firmware::Bios => "exit\n",
+        Firmware::Uefi => "exit 1\n",
+    };
     let exit_to_disk = |s: &mut String| match firmware {
-        // `exit` hands control back to the firmware, which tries the next
-        // boot device; on BIOS, sanboot of the first hard disk is surer.
+        // On BIOS, sanboot of the first hard disk is surer.
         Firmware::Bios => s.push_str("sanboot --no-describe --drive 0x80 || exit\n"),
-        Firmware::Uefi => s.push_str("exit\n"),
+        Firmware::Uefi => s.push_str(give_up),
     };
     match answer {
         BootAnswer::NoAnswer { .. } => {
             s.push_str("echo kiln: this machine is not managed here\n");
-            s.push_str("exit\n");
+            s.push_str(give_up);
         }
         BootAnswer::LocalDisk { .. } => {
             s.push_str("echo kiln: booting from local disk\n");
@@ -235,6 +242,21 @@ mod tests {
         }
         let s = render(&BootAnswer::NoAnswer { reason: "x".into() }, Firmware::Bios, &agent()).unwrap();
         assert!(commands(&s).iter().all(|c| c[0] != "kernel"));
+    }
+
+    #[test]
+    fn on_uefi_ipxe_gives_up_with_an_error_so_the_firmware_boots_the_next_option() {
+        // EDK2 (OVMF, most servers) opens its setup menu when a boot option
+        // returns success: the QEMU UEFI test booted into it before.
+        for answer in [
+            BootAnswer::LocalDisk { reason: "x".into() },
+            BootAnswer::NoAnswer { reason: "x".into() },
+        ] {
+            let s = render(&answer, Firmware::Uefi, &agent()).unwrap();
+            let cmds = commands(&s);
+            assert_eq!(cmds.last().unwrap(), &["exit", "1"], "{s}");
+            assert!(!cmds.iter().any(|c| c == &["exit"]), "{s}");
+        }
     }
 
     #[test]

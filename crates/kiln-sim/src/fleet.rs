@@ -702,9 +702,12 @@ fn parse_script(script: &str) -> Script {
             )),
         };
     }
-    // `sanboot … || exit` or `exit`: iPXE gives up and the firmware boots
+    // `sanboot … || exit` or `exit` (`exit 1` on UEFI): iPXE gives up and the firmware boots
     // the next device, the disk.
-    if script.lines().any(|l| l.starts_with("sanboot") || l.trim() == "exit") {
+    if script
+        .lines()
+        .any(|l| l.starts_with("sanboot") || l.trim() == "exit" || l.trim() == "exit 1")
+    {
         return Script::LocalDisk;
     }
     Script::Other(format!(
@@ -1020,6 +1023,7 @@ mod tests {
         let disk = "#!ipxe\necho kiln: booting from local disk\nsanboot --no-describe --drive 0x80 || exit\n";
         assert_eq!(parse_script(disk), Script::LocalDisk);
         assert_eq!(parse_script("#!ipxe\nexit\n"), Script::LocalDisk);
+        assert_eq!(parse_script("#!ipxe\nexit 1\n"), Script::LocalDisk);
         let discover = "#!ipxe\nkernel http://x/boot/file/vmlinuz kiln.mode=discover\nboot\n";
         assert!(matches!(parse_script(discover), Script::Other(w) if w.contains("discover")));
         assert!(matches!(parse_script("nonsense"), Script::Other(_)));

@@ -579,7 +579,11 @@ fn uefi_puts_grub_on_every_esp_and_names_the_os_in_nvram() {
         )]
     );
     // The second disk's ESP gets a copy of the first's.
-    let esp_copy: Vec<String> = machine.ran("cp").into_iter().filter(|c| c.contains("kiln.esp")).collect();
+    let esp_copy: Vec<String> = machine
+        .ran("cp")
+        .into_iter()
+        .filter(|c| c.contains("kiln.esp"))
+        .collect();
     assert_eq!(
         esp_copy,
         [format!("cp -a {}/. {}.esp", efi.display(), env.target.display())]

@@ -34,7 +34,9 @@ api_test!(deployed_machines_are_sent_to_their_disk, |srv| {
     );
     assert!(!s.contains("kernel"), "{s}");
     let (_, s) = script(&srv, "mac=52:54:00:00:00:01&platform=efi", None).await;
-    assert!(s.contains("\nexit\n") && !s.contains("kernel"), "{s}");
+    // UEFI: a failing exit, so that the firmware tries its next boot
+    // option (the disk) instead of opening its setup menu.
+    assert!(s.contains("\nexit 1\n") && !s.contains("kernel"), "{s}");
     // Unknown, discovery off: told it is not managed here, and given no
     // discovery token (issue 14: only `[boot] discovery` hands them out).
     let (_, s) = script(&srv, "mac=52:54:00:00:00:99", None).await;
