@@ -27,7 +27,7 @@ const BMC: &str = "127.0.0.1:6233";
 const BMC_PASSWORD: &str = "e2e-port-bmc-pw";
 const SERIAL: &str = "KILNE2E-PORT-1";
 const UUID: &str = "4c616200-0000-4000-8000-000000000084";
-const DISK_BYTES: u64 = 2 << 30;
+const DISK_BYTES: u64 = 4 << 30;
 /// The relay's interface toward the VM: `dhcrelay -a` sends its name as the
 /// circuit-id, so it is the switch port the machine is enrolled on.
 const BRIDGE: &str = "kpbr0";
