@@ -31,6 +31,9 @@ string_enum!(
     ImageContent { Filesystem = "filesystem", WholeDisk = "whole-disk" }
 );
 
+// string_enum! derives no Default (most of its enums have none), so this
+// cannot be `#[derive(Default)]` with `#[default]`.
+#[allow(clippy::derivable_impls)]
 impl Default for ImageContent {
     fn default() -> Self {
         ImageContent::Filesystem
