@@ -281,12 +281,16 @@ impl fmt::Display for Finish {
                 "partition {} ({}) grown from {} MiB to {} MiB; ",
                 p.number,
                 if p.name.is_empty() { "unnamed" } else { &p.name },
-                (p.last_lba - p.first_lba + 1) * SECTOR >> 20,
-                (end - p.first_lba + 1) * SECTOR >> 20
+                ((p.last_lba - p.first_lba + 1) * SECTOR) >> 20,
+                ((end - p.first_lba + 1) * SECTOR) >> 20
             );
         }
         let (n, first, last) = self.cidata;
-        let _ = write!(s, "CIDATA is partition {n} ({} MiB)", (last - first + 1) * SECTOR >> 20);
+        let _ = write!(
+            s,
+            "CIDATA is partition {n} ({} MiB)",
+            ((last - first + 1) * SECTOR) >> 20
+        );
         f.write_str(&s)
     }
 }

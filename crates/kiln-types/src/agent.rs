@@ -55,6 +55,9 @@ string_enum!(
     ImageFormat { Raw = "raw", RawZstd = "raw+zstd", Qcow2 = "qcow2" }
 );
 
+// string_enum! derives no Default (most of its enums have none), so this
+// cannot be `#[derive(Default)]` with `#[default]`.
+#[allow(clippy::derivable_impls)]
 impl Default for ImageFormat {
     fn default() -> Self {
         ImageFormat::Raw

@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::agent::ImageFormat;
 use crate::fit::human_bytes;
 use crate::machine::Disk;
-use crate::agent::ImageFormat;
 use crate::{OsImageId, TaskId, string_enum};
 
 string_enum!(
@@ -33,6 +33,9 @@ string_enum!(
     ImageContent { Filesystem = "filesystem", WholeDisk = "whole-disk" }
 );
 
+// string_enum! derives no Default (most of its enums have none), so this
+// cannot be `#[derive(Default)]` with `#[default]`.
+#[allow(clippy::derivable_impls)]
 impl Default for ImageContent {
     fn default() -> Self {
         ImageContent::Filesystem

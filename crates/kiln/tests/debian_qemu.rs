@@ -321,7 +321,7 @@ fn a_uefi_vm_is_reimaged_with_a_real_debian_whole_disk_image() {
         .as_str()
         .unwrap_or_else(|| panic!("{job:#}"))
         .to_string();
-    let job = lab.until(&format!("job {id} ends"), Duration::from_secs(600), || {
+    let job = lab.until(&format!("job {id} ends"), Duration::from_secs(1200), || {
         let j = lab.json(&["job", "show", &id]);
         let state = j["state"].as_str().unwrap_or_default().to_string();
         matches!(state.as_str(), "succeeded" | "failed" | "cancelled").then_some(j)

@@ -501,7 +501,7 @@ fn a_whole_disk_image_is_written_grown_and_seeded() {
     assert_eq!(stages, [1, 2, 3, 4]);
     let disk = inv.hardware.disks.iter().min_by_key(|d| d.size_bytes).unwrap();
     let device = format!("/dev/{}", disk.name);
-    assert_eq!(done.boot_disks, [device.clone()]);
+    assert_eq!(done.boot_disks, std::slice::from_ref(&device));
     assert!(server.stages[1].1.contains("sha256 checked"), "{:?}", server.stages[1]);
     assert_eq!(
         server.stages[2].1,
