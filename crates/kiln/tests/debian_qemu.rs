@@ -29,11 +29,11 @@ const UUID: &str = "4c616200-0000-4000-8000-000000001501";
 const DISK_BYTES: u64 = 4 << 30;
 const SUBNET: &str = "10.85.0";
 
-/// The address the new OS must have on the NIC with [`MAC`]: `None` today
-/// (DHCP from kiln's pool, checked to be in it); set it to the inventory's
-/// static address once network-config comes from the inventory, and this
-/// one place checks it.
-const EXPECTED_ADDRESS: Option<&str> = None;
+/// The address the new OS must have on the NIC with [`MAC`]: the first of
+/// the lab subnet's static range, which the inventory assigns (the test
+/// gives no address) and cloud-init applies from kiln's network-config.
+/// `None` would accept any address of kiln's DHCP pool.
+const EXPECTED_ADDRESS: Option<&str> = Some("10.85.0.20");
 
 /// Which firmware the VM runs: UEFI (OVMF, the default and CI's) or, with
 /// `KILN_DEBIAN_FIRMWARE=bios`, SeaBIOS (scripts/debian-e2e.sh runs both).
@@ -312,6 +312,27 @@ fn a_uefi_vm_is_reimaged_with_a_real_debian_whole_disk_image() {
         !refused.status.success() && said.contains("`flat` layout only"),
         "a whole-disk image with lvm_raid1 must be refused: {said}"
     );
+
+    // Network from the inventory: a subnet whose static range is clear of
+    // kiln's DHCP pool, and deb1's NIC by MAC with the next free address.
+    lab.kiln(&[
+        "subnet",
+        "add",
+        "lab",
+        "--prefix",
+        &format!("{SUBNET}.0/24"),
+        "--gateway",
+        &format!("{SUBNET}.1"),
+        "--static",
+        &format!("{SUBNET}.20-{SUBNET}.40"),
+    ]);
+    let net_file = d.join("deb1-network.yaml");
+    std::fs::write(
+        &net_file,
+        format!("interfaces:\n  - {{name: lan0, mac: \"{MAC}\", addresses: [{{subnet: lab, default_route: true}}]}}\n"),
+    )
+    .unwrap();
+    lab.kiln(&["network", "set", "deb1", "--file", net_file.to_str().unwrap()]);
 
     let t = Instant::now();
     let out = lab.kiln(&["reimage", "deb1", "--os", "debian-12", "--layout", "flat", "-o", "json"]);
