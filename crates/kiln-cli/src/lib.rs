@@ -356,3 +356,15 @@ pub async fn dispatch(command: Command, ctx: &Ctx, out: &mut Out) -> anyhow::Res
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the whole command tree (unique argument names
+    /// across flattened groups, and so on), which otherwise fire only when
+    /// a debug build parses the faulty subcommand.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

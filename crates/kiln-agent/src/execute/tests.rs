@@ -506,7 +506,7 @@ fn a_whole_disk_image_is_written_grown_and_seeded() {
     assert_eq!(
         server.stages[2].1,
         "configured: partition 15 (root) grown from 10 MiB to 54 MiB; CIDATA is partition 2 (4 MiB), with the \
-         NoCloud seed (user-data, meta-data)"
+         NoCloud seed (user-data, meta-data, network-config)"
     );
     // Nothing of the filesystem path ran: no layout, no mount, no GRUB.
     for program in ["wipefs", "mount", "grub-install", "mdadm --create"] {

@@ -336,9 +336,10 @@ pub struct MachineSelectors {
     #[arg(long)]
     firmware: Option<FirmwareMode>,
     /// Only machines whose last reimage installed this OS: NAME or
-    /// NAME:VERSION (e.g. `debian:12`).
+    /// NAME:VERSION (e.g. `debian:12`). Not `--os`, which `kiln reimage`
+    /// (whose selectors these are too) uses for the image to install.
     #[arg(long, value_name = "NAME[:VERSION]")]
-    os: Option<String>,
+    installed_os: Option<String>,
 }
 
 impl MachineSelectors {
@@ -350,7 +351,7 @@ impl MachineSelectors {
             || self.state.is_some()
             || self.owner.is_some()
             || self.firmware.is_some()
-            || self.os.is_some()
+            || self.installed_os.is_some()
     }
 
     /// The API filter for these selectors (no search, default page).
@@ -362,7 +363,7 @@ impl MachineSelectors {
             state: self.state,
             owner: self.owner.clone(),
             firmware: self.firmware,
-            os: self.os.clone(),
+            os: self.installed_os.clone(),
             ..MachineFilter::default()
         }
     }
