@@ -48,7 +48,8 @@ fn plan_prints_commands_or_says_why_not() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         text(&out.stderr).trim(),
-        "kiln-agent: lvm_raid10 needs at least 4 disks, the machine has 2"
+        "kiln-agent: lvm_raid10 needs an even number of disks, at least 4, in pairs of similar size; the machine \
+         has 2 disks: vda 8 GiB, vdb 8 GiB"
     );
 }
 
