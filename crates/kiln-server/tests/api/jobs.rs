@@ -358,7 +358,7 @@ api_test!(an_always_netboot_machine_is_reimaged_by_power_alone, |srv| {
         .await
         .unwrap();
     assert!(
-        s.ends_with("exit\n") && !s.contains("kernel"),
+        s.ends_with("exit 1\n") && !s.contains("kernel"),
         "after stage 1, UEFI: {s}"
     );
     for n in 2..=5 {
