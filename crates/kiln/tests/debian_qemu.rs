@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -65,39 +65,7 @@ fn qemu_start(tap: &str) -> String {
     )
 }
 
-fn qemu_running(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("qemu.pid")).is_ok_and(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
-}
-
-struct Lab {
-    ns: Netns,
-    token: String,
-    bmc: PathBuf,
-    server: Proc,
-}
-
 impl Lab {
-    fn kiln(&self, args: &[&str]) -> std::process::Output {
-        kiln(&self.ns.0, &self.token, args)
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        serde_json::from_slice(&self.kiln(&all).stdout).unwrap()
-    }
-
-    fn console(&self, n: u32) -> String {
-        strip_ansi(&std::fs::read(self.bmc.join(format!("console-{n}.log"))).unwrap_or_default())
-    }
-
-    fn boots(&self) -> u32 {
-        std::fs::read_to_string(self.bmc.join("boots"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     fn diagnostics(&self) -> String {
         let server = self.server.log_text();
         let tail: Vec<&str> = server.lines().rev().take(60).collect();

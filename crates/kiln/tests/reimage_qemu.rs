@@ -59,39 +59,7 @@ fn qemu_start(tap: &str) -> String {
     )
 }
 
-fn qemu_running(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("qemu.pid")).is_ok_and(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
-}
-
-struct Lab {
-    ns: Netns,
-    token: String,
-    bmc: PathBuf,
-    server: Proc,
-}
-
 impl Lab {
-    fn kiln(&self, args: &[&str]) -> std::process::Output {
-        kiln(&self.ns.0, &self.token, args)
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        serde_json::from_slice(&self.kiln(&all).stdout).unwrap()
-    }
-
-    fn console(&self, n: u32) -> String {
-        strip_ansi(&std::fs::read(self.bmc.join(format!("console-{n}.log"))).unwrap_or_default())
-    }
-
-    fn boots(&self) -> u32 {
-        std::fs::read_to_string(self.bmc.join("boots"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     /// Waits for `needle` on boot `n`'s console.
     fn wait_console(&self, n: u32, needle: &str, timeout: Duration) -> String {
         let end = Instant::now() + timeout;

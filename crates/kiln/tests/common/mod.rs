@@ -394,3 +394,40 @@ pub fn start_ipmi_sim(ns: &str, dir: &Path, addr: &str, password: &str, guid: &s
         log,
     }
 }
+
+/// Whether the QEMU a chassis hook started in `dir` still runs.
+pub fn qemu_running(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("qemu.pid")).is_ok_and(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
+}
+
+/// A QEMU lab: its network namespace, admin token, BMC directory (consoles,
+/// boot count, QEMU and BMC logs) and kiln server; shared by the QEMU tests.
+pub struct Lab {
+    pub ns: Netns,
+    pub token: String,
+    pub bmc: PathBuf,
+    pub server: Proc,
+}
+
+impl Lab {
+    pub fn kiln(&self, args: &[&str]) -> std::process::Output {
+        kiln(&self.ns.0, &self.token, args)
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&self.kiln(&all).stdout).unwrap()
+    }
+
+    pub fn console(&self, n: u32) -> String {
+        strip_ansi(&std::fs::read(self.bmc.join(format!("console-{n}.log"))).unwrap_or_default())
+    }
+
+    pub fn boots(&self) -> u32 {
+        std::fs::read_to_string(self.bmc.join("boots"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
